@@ -1,0 +1,320 @@
+"""CogVideoX model bundle: loading a diffusers folder or a single-file transformer.
+
+A :class:`CogVideoXBundle` holds the five components of a CogVideoX pipeline plus the
+list of patches (LoRAs, adapters) recorded by patch nodes. Bundles are immutable from
+the user's point of view: ``with_patch`` returns a new bundle sharing the same modules,
+and the sampler applies the recorded patches only for the duration of one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OFFLOAD_MODES = ("none", "model", "sequential")
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelFolderError(FileNotFoundError):
+    """A model folder or file is missing or incomplete."""
+
+
+class WeightsFileError(ValueError):
+    """A weights file could not be read (corrupt, truncated or of an unknown format)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What kind of CogVideoX a transformer is, as read from its config."""
+
+    size: str  # "2B" | "5B" | "<width>w" for unusual (e.g. tiny test) models
+    version: str  # "1.0" | "1.5"
+    i2v: bool
+
+    def __str__(self) -> str:
+        return f"CogVideoX{'1.5' if self.version == '1.5' else ''}-{self.size} {'I2V' if self.i2v else 'T2V'}"
+
+
+def variant_of(config) -> Variant:
+    inner = config.num_attention_heads * config.attention_head_dim
+    size = {1920: "2B", 3072: "5B"}.get(inner, f"{inner}w")
+    version = "1.5" if config.patch_size_t is not None else "1.0"
+    i2v = config.in_channels == 2 * config.out_channels
+    return Variant(size=size, version=version, i2v=i2v)
+
+
+class TextEmbedCache:
+    """Small LRU of prompt -> T5 output, owned by a bundle's text encoder (no globals)."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key, value) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclasses.dataclass(frozen=True)
+class CogVideoXBundle:
+    """Everything the sampler needs, plus the patches to apply for a run."""
+
+    transformer: torch.nn.Module  # diffusers CogVideoXTransformer3DModel
+    vae: torch.nn.Module  # diffusers AutoencoderKLCogVideoX
+    text_encoder: torch.nn.Module  # transformers T5EncoderModel
+    tokenizer: object  # T5 tokenizer (slow or fast)
+    scheduler_config: dict
+    dtype: torch.dtype
+    device: torch.device  # execution device
+    offload: str = "none"  # see OFFLOAD_MODES
+    offload_device: torch.device = torch.device("cpu")
+    name: str = ""
+    patches: tuple = ()
+    text_cache: TextEmbedCache = dataclasses.field(default_factory=TextEmbedCache, compare=False)
+
+    @property
+    def variant(self) -> Variant:
+        return variant_of(self.transformer.config)
+
+    @property
+    def vae_scale_factor_spatial(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def vae_scale_factor_temporal(self) -> int:
+        return self.vae.config.temporal_compression_ratio
+
+    def with_patch(self, patch) -> "CogVideoXBundle":
+        """A new bundle sharing this one's modules, with ``patch`` recorded last."""
+        return dataclasses.replace(self, patches=self.patches + (patch,))
+
+    @contextlib.contextmanager
+    def on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Have ``module`` on the execution device for the block (model offload moves it back)."""
+        if self.offload != "model" or self.device == self.offload_device:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to(self.offload_device)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _missing(path: str, what: str, searched: list[str]) -> ModelFolderError:
+    lines = "\n  ".join(searched)
+    return ModelFolderError(f"{what} not found: {path!r}. Paths searched:\n  {lines}")
+
+
+def find_model_folder(name: str, roots: list[str]) -> str:
+    """Resolve ``name`` (a folder name or an absolute path) against ``roots``.
+
+    Raises :class:`ModelFolderError` listing every path that was tried.
+    """
+    candidates = [name] if os.path.isabs(name) else [os.path.join(r, name) for r in roots]
+    for c in candidates:
+        if os.path.isdir(c):
+            missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+                       if not os.path.isdir(os.path.join(c, p))]
+            if missing:
+                raise ModelFolderError(
+                    f"CogVideoX folder {c!r} is incomplete: missing subfolder(s) {', '.join(missing)}. "
+                    "A diffusers CogVideoX folder has transformer/, vae/, text_encoder/, tokenizer/ and scheduler/ "
+                    "(download e.g. THUDM/CogVideoX-5b completely).")
+            return c
+    raise _missing(name, "CogVideoX model folder", candidates or [f"(no CogVideo model folders registered) {name}"])
+
+
+def read_safetensors(path: str, device: str = "cpu") -> tuple[dict, dict]:
+    """Read a .safetensors file, returning (tensors, metadata), with a clear error if it is unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise _missing(path, "Weights file", [path])
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        size = os.path.getsize(path)
+        raise WeightsFileError(
+            f"Could not read {path!r} ({size} bytes) as safetensors: {e}. The file is corrupt or truncated "
+            "(an interrupted download?). Delete it and download it again.") from e
+    return tensors, metadata
+
+
+def read_torch_pickle(path: str) -> dict:
+    """Read a .bin/.pth/.pt checkpoint safely (tensors and plain containers only)."""
+    if not os.path.isfile(path):
+        raise _missing(path, "Weights file", [path])
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types
+        raise WeightsFileError(
+            f"Could not read {path!r} as a PyTorch checkpoint with weights_only=True: {e}. "
+            "Only plain tensor checkpoints are accepted; re-save it as .safetensors or download it again.") from e
+
+
+def load_cogvideox(
+    folder: str,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    offload: str = "none",
+    offload_device: torch.device | str = "cpu",
+    transformer_file: str | None = None,
+    vae_dtype: torch.dtype | None = None,
+    text_encoder_dtype: torch.dtype | None = None,
+) -> CogVideoXBundle:
+    """Load a diffusers CogVideoX folder (T2V or I2V, 1.0 or 1.5).
+
+    ``transformer_file`` replaces the folder's transformer by a single-file checkpoint
+    (diffusers or ComfyUI key names); its variant is detected from the weights.
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+    device, offload_device = torch.device(device), torch.device(offload_device)
+    if not os.path.isdir(folder):
+        raise _missing(folder, "CogVideoX model folder", [folder])
+
+    def sub(name):
+        return os.path.join(folder, name)
+
+    try:
+        if transformer_file:
+            transformer = load_transformer_file(transformer_file, dtype=dtype)
+        else:
+            transformer = CogVideoXTransformer3DModel.from_pretrained(sub("transformer"), torch_dtype=dtype)
+        vae = AutoencoderKLCogVideoX.from_pretrained(sub("vae"), torch_dtype=vae_dtype or dtype)
+        text_encoder = T5EncoderModel.from_pretrained(sub("text_encoder"), dtype=text_encoder_dtype or dtype)
+        tokenizer = AutoTokenizer.from_pretrained(sub("tokenizer"))
+        with open(os.path.join(sub("scheduler"), "scheduler_config.json")) as f:
+            scheduler_config = json.load(f)
+    except (OSError, EnvironmentError) as e:
+        raise ModelFolderError(f"Could not load CogVideoX from {folder!r}: {e}") from e
+
+    for m in (transformer, vae, text_encoder):
+        m.requires_grad_(False).eval()
+
+    resident = device if offload == "none" else offload_device
+    for m in (transformer, vae, text_encoder):
+        m.to(resident)
+    if offload == "sequential" and device.type != "cpu":
+        from accelerate import cpu_offload
+
+        for m in (transformer, vae, text_encoder):
+            cpu_offload(m, execution_device=device)
+    bundle = CogVideoXBundle(
+        transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler_config=scheduler_config, dtype=dtype, device=device, offload=offload,
+        offload_device=offload_device, name=os.path.basename(os.path.normpath(folder)),
+    )
+    logger.info("Loaded %s from %s (%s, offload=%s)", bundle.variant, folder, dtype, offload)
+    return bundle
+
+
+# ------------------------------------------------------------------ single-file transformer
+
+_STRIP_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+
+
+def _strip_prefix(state_dict: dict) -> dict:
+    for prefix in _STRIP_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def detect_transformer_config(state_dict: dict) -> dict:
+    """Build a ``CogVideoXTransformer3DModel`` config from the weights' names and shapes.
+
+    Works for 2B/5B, T2V/I2V, 1.0/1.5 and for any (e.g. tiny) width and depth.
+    """
+    if "patch_embed.proj.weight" not in state_dict or "patch_embed.text_proj.weight" not in state_dict:
+        some = ", ".join(list(state_dict)[:5])
+        raise WeightsFileError(
+            "This file is not a CogVideoX transformer in diffusers/ComfyUI key format (no "
+            f"'patch_embed.proj.weight'/'patch_embed.text_proj.weight'; first keys: {some}). "
+            "Use a diffusers-format CogVideoX transformer checkpoint.")
+    proj = state_dict["patch_embed.proj.weight"]
+    inner = proj.shape[0]
+    head_dim = 64 if inner % 64 == 0 else inner // 2
+    out_w = state_dict["proj_out.weight"]
+    config = {
+        "num_attention_heads": inner // head_dim,
+        "attention_head_dim": head_dim,
+        "num_layers": 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("transformer_blocks.")),
+        "text_embed_dim": state_dict["patch_embed.text_proj.weight"].shape[1],
+        "time_embed_dim": state_dict["time_embedding.linear_1.weight"].shape[0],
+        "patch_bias": "patch_embed.proj.bias" in state_dict,
+    }
+    if proj.ndim == 2:  # CogVideoX 1.5: Linear over (p_t, p, p, C) patches
+        p, p_t = 2, 2
+        in_channels = proj.shape[1] // (p * p * p_t)
+        config.update(patch_size=p, patch_size_t=p_t, sample_height=300, sample_width=300, sample_frames=81)
+        config["out_channels"] = out_w.shape[0] // (p * p * p_t)
+    else:
+        p = proj.shape[-1]
+        in_channels = proj.shape[1]
+        config.update(patch_size=p, sample_height=60, sample_width=90, sample_frames=49)
+        config["out_channels"] = out_w.shape[0] // (p * p)
+    config["in_channels"] = in_channels
+    if "ofs_embedding.linear_1.weight" in state_dict:
+        config["ofs_embed_dim"] = state_dict["ofs_embedding.linear_1.weight"].shape[1]
+    if "patch_embed.pos_embedding" in state_dict:
+        config["use_learned_positional_embeddings"] = True
+    # CogVideoX-2B uses sinusoidal absolute positions; every 5B and 1.5 model uses 3D RoPE.
+    config["use_rotary_positional_embeddings"] = inner != 1920
+    return config
+
+
+def load_transformer_file(path: str, *, dtype: torch.dtype = torch.bfloat16):
+    """Load a single-file CogVideoX transformer (``diffusion_models/*.safetensors``)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    if path.endswith(".safetensors"):
+        state_dict, _ = read_safetensors(path)
+    else:
+        state_dict = read_torch_pickle(path)
+        state_dict = state_dict.get("state_dict", state_dict) if isinstance(state_dict, dict) else state_dict
+    state_dict = _strip_prefix(state_dict)
+    config = detect_transformer_config(state_dict)
+    from accelerate import init_empty_weights
+
+    # Parameters on the meta device (no 2x memory), buffers such as position tables built for real.
+    with init_empty_weights(include_buffers=False):
+        model = CogVideoXTransformer3DModel.from_config(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    if missing or unexpected:
+        raise WeightsFileError(
+            f"{path!r} does not match the detected {variant_of(model.config)} layout: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}).")
+    logger.info("Detected %s in %s", variant_of(model.config), path)
+    return model.to(dtype)

@@ -1,0 +1,49 @@
+"""Non-destructive model patches.
+
+A patch node never edits the shared transformer. It returns a new bundle that *records*
+a :class:`ModelPatch`; the sampler applies all recorded patches for one run inside
+:func:`applied_patches` and removes them on exit, on error and on interrupt alike, so the
+base model seen by any other branch of the graph (or the next run) is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Protocol, runtime_checkable
+
+import torch
+
+Undo = Callable[[], None]
+
+
+@runtime_checkable
+class ModelPatch(Protocol):
+    """A reversible change to a transformer.
+
+    ``apply`` installs the change and returns a callable that removes it exactly
+    (hooks removed, replaced processors and attributes restored).
+    """
+
+    name: str
+
+    def apply(self, transformer: torch.nn.Module) -> Undo: ...
+
+
+@contextlib.contextmanager
+def applied_patches(transformer: torch.nn.Module, patches) -> Iterator[torch.nn.Module]:
+    """Apply ``patches`` in order for the duration of the block; undo them in reverse order."""
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.callback(patch.apply(transformer))
+        yield transformer
+
+
+def forward_hook_patch(modules_and_hooks) -> Undo:
+    """Register forward hooks ``[(module, hook), ...]``; return the undo that removes them all."""
+    handles = [module.register_forward_hook(hook) for module, hook in modules_and_hooks]
+
+    def undo() -> None:
+        for h in handles:
+            h.remove()
+
+    return undo

@@ -1,0 +1,224 @@
+"""The CogVideoX sampling loop shared by the ComfyUI nodes, the trainers' validation and the demo.
+
+It follows diffusers' ``CogVideoXPipeline`` / ``CogVideoXImageToVideoPipeline`` step for step
+(same noise draw order, timesteps, CFG and scheduler calls), so for the same seed the two give
+the same latents; tests hold it to that. Patches recorded on the bundle are applied for the run
+and always removed afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+
+from .patches import applied_patches
+from .text import TextConditioning
+
+SCHEDULERS = ("ddim", "dpm")
+
+
+class SamplingInputError(ValueError):
+    """Bad sampling parameters (frame count, size, missing image...)."""
+
+
+def check_video_size(num_frames: int, height: int, width: int) -> None:
+    """CogVideoX needs 4k+1 frames and sides that are multiples of 16 (8x VAE, 2x2 patches)."""
+    if num_frames < 1 or (num_frames - 1) % 4:
+        lo = max(1, (num_frames - 1) // 4 * 4 + 1)
+        raise SamplingInputError(
+            f"num_frames={num_frames} is not of the form 4k+1 (the VAE compresses time by 4); "
+            f"use {lo} or {lo + 4}.")
+    for side, v in (("height", height), ("width", width)):
+        if v < 16 or v % 16:
+            lo = max(16, v // 16 * 16)
+            raise SamplingInputError(
+                f"{side}={v} is not a multiple of 16 (8x VAE downsampling times 2x2 patches); use {lo} or {lo + 16}.")
+
+
+def make_scheduler(bundle, name: str):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+    classes = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
+    if name not in classes:
+        raise SamplingInputError(f"scheduler must be one of {SCHEDULERS}, got {name!r}")
+    return classes[name].from_config(bundle.scheduler_config)
+
+
+def rotary_embeddings(transformer, height: int, width: int, latent_frames: int, vae_scale: int, device):
+    """3D RoPE tables for a latent grid, as the diffusers CogVideoX pipelines compute them."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    cfg = transformer.config
+    p, p_t = cfg.patch_size, cfg.patch_size_t
+    grid_h, grid_w = height // (vae_scale * p), width // (vae_scale * p)
+    base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
+    if p_t is None:
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops,
+                                       grid_size=(grid_h, grid_w), temporal_size=latent_frames, device=device)
+    return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
+                                   temporal_size=(latent_frames + p_t - 1) // p_t, grid_type="slice",
+                                   max_size=(base_h, base_w), device=device)
+
+
+def encode_first_frame(bundle, image: torch.Tensor, height: int, width: int, generator) -> torch.Tensor:
+    """IMAGE [1,H,W,3] in 0..1 -> scaled VAE latent [1, 1, C, h, w] of the first frame (I2V)."""
+    x = image[:1].permute(0, 3, 1, 2).float()
+    if x.shape[-2:] != (height, width):
+        x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False,
+                                            antialias=True)
+    x = (x * 2 - 1).unsqueeze(2)  # [1, 3, 1, H, W]
+    with torch.no_grad(), bundle.on_device(bundle.vae) as vae:
+        x = x.to(next(vae.parameters()).device, vae.dtype)
+        latent = vae.encode(x).latent_dist.sample(generator)
+    latent = latent.to(bundle.dtype).permute(0, 2, 1, 3, 4)  # [1, 1, C, h, w]
+    scale = bundle.vae.config.scaling_factor
+    return latent / scale if bundle.vae.config.invert_scale_latents else latent * scale
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """Passed to the per-step callback (progress bars, interrupts, recording)."""
+
+    step: int
+    total: int
+    timestep: int
+    latents: torch.Tensor  # [B, T, C, H, W] (diffusers layout)
+
+
+def sample_video(
+    bundle,
+    positive: TextConditioning,
+    negative: TextConditioning | None = None,
+    *,
+    num_frames: int = 49,
+    height: int = 480,
+    width: int = 720,
+    steps: int = 50,
+    cfg: float = 6.0,
+    seed: int = 0,
+    scheduler: str = "ddim",
+    use_dynamic_cfg: bool = False,
+    eta: float = 0.0,
+    image: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> torch.Tensor:
+    """Generate a video latent. Returns ComfyUI LATENT samples ``[B, C, T, H, W]`` (VAE-scaled).
+
+    ``image`` (IMAGE ``[1,H,W,3]``, 0..1) is the first frame for I2V models and required by them.
+    ``negative`` defaults to the empty prompt, as in diffusers. ``callback`` runs after every step
+    and may raise to stop (e.g. ComfyUI's interrupt); patches are removed either way.
+    """
+    check_video_size(num_frames, height, width)
+    transformer = bundle.transformer
+    cfg_t = transformer.config
+    i2v = cfg_t.in_channels == 2 * cfg_t.out_channels
+    if i2v and image is None:
+        raise SamplingInputError(f"{bundle.variant} is an image-to-video model: connect a first-frame image.")
+    if image is not None and not i2v:
+        raise SamplingInputError(
+            f"{bundle.variant} is a text-to-video model and cannot take a first-frame image; "
+            "load an I2V model (e.g. CogVideoX-5b-I2V) or disconnect the image.")
+    if steps < 1:
+        raise SamplingInputError(f"steps must be at least 1, got {steps}")
+
+    device, dtype = bundle.device, bundle.dtype
+    generator = generator or torch.Generator("cpu").manual_seed(seed)
+    do_cfg = cfg > 1.0
+    if do_cfg and negative is None:
+        from .text import encode_prompt
+
+        negative = encode_prompt(bundle, "", max_length=positive.embeds.shape[1])
+    prompt_embeds = positive.embeds
+    if do_cfg:
+        prompt_embeds = torch.cat([negative.embeds, positive.embeds], dim=0)
+    prompt_embeds = prompt_embeds.to(device, dtype)
+
+    sched = make_scheduler(bundle, scheduler)
+    sched.set_timesteps(steps, device=device)
+    timesteps = sched.timesteps
+
+    vae_t, vae_s = bundle.vae_scale_factor_temporal, bundle.vae_scale_factor_spatial
+    latent_frames = (num_frames - 1) // vae_t + 1
+    p_t = cfg_t.patch_size_t
+    extra = (p_t - latent_frames % p_t) % p_t if p_t is not None else 0  # CogVideoX 1.5 frame padding
+    lat_h, lat_w = height // vae_s, width // vae_s
+    out_c = cfg_t.out_channels
+
+    image_latents = None
+    if i2v:
+        first = encode_first_frame(bundle, image, height, width, generator)  # draws from generator first
+        n = latent_frames + extra
+        noise_frames = n + n % p_t if p_t is not None else n  # diffusers' I2V 1.5 shape rule
+        image_latents = torch.cat([first, first.new_zeros(1, n - 1, out_c, lat_h, lat_w)], dim=1)
+        if p_t is not None:
+            image_latents = torch.cat([image_latents[:, : image_latents.size(1) % p_t], image_latents], dim=1)
+        image_latents = image_latents.to(device)
+    else:
+        noise_frames = latent_frames + extra
+    shape = (1, noise_frames, out_c, lat_h, lat_w)
+    latents = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
+    latents = latents * sched.init_noise_sigma
+
+    rope = None
+    if cfg_t.use_rotary_positional_embeddings:
+        rope = rotary_embeddings(transformer, height, width, latents.size(1), vae_s, device)
+    ofs = latents.new_full((1,), 2.0) if cfg_t.ofs_embed_dim is not None else None
+    step_kwargs = {"eta": eta, "generator": generator}
+    is_dpm = scheduler == "dpm"
+
+    with torch.no_grad(), bundle.on_device(transformer), applied_patches(transformer, bundle.patches):
+        old_pred = None
+        for i, t in enumerate(timesteps):
+            model_in = torch.cat([latents] * 2) if do_cfg else latents
+            model_in = sched.scale_model_input(model_in, t)
+            if image_latents is not None:
+                img_in = torch.cat([image_latents] * 2) if do_cfg else image_latents
+                model_in = torch.cat([model_in, img_in], dim=2)
+            noise_pred = transformer(hidden_states=model_in, encoder_hidden_states=prompt_embeds,
+                                     timestep=t.expand(model_in.shape[0]), ofs=ofs, image_rotary_emb=rope,
+                                     return_dict=False)[0].float()
+            scale = cfg
+            if use_dynamic_cfg:
+                scale = 1 + cfg * ((1 - math.cos(math.pi * ((steps - t.item()) / steps) ** 5.0)) / 2)
+            if do_cfg:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + scale * (cond - uncond)
+            if is_dpm:
+                prev_t = timesteps[i - 1] if i > 0 else None
+                latents, old_pred = sched.step(noise_pred, old_pred, t, prev_t, latents, **step_kwargs,
+                                               return_dict=False)
+            else:
+                latents = sched.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            latents = latents.to(dtype)
+            if callback is not None:
+                callback(StepInfo(step=i + 1, total=len(timesteps), timestep=int(t), latents=latents))
+
+    latents = latents[:, extra:]  # drop CogVideoX 1.5 padding frames, as diffusers does
+    return latents.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, H, W]
+
+
+def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slicing: bool = False) -> torch.Tensor:
+    """LATENT samples ``[B, C, T, H, W]`` -> frames ``[B, F, H, W, 3]`` float 0..1.
+
+    Tiling/slicing are switched on only for this call (the VAE is shared with other nodes).
+    """
+    vae = bundle.vae
+    if samples.ndim != 5 or samples.shape[1] != vae.config.latent_channels:
+        raise SamplingInputError(
+            f"expected a CogVideoX latent [B, {vae.config.latent_channels}, T, H, W], got shape {tuple(samples.shape)}")
+    saved = (vae.use_tiling, vae.use_slicing)
+    vae.use_tiling, vae.use_slicing = tiling, slicing
+    try:
+        with torch.no_grad(), bundle.on_device(vae):
+            z = samples.to(next(vae.parameters()).device, vae.dtype) / vae.config.scaling_factor
+            video = vae.decode(z).sample  # [B, 3, F, H, W] in -1..1
+    finally:
+        vae.use_tiling, vae.use_slicing = saved
+    video = (video.float() / 2 + 0.5).clamp(0, 1)
+    return video.permute(0, 2, 3, 4, 1).cpu()

@@ -1,0 +1,227 @@
+"""CogVideoX LoRAs: read diffusers/PEFT, kohya and ComfyUI files; apply them as reversible patches.
+
+Key formats understood (all normalised to a module path of ``CogVideoXTransformer3DModel``):
+
+* diffusers / PEFT: ``transformer.<path>.lora_A.weight`` / ``lora_B.weight``; the scale comes
+  from the ``lora_adapter_metadata`` safetensors entry (``lora_alpha / r``, with
+  ``rank_pattern``/``alpha_pattern``/``use_rslora``) when present, else 1 (diffusers' rule).
+  ``base_model.model.`` (PEFT ``save_pretrained``) and bare paths are accepted too.
+* kohya: ``lora_unet_<path with _>.lora_down.weight`` / ``lora_up.weight`` / ``.alpha``
+  (scale ``alpha / rank``; rank when no alpha).
+* ComfyUI: ``diffusion_model.<path>.lora_down/lora_up`` (+ ``.alpha``) or ``.lora_A/.lora_B``.
+
+A :class:`LoraPatch` adds ``strength * scale * up(down(x))`` to each target layer's output
+through forward hooks: nothing in the model's weights changes, several LoRAs stack, and
+removing the hooks restores the base model bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle
+from .patches import forward_hook_patch
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+_DOT_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.")
+_SUFFIXES = {  # key suffix -> (role, naming)
+    ".lora_A.weight": "down", ".lora_B.weight": "up",
+    ".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
+    ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",
+}
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA that does not fit the loaded model."""
+
+
+@dataclasses.dataclass
+class LoraLayer:
+    down: torch.Tensor  # [r, in] (Linear) or [r, in, k, k] (Conv2d)
+    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    scale: float = 1.0
+
+
+@dataclasses.dataclass
+class LoraWeights:
+    """A parsed LoRA file: layers keyed by the *file's* module name (format already stripped)."""
+
+    name: str
+    layers: dict[str, LoraLayer]
+    kohya: bool = False  # names use "_" instead of "." and must be matched against the model
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+def _split_key(key: str):
+    for suffix, role in _SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None, None
+
+
+def _peft_scales(metadata: dict) -> tuple[float | None, float | None, dict, dict, bool]:
+    """(lora_alpha, r, alpha_pattern, rank_pattern, use_rslora) from diffusers' adapter metadata."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None, None, {}, {}, False
+    meta = json.loads(raw)
+    meta = {k.split(".", 1)[1] if k.startswith("transformer.") else k: v for k, v in meta.items()}
+    return (meta.get("lora_alpha"), meta.get("r"), meta.get("alpha_pattern") or {}, meta.get("rank_pattern") or {},
+            bool(meta.get("use_rslora", False)))
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def parse_lora_state_dict(state_dict: dict, metadata: dict | None = None, name: str = "lora") -> LoraWeights:
+    """Normalise a LoRA state dict of any supported format into :class:`LoraWeights`."""
+    metadata = metadata or {}
+    if any(".lora_magnitude_vector" in k or k.endswith(".dora_scale") for k in state_dict):
+        raise LoraMismatchError(f"{name}: DoRA LoRAs are not supported; export a plain LoRA.")
+    groups: dict[str, dict] = {}
+    unknown = []
+    kohya = False
+    for key, tensor in state_dict.items():
+        module, role = _split_key(key)
+        if module is None:
+            unknown.append(key)
+            continue
+        for p in _KOHYA_PREFIXES:
+            if module.startswith(p):
+                module, kohya = module[len(p):], True
+                break
+        else:
+            for p in _DOT_PREFIXES:
+                if module.startswith(p):
+                    module = module[len(p):]
+                    break
+        groups.setdefault(module, {})[role] = tensor
+    if not groups:
+        raise LoraMismatchError(
+            f"{name}: no LoRA weights found (expected keys ending in lora_A/lora_B or lora_down/lora_up; "
+            f"first keys: {list(state_dict)[:5]}).")
+    alpha, r, alpha_pattern, rank_pattern, rslora = _peft_scales(metadata)
+    layers = {}
+    for module, parts in groups.items():
+        if "down" not in parts or "up" not in parts:
+            raise LoraMismatchError(f"{name}: layer {module!r} has only {sorted(parts)} (needs both down and up).")
+        down, up = parts["down"], parts["up"]
+        rank = down.shape[0]
+        if "alpha" in parts:
+            scale = float(parts["alpha"]) / rank
+        elif alpha is not None:
+            a = _pattern_value(alpha_pattern, module, alpha)
+            rr = _pattern_value(rank_pattern, module, r or rank)
+            scale = a / (rr ** 0.5 if rslora else rr)
+        else:
+            scale = 1.0
+        layers[module] = LoraLayer(down=down, up=up, scale=scale)
+    return LoraWeights(name=name, layers=layers, kohya=kohya, metadata=metadata)
+
+
+def load_lora_file(path: str) -> LoraWeights:
+    """Read a LoRA file (.safetensors preferred; .bin/.pt/.pth only via weights_only pickle)."""
+    if path.endswith(".safetensors"):
+        state_dict, metadata = read_safetensors(path)
+    else:
+        state_dict, metadata = read_torch_pickle(path), {}
+    return parse_lora_state_dict(state_dict, metadata, name=os.path.basename(path))
+
+
+def resolve_lora_targets(lora: LoraWeights, transformer: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, LoraLayer]]:
+    """Map the LoRA's layers onto the transformer's modules, checking shapes.
+
+    Raises :class:`LoraMismatchError` when nothing matches (a LoRA for another model) or when a
+    matching layer has the wrong shape (e.g. a CogVideoX-2B LoRA on a 5B model).
+    """
+    modules = dict(transformer.named_modules())
+    lookup = {n.replace(".", "_"): n for n in modules} if lora.kohya else None
+    matched, unmatched = {}, []
+    for key, layer in lora.layers.items():
+        path = lookup.get(key) if lookup is not None else key
+        module = modules.get(path) if path is not None else None
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            unmatched.append(key)
+            continue
+        in_f = module.in_features if isinstance(module, torch.nn.Linear) else module.in_channels
+        out_f = module.out_features if isinstance(module, torch.nn.Linear) else module.out_channels
+        if layer.down.shape[1] != in_f or layer.up.shape[0] != out_f:
+            width = getattr(getattr(transformer, "config", None), "num_attention_heads", 0) * getattr(
+                getattr(transformer, "config", None), "attention_head_dim", 0)
+            raise LoraMismatchError(
+                f"LoRA {lora.name!r} does not fit this model: layer {path!r} is {in_f}->{out_f} in the model "
+                f"(transformer width {width}) but {layer.down.shape[1]}->{layer.up.shape[0]} in the LoRA. "
+                "It was trained for another CogVideoX size (2B LoRAs have width 1920, 5B LoRAs 3072).")
+        matched[path] = (module, layer)
+    if not matched:
+        raise LoraMismatchError(
+            f"LoRA {lora.name!r}: none of its {len(lora.layers)} layers match a layer of this CogVideoX "
+            f"transformer (e.g. {unmatched[:3]}). It is probably a LoRA for another model; CogVideoX LoRA "
+            "layers look like 'transformer_blocks.0.attn1.to_q'.")
+    if unmatched:
+        import logging
+
+        logging.getLogger(__name__).warning("LoRA %s: %d of %d layers match nothing in the model and are ignored: %s",
+                                            lora.name, len(unmatched), len(lora.layers), unmatched[:5])
+    return matched
+
+
+def _lora_hook(module: torch.nn.Module, layer: LoraLayer, multiplier: float):
+    weight = module.weight
+    down = layer.down.to(weight.device, weight.dtype)
+    up = layer.up.to(weight.device, weight.dtype)
+    scale = layer.scale * multiplier
+    if isinstance(module, torch.nn.Conv2d):
+        def hook(mod, args, output):
+            h = F.conv2d(args[0], down, stride=mod.stride, padding=mod.padding)
+            return output + F.conv2d(h, up) * scale
+    else:
+        def hook(mod, args, output):
+            return output + F.linear(F.linear(args[0], down), up) * scale
+    return hook
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraPatch:
+    """Patch adding a LoRA with ``strength`` for a sampling run (see :mod:`.patches`)."""
+
+    lora: LoraWeights
+    strength: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return f"lora:{self.lora.name}@{self.strength:g}"
+
+    def apply(self, transformer):
+        targets = resolve_lora_targets(self.lora, transformer)
+        return forward_hook_patch([(m, _lora_hook(m, layer, self.strength)) for m, layer in targets.values()])
+
+
+def save_lora(path: str, layers: dict[str, LoraLayer], metadata: dict | None = None) -> None:
+    """Write a diffusers-format LoRA (``transformer.<path>.lora_A/B.weight``) with the scale baked
+    into ``lora_B``, atomically (temp file + rename) so a crash never leaves a half-written file."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for module, layer in layers.items():
+        tensors[f"transformer.{module}.lora_A.weight"] = layer.down.detach().contiguous().cpu()
+        tensors[f"transformer.{module}.lora_B.weight"] = (layer.up.detach().float() * layer.scale).to(
+            layer.up.dtype).contiguous().cpu()
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+__all__ = ["LoraLayer", "LoraWeights", "LoraPatch", "LoraMismatchError", "WeightsFileError", "load_lora_file",
+           "parse_lora_state_dict", "resolve_lora_targets", "save_lora"]

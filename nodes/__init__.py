@@ -1,0 +1,8 @@
+"""ComfyUI node classes. Thin: parse inputs, call ``models/``, return outputs."""
+
+from . import cogvideox, host
+
+NODE_CLASS_MAPPINGS = {**cogvideox.NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS = {**cogvideox.NODE_DISPLAY_NAME_MAPPINGS}
+
+host.register_model_folders()

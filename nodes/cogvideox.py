@@ -1,0 +1,193 @@
+"""Foundation nodes: load CogVideoX, encode prompts, add LoRAs, sample, decode."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.cogvideox import DTYPES, OFFLOAD_MODES, find_model_folder, load_cogvideox
+from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
+from ..models.sampler import decode_latents, sample_video
+from ..models.text import encode_prompt
+from . import host
+
+CATEGORY = "MagicMirror Video"
+MODEL = "COGVIDEOX"
+COND = "COGVIDEOX_CONDITIONING"
+NONE = "none"
+
+
+class CogVideoXModelLoader:
+    DESCRIPTION = ("Loads a CogVideoX model (T2V or I2V, 1.0 or 1.5) from a diffusers folder in "
+                   "models/CogVideo/<name>/ (transformer, vae, text_encoder, tokenizer, scheduler).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (host.list_model_folders("CogVideo", marker="transformer") or ["CogVideoX-5b"], {
+                    "tooltip": "A diffusers CogVideoX folder under models/CogVideo/ (e.g. CogVideoX-5b, CogVideoX-5b-I2V)."}),
+                "precision": (list(DTYPES), {"default": "bf16", "tooltip": "Weight dtype. bf16 for Ampere+ GPUs, "
+                                              "fp16 for older GPUs, fp32 on the CPU or for exact comparisons."}),
+                "offload": (list(OFFLOAD_MODES), {"default": "none", "tooltip": "none: everything on the GPU. model: "
+                            "each component moves to the GPU only while used (~12 GB for 5B). sequential: layer by "
+                            "layer via accelerate (slowest, least VRAM)."}),
+            },
+            "optional": {
+                "transformer_file": ([NONE] + host.list_model_files("diffusion_models"), {
+                    "default": NONE, "tooltip": "Optional single-file transformer from models/diffusion_models/ that "
+                    "replaces the folder's transformer; its variant (2B/5B, T2V/I2V, 1.0/1.5) is read from the weights."}),
+            },
+        }
+
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The CogVideoX bundle: connect to Text Encode, patch nodes and the Sampler.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, model, precision, offload, transformer_file=NONE):
+        folder = find_model_folder(model, host.model_roots("CogVideo"))
+        tfile = None if transformer_file in (None, NONE) else host.resolve_model_file("diffusion_models", transformer_file)
+        bundle = load_cogvideox(folder, dtype=DTYPES[precision], device=host.torch_device(), offload=offload,
+                                offload_device=host.offload_device(), transformer_file=tfile)
+        return (bundle,)
+
+
+class CogVideoXTextEncode:
+    DESCRIPTION = "Encodes a prompt with the model's T5 (at most 226 tokens, as CogVideoX was trained). Cached."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (MODEL, {"tooltip": "From CogVideoX Model Loader."}),
+            "text": ("STRING", {"multiline": True, "default": "", "tooltip": "The prompt. Long, descriptive "
+                                "prompts work best; text past 226 T5 tokens is cut (a warning is logged)."}),
+        }}
+
+    RETURN_TYPES = (COND,)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("T5 embeddings and token ids; connect to the Sampler's positive or negative input.",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, model, text):
+        return (encode_prompt(model, text),)
+
+
+class CogVideoXLoraLoader:
+    DESCRIPTION = ("Adds a CogVideoX LoRA (diffusers/PEFT, kohya or ComfyUI keys) from models/loras/. "
+                   "Returns a new model; the input model is left unchanged. Chain several to stack them.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (MODEL, {"tooltip": "From the loader or another patch node."}),
+            "lora_name": (host.list_model_files("loras") or ["none.safetensors"], {
+                "tooltip": "A CogVideoX LoRA file under models/loras/."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "Multiplier of the LoRA's effect (0 = off, 1 = as trained)."}),
+        }}
+
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the LoRA recorded; it is applied only while sampling.",)
+    FUNCTION = "load_lora"
+    CATEGORY = CATEGORY
+
+    def load_lora(self, model, lora_name, strength):
+        patch = LoraPatch(load_lora_file(host.resolve_model_file("loras", lora_name)), strength)
+        resolve_lora_targets(patch.lora, model.transformer)  # fail now (wrong model, no matching keys), not mid-run
+        return (model.with_patch(patch),)
+
+
+class CogVideoXSampler:
+    DESCRIPTION = ("Generates a video latent with CogVideoX (the same loop as diffusers' pipelines). "
+                   "Applies every patch recorded on the model for this run only.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "From the loader or a patch node (LoRA, MagicMirror, ...)."}),
+                "positive": (COND, {"tooltip": "Prompt from CogVideoX Text Encode."}),
+                "negative": (COND, {"tooltip": "Negative prompt (an empty prompt is the usual choice)."}),
+                "width": ("INT", {"default": 720, "min": 16, "max": 2048, "step": 16,
+                                  "tooltip": "Multiple of 16. CogVideoX-5B: 720; 1.5: up to 1360."}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 2048, "step": 16,
+                                   "tooltip": "Multiple of 16. CogVideoX-5B: 480; 1.5: up to 768."}),
+                "num_frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
+                                       "tooltip": "4k+1 frames (49 = 6 s at 8 fps for 1.0; 81 for 1.5)."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
+                "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale; 1 or less disables the negative pass."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Noise seed (CPU generator: same seed, same video on any device)."}),
+                "scheduler": (["DDIM", "DPM"], {"default": "DDIM", "tooltip": "CogVideoX DDIM or DPM-Solver++ "
+                                                 "(CogVideoXDDIMScheduler / CogVideoXDPMScheduler)."}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "First frame for image-to-video models (resized to width x height)."}),
+                "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "Cosine-ramped CFG, as diffusers' "
+                                            "use_dynamic_cfg (recommended with DPM)."}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("samples",)
+    OUTPUT_TOOLTIPS = ("Video latent {'samples': [B, C, T, H, W]}; connect to CogVideoX Decode.",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    def sample(self, model, positive, negative, width, height, num_frames, steps, cfg, seed, scheduler,
+               image=None, dynamic_cfg=False):
+        bar = host.ProgressBar(steps)
+
+        def on_step(info):
+            bar.update_absolute(info.step, info.total)
+            host.check_interrupt()
+
+        host.check_interrupt()
+        samples = sample_video(model, positive, negative, num_frames=num_frames, height=height, width=width,
+                               steps=steps, cfg=cfg, seed=seed, scheduler=scheduler.lower(),
+                               use_dynamic_cfg=dynamic_cfg, image=image, callback=on_step)
+        return ({"samples": samples.float().cpu()},)
+
+
+class CogVideoXDecode:
+    DESCRIPTION = "Decodes a CogVideoX latent to frames (IMAGE [T, H, W, C]) for CreateVideo / SaveVideo."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (MODEL, {"tooltip": "The model whose VAE decodes the latent."}),
+            "samples": ("LATENT", {"tooltip": "From CogVideoX Sampler."}),
+            "tiling": ("BOOLEAN", {"default": True, "tooltip": "Decode in spatial tiles: much less VRAM, "
+                                   "nearly identical frames."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("Frames [T, H, W, C] float 0..1; connect to CreateVideo (core) then SaveVideo.",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+
+    def decode(self, model, samples, tiling):
+        host.check_interrupt()
+        frames = decode_latents(model, samples["samples"], tiling=tiling, slicing=True)  # [B, F, H, W, 3]
+        return (frames.reshape(-1, *frames.shape[2:]),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "MMV_CogVideoXModelLoader": CogVideoXModelLoader,
+    "MMV_CogVideoXTextEncode": CogVideoXTextEncode,
+    "MMV_CogVideoXLoraLoader": CogVideoXLoraLoader,
+    "MMV_CogVideoXSampler": CogVideoXSampler,
+    "MMV_CogVideoXDecode": CogVideoXDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MMV_CogVideoXModelLoader": "CogVideoX Model Loader (MMV)",
+    "MMV_CogVideoXTextEncode": "CogVideoX Text Encode (MMV)",
+    "MMV_CogVideoXLoraLoader": "CogVideoX LoRA Loader (MMV)",
+    "MMV_CogVideoXSampler": "CogVideoX Sampler (MMV)",
+    "MMV_CogVideoXDecode": "CogVideoX Decode (MMV)",
+}

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random CogVideoX models built at test time (no hub, no weights in git)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import training  # noqa: E402  (registers the pack as `magicmirror_video`)
+
+from magicmirror_video.models import tiny  # noqa: E402
+from magicmirror_video.models.cogvideox import CogVideoXBundle  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def bundle_from_components(c: dict, dtype=torch.float32) -> CogVideoXBundle:
+    """Wrap diffusers pipeline components in a pack bundle (shares the modules)."""
+    return CogVideoXBundle(transformer=c["transformer"], vae=c["vae"], text_encoder=c["text_encoder"],
+                           tokenizer=c["tokenizer"], scheduler_config=dict(c["scheduler"].config), dtype=dtype,
+                           device=torch.device("cpu"))
+
+
+@pytest.fixture
+def components():
+    """Fresh tiny T2V 1.0 components (float32)."""
+    return tiny.build_components()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    """A ComfyUI-style models/ tree with tiny CogVideoX folders (T2V and I2V)."""
+    root = tmp_path_factory.mktemp("models")
+    tiny.build_model_folder(str(root / "CogVideo" / "tiny-t2v"))
+    tiny.build_model_folder(str(root / "CogVideo" / "tiny-i2v"), i2v=True)
+    for sub in ("loras", "diffusion_models"):
+        (root / sub).mkdir()
+    return root

@@ -209,7 +209,8 @@ def load_cogvideox(
 
     try:
         if transformer_file:
-            transformer = load_transformer_file(transformer_file, dtype=dtype)
+            base_config = CogVideoXTransformer3DModel.load_config(sub("transformer"))
+            transformer = load_transformer_file(transformer_file, dtype=dtype, base_config=base_config)
         else:
             transformer = CogVideoXTransformer3DModel.from_pretrained(sub("transformer"), torch_dtype=dtype)
         vae = AutoencoderKLCogVideoX.from_pretrained(sub("vae"), torch_dtype=vae_dtype or dtype)
@@ -252,10 +253,17 @@ def _strip_prefix(state_dict: dict) -> dict:
     return state_dict
 
 
-def detect_transformer_config(state_dict: dict) -> dict:
+# Config fields the weights cannot reveal (RoPE grid base size, interpolation scales).
+_NON_SHAPE_FIELDS = ("sample_height", "sample_width", "sample_frames", "spatial_interpolation_scale",
+                     "temporal_interpolation_scale", "max_text_seq_length", "temporal_compression_ratio")
+
+
+def detect_transformer_config(state_dict: dict, base_config: dict | None = None) -> dict:
     """Build a ``CogVideoXTransformer3DModel`` config from the weights' names and shapes.
 
-    Works for 2B/5B, T2V/I2V, 1.0/1.5 and for any (e.g. tiny) width and depth.
+    Works for 2B/5B, T2V/I2V, 1.0/1.5 and for any (e.g. tiny) width and depth. Fields that the
+    weights cannot reveal come from ``base_config`` (the model folder's transformer config) when
+    it is of the same version, else from the official defaults of that version.
     """
     if "patch_embed.proj.weight" not in state_dict or "patch_embed.text_proj.weight" not in state_dict:
         some = ", ".join(list(state_dict)[:5])
@@ -292,11 +300,16 @@ def detect_transformer_config(state_dict: dict) -> dict:
         config["use_learned_positional_embeddings"] = True
     # CogVideoX-2B uses sinusoidal absolute positions; every 5B and 1.5 model uses 3D RoPE.
     config["use_rotary_positional_embeddings"] = inner != 1920
+    if base_config and (base_config.get("patch_size_t") is None) == (config.get("patch_size_t") is None):
+        config.update({k: base_config[k] for k in _NON_SHAPE_FIELDS if k in base_config})
     return config
 
 
-def load_transformer_file(path: str, *, dtype: torch.dtype = torch.bfloat16):
-    """Load a single-file CogVideoX transformer (``diffusion_models/*.safetensors``)."""
+def load_transformer_file(path: str, *, dtype: torch.dtype = torch.bfloat16, base_config: dict | None = None):
+    """Load a single-file CogVideoX transformer (``diffusion_models/*.safetensors``).
+
+    ``base_config``: the companion folder's transformer config, for the fields weights cannot reveal.
+    """
     from diffusers import CogVideoXTransformer3DModel
 
     if path.endswith(".safetensors"):
@@ -305,7 +318,7 @@ def load_transformer_file(path: str, *, dtype: torch.dtype = torch.bfloat16):
         state_dict = read_torch_pickle(path)
         state_dict = state_dict.get("state_dict", state_dict) if isinstance(state_dict, dict) else state_dict
     state_dict = _strip_prefix(state_dict)
-    config = detect_transformer_config(state_dict)
+    config = detect_transformer_config(state_dict, base_config)
     from accelerate import init_empty_weights
 
     # Parameters on the meta device (no 2x memory), buffers such as position tables built for real.

@@ -204,9 +204,12 @@ def sample_video(
 
 
 def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slicing: bool = False) -> torch.Tensor:
-    """LATENT samples ``[B, C, T, H, W]`` -> frames ``[B, F, H, W, 3]`` float 0..1.
+    """LATENT samples ``[B, C, T, H, W]`` -> frames ``[B, F, H, W, 3]`` float 0..1, F = 4(T-1)+1.
 
-    Tiling/slicing are switched on only for this call (the VAE is shared with other nodes).
+    CogVideoX's causal VAE maps 4k+1 frames to k+1 latent frames. diffusers' decoder, which works
+    in batches of two latent frames, returns 4T frames when T is even; we keep the first 4(T-1)+1,
+    i.e. exactly the ``num_frames`` that was sampled. Tiling/slicing are switched on only for this
+    call (the VAE is shared with other nodes).
     """
     vae = bundle.vae
     if samples.ndim != 5 or samples.shape[1] != vae.config.latent_channels:
@@ -220,5 +223,6 @@ def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slici
             video = vae.decode(z).sample  # [B, 3, F, H, W] in -1..1
     finally:
         vae.use_tiling, vae.use_slicing = saved
+    video = video[:, :, : bundle.vae_scale_factor_temporal * (samples.shape[2] - 1) + 1]
     video = (video.float() / 2 + 0.5).clamp(0, 1)
     return video.permute(0, 2, 3, 4, 1).cpu()

@@ -28,6 +28,7 @@ Environment variables:
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -39,8 +40,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 __all__ = [
     "HOST_SKIP_REASON",
@@ -204,7 +206,8 @@ class ComfyServer:
         require_pack_import: bool = True,
     ):
         self.comfyui_path = Path(comfyui_path).resolve()
-        self.python = str(python)
+        # Keep a venv's python path as given (resolving its symlink would leave the venv).
+        self.python = str(Path(python).absolute()) if os.sep in str(python) else str(python)
         self.pack_dir = Path(pack_dir).resolve()
         self.model_root = Path(model_root).resolve() if model_root is not None else None
         self.tmp_dir = Path(tmp_dir).resolve()
@@ -236,7 +239,7 @@ class ComfyServer:
             raise ComfyError("server not started")
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         self.start()
         return self
 
@@ -343,6 +346,7 @@ class ComfyServer:
             env=env,
             start_new_session=True,  # own process group, killed as a whole in stop()
         )
+        atexit.register(self.stop)  # also when the test run ends without reaching stop()
         try:
             self._wait_ready()
             if self.require_pack_import:
@@ -363,7 +367,7 @@ class ComfyServer:
             try:
                 self._object_info = self.get_json("/object_info", timeout=30)
                 return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
                 raise ComfyError(
@@ -374,18 +378,25 @@ class ComfyServer:
 
     def _check_pack_imported(self) -> None:
         """Raise if ComfyUI reported the pack as failed to import (it carries on otherwise)."""
-        log = self.log_path.read_text(encoding="utf-8", errors="replace")
+        lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
         pack_path = str(self.base_dir / "custom_nodes" / self.pack_name)
-        for line in log.splitlines():
-            if "(IMPORT FAILED)" in line and line.rstrip().endswith(pack_path):
-                raise ComfyError(
-                    f"ComfyUI failed to import the pack {self.pack_dir}.\n"
-                    f"--- tail of {self.log_path} ---\n{self.log_tail(200)}"
-                )
+        if not any("(IMPORT FAILED)" in line and line.rstrip().endswith(pack_path) for line in lines):
+            return
+        # ComfyUI logs the traceback, then "Cannot import <path> module for custom nodes: <error>".
+        excerpt = self.log_tail(200)
+        for end, line in enumerate(lines):
+            if line.startswith(f"Cannot import {pack_path} "):
+                start = end
+                while start > 0 and not lines[start].startswith("Traceback"):
+                    start -= 1
+                excerpt = "\n".join(lines[start : end + 1])
+                break
+        raise ComfyError(f"ComfyUI failed to import the pack {self.pack_dir}:\n{excerpt}\n(log: {self.log_path})")
 
     def stop(self) -> None:
         """Terminate ComfyUI's whole process group (SIGTERM, then SIGKILL)."""
         proc, self._proc = self._proc, None
+        atexit.unregister(self.stop)
         if proc is not None and proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)

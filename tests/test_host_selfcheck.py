@@ -144,6 +144,15 @@ def test_host_selfcheck_core_video_workflow(tmp_path):
         bad["3"]["inputs"]["fps"] = 1000.0  # above CreateVideo's max of 120
         error = srv.run_prompt_expect_error(bad)
         assert "fps" in error and "CreateVideo" in error
+        # ... an execution error (scaling a 1x1 image to 0x0 raises in torch) ...
+        failing = {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 1, "height": 1, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "ImageScaleBy",
+                  "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "scale_by": 0.01}},
+            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+        }
+        error = srv.run_prompt_expect_error(failing)
+        assert error.startswith("node 2 (ImageScaleBy): RuntimeError"), error
         # ... and a missing node type is reported by ui_to_api itself.
         unknown = json.loads(json.dumps(workflow))
         unknown["nodes"][0]["type"] = "NoSuchNode"

@@ -1,0 +1,66 @@
+"""Shared helpers for the benchmarks: pack import, timing with median/spread, peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_REFERENCE = os.path.join(ROOT, "..", "shared", "reference", "cogvideox")
+sys.path.insert(0, ROOT)
+import training  # noqa: E402,F401  (registers the pack as `magicmirror_video`)
+
+import torch  # noqa: E402
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device="cpu") -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved_runs(fns: dict, repeats: int, device="cpu", warmup: int = 1) -> dict[str, list[float]]:
+    """Time each function ``repeats`` times, alternating between them so drift hits all equally."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def summary(times: list[float]) -> str:
+    med = statistics.median(times)
+    spread = (max(times) - min(times)) / med * 100
+    return f"median {med:.3f} s  (min {min(times):.3f}, max {max(times):.3f}, spread {spread:.1f}%, n={len(times)})"
+
+
+def peak_gib(device) -> float | None:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return None
+
+
+def reset_peak(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def load_reference_config(name: str) -> dict:
+    path = os.path.join(SHARED_REFERENCE, name)
+    if not os.path.isfile(path):
+        raise SystemExit(f"--full needs the CogVideoX-5B reference configs; not found: {path}")
+    with open(path) as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}

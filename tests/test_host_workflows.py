@@ -1,0 +1,221 @@
+"""Host tests: the pack inside a real ComfyUI, driven over its HTTP API.
+
+* Every shipped workflow (``workflows/*.json``, UI format) is converted with the
+  server's ``/object_info``, pointed at a tiny random model, shrunk, run, and its
+  saved video decoded.
+* Bad inputs (frame count, size, incomplete model folder, corrupt LoRA, corrupt
+  single-file transformer) give the user a clear error, and the server keeps
+  serving afterwards.
+
+One ComfyUI server (module scope) serves every test here. Run with:
+    COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/ComfyUI/.venv/bin/python \
+        python -m pytest tests -k host
+Without ``COMFYUI_PATH`` these tests skip.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_host  # noqa: E402
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
+
+WIDTH = HEIGHT = 32
+FRAMES = 9
+STEPS = 2
+PROMPT_TIMEOUT = 600
+
+LOADER = "MMV_CogVideoXModelLoader"
+ENCODE = "MMV_CogVideoXTextEncode"
+LORA = "MMV_CogVideoXLoraLoader"
+SAMPLER = "MMV_CogVideoXSampler"
+DECODE = "MMV_CogVideoXDecode"
+
+BAD_LORA = "bad.safetensors"
+BAD_TRANSFORMER = "truncated_transformer.safetensors"
+BROKEN_FOLDER = "broken"
+
+
+def _build_model_root(root: Path) -> None:
+    """models/ with tiny T2V/I2V folders plus the bad files the error test needs.
+
+    Everything exists before the server starts: the extra-model-paths YAML maps the
+    subfolders present at start-up, and the combos then list the bad entries.
+    """
+    from magicmirror_video.models import tiny  # registered by tests/conftest.py (import training)
+
+    cog = root / "CogVideo"
+    tiny.build_model_folder(str(cog / "tiny-t2v"))
+    tiny.build_model_folder(str(cog / "tiny-i2v"), i2v=True)
+    # A folder that the loader's combo lists (it has transformer/) but that is incomplete.
+    shutil.copytree(cog / "tiny-t2v" / "transformer", cog / BROKEN_FOLDER / "transformer")
+    # A LoRA "downloaded" as an HTML error page.
+    (root / "loras").mkdir()
+    (root / "loras" / BAD_LORA).write_bytes(b"<html>404</html>")
+    # A single-file transformer cut off mid-download: a real file's first 60%.
+    (root / "diffusion_models").mkdir()
+    good = (cog / "tiny-t2v" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    (root / "diffusion_models" / BAD_TRANSFORMER).write_bytes(good[: int(len(good) * 0.6)])
+
+
+def _write_example_png(path: Path) -> None:
+    """A 48x40 RGB gradient: the image the I2V workflow's LoadImage names."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = 40, 48
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), np.full_like(xx, 128)], axis=-1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb.astype(np.uint8), "RGB").save(path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One ComfyUI with the pack, tiny models, bad files and input/example.png."""
+    paths = comfy_host.comfyui_paths()
+    if paths is None:
+        pytest.skip(comfy_host.HOST_SKIP_REASON)
+    tmp = tmp_path_factory.mktemp("host_workflows")
+    models = tmp / "models"
+    _build_model_root(models)
+    srv = comfy_host.ComfyServer(*paths, pack_dir=PACK_DIR, model_root=models, tmp_dir=tmp / "comfy")
+    _write_example_png(srv.input_dir / "example.png")
+    with srv:
+        yield srv
+
+
+def _nodes_of(api: dict, class_type: str) -> list[dict]:
+    return [node for node in api.values() if node["class_type"] == class_type]
+
+
+def _shipped_api(srv: comfy_host.ComfyServer, path: Path) -> tuple[dict, dict]:
+    """(UI workflow, API prompt) of a shipped workflow, on the tiny model and shrunk.
+
+    Edits the API prompt by input name (after ui_to_api), so a reordering of widgets
+    in the workflow or the node definitions cannot put a value in the wrong input.
+    """
+    workflow = json.loads(path.read_text(encoding="utf-8"))
+    api = comfy_host.ui_to_api(workflow, srv.object_info())
+    loaders = _nodes_of(api, LOADER)
+    samplers = _nodes_of(api, SAMPLER)
+    assert loaders and samplers, f"{path.name}: no {LOADER} / {SAMPLER}"
+    for node in loaders:
+        original = node["inputs"]["model"]
+        node["inputs"].update(model="tiny-i2v" if "I2V" in original else "tiny-t2v", precision="fp32", offload="none")
+    for node in samplers:
+        node["inputs"].update(width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=STEPS)
+    return workflow, api
+
+
+def _decode_video(path: Path) -> list:
+    av = pytest.importorskip("av")
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def _run_and_check_video(srv: comfy_host.ComfyServer, api: dict, workflow: dict | None = None) -> None:
+    entry = srv.run_prompt(api, timeout=PROMPT_TIMEOUT, workflow=workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (save_id,) = [nid for nid, node in api.items() if node["class_type"] == "SaveVideo"]
+    files = srv.output_files(entry, save_id)
+    assert len(files) == 1, entry["outputs"]
+    assert files[0].is_file(), files[0]
+    frames = _decode_video(files[0])
+    assert len(frames) == FRAMES
+    assert all(f.shape == (HEIGHT, WIDTH, 3) for f in frames), [f.shape for f in frames]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_host_runs_every_shipped_workflow(server, path):
+    workflow, api = _shipped_api(server, path)
+    if _nodes_of(api, "LoadImage"):
+        assert all(n["inputs"]["image"] == "example.png" for n in _nodes_of(api, "LoadImage"))
+    _run_and_check_video(server, api, workflow)
+
+
+def _t2v_api(srv: comfy_host.ComfyServer) -> dict:
+    """The shipped T2V workflow as an API prompt on tiny-t2v, shrunk (a valid prompt)."""
+    _, api = _shipped_api(srv, PACK_DIR / "workflows" / "cogvideox_text_to_video.json")
+    return api
+
+
+def _with_lora(api: dict, lora_name: str) -> dict:
+    """Insert an MMV_CogVideoXLoraLoader between the loader and the sampler."""
+    api = copy.deepcopy(api)
+    (loader_id,) = [nid for nid, n in api.items() if n["class_type"] == LOADER]
+    lora_id = str(max(int(nid) for nid in api) + 1)
+    api[lora_id] = {"class_type": LORA,
+                    "inputs": {"model": [loader_id, 0], "lora_name": lora_name, "strength": 1.0}}
+    for node in _nodes_of(api, SAMPLER):
+        node["inputs"]["model"] = [lora_id, 0]
+    return api
+
+
+def _execution_error(entry: dict) -> dict:
+    """The ``execution_error`` event data of a failed history entry."""
+    for event, data in (entry.get("status") or {}).get("messages") or []:
+        if event == "execution_error":
+            return data
+    raise AssertionError(f"no execution_error in {json.dumps(entry.get('status'))}")
+
+
+def test_host_bad_input_errors_and_server_keeps_serving(server):
+    valid = _t2v_api(server)
+    info = server.object_info()
+    loader_inputs = info[LOADER]["input"]
+    # The bad entries reach the user's combos (else ComfyUI validation would reject them first).
+    assert BROKEN_FOLDER in loader_inputs["required"]["model"][0]
+    assert BAD_TRANSFORMER in loader_inputs["optional"]["transformer_file"][0]
+    assert BAD_LORA in info[LORA]["input"]["required"]["lora_name"][0]
+
+    def with_inputs(class_type: str, api: dict | None = None, **inputs) -> dict:
+        api = copy.deepcopy(valid if api is None else api)
+        for node in _nodes_of(api, class_type):
+            node["inputs"].update(inputs)
+        return api
+
+    # Each case: (prompt, failing node type, exception type, snippets of the message).
+    # All of them pass ComfyUI's validation (width 40 / 10 frames are within min/max; the
+    # backend does not check "step") and fail in our nodes, so the message is the pack's.
+    cases = {
+        "num_frames=10": (with_inputs(SAMPLER, num_frames=10), SAMPLER, "SamplingInputError",
+                          ["num_frames=10", "4k+1"]),
+        "width=40": (with_inputs(SAMPLER, width=40), SAMPLER, "SamplingInputError",
+                     ["width=40", "multiple of 16"]),
+        "incomplete folder": (with_inputs(LOADER, model=BROKEN_FOLDER), LOADER, "ModelFolderError",
+                              [BROKEN_FOLDER, "incomplete", "vae"]),
+        "corrupt LoRA": (_with_lora(valid, BAD_LORA), LORA, "WeightsFileError",
+                         [BAD_LORA, "corrupt or truncated"]),
+        "corrupt transformer file": (with_inputs(LOADER, transformer_file=BAD_TRANSFORMER), LOADER,
+                                     "WeightsFileError", [BAD_TRANSFORMER, "corrupt or truncated"]),
+    }
+    seen = {}
+    for label, (api, node_type, exc_type, snippets) in cases.items():
+        try:
+            server.run_prompt(api, timeout=PROMPT_TIMEOUT)
+        except comfy_host.PromptRejected as err:
+            pytest.fail(f"{label}: rejected by ComfyUI validation instead of the pack's own error:\n{err}")
+        except comfy_host.PromptFailed as err:
+            error = _execution_error(err.details)
+            message = error.get("exception_message", "")
+            seen[label] = f"{error.get('node_type')}: {error.get('exception_type')}: {message}"
+            assert error.get("node_type") == node_type, f"{label}: {err}"
+            assert str(error.get("exception_type", "")).endswith(exc_type), f"{label}: {err}"
+            for snippet in snippets:
+                assert snippet in message, f"{label}: {snippet!r} not in the error message:\n{message}"
+        else:
+            pytest.fail(f"{label}: the prompt succeeded but should have failed")
+    print("\nerrors the user sees:\n" + "\n".join(f"  {k}: {v}" for k, v in seen.items()))
+
+    # The server survived all of that and still runs a valid prompt.
+    _run_and_check_video(server, valid)

@@ -47,10 +47,13 @@ def summary(times: list[float]) -> str:
     return f"median {med:.3f} s  (min {min(times):.3f}, max {max(times):.3f}, spread {spread:.1f}%, n={len(times)})"
 
 
-def peak_gib(device) -> float | None:
+def peak_gib(device) -> float:
+    """Peak CUDA memory since the last reset, or on the CPU the process's peak resident set size."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return None
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def reset_peak(device) -> None:

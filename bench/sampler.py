@@ -26,9 +26,14 @@ from magicmirror_video.models.text import TextConditioning
 
 def build(full: bool, device, dtype):
     if full:
-        with torch.device(device):
-            transformer = CogVideoXTransformer3DModel.from_config(load_reference_config("transformer_config_5b.json"))
-            vae = AutoencoderKLCogVideoX.from_config(load_reference_config("vae_config.json"))
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # initialise the 5B weights directly in bf16 (fp32 would need 20 GB)
+        try:
+            with torch.device(device):
+                transformer = CogVideoXTransformer3DModel.from_config(load_reference_config("transformer_config_5b.json"))
+                vae = AutoencoderKLCogVideoX.from_config(load_reference_config("vae_config.json"))
+        finally:
+            torch.set_default_dtype(default_dtype)
         scheduler_config = load_reference_config("scheduler_config_5b.json")
         small = tiny.build_components(text_dim=32)  # text encoder unused: prompts are pre-encoded
         text_encoder, tokenizer = small["text_encoder"], small["tokenizer"]
@@ -48,13 +53,17 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="CogVideoX-5B config, random weights (GPU)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--frames", type=int, default=49)
+    ap.add_argument("--height", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.full and torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32
-    frames, (height, width) = 49, ((480, 720) if args.full else (128, 128))
+    frames = args.frames
+    height, width = args.height or (480 if args.full else 128), args.width or (720 if args.full else 128)
     steps = args.steps or (50 if args.full else 10)
 
     transformer, vae, text_encoder, tokenizer, scheduler_config, text_dim = build(args.full, device, dtype)
@@ -94,7 +103,8 @@ def main() -> None:
         times = interleaved_runs({"pack": run_pack, "diffusers": run_diffusers}, args.repeats, device,
                                  warmup=0 if args.full else 1)
     for name, t in times.items():
-        extra = f", peak {peaks[name]:.2f} GiB" if name in peaks else ""
+        kind = "CUDA allocated" if device == "cuda" else "process RSS"
+        extra = f", peak {peaks[name]:.2f} GiB ({kind})" if name in peaks else ""
         print(f"{name:>9}: {summary(t)}{extra}")
     ratios = [p / d for p, d in zip(times["pack"], times["diffusers"])]
     print(f"ratio pack/diffusers (median of medians): "

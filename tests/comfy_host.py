@@ -11,9 +11,7 @@ Only the standard library is used, so it runs in the pack's test venv.
 
 Typical use::
 
-    paths = comfyui_paths()
-    if paths is None:
-        pytest.skip(HOST_SKIP_REASON)
+    paths = require_comfyui()  # skips the test when COMFYUI_PATH is unset
     with ComfyServer(*paths, pack_dir=PACK_DIR, model_root=models, tmp_dir=tmp) as srv:
         api = ui_to_api(json.load(open("workflows/x.json")), srv.object_info())
         entry = srv.run_prompt(api, timeout=600)
@@ -78,6 +76,16 @@ def comfyui_paths() -> tuple[str, str] | None:
         return None
     python = os.environ.get("COMFYUI_PYTHON", "").strip() or sys.executable
     return comfyui_path, python
+
+
+def require_comfyui() -> tuple[str, str]:
+    """``comfyui_paths()``, or skip the calling test with the how-to-enable message."""
+    import pytest
+
+    paths = comfyui_paths()
+    if paths is None:
+        pytest.skip(HOST_SKIP_REASON)
+    return paths
 
 
 # --------------------------------------------------------------------------

@@ -97,9 +97,7 @@ def _selfcheck_workflow() -> dict:
 
 
 def test_host_selfcheck_core_video_workflow(tmp_path):
-    paths = comfy_host.comfyui_paths()
-    if paths is None:
-        pytest.skip(comfy_host.HOST_SKIP_REASON)
+    paths = comfy_host.require_comfyui()
     av = pytest.importorskip("av")
 
     # An empty pack: ComfyUI accepts a module whose NODE_CLASS_MAPPINGS is empty.

@@ -82,9 +82,7 @@ def _write_example_png(path: Path) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One ComfyUI with the pack, tiny models, bad files and input/example.png."""
-    paths = comfy_host.comfyui_paths()
-    if paths is None:
-        pytest.skip(comfy_host.HOST_SKIP_REASON)
+    paths = comfy_host.require_comfyui()
     tmp = tmp_path_factory.mktemp("host_workflows")
     models = tmp / "models"
     _build_model_root(models)

@@ -149,6 +149,15 @@ def find_model_folder(name: str, roots: list[str]) -> str:
     raise _missing(name, "CogVideoX model folder", candidates or [f"(no CogVideo model folders registered) {name}"])
 
 
+def find_model_file(name: str, roots: list[str], what: str = "Model file") -> str:
+    """Resolve a weights file ``name`` (relative or absolute) against ``roots``, listing paths searched."""
+    candidates = [name] if os.path.isabs(name) else [os.path.join(r, name) for r in roots]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise _missing(name, what, candidates)
+
+
 def read_safetensors(path: str, device: str = "cpu") -> tuple[dict, dict]:
     """Read a .safetensors file, returning (tensors, metadata), with a clear error if it is unreadable."""
     from safetensors import SafetensorError, safe_open

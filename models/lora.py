@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 
 from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle
 from .patches import forward_hook_patch
+
+logger = logging.getLogger(__name__)
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 _DOT_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.")
@@ -169,9 +172,7 @@ def resolve_lora_targets(lora: LoraWeights, transformer: torch.nn.Module) -> dic
             f"transformer (e.g. {unmatched[:3]}). It is probably a LoRA for another model; CogVideoX LoRA "
             "layers look like 'transformer_blocks.0.attn1.to_q'.")
     if unmatched:
-        import logging
-
-        logging.getLogger(__name__).warning("LoRA %s: %d of %d layers match nothing in the model and are ignored: %s",
+        logger.warning("LoRA %s: %d of %d layers match nothing in the model and are ignored: %s",
                                             lora.name, len(unmatched), len(lora.layers), unmatched[:5])
     return matched
 

@@ -84,13 +84,9 @@ def list_model_files(kind: str) -> list[str]:
 
 def resolve_model_file(kind: str, name: str) -> str:
     """Absolute path of ``name`` in the ``kind`` folders; the error lists every path searched."""
-    from ..models.cogvideox import ModelFolderError
+    from ..models.cogvideox import find_model_file
 
-    candidates = [name] if os.path.isabs(name) else [os.path.join(r, name) for r in model_roots(kind)]
-    for c in candidates:
-        if os.path.isfile(c):
-            return c
-    raise ModelFolderError(f"{kind} file {name!r} not found. Paths searched:\n  " + "\n  ".join(candidates))
+    return find_model_file(name, model_roots(kind), what=f"{kind} file")
 
 
 def torch_device() -> torch.device:

@@ -1,7 +1,11 @@
 """Loading diffusers folders and single-file transformers; clear errors for bad files and folders."""
 
+import json
+import os
+
 import pytest
 import torch
+from diffusers import CogVideoXTransformer3DModel
 from safetensors.torch import save_file
 
 from magicmirror_video.models import tiny
@@ -40,12 +44,9 @@ def test_single_file_transformer_variant_detected_and_identical(tmp_path, versio
 
 
 def test_variant_names_of_real_configs():
-    import json
-    import os
     ref_dir = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "cogvideox")
     if not os.path.isdir(ref_dir):
         pytest.skip("../shared/reference not beside the repo")
-    from diffusers import CogVideoXTransformer3DModel
     for name, expect in (("transformer_config_5b.json", "CogVideoX-5B T2V"), ("transformer_config_I2V_5b.json", "CogVideoX-5B I2V")):
         with open(os.path.join(ref_dir, name)) as f:
             cfg = json.load(f)

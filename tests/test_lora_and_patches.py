@@ -119,7 +119,6 @@ def test_strength_and_stacking(tmp_path):
 
 
 def test_saved_lora_loads_in_diffusers_with_scale_baked(tmp_path):
-    t = tiny.build_components()["transformer"]
     torch.manual_seed(0)
     layers = {f"transformer_blocks.{i}.attn1.{m}": LoraLayer(down=torch.randn(2, 32), up=torch.randn(32, 2), scale=0.25)
               for i in range(2) for m in ("to_q", "to_v")}
@@ -129,7 +128,6 @@ def test_saved_lora_loads_in_diffusers_with_scale_baked(tmp_path):
     base = bundle_from_components(tiny.build_components())
     torch.testing.assert_close(ours(base.with_patch(LoraPatch(load_lora_file(str(path))))), ref, atol=1e-5, rtol=0)
     assert not list(tmp_path.glob("*.tmp-*")), "atomic save leaves no temp file"
-    del t
 
 
 def test_lora_for_another_model_is_a_clear_error(tmp_path):

@@ -138,5 +138,5 @@ def test_loader_node_errors_list_paths(models_dir, monkeypatch):
     from magicmirror_video.models.cogvideox import ModelFolderError
     with pytest.raises(ModelFolderError, match=str(models_dir / "CogVideo" / "CogVideoX-5b")):
         pack_nodes.NODE_CLASS_MAPPINGS["MMV_CogVideoXModelLoader"]().load("CogVideoX-5b", "bf16", "none")
-    with pytest.raises(ModelFolderError, match="diffusion_models file 'missing.safetensors' not found"):
+    with pytest.raises(ModelFolderError, match="diffusion_models file not found: 'missing.safetensors'. Paths searched"):
         pack_nodes.NODE_CLASS_MAPPINGS["MMV_CogVideoXModelLoader"]().load("tiny-t2v", "fp32", "none", "missing.safetensors")

@@ -203,7 +203,7 @@ class LoraPatch:
     def name(self) -> str:
         return f"lora:{self.lora.name}@{self.strength:g}"
 
-    def apply(self, transformer):
+    def apply(self, transformer, context=None):
         targets = resolve_lora_targets(self.lora, transformer)
         return forward_hook_patch([(m, _lora_hook(m, layer, self.strength)) for m, layer in targets.values()])
 

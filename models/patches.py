@@ -9,6 +9,7 @@ base model seen by any other branch of the graph (or the next run) is unchanged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
@@ -16,25 +17,39 @@ import torch
 Undo = Callable[[], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingContext:
+    """What a patch may need to know about the run it is applied for.
+
+    ``batch_roles`` names each row of the transformer batch (``["negative", "positive"]`` with
+    CFG, as diffusers orders them); ``positive``/``negative`` are the text conditionings.
+    """
+
+    positive: object = None
+    negative: object = None
+    batch_roles: tuple = ("positive",)
+
+
 @runtime_checkable
 class ModelPatch(Protocol):
     """A reversible change to a transformer.
 
     ``apply`` installs the change and returns a callable that removes it exactly
-    (hooks removed, replaced processors and attributes restored).
+    (hooks removed, replaced modules and attributes restored).
     """
 
     name: str
 
-    def apply(self, transformer: torch.nn.Module) -> Undo: ...
+    def apply(self, transformer: torch.nn.Module, context: SamplingContext | None = None) -> Undo: ...
 
 
 @contextlib.contextmanager
-def applied_patches(transformer: torch.nn.Module, patches) -> Iterator[torch.nn.Module]:
+def applied_patches(transformer: torch.nn.Module, patches, context: SamplingContext | None = None
+                    ) -> Iterator[torch.nn.Module]:
     """Apply ``patches`` in order for the duration of the block; undo them in reverse order."""
     with contextlib.ExitStack() as stack:
         for patch in patches:
-            stack.callback(patch.apply(transformer))
+            stack.callback(patch.apply(transformer, context))
         yield transformer
 
 

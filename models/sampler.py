@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .patches import applied_patches
+from .patches import SamplingContext, applied_patches
 from .text import TextConditioning
 
 SCHEDULERS = ("ddim", "dpm")
@@ -172,7 +172,9 @@ def sample_video(
     step_kwargs = {"eta": eta, "generator": generator}
     is_dpm = scheduler == "dpm"
 
-    with torch.no_grad(), bundle.on_device(transformer), applied_patches(transformer, bundle.patches):
+    context = SamplingContext(positive=positive, negative=negative,
+                              batch_roles=("negative", "positive") if do_cfg else ("positive",))
+    with torch.no_grad(), bundle.on_device(transformer), applied_patches(transformer, bundle.patches, context):
         old_pred = None
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if do_cfg else latents

@@ -4,23 +4,62 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 MAX_TEXT_TOKENS = 226  # CogVideoX was trained with exactly this many T5 tokens
+DEFAULT_TRIGGER = "img"  # MagicMirror / PhotoMaker convention: "a man img is walking"
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConditioning:
-    """A T5-encoded prompt: embeds [1, L, D] (float32, CPU) and the token ids [1, L] that made them."""
+    """A T5-encoded prompt: embeds [1, L, D] (float32, CPU) and the token ids [1, L] that made them.
+
+    ``identity_mask`` [1, L] marks the tokens of the class word that stood before the trigger word
+    (the trigger itself is removed before encoding); all False when the prompt has no trigger.
+    """
 
     prompt: str
     embeds: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     truncated: bool = False
+    identity_mask: torch.Tensor | None = None
+    encoded_prompt: str = ""  # the text T5 saw (trigger removed)
+
+
+def split_trigger(prompt: str, trigger: str | None = DEFAULT_TRIGGER) -> tuple[str, list[tuple[int, int]]]:
+    """Remove every stand-alone ``trigger`` word; return the cleaned prompt and the character spans
+    (in it) of the class words that preceded each trigger. ``"a man img walks"`` -> ``("a man walks", [(2, 5)])``."""
+    if not trigger:
+        return prompt, []
+    pattern = re.compile(rf"([^\s]+?)([^\w\s]*)(\s+){re.escape(trigger)}(?![\w])")
+    out, spans, last = [], [], 0
+    for m in pattern.finditer(prompt):
+        out.append(prompt[last:m.start()])
+        start = sum(len(p) for p in out)
+        word = m.group(1)
+        out.append(word + m.group(2))
+        spans.append((start, start + len(word)))
+        last = m.end()
+    out.append(prompt[last:])
+    return "".join(out), spans
+
+
+def identity_token_mask(tokenizer, prompt: str, spans, max_length: int = MAX_TEXT_TOKENS) -> torch.Tensor:
+    """Bool [1, max_length]: the tokens of ``prompt`` that overlap a character span in ``spans``."""
+    mask = torch.zeros(1, max_length, dtype=torch.bool)
+    if not spans:
+        return mask
+    enc = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
+                    add_special_tokens=True, return_offsets_mapping=True)
+    for i, (s, e) in enumerate(enc["offset_mapping"]):
+        if e > s and any(s < b and e > a for a, b in spans):
+            mask[0, i] = True
+    return mask
 
 
 def tokenize(tokenizer, prompt: str, max_length: int = MAX_TEXT_TOKENS):
@@ -29,16 +68,23 @@ def tokenize(tokenizer, prompt: str, max_length: int = MAX_TEXT_TOKENS):
                      add_special_tokens=True, return_tensors="pt")
 
 
-def encode_prompt(bundle, prompt: str, max_length: int = MAX_TEXT_TOKENS) -> TextConditioning:
-    """Encode ``prompt`` with the bundle's T5; repeated prompts come from the bundle's cache."""
+def encode_prompt(bundle, prompt: str, max_length: int = MAX_TEXT_TOKENS,
+                  trigger: str | None = None) -> TextConditioning:
+    """Encode ``prompt`` with the bundle's T5; repeated prompts come from the bundle's cache.
+
+    With ``trigger`` (e.g. ``"img"``), every stand-alone trigger word is removed and the class
+    word before it is marked in ``identity_mask`` (used by identity adapters such as MagicMirror).
+    Without it the prompt is encoded verbatim, exactly as diffusers does.
+    """
     if max_length > MAX_TEXT_TOKENS:
         raise ValueError(f"max_length={max_length}: CogVideoX accepts at most {MAX_TEXT_TOKENS} T5 tokens")
-    key = (prompt, max_length)
+    key = (prompt, max_length, trigger)
     cached = bundle.text_cache.get(key)
     if cached is not None:
         return cached
-    tokens = tokenize(bundle.tokenizer, prompt, max_length)
-    full_len = len(bundle.tokenizer(prompt, add_special_tokens=True).input_ids)
+    text, spans = split_trigger(prompt, trigger)
+    tokens = tokenize(bundle.tokenizer, text, max_length)
+    full_len = len(bundle.tokenizer(text, add_special_tokens=True).input_ids)
     truncated = full_len > max_length
     if truncated:
         logger.warning("Prompt is %d T5 tokens; CogVideoX keeps the first %d: %r", full_len, max_length, prompt)
@@ -46,6 +92,7 @@ def encode_prompt(bundle, prompt: str, max_length: int = MAX_TEXT_TOKENS) -> Tex
         device = next(te.parameters()).device
         embeds = te(tokens.input_ids.to(device))[0]
     cond = TextConditioning(prompt=prompt, embeds=embeds.float().cpu(), input_ids=tokens.input_ids,
-                            attention_mask=tokens.attention_mask, truncated=truncated)
+                            attention_mask=tokens.attention_mask, truncated=truncated, encoded_prompt=text,
+                            identity_mask=identity_token_mask(bundle.tokenizer, text, spans, max_length))
     bundle.text_cache.put(key, cond)
     return cond

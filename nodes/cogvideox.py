@@ -7,7 +7,7 @@ import torch
 from ..models.cogvideox import DTYPES, OFFLOAD_MODES, find_model_folder, load_cogvideox
 from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
 from ..models.sampler import decode_latents, sample_video
-from ..models.text import encode_prompt
+from ..models.text import DEFAULT_TRIGGER, encode_prompt
 from . import host
 
 CATEGORY = "MagicMirror Video"
@@ -54,15 +54,23 @@ class CogVideoXModelLoader:
 
 
 class CogVideoXTextEncode:
-    DESCRIPTION = "Encodes a prompt with the model's T5 (at most 226 tokens, as CogVideoX was trained). Cached."
+    DESCRIPTION = ("Encodes a prompt with the model's T5 (at most 226 tokens, as CogVideoX was trained). Cached. "
+                   "For identity adapters write the trigger word after the class word: 'a man img is walking'.")
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": (MODEL, {"tooltip": "From CogVideoX Model Loader."}),
-            "text": ("STRING", {"multiline": True, "default": "", "tooltip": "The prompt. Long, descriptive "
-                                "prompts work best; text past 226 T5 tokens is cut (a warning is logged)."}),
-        }}
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "From CogVideoX Model Loader."}),
+                "text": ("STRING", {"multiline": True, "default": "", "tooltip": "The prompt. Long, descriptive "
+                                    "prompts work best; text past 226 T5 tokens is cut (a warning is logged)."}),
+            },
+            "optional": {
+                "trigger_word": ("STRING", {"default": DEFAULT_TRIGGER, "tooltip": "Identity trigger (MagicMirror): "
+                                 "removed from the prompt; the word before it ('man' in 'a man img') becomes the "
+                                 "identity token. Empty = encode the prompt verbatim."}),
+            },
+        }
 
     RETURN_TYPES = (COND,)
     RETURN_NAMES = ("conditioning",)
@@ -70,8 +78,8 @@ class CogVideoXTextEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, model, text):
-        return (encode_prompt(model, text),)
+    def encode(self, model, text, trigger_word=DEFAULT_TRIGGER):
+        return (encode_prompt(model, text, trigger=trigger_word.strip() or None),)
 
 
 class CogVideoXLoraLoader:

@@ -179,13 +179,13 @@ def test_failing_patch_undoes_the_ones_already_applied():
     class Good:
         name = "good"
 
-        def apply(self, transformer):
+        def apply(self, transformer, context=None):
             return lambda: undone.append("good")
 
     class Bad:
         name = "bad"
 
-        def apply(self, transformer):
+        def apply(self, transformer, context=None):
             raise RuntimeError("adapter made for another base model")
 
     with pytest.raises(RuntimeError, match="another base model"):

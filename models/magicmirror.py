@@ -1,0 +1,388 @@
+"""MagicMirror: identity adapters for diffusers' ``CogVideoXTransformer3DModel``.
+
+What is added to the base model (paper: ICCV 2025, arXiv 2501.03931; spec in DESIGN.md):
+
+* **Face branch** — a Q-Former (:class:`~.perceiver.PerceiverResampler` with 32 learned queries)
+  over the CLIP *penultimate* hidden states gives ``x_face`` [N, 32, width]. The face tokens form
+  an extra stream that travels with the text tokens through the transformer and is updated only in
+  the adapted (even-index) blocks, with their own AdaLN ``φ_face(t, l)``.
+* **CAN** — ``φ_cond(t, l, μ1_vid, x_id)`` predicts residual modulation for video and text: the 12
+  shift/scale/gate factors of ``norm1``/``norm2`` in every adapted block (one module shared by all
+  blocks, conditioned on a learned layer embedding).
+* **Attention** — face tokens are queries over the joint ``[text; video; face]`` keys; text and video
+  read the face tokens through a decoupled cross-attention ``T_CA(W_q x, Ŵ_kv x_face)`` with new
+  K/V projections. The base softmax over ``[text; video]`` is left untouched, so that
+* **Zero init** — with every new output layer at zero (a fresh adapter), the patched model computes
+  exactly what the base model computes (tests hold this bit for bit).
+* **ID fusion** — ``x̂_txt = m·MLP_fuse(x_id, x_txt) + (1−m)·x_txt`` on the identity tokens
+  ``m`` (the class word before the trigger word, see :mod:`.text`), in the positive prompt only.
+
+Several reference images: the ID vectors are **averaged**, the face tokens are **stacked**
+(N·32 tokens). With CFG, the identity conditioning acts on the positive rows only; the
+negative rows run the base model.
+
+Injection works without forking diffusers: for one sampling run the patch swaps the
+``transformer_blocks`` for thin wrapper modules (the original blocks inside) and adds a forward
+pre-hook for the text fusion; both are undone afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cogvideox import WeightsFileError, read_safetensors, variant_of
+from .perceiver import PerceiverResampler
+
+METHOD = "magicmirror"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter file made for another base model or face encoder."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MagicMirrorConfig:
+    width: int = 3072  # transformer inner dim (heads * head_dim)
+    heads: int = 48
+    num_layers: int = 42
+    time_embed_dim: int = 512
+    text_dim: int = 4096  # T5 width
+    id_dim: int = 2048  # x_id token width (PhotoMaker-V2)
+    id_tokens: int = 2
+    clip_dim: int = 1024  # CLIP ViT-L/14 hidden width
+    face_queries: int = 32
+    qformer_dim: int = 1024
+    qformer_depth: int = 4
+    qformer_dim_head: int = 64
+    cond_dim: int = 1024  # CAN hidden width
+    fuse_hidden: int = 4096
+    base_model: str = "CogVideoX-5B"
+
+    @property
+    def adapted_blocks(self) -> list[int]:
+        return list(range(0, self.num_layers, 2))
+
+    @classmethod
+    def for_transformer(cls, transformer, **kwargs) -> "MagicMirrorConfig":
+        c = transformer.config
+        return cls(width=c.num_attention_heads * c.attention_head_dim, heads=c.num_attention_heads,
+                   num_layers=c.num_layers, time_embed_dim=c.time_embed_dim, text_dim=c.text_embed_dim,
+                   base_model=str(variant_of(c)).rsplit(" ", 1)[0], **kwargs)
+
+
+def _zero(layer: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class IdentityFusion(nn.Module):
+    """``MLP_fuse(x_id, x_txt) = x_txt + MLP([x_txt; x_id])`` (output layer zero-initialised)."""
+
+    def __init__(self, text_dim: int, id_width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(text_dim + id_width)
+        self.fc1 = nn.Linear(text_dim + id_width, hidden)
+        self.fc2 = _zero(nn.Linear(hidden, text_dim))
+
+    def forward(self, text: torch.Tensor, id_vec: torch.Tensor) -> torch.Tensor:
+        # text [B, L, text_dim], id_vec [B, id_width] -> [B, L, text_dim]
+        x = torch.cat([text, id_vec[:, None].expand(-1, text.shape[1], -1).to(text.dtype)], dim=-1)
+        return text + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class ConditionedAdaptiveNorm(nn.Module):
+    """φ_cond(t, l, μ1_vid, x_id) -> residual modulation [B, 12 * width] (zero at init)."""
+
+    def __init__(self, config: MagicMirrorConfig):
+        super().__init__()
+        c = config
+        self.time_proj = nn.Linear(c.time_embed_dim, c.cond_dim)
+        self.layer_embedding = nn.Embedding(len(c.adapted_blocks), c.cond_dim)
+        self.mu_proj = nn.Linear(c.width, c.cond_dim)
+        self.id_proj = nn.Linear(c.id_dim * c.id_tokens, c.cond_dim)
+        self.out = _zero(nn.Linear(c.cond_dim, 12 * c.width))
+
+    def forward(self, temb, layer: int, mu_vid, id_vec):
+        h = self.time_proj(F.silu(temb)) + self.mu_proj(mu_vid) + self.id_proj(id_vec.to(temb.dtype))
+        h = h + self.layer_embedding.weight[layer]
+        return self.out(F.silu(h))
+
+
+class FaceBlockAdapter(nn.Module):
+    """Per adapted block: φ_face AdaLN for face tokens and the decoupled cross-attention K/V/out."""
+
+    def __init__(self, config: MagicMirrorConfig):
+        super().__init__()
+        w, head_dim = config.width, config.width // config.heads
+        self.face_modulation = _zero(nn.Linear(config.time_embed_dim, 6 * w))
+        self.face_norm1 = nn.LayerNorm(w, eps=1e-5)
+        self.face_norm2 = nn.LayerNorm(w, eps=1e-5)
+        self.ca_k = nn.Linear(w, w)
+        self.ca_v = nn.Linear(w, w)
+        self.ca_norm_k = nn.LayerNorm(head_dim, eps=1e-6)
+        self.ca_out = _zero(nn.Linear(w, w))
+
+
+class MagicMirrorAdapter(nn.Module):
+    """All trainable MagicMirror parameters (Q-Former, fusion, CAN, per-block face adapters)."""
+
+    def __init__(self, config: MagicMirrorConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.face_queries = nn.Parameter(torch.randn(1, c.face_queries, c.qformer_dim) / c.qformer_dim**0.5)
+        self.face_qformer = PerceiverResampler(dim=c.qformer_dim, depth=c.qformer_depth, dim_head=c.qformer_dim_head,
+                                               heads=c.qformer_dim // c.qformer_dim_head, embedding_dim=c.clip_dim,
+                                               output_dim=c.width)
+        self.fusion = IdentityFusion(c.text_dim, c.id_dim * c.id_tokens, c.fuse_hidden)
+        self.can = ConditionedAdaptiveNorm(c)
+        self.blocks = nn.ModuleDict({str(i): FaceBlockAdapter(c) for i in c.adapted_blocks})
+
+    def face_tokens(self, clip_penultimate: torch.Tensor) -> torch.Tensor:
+        """CLIP penultimate [N, S, clip_dim] -> stacked face tokens [1, N * 32, width]."""
+        q = self.face_queries.expand(clip_penultimate.shape[0], -1, -1).to(clip_penultimate.dtype)
+        return self.face_qformer(q, clip_penultimate).reshape(1, -1, self.config.width)
+
+    @staticmethod
+    def id_vector(x_id: torch.Tensor) -> torch.Tensor:
+        """x_id [N, T, id_dim] -> averaged over references and flattened [1, T * id_dim]."""
+        return x_id.mean(dim=0).reshape(1, -1)
+
+    def check_compatible(self, transformer) -> None:
+        """Raise :class:`AdapterMismatchError` naming both models if this adapter does not fit."""
+        mine = self.config
+        theirs = MagicMirrorConfig.for_transformer(transformer)
+        fields = ("width", "num_layers", "time_embed_dim", "text_dim", "heads")
+        if any(getattr(mine, f) != getattr(theirs, f) for f in fields):
+            raise AdapterMismatchError(
+                f"This MagicMirror adapter was made for {mine.base_model} (width {mine.width}, {mine.num_layers} "
+                f"layers, text dim {mine.text_dim}) but the loaded model is {theirs.base_model} (width "
+                f"{theirs.width}, {theirs.num_layers} layers, text dim {theirs.text_dim}). Load the base model the "
+                "adapter was trained on.")
+
+
+# ------------------------------------------------------------------------------- injection
+
+
+@dataclasses.dataclass
+class RunState:
+    """Per-forward identity inputs, set by the transformer pre-hook, read by the block wrappers."""
+
+    face_tokens: torch.Tensor  # [1, F, width]
+    id_vec: torch.Tensor  # [1, T * id_dim]
+    strength: float = 1.0
+    id_on: torch.Tensor | None = None  # [B] 1 for rows that get the identity, 0 for base rows
+
+    @property
+    def num_face(self) -> int:
+        return self.face_tokens.shape[1]
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)  # [B, H, N, d]
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def joint_attention(attn, adapter: FaceBlockAdapter, norm_h, norm_t, norm_f, rotary):
+    """CogVideoX joint attention (op for op as diffusers' processor) plus the face paths.
+
+    Returns (video out, text out, face out, cross-attention out for [text; video]).
+    """
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    text_len = norm_t.size(1)
+    x = torch.cat([norm_t, norm_h], dim=1)
+    query, key, value = (_heads(proj(x), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    plain_query = query  # before RoPE: face keys carry no position
+    if rotary is not None:
+        query = query.clone()
+        query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], rotary)
+        key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], rotary)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = attn.to_out[1](attn.to_out[0](_merge(out)))
+    out_t, out_h = out.split([text_len, out.size(1) - text_len], dim=1)
+
+    # Face tokens: queries over [text; video; face].
+    fq, fk, fv = (_heads(proj(norm_f), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        fq, fk = attn.norm_q(fq), attn.norm_k(fk)
+    face = F.scaled_dot_product_attention(fq, torch.cat([key, fk], dim=2), torch.cat([value, fv], dim=2))
+    out_f = attn.to_out[1](attn.to_out[0](_merge(face)))
+
+    # Decoupled cross-attention: [text; video] queries over new K/V of the face tokens.
+    ca_k = adapter.ca_norm_k(_heads(adapter.ca_k(norm_f), attn.heads))
+    ca_v = _heads(adapter.ca_v(norm_f), attn.heads)
+    ca = adapter.ca_out(_merge(F.scaled_dot_product_attention(plain_query, ca_k, ca_v)))
+    ca_t, ca_h = ca.split([text_len, ca.size(1) - text_len], dim=1)
+    return out_h, out_t, out_f, ca_h, ca_t
+
+
+class MagicMirrorBlock(nn.Module):
+    """Wraps one ``CogVideoXBlock``: carries the face stream; adapts even-index blocks."""
+
+    def __init__(self, block, index: int, adapter: MagicMirrorAdapter, state: RunState):
+        super().__init__()
+        self.block, self.index = block, index
+        self.adapter = adapter
+        self.state = state
+        self.first, self.last = index == 0, index == adapter.config.num_layers - 1
+        self.layer = adapter.config.adapted_blocks.index(index) if index in adapter.config.adapted_blocks else None
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
+        state = self.state
+        if self.first:
+            text = encoder_hidden_states
+            face = state.face_tokens.to(text.dtype).expand(text.shape[0], -1, -1)
+        else:
+            text, face = encoder_hidden_states.split(
+                [encoder_hidden_states.size(1) - state.num_face, state.num_face], dim=1)
+        if self.layer is None:
+            hidden_states, text = self.block(hidden_states, text, temb, image_rotary_emb, attention_kwargs)
+        else:
+            hidden_states, text, face = self._adapted(hidden_states, text, face, temb, image_rotary_emb)
+        if self.last:
+            return hidden_states, text
+        return hidden_states, torch.cat([text, face], dim=1)
+
+    def _adapted(self, h, text, face, temb, rotary):
+        blk, ad, state = self.block, self.adapter.blocks[str(self.index)], self.state
+        width = self.adapter.config.width
+        id_on = (state.id_on.to(h.dtype) * state.strength)[:, None]  # [B, 1]
+        m1 = blk.norm1.linear(blk.norm1.silu(temb))  # [B, 6W]: shift, scale, gate (video), same (text)
+        m2 = blk.norm2.linear(blk.norm2.silu(temb))
+        delta = self.adapter.can(temb, self.layer, m1[:, :width], state.id_vec.expand(h.shape[0], -1)) * id_on
+        m1, m2 = m1 + delta[:, : 6 * width], m2 + delta[:, 6 * width:]
+        fm = ad.face_modulation(F.silu(temb)).chunk(6, dim=1)  # face shift/scale/gate x2
+
+        shift, scale, gate, e_shift, e_scale, e_gate = m1.chunk(6, dim=1)
+        norm_h = blk.norm1.norm(h) * (1 + scale)[:, None, :] + shift[:, None, :]
+        norm_t = blk.norm1.norm(text) * (1 + e_scale)[:, None, :] + e_shift[:, None, :]
+        norm_f = ad.face_norm1(face) * (1 + fm[1])[:, None, :] + fm[0][:, None, :]
+        out_h, out_t, out_f, ca_h, ca_t = joint_attention(blk.attn1, ad, norm_h, norm_t, norm_f, rotary)
+        h = h + gate[:, None, :] * (out_h + ca_h * id_on[:, None])
+        text = text + e_gate[:, None, :] * (out_t + ca_t * id_on[:, None])
+        face = face + fm[2][:, None, :] * out_f
+
+        shift, scale, gate, e_shift, e_scale, e_gate = m2.chunk(6, dim=1)
+        norm_h = blk.norm2.norm(h) * (1 + scale)[:, None, :] + shift[:, None, :]
+        norm_t = blk.norm2.norm(text) * (1 + e_scale)[:, None, :] + e_shift[:, None, :]
+        ff = blk.ff(torch.cat([norm_t, norm_h], dim=1))
+        text_len = text.size(1)
+        h = h + gate[:, None, :] * ff[:, text_len:]
+        text = text + e_gate[:, None, :] * ff[:, :text_len]
+        norm_f = ad.face_norm2(face) * (1 + fm[4])[:, None, :] + fm[3][:, None, :]
+        face = face + fm[5][:, None, :] * blk.ff(norm_f)
+        return h, text, face
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FaceEmbeds:
+    """Output of the face encoder for 1..N reference images (FACE_EMBEDS in ComfyUI)."""
+
+    arcface: torch.Tensor  # [N, 512]
+    x_id: torch.Tensor  # [N, T, id_dim]  PhotoMaker-V2 ID perceiver output
+    clip_penultimate: torch.Tensor  # [N, S, clip_dim]
+    crops: torch.Tensor | None = None  # [N, H, W, 3] aligned face crops (preview)
+
+    def __len__(self) -> int:
+        return self.arcface.shape[0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MagicMirrorPatch:
+    """Patch injecting a MagicMirror adapter with given face embeddings (see :mod:`.patches`)."""
+
+    adapter: MagicMirrorAdapter
+    faces: FaceEmbeds
+    strength: float = 1.0
+    name: str = "magicmirror"
+
+    def apply(self, transformer, context=None):
+        self.adapter.check_compatible(transformer)
+        cfg = self.adapter.config
+        if self.faces.x_id.shape[-1] != cfg.id_dim or self.faces.clip_penultimate.shape[-1] != cfg.clip_dim:
+            raise AdapterMismatchError(
+                f"Face embeddings (x_id width {self.faces.x_id.shape[-1]}, CLIP width "
+                f"{self.faces.clip_penultimate.shape[-1]}) do not fit this adapter (x_id {cfg.id_dim}, CLIP "
+                f"{cfg.clip_dim}): encode the faces with the face encoder the adapter was trained with.")
+        param = next(transformer.parameters())
+        adapter = self.adapter.to(param.device) if self.adapter.training else self.adapter.to(param.device, param.dtype)
+        with torch.set_grad_enabled(adapter.training and torch.is_grad_enabled()):
+            face_tokens = adapter.face_tokens(self.faces.clip_penultimate.to(param.device, param.dtype))
+        id_vec = adapter.id_vector(self.faces.x_id.to(param.device, param.dtype))
+        state = RunState(face_tokens=face_tokens, id_vec=id_vec, strength=self.strength)
+        identity_mask = getattr(getattr(context, "positive", None), "identity_mask", None)
+        roles = getattr(context, "batch_roles", None)
+
+        def pre_hook(module, args, kwargs):
+            text = kwargs["encoder_hidden_states"]
+            b = text.shape[0]
+            if roles is not None and len(roles) == b:
+                state.id_on = torch.tensor([r == "positive" for r in roles], device=text.device)
+            else:
+                state.id_on = torch.ones(b, dtype=torch.bool, device=text.device)
+            if identity_mask is not None and identity_mask.any() and self.strength != 0:
+                mask = identity_mask.to(text.device)[:, :, None] & state.id_on[:, None, None]  # [B, L, 1]
+                fused = adapter.fusion(text, id_vec.expand(b, -1))
+                fused = text + (fused - text) * self.strength if self.strength != 1 else fused
+                kwargs["encoder_hidden_states"] = torch.where(mask, fused, text)
+            return args, kwargs
+
+        blocks = transformer.transformer_blocks
+        originals = list(blocks)
+        for i, block in enumerate(originals):
+            blocks[i] = MagicMirrorBlock(block, i, adapter, state)
+        handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def undo():
+            handle.remove()
+            for i, block in enumerate(originals):
+                blocks[i] = block
+
+        return undo
+
+
+# ------------------------------------------------------------------------------ checkpoint
+
+
+def save_magicmirror(path: str, adapter: MagicMirrorAdapter, extra_metadata: dict | None = None) -> None:
+    """Write the adapter as .safetensors (config in metadata), atomically."""
+    from safetensors.torch import save_file
+
+    metadata = {"method": METHOD, "config": json.dumps(dataclasses.asdict(adapter.config)),
+                **{k: str(v) for k, v in (extra_metadata or {}).items()}}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_magicmirror(path: str) -> MagicMirrorAdapter:
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("method") != METHOD or "config" not in metadata:
+        raise WeightsFileError(f"{path!r} is not a MagicMirror adapter (metadata method={metadata.get('method')!r}); "
+                               "use a file exported by `python -m training.train_magicmirror`.")
+    config = MagicMirrorConfig(**json.loads(metadata["config"]))
+    adapter = MagicMirrorAdapter(config)
+    missing, unexpected = adapter.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise WeightsFileError(f"{path!r}: adapter weights do not match its config (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}).")
+    return adapter.eval().requires_grad_(False)

@@ -123,7 +123,10 @@ def load_photomaker_id_encoder(path: str) -> IDEncoder:
         raise WeightsFileError(f"{path!r} is not a PhotoMaker-V2 ID encoder ({version}); MagicMirror needs "
                                "photomaker-v2.bin (TencentARC/PhotoMaker-V2) in ComfyUI/models/photomaker/.")
     clip = CLIPVisionModel(clip_config_from_weights(sd))
-    clip_sd = {k: v for k, v in sd.items() if k.startswith("vision_model.") and not k.endswith("position_ids")}
+    # transformers < 5 names the tower's weights "vision_model.*", transformers 5 without the prefix.
+    keep_prefix = any(k.startswith("vision_model.") for k in clip.state_dict())
+    clip_sd = {(k if keep_prefix else k[len("vision_model."):]): v for k, v in sd.items()
+               if k.startswith("vision_model.") and not k.endswith("position_ids")}
     missing, unexpected = clip.load_state_dict(clip_sd, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     perceiver = IDPerceiver(id_perceiver_config_from_weights(sd))

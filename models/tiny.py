@@ -124,3 +124,32 @@ def save_model_folder(path: str, components: dict, *, i2v: bool = False) -> str:
 def build_model_folder(path: str, *, i2v: bool = False, version: str = "1.0", seed: int = 0, **kwargs) -> str:
     """Build random components and save them as a diffusers folder at ``path``."""
     return save_model_folder(path, build_components(i2v=i2v, version=version, seed=seed, **kwargs), i2v=i2v)
+
+
+def build_photomaker_checkpoint(path: str, *, clip_dim: int = 64, clip_layers: int = 2, id_width: int = 256,
+                                depth: int = 1, seed: int = 0) -> str:
+    """A tiny random checkpoint in PhotoMaker-V2's exact format (``photomaker-v2.bin`` layout).
+
+    ``{"id_encoder": {vision_model.*, visual_projection*, qformer_perceiver.*, fuse_module.*},
+    "lora_weights": {...}}`` saved with ``torch.save``, including the CLIP ``position_ids`` buffer
+    that real files carry.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from .id_encoder import IDPerceiver, IDPerceiverConfig
+
+    torch.manual_seed(seed)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=clip_dim, intermediate_size=clip_dim * 4, num_attention_heads=max(1, clip_dim // 64),
+        num_hidden_layers=clip_layers, patch_size=14, image_size=56, projection_dim=32))
+    perceiver = IDPerceiver(IDPerceiverConfig(dim=id_width, clip_dim=clip_dim, depth=depth, dim_head=128))
+    for p in perceiver.parameters():  # LayerNorms start at 1/0; perturb so the test checks every weight
+        p.data.add_(torch.randn_like(p) * 0.02)
+    sd = {k: v for k, v in clip.state_dict().items()}
+    sd["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    sd["visual_projection_2.weight"] = torch.randn(48, clip_dim)
+    sd.update({f"qformer_perceiver.{k}": v for k, v in perceiver.state_dict().items()})
+    sd["fuse_module.layer_norm.weight"] = torch.ones(id_width)
+    lora = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8)}
+    torch.save({"id_encoder": sd, "lora_weights": lora}, path)
+    return path

@@ -11,7 +11,8 @@ What is added to the base model (paper: ICCV 2025, arXiv 2501.03931; spec in DES
   blocks, conditioned on a learned layer embedding).
 * **Attention** — face tokens are queries over the joint ``[text; video; face]`` keys; text and video
   read the face tokens through a decoupled cross-attention ``T_CA(W_q x, Ŵ_kv x_face)`` with new
-  K/V projections. The base softmax over ``[text; video]`` is left untouched, so that
+  K/V projections, added to the attention result before the shared output projection (as
+  IP-Adapter does). The base softmax over ``[text; video]`` is left untouched, so that
 * **Zero init** — with every new output layer at zero (a fresh adapter), the patched model computes
   exactly what the base model computes (tests hold this bit for bit).
 * **ID fusion** — ``x̂_txt = m·MLP_fuse(x_id, x_txt) + (1−m)·x_txt`` on the identity tokens
@@ -110,14 +111,19 @@ class ConditionedAdaptiveNorm(nn.Module):
         self.id_proj = nn.Linear(c.id_dim * c.id_tokens, c.cond_dim)
         self.out = _zero(nn.Linear(c.cond_dim, 12 * c.width))
 
-    def forward(self, temb, layer: int, mu_vid, id_vec):
-        h = self.time_proj(F.silu(temb)) + self.mu_proj(mu_vid) + self.id_proj(id_vec.to(temb.dtype))
-        h = h + self.layer_embedding.weight[layer]
+    def condition(self, temb, id_vec):
+        """The block-independent part of the conditioning: [B, cond_dim]."""
+        return self.time_proj(F.silu(temb)) + self.id_proj(id_vec.to(temb.dtype))
+
+    def forward(self, condition, layer: int, mu_vid):
+        # condition [B, cond_dim] from `condition`, mu_vid [B, width] -> [B, 12 * width]
+        h = condition + self.mu_proj(mu_vid) + self.layer_embedding.weight[layer]
         return self.out(F.silu(h))
 
 
 class FaceBlockAdapter(nn.Module):
-    """Per adapted block: φ_face AdaLN for face tokens and the decoupled cross-attention K/V/out."""
+    """Per adapted block: φ_face AdaLN for face tokens and the decoupled cross-attention K/V
+    (the value projection is zero-initialised: a fresh adapter adds exactly nothing)."""
 
     def __init__(self, config: MagicMirrorConfig):
         super().__init__()
@@ -126,9 +132,8 @@ class FaceBlockAdapter(nn.Module):
         self.face_norm1 = nn.LayerNorm(w, eps=1e-5)
         self.face_norm2 = nn.LayerNorm(w, eps=1e-5)
         self.ca_k = nn.Linear(w, w)
-        self.ca_v = nn.Linear(w, w)
+        self.ca_v = _zero(nn.Linear(w, w))
         self.ca_norm_k = nn.LayerNorm(head_dim, eps=1e-6)
-        self.ca_out = _zero(nn.Linear(w, w))
 
 
 class MagicMirrorAdapter(nn.Module):
@@ -179,7 +184,9 @@ class RunState:
     face_tokens: torch.Tensor  # [1, F, width]
     id_vec: torch.Tensor  # [1, T * id_dim]
     strength: float = 1.0
-    id_on: torch.Tensor | None = None  # [B] 1 for rows that get the identity, 0 for base rows
+    id_on: torch.Tensor | None = None  # [B] bool (CPU): rows that get the identity; the others run the base model
+    id_rows: torch.Tensor | None = None  # [R] long (CPU): id_on.nonzero(), computed once per forward
+    condition_cache: tuple | None = None  # (temb, CAN condition) of the current forward (inference only)
 
     @property
     def num_face(self) -> int:
@@ -196,10 +203,11 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def joint_attention(attn, adapter: FaceBlockAdapter, norm_h, norm_t, norm_f, rotary):
+def joint_attention(attn, adapter: FaceBlockAdapter, norm_h, norm_t, norm_f, rotary, id_rows, strength):
     """CogVideoX joint attention (op for op as diffusers' processor) plus the face paths.
 
-    Returns (video out, text out, face out, cross-attention out for [text; video]).
+    ``id_rows``: batch rows that get the identity (the others compute exactly the base model).
+    Returns (video out, text out, face out).
     """
     from diffusers.models.embeddings import apply_rotary_emb
 
@@ -210,28 +218,31 @@ def joint_attention(attn, adapter: FaceBlockAdapter, norm_h, norm_t, norm_f, rot
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    plain_query = query  # before RoPE: face keys carry no position
+    # Decoupled cross-attention: [text; video] queries (before RoPE: face keys carry no position)
+    # over new K/V of the face tokens, for the identity rows only.
+    ca_k = adapter.ca_norm_k(_heads(adapter.ca_k(norm_f[id_rows]), attn.heads))
+    ca_v = _heads(adapter.ca_v(norm_f[id_rows]), attn.heads)
+    ca = F.scaled_dot_product_attention(query[id_rows], ca_k, ca_v)
     if rotary is not None:
-        query = query.clone()
         query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], rotary)
         key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], rotary)
     out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = out.index_add(0, id_rows, ca, alpha=strength)  # IP-Adapter style: added before the shared to_out
     out = attn.to_out[1](attn.to_out[0](_merge(out)))
     out_t, out_h = out.split([text_len, out.size(1) - text_len], dim=1)
 
-    # Face tokens: queries over [text; video; face].
+    # Face tokens: queries over [text; video; face]. Few queries, so the softmax over the two key
+    # sets is written out instead of concatenating (copying) the long text+video K/V.
     fq, fk, fv = (_heads(proj(norm_f), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
     if attn.norm_q is not None:
         fq, fk = attn.norm_q(fq), attn.norm_k(fk)
-    face = F.scaled_dot_product_attention(fq, torch.cat([key, fk], dim=2), torch.cat([value, fv], dim=2))
+    scale = fq.shape[-1] ** -0.5
+    scores = torch.cat([fq @ key.transpose(-2, -1), fq @ fk.transpose(-2, -1)], dim=-1) * scale
+    probs = scores.float().softmax(dim=-1).to(fv.dtype)  # [B, H, F, S + F]
+    seq = key.shape[2]
+    face = probs[..., :seq] @ value + probs[..., seq:] @ fv
     out_f = attn.to_out[1](attn.to_out[0](_merge(face)))
-
-    # Decoupled cross-attention: [text; video] queries over new K/V of the face tokens.
-    ca_k = adapter.ca_norm_k(_heads(adapter.ca_k(norm_f), attn.heads))
-    ca_v = _heads(adapter.ca_v(norm_f), attn.heads)
-    ca = adapter.ca_out(_merge(F.scaled_dot_product_attention(plain_query, ca_k, ca_v)))
-    ca_t, ca_h = ca.split([text_len, ca.size(1) - text_len], dim=1)
-    return out_h, out_t, out_f, ca_h, ca_t
+    return out_h, out_t, out_f
 
 
 class MagicMirrorBlock(nn.Module):
@@ -264,10 +275,12 @@ class MagicMirrorBlock(nn.Module):
     def _adapted(self, h, text, face, temb, rotary):
         blk, ad, state = self.block, self.adapter.blocks[str(self.index)], self.state
         width = self.adapter.config.width
-        id_on = (state.id_on.to(h.dtype) * state.strength)[:, None]  # [B, 1]
+        id_on = (state.id_on.to(h.device, h.dtype) * state.strength)[:, None]  # [B, 1]
         m1 = blk.norm1.linear(blk.norm1.silu(temb))  # [B, 6W]: shift, scale, gate (video), same (text)
         m2 = blk.norm2.linear(blk.norm2.silu(temb))
-        delta = self.adapter.can(temb, self.layer, m1[:, :width], state.id_vec.expand(h.shape[0], -1)) * id_on
+        if torch.is_grad_enabled() or state.condition_cache is None or state.condition_cache[0] is not temb:
+            state.condition_cache = (temb, self.adapter.can.condition(temb, state.id_vec.expand(h.shape[0], -1)))
+        delta = self.adapter.can(state.condition_cache[1], self.layer, m1[:, :width]) * id_on
         m1, m2 = m1 + delta[:, : 6 * width], m2 + delta[:, 6 * width:]
         fm = ad.face_modulation(F.silu(temb)).chunk(6, dim=1)  # face shift/scale/gate x2
 
@@ -275,9 +288,10 @@ class MagicMirrorBlock(nn.Module):
         norm_h = blk.norm1.norm(h) * (1 + scale)[:, None, :] + shift[:, None, :]
         norm_t = blk.norm1.norm(text) * (1 + e_scale)[:, None, :] + e_shift[:, None, :]
         norm_f = ad.face_norm1(face) * (1 + fm[1])[:, None, :] + fm[0][:, None, :]
-        out_h, out_t, out_f, ca_h, ca_t = joint_attention(blk.attn1, ad, norm_h, norm_t, norm_f, rotary)
-        h = h + gate[:, None, :] * (out_h + ca_h * id_on[:, None])
-        text = text + e_gate[:, None, :] * (out_t + ca_t * id_on[:, None])
+        id_rows = state.id_rows.to(h.device)
+        out_h, out_t, out_f = joint_attention(blk.attn1, ad, norm_h, norm_t, norm_f, rotary, id_rows, state.strength)
+        h = h + gate[:, None, :] * out_h
+        text = text + e_gate[:, None, :] * out_t
         face = face + fm[2][:, None, :] * out_f
 
         shift, scale, gate, e_shift, e_scale, e_gate = m2.chunk(6, dim=1)
@@ -313,6 +327,17 @@ class MagicMirrorPatch:
     faces: FaceEmbeds
     strength: float = 1.0
     name: str = "magicmirror"
+    _face_tokens: dict = dataclasses.field(default_factory=dict, repr=False)  # (device, dtype) -> tokens
+
+    def face_tokens(self, adapter: MagicMirrorAdapter, device, dtype) -> torch.Tensor:
+        """The Q-Former's face tokens; computed once per patch in inference (weights are frozen)."""
+        if adapter.training and torch.is_grad_enabled():
+            return adapter.face_tokens(self.faces.clip_penultimate.to(device, dtype))
+        key = (str(device), dtype)
+        if key not in self._face_tokens:
+            with torch.no_grad():
+                self._face_tokens[key] = adapter.face_tokens(self.faces.clip_penultimate.to(device, dtype))
+        return self._face_tokens[key]
 
     def apply(self, transformer, context=None):
         self.adapter.check_compatible(transformer)
@@ -324,25 +349,38 @@ class MagicMirrorPatch:
                 f"{cfg.clip_dim}): encode the faces with the face encoder the adapter was trained with.")
         param = next(transformer.parameters())
         adapter = self.adapter.to(param.device) if self.adapter.training else self.adapter.to(param.device, param.dtype)
-        with torch.set_grad_enabled(adapter.training and torch.is_grad_enabled()):
-            face_tokens = adapter.face_tokens(self.faces.clip_penultimate.to(param.device, param.dtype))
+        face_tokens = self.face_tokens(adapter, param.device, param.dtype)
         id_vec = adapter.id_vector(self.faces.x_id.to(param.device, param.dtype))
         state = RunState(face_tokens=face_tokens, id_vec=id_vec, strength=self.strength)
         identity_mask = getattr(getattr(context, "positive", None), "identity_mask", None)
         roles = getattr(context, "batch_roles", None)
 
+        cache = {}  # the prompt embeddings are the same tensor at every step: fuse them once per run
+
         def pre_hook(module, args, kwargs):
             text = kwargs["encoder_hidden_states"]
             b = text.shape[0]
+            # Row/column indices are known on the host: no device sync, works on any device.
             if roles is not None and len(roles) == b:
-                state.id_on = torch.tensor([r == "positive" for r in roles], device=text.device)
+                state.id_on = torch.tensor([r == "positive" for r in roles])
             else:
-                state.id_on = torch.ones(b, dtype=torch.bool, device=text.device)
-            if identity_mask is not None and identity_mask.any() and self.strength != 0:
-                mask = identity_mask.to(text.device)[:, :, None] & state.id_on[:, None, None]  # [B, L, 1]
-                fused = adapter.fusion(text, id_vec.expand(b, -1))
-                fused = text + (fused - text) * self.strength if self.strength != 1 else fused
-                kwargs["encoder_hidden_states"] = torch.where(mask, fused, text)
+                state.id_on = torch.ones(b, dtype=torch.bool)
+            state.id_rows = state.id_on.nonzero()[:, 0]
+            if identity_mask is None or not identity_mask.any() or self.strength == 0:
+                return args, kwargs
+            if cache.get("source") is text and not torch.is_grad_enabled():
+                kwargs["encoder_hidden_states"] = cache["fused"]
+                return args, kwargs
+            rows = state.id_rows.to(text.device)
+            cols = identity_mask[0].cpu().nonzero()[:, 0].to(text.device)
+            tokens = text[rows][:, cols]  # [R, K, text_dim]: only the identity tokens are fused
+            fused = adapter.fusion(tokens, id_vec.expand(len(rows), -1))
+            if self.strength != 1:
+                fused = tokens + (fused - tokens) * self.strength
+            out = text.clone()
+            out[rows[:, None], cols[None, :]] = fused.to(text.dtype)
+            cache.update(source=text, fused=out)
+            kwargs["encoder_hidden_states"] = out
             return args, kwargs
 
         blocks = transformer.transformer_blocks

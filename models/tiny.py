@@ -153,3 +153,19 @@ def build_photomaker_checkpoint(path: str, *, clip_dim: int = 64, clip_layers: i
     lora = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8)}
     torch.save({"id_encoder": sd, "lora_weights": lora}, path)
     return path
+
+
+def build_magicmirror_adapter(path: str, transformer, *, seed: int = 0, scale: float = 0.05) -> str:
+    """A random (non-zero) MagicMirror adapter for ``transformer``, sized for the tiny PhotoMaker-V2
+    checkpoint of :func:`build_photomaker_checkpoint` (x_id width 256, CLIP width 64)."""
+    from .magicmirror import MagicMirrorAdapter, MagicMirrorConfig, save_magicmirror
+
+    config = MagicMirrorConfig.for_transformer(transformer, id_dim=256, clip_dim=64, qformer_dim=32, qformer_depth=1,
+                                               qformer_dim_head=16, cond_dim=32, fuse_hidden=32)
+    torch.manual_seed(seed)
+    adapter = MagicMirrorAdapter(config)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    save_magicmirror(path, adapter, {"note": "tiny random test adapter"})
+    return path

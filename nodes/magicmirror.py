@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -11,6 +12,7 @@ from ..models.magicmirror import MagicMirrorPatch, load_magicmirror
 from . import host
 from .cogvideox import CATEGORY, MODEL
 
+logger = logging.getLogger(__name__)
 FACE_ENCODER = "MAGICMIRROR_FACE_ENCODER"
 FACE_EMBEDS = "FACE_EMBEDS"
 PROVIDERS = {"CPU": ["CPUExecutionProvider"], "CUDA": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -72,7 +74,9 @@ class MagicMirrorFaceEncoderLoader:
         id_encoder = load_photomaker_id_encoder(host.resolve_model_file("photomaker", photomaker))
         device = host.torch_device()
         dtype = torch.float32 if device.type == "cpu" else DTYPES[precision]
-        return (FaceEncoder(analyzer, id_encoder, device=device, dtype=dtype),)
+        encoder = FaceEncoder(analyzer, id_encoder, device=device, dtype=dtype)
+        logger.info("MagicMirror face encoder: %s", encoder.describe())
+        return (encoder,)
 
 
 class MagicMirrorFaceEncode:

@@ -39,6 +39,8 @@ ENCODE = "MMV_CogVideoXTextEncode"
 LORA = "MMV_CogVideoXLoraLoader"
 SAMPLER = "MMV_CogVideoXSampler"
 DECODE = "MMV_CogVideoXDecode"
+FACE_LOADER = "MMV_MagicMirrorFaceEncoderLoader"
+FACE_ENCODE = "MMV_MagicMirrorFaceEncode"
 
 BAD_LORA = "bad.safetensors"
 BAD_TRANSFORMER = "truncated_transformer.safetensors"
@@ -51,11 +53,20 @@ def _build_model_root(root: Path) -> None:
     Everything exists before the server starts: the extra-model-paths YAML maps the
     subfolders present at start-up, and the combos then list the bad entries.
     """
-    from magicmirror_video.models import tiny  # registered by tests/conftest.py (import training)
+    from diffusers import CogVideoXTransformer3DModel
+
+    from magicmirror_video.models import tiny, tiny_faces  # registered by tests/conftest.py (import training)
 
     cog = root / "CogVideo"
     tiny.build_model_folder(str(cog / "tiny-t2v"))
     tiny.build_model_folder(str(cog / "tiny-i2v"), i2v=True)
+    # MagicMirror: fake insightface pack, tiny PhotoMaker-V2 checkpoint, tiny adapter for tiny-t2v.
+    tiny_faces.build_fake_insightface_pack(str(root / "insightface"))
+    (root / "photomaker").mkdir()
+    tiny.build_photomaker_checkpoint(str(root / "photomaker" / "photomaker-v2.bin"))
+    (root / "magicmirror").mkdir()
+    transformer = CogVideoXTransformer3DModel.from_pretrained(str(cog / "tiny-t2v" / "transformer"))
+    tiny.build_magicmirror_adapter(str(root / "magicmirror" / "magicmirror.safetensors"), transformer)
     # A folder that the loader's combo lists (it has transformer/) but that is incomplete.
     shutil.copytree(cog / "tiny-t2v" / "transformer", cog / BROKEN_FOLDER / "transformer")
     # A LoRA "downloaded" as an HTML error page.
@@ -65,6 +76,16 @@ def _build_model_root(root: Path) -> None:
     (root / "diffusion_models").mkdir()
     good = (cog / "tiny-t2v" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
     (root / "diffusion_models" / BAD_TRANSFORMER).write_bytes(good[: int(len(good) * 0.6)])
+
+
+def _write_face_pngs(input_dir: Path) -> None:
+    """face.png (a synthetic face the fake detector finds) and dark.png (no face)."""
+    from PIL import Image
+
+    from magicmirror_video.models import tiny_faces
+
+    Image.fromarray(tiny_faces.synthetic_face_image(160, 128, radius=40, seed=0)).save(input_dir / "face.png")
+    Image.fromarray(tiny_faces.synthetic_face_image(160, 128, radius=None)).save(input_dir / "dark.png")
 
 
 def _write_example_png(path: Path) -> None:
@@ -88,6 +109,7 @@ def server(tmp_path_factory):
     _build_model_root(models)
     srv = comfy_host.ComfyServer(*paths, pack_dir=PACK_DIR, model_root=models, tmp_dir=tmp / "comfy")
     _write_example_png(srv.input_dir / "example.png")
+    _write_face_pngs(srv.input_dir)
     with srv:
         yield srv
 
@@ -112,6 +134,8 @@ def _shipped_api(srv: comfy_host.ComfyServer, path: Path) -> tuple[dict, dict]:
         node["inputs"].update(model="tiny-i2v" if "I2V" in original else "tiny-t2v", precision="fp32", offload="none")
     for node in samplers:
         node["inputs"].update(width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=STEPS)
+    for node in _nodes_of(api, FACE_LOADER):
+        node["inputs"].update(precision="fp32", provider="CPU")
     return workflow, api
 
 
@@ -136,9 +160,20 @@ def _run_and_check_video(srv: comfy_host.ComfyServer, api: dict, workflow: dict 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_host_runs_every_shipped_workflow(server, path):
     workflow, api = _shipped_api(server, path)
-    if _nodes_of(api, "LoadImage"):
-        assert all(n["inputs"]["image"] == "example.png" for n in _nodes_of(api, "LoadImage"))
+    for node in _nodes_of(api, "LoadImage"):
+        assert node["inputs"]["image"] in ("example.png", "face.png"), node["inputs"]["image"]
     _run_and_check_video(server, api, workflow)
+
+
+def test_host_magicmirror_no_face_error(server):
+    _, api = _shipped_api(server, PACK_DIR / "workflows" / "magicmirror_id_video.json")
+    for node in _nodes_of(api, "LoadImage"):
+        node["inputs"]["image"] = "dark.png"
+    with pytest.raises(comfy_host.PromptFailed) as err:
+        server.run_prompt(api, timeout=PROMPT_TIMEOUT)
+    error = _execution_error(err.value.details)
+    assert error.get("node_type") == FACE_ENCODE
+    assert "No face found in reference image 1" in error.get("exception_message", ""), error
 
 
 def _t2v_api(srv: comfy_host.ComfyServer) -> dict:

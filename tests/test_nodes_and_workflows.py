@@ -18,8 +18,9 @@ CORE_WIDGETS = {
     "SaveVideo": [("filename_prefix", ("STRING", {})), ("format", (["auto", "mp4"], {})),
                   ("codec", (["auto", "h264"], {}))],
     "LoadImage": [("image", (None, {})), ("upload", (None, {}))],
+    "PreviewImage": [],
 }
-DYNAMIC_COMBOS = {"model", "lora_name", "transformer_file"}  # lists of files on the user's disk
+DYNAMIC_COMBOS = {"model", "lora_name", "transformer_file", "insightface", "photomaker", "adapter"}  # lists of files on the user's disk
 
 
 def all_inputs(cls):

@@ -349,52 +349,65 @@ class MagicMirrorPatch:
                 f"{cfg.clip_dim}): encode the faces with the face encoder the adapter was trained with.")
         param = next(transformer.parameters())
         adapter = self.adapter.to(param.device) if self.adapter.training else self.adapter.to(param.device, param.dtype)
-        face_tokens = self.face_tokens(adapter, param.device, param.dtype)
-        id_vec = adapter.id_vector(self.faces.x_id.to(param.device, param.dtype))
-        state = RunState(face_tokens=face_tokens, id_vec=id_vec, strength=self.strength)
-        identity_mask = getattr(getattr(context, "positive", None), "identity_mask", None)
-        roles = getattr(context, "batch_roles", None)
+        return inject_magicmirror(
+            transformer, adapter, face_tokens=self.face_tokens(adapter, param.device, param.dtype),
+            id_vec=adapter.id_vector(self.faces.x_id.to(param.device, param.dtype)),
+            identity_mask=getattr(getattr(context, "positive", None), "identity_mask", None),
+            batch_roles=getattr(context, "batch_roles", None), strength=self.strength)
 
-        cache = {}  # the prompt embeddings are the same tensor at every step: fuse them once per run
 
-        def pre_hook(module, args, kwargs):
-            text = kwargs["encoder_hidden_states"]
-            b = text.shape[0]
-            # Row/column indices are known on the host: no device sync, works on any device.
-            if roles is not None and len(roles) == b:
-                state.id_on = torch.tensor([r == "positive" for r in roles])
-            else:
-                state.id_on = torch.ones(b, dtype=torch.bool)
-            state.id_rows = state.id_on.nonzero()[:, 0]
-            if identity_mask is None or not identity_mask.any() or self.strength == 0:
-                return args, kwargs
-            if cache.get("source") is text and not torch.is_grad_enabled():
-                kwargs["encoder_hidden_states"] = cache["fused"]
-                return args, kwargs
-            rows = state.id_rows.to(text.device)
-            cols = identity_mask[0].cpu().nonzero()[:, 0].to(text.device)
-            tokens = text[rows][:, cols]  # [R, K, text_dim]: only the identity tokens are fused
-            fused = adapter.fusion(tokens, id_vec.expand(len(rows), -1))
-            if self.strength != 1:
-                fused = tokens + (fused - tokens) * self.strength
-            out = text.clone()
-            out[rows[:, None], cols[None, :]] = fused.to(text.dtype)
-            cache.update(source=text, fused=out)
-            kwargs["encoder_hidden_states"] = out
+def inject_magicmirror(transformer, adapter: MagicMirrorAdapter, *, face_tokens: torch.Tensor, id_vec: torch.Tensor,
+                       identity_mask: torch.Tensor | None = None, batch_roles=None, strength: float = 1.0):
+    """Install MagicMirror into ``transformer`` until the returned undo is called.
+
+    ``face_tokens`` [1 or B, F, width] and ``id_vec`` [1 or B, T * id_dim] are shared by the batch
+    (sampling) or given per sample (training). ``identity_mask`` [1 or B, L] marks the identity
+    tokens of the prompt(s); ``batch_roles`` names the rows (rows other than "positive" run the base
+    model); without roles every row gets the identity.
+    """
+    state = RunState(face_tokens=face_tokens, id_vec=id_vec, strength=strength)
+    cache = {}  # the prompt embeddings are the same tensor at every sampling step: fuse them once
+
+    def pre_hook(module, args, kwargs):
+        text = kwargs["encoder_hidden_states"]
+        b = text.shape[0]
+        # Row/column indices are known on the host: no device sync, works on any device.
+        if batch_roles is not None and len(batch_roles) == b:
+            state.id_on = torch.tensor([r == "positive" for r in batch_roles])
+        else:
+            state.id_on = torch.ones(b, dtype=torch.bool)
+        state.id_rows = state.id_on.nonzero()[:, 0]
+        if identity_mask is None or strength == 0:
             return args, kwargs
+        if cache.get("source") is text and not torch.is_grad_enabled():
+            kwargs["encoder_hidden_states"] = cache["fused"]
+            return args, kwargs
+        mask = identity_mask.cpu().expand(b, -1) & state.id_on[:, None]  # [B, L]
+        rows, cols = (i.to(text.device) for i in mask.nonzero(as_tuple=True))
+        if rows.numel() == 0:
+            return args, kwargs
+        tokens = text[rows, cols][:, None]  # [K, 1, text_dim]: only the identity tokens are fused
+        ids = id_vec.expand(b, -1)[rows]
+        fused = adapter.fusion(tokens, ids)[:, 0]
+        if strength != 1:
+            fused = tokens[:, 0] + (fused - tokens[:, 0]) * strength
+        out = text.index_put((rows, cols), fused.to(text.dtype))
+        cache.update(source=text, fused=out)
+        kwargs["encoder_hidden_states"] = out
+        return args, kwargs
 
-        blocks = transformer.transformer_blocks
-        originals = list(blocks)
+    blocks = transformer.transformer_blocks
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = MagicMirrorBlock(block, i, adapter, state)
+    handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def undo():
+        handle.remove()
         for i, block in enumerate(originals):
-            blocks[i] = MagicMirrorBlock(block, i, adapter, state)
-        handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            blocks[i] = block
 
-        def undo():
-            handle.remove()
-            for i, block in enumerate(originals):
-                blocks[i] = block
-
-        return undo
+    return undo
 
 
 # ------------------------------------------------------------------------------ checkpoint

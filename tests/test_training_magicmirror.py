@@ -1,0 +1,180 @@
+"""MagicMirror training: loss terms, masking, config, overfit, exact resume, export, DDP."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import CogVideoXDDIMScheduler
+from safetensors.torch import load_file
+
+from magicmirror_video.models import tiny
+from training import losses
+from training.config import load_config
+from training.train_magicmirror import PRESETS, MagicMirrorTrainConfig, MagicMirrorTrainer, fit_points, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def scheduler():
+    return CogVideoXDDIMScheduler.from_config(tiny.SCHEDULER_CONFIG)
+
+
+def test_v_prediction_loss_terms_match_hand_computation():
+    s = scheduler()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, 4, generator=g), torch.randn(3, 2, 4, 4, 4, generator=g)
+    t = torch.tensor([10, 500, 999])
+    a = s.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise  # forward process, by hand
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0  # the v target, by hand
+    torch.testing.assert_close(s.add_noise(x0, noise, t), x_t)
+    torch.testing.assert_close(losses.x0_from_v(s, x_t, v, t), x0, atol=1e-5, rtol=1e-5)
+    w = losses.loss_weights(s, t)
+    torch.testing.assert_close(w, (1 / (1 - s.alphas_cumprod[t].double())).float())
+    assert w[2] == pytest.approx(1.0)  # zero terminal SNR: ᾱ_999 = 0
+    pred = x0 + 0.1 * torch.randn(x0.shape, generator=g)
+    expected = torch.stack([w[i] * ((pred[i] - x0[i]) ** 2).mean() for i in range(3)])
+    torch.testing.assert_close(losses.v_prediction_loss(pred, x0, w), expected)
+    assert losses.identity_loss(torch.tensor([1.0, 0.25])).tolist() == [0.0, 0.75]
+
+
+def test_face_region_mask_and_masked_loss():
+    mask = losses.box_to_latent_mask(torch.tensor([[8.0, 16.0, 24.0, 40.0]]), 64, 64, 8)
+    assert mask.shape == (1, 1, 1, 8, 8)
+    expected = torch.zeros(8, 8)
+    expected[2:5, 1:3] = 1  # rows y 16..40 -> cells 2..4, columns x 8..24 -> cells 1..2
+    assert torch.equal(mask[0, 0, 0], expected)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(1, 2, 4, 8, 8, generator=g)
+    pred = x0.clone()
+    pred[..., 0, 0] += 5.0  # an error outside the face box is ignored by the masked loss
+    w = torch.ones(1)
+    assert losses.v_prediction_loss(pred, x0, w, mask).item() == 0.0
+    assert losses.v_prediction_loss(pred, x0, w).item() > 0
+    pred[..., 3, 1] += 2.0  # inside: mean over the 6 cells x 2 frames x 4 channels
+    assert losses.v_prediction_loss(pred, x0, w, mask).item() == pytest.approx(4.0 * 2 * 4 / (6 * 2 * 4))
+
+
+def test_fit_points_follow_the_loader_resize_crop():
+    from training.data import resize_crop
+    img = torch.zeros(1, 3, 100, 200)
+    img[0, :, 30, 150] = 1.0  # a dot at (x=150, y=30)
+    out = resize_crop(img, 64, 64)
+    y, x = divmod(int(out[0, 0].argmax()), 64)
+    mapped = fit_points(torch.tensor([150.0, 30.0]), 200, 100, 64, 64)
+    assert abs(mapped[0] - x) <= 1 and abs(mapped[1] - y) <= 1
+
+
+def test_config_precedence_file_flags_and_errors(tmp_path):
+    (tmp_path / "c.yaml").write_text("learning_rate: 0.002\nmax_steps: 7\nvalidation_prompts: [a, b]\n")
+    (tmp_path / "c.toml").write_text('stage = "video"\nnum_frames = 9\n')
+    c = load_config(MagicMirrorTrainConfig, ["--preset", "tiny", "--config", str(tmp_path / "c.yaml"),
+                                             "--max_steps", "9", "--no-gradient_checkpointing"], PRESETS)
+    assert (c.learning_rate, c.max_steps, c.height, c.validation_prompts) == (0.002, 9, 64, ["a", "b"])
+    assert c.gradient_checkpointing is False and c.num_frames == 1  # stage image forces single frames
+    c = load_config(MagicMirrorTrainConfig, ["--config", str(tmp_path / "c.toml")])
+    assert (c.stage, c.num_frames) == ("video", 9)
+    (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
+    with pytest.raises(SystemExit, match="unknown config field.*learning_rat"):
+        load_config(MagicMirrorTrainConfig, ["--config", str(tmp_path / "bad.yaml")])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A resolved tiny config (assets built once) to copy into each test's output dir."""
+    out = tmp_path_factory.mktemp("mm-tiny")
+    from training.presets import build_tiny_magicmirror
+    config = load_config(MagicMirrorTrainConfig, ["--preset", "tiny", "--output_dir", str(out)], PRESETS)
+    return build_tiny_magicmirror(config)
+
+
+def configured(tiny_run, out, **kw):
+    import dataclasses
+    return dataclasses.replace(tiny_run, output_dir=str(out), **kw)
+
+
+def test_overfit_one_sample(tiny_run, tmp_path):
+    """With one sample and a fixed noise/timestep draw the loss must fall by at least half."""
+    trainer = MagicMirrorTrainer(configured(tiny_run, tmp_path, learning_rate=3e-3))
+    from accelerate import Accelerator
+    trainer.accelerator = Accelerator(cpu=True)
+    module = trainer.build()
+    data = trainer.dataset()
+    batch = trainer.collate([data[0]])
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    history = []
+    for _ in range(60):
+        loss, _ = module(batch, torch.Generator().manual_seed(123))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert min(history[-5:]) <= 0.5 * history[0], history[:3] + history[-3:]
+
+
+def test_resume_after_kill_gives_bit_identical_weights(tiny_run, tmp_path, monkeypatch):
+    kw = dict(max_steps=6, checkpointing_steps=3, lr_scheduler="cosine", lr_warmup_steps=1)
+    straight = MagicMirrorTrainer(configured(tiny_run, tmp_path / "a", **kw)).train()
+
+    original = MagicMirrorTrainer.save_checkpoint
+
+    def save_then_die(self):
+        path = original(self)
+        if self.step == 3:
+            raise KeyboardInterrupt("killed after the step-3 checkpoint")
+        return path
+
+    monkeypatch.setattr(MagicMirrorTrainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        MagicMirrorTrainer(configured(tiny_run, tmp_path / "b", **kw)).train()
+    monkeypatch.setattr(MagicMirrorTrainer, "save_checkpoint", original)
+    assert not (tmp_path / "b" / "magicmirror.safetensors").exists()
+    assert not [p for p in os.listdir(tmp_path / "b" / "checkpoints") if p.startswith(".tmp")]
+    resumed = MagicMirrorTrainer(configured(tiny_run, tmp_path / "b", resume_from="latest", **kw)).train()
+    a, b = load_file(straight), load_file(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = load_file(MagicMirrorTrainer(configured(tiny_run, tmp_path / "c", max_steps=3, lr_scheduler="cosine",
+                                                    lr_warmup_steps=1, checkpointing_steps=0)).train())
+    assert any(not torch.equal(a[k], fresh[k]) for k in a)  # the comparison can fail
+
+
+def test_exported_adapter_loads_in_the_node_and_changes_the_video(tiny_run, tmp_path, monkeypatch):
+    out = main(["--preset", "tiny", "--output_dir", str(tmp_path), "--max_steps", "4", "--checkpointing_steps", "0"])
+    models = tmp_path / "node-models"
+    (models / "magicmirror").mkdir(parents=True)
+    shutil.copy(out, models / "magicmirror" / "trained.safetensors")
+    os.symlink(os.path.dirname(tiny_run.model_path), models / "CogVideo")
+    monkeypatch.setenv("MAGICMIRROR_MODELS_DIR", str(models))
+    from magicmirror_video import nodes
+    from magicmirror_video.models.cogvideox import read_safetensors
+    from magicmirror_video.models.magicmirror import FaceEmbeds
+    m = nodes.NODE_CLASS_MAPPINGS
+    (model,) = m["MMV_CogVideoXModelLoader"]().load("tiny-t2v", "fp32", "none")
+    faces_file = sorted((tmp_path / "tiny-assets" / "dataset" / "faces").iterdir())[0]
+    t = read_safetensors(str(faces_file))[0]
+    faces = FaceEmbeds(arcface=t["arcface"], x_id=t["x_id"], clip_penultimate=t["clip_penultimate"])
+    (patched,) = m["MMV_MagicMirrorApply"]().apply(model, "trained.safetensors", faces, 1.0)
+    enc = m["MMV_CogVideoXTextEncode"]()
+    (pos,), (neg,) = enc.encode(model, "a person img smiling in a garden"), enc.encode(model, "")
+    kw = dict(width=32, height=32, num_frames=9, steps=2, cfg=6.0, seed=0, scheduler="DDIM")
+    a = m["MMV_CogVideoXSampler"]().sample(patched, pos, neg, **kw)[0]["samples"]
+    b = m["MMV_CogVideoXSampler"]().sample(model, pos, neg, **kw)[0]["samples"]
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+    # `accelerate launch --cpu` starts one process (its multi-CPU mode needs MPI); the torchrun-based
+    # launcher with 2 processes gives a gloo process group on a machine without GPUs.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train_magicmirror",
+           "--preset", "tiny", "--output_dir", str(tmp_path), "--max_steps", "3", "--checkpointing_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all 2 ranks hold identical trainable weights" in proc.stderr + proc.stdout
+    assert (tmp_path / "magicmirror.safetensors").is_file()
+    assert os.path.isdir(tmp_path / "checkpoints" / "step-00000002")

@@ -1,0 +1,65 @@
+"""Self-contained demo data for ``--preset tiny``: tiny random models and a synthetic face dataset.
+
+Everything is generated locally (no download): a tiny CogVideoX folder, a fake insightface pack,
+a tiny PhotoMaker-V2 checkpoint, a tiny arcface_torch backbone, and two synthetic "identities"
+of three photos each, turned into a training manifest by the real data-prep code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+
+def build_tiny_magicmirror(config):
+    """Fill ``config`` (a MagicMirrorTrainConfig) with paths to freshly generated tiny assets.
+
+    Under ``accelerate launch`` the main process builds them while the others wait.
+    """
+    from accelerate import PartialState
+
+    from .trainer import use_cpu
+
+    with PartialState(cpu=use_cpu()).main_process_first():
+        return _build_tiny_magicmirror(config)
+
+
+def _build_tiny_magicmirror(config):
+    from PIL import Image
+
+    from magicmirror_video.models import tiny, tiny_faces
+    from magicmirror_video.models.arcface import IResNet
+    from magicmirror_video.models.face_analysis import FaceAnalyzer
+    from magicmirror_video.models.face_encoder import FaceEncoder
+    from magicmirror_video.models.id_encoder import load_photomaker_id_encoder
+
+    from .prepare_magicmirror import prepare
+
+    root = os.path.join(config.output_dir, "tiny-assets")
+    model = os.path.join(root, "CogVideo", "tiny-t2v")
+    if not os.path.isdir(os.path.join(model, "transformer")):
+        tiny.build_model_folder(model)
+    insightface = os.path.join(root, "insightface")
+    tiny_faces.build_fake_insightface_pack(insightface)
+    photomaker = tiny.build_photomaker_checkpoint(os.path.join(root, "photomaker-v2.bin"))
+    arcface = os.path.join(root, "arcface_r_tiny.pth")
+    torch.manual_seed(0)
+    torch.save(IResNet((1, 1, 1, 1)).state_dict(), arcface)
+
+    people = os.path.join(root, "people")
+    for ident, seed in (("alice", 1), ("bob", 2)):
+        os.makedirs(os.path.join(people, ident), exist_ok=True)
+        for k, (cy, cx, r) in enumerate(((64, 64, 30), (70, 56, 26), (58, 72, 34))):
+            image = tiny_faces.synthetic_face_image(128, 128, center=(cx, cy), radius=r, seed=seed)
+            Image.fromarray(image).save(os.path.join(people, ident, f"{k}.png"))
+            with open(os.path.join(people, ident, f"{k}.png.txt"), "w") as f:
+                f.write(f"a person img smiling in a garden, photo {k}")
+    encoder = FaceEncoder(FaceAnalyzer(insightface), load_photomaker_id_encoder(photomaker))
+    data = os.path.join(root, "dataset")
+    stats = prepare(people, data, encoder, min_similarity=0.65)
+    if stats["targets"] == 0:
+        raise SystemExit(f"tiny preset: no training pairs were built ({stats})")
+    return dataclasses.replace(config, model_path=model, data=os.path.join(data, "metadata.jsonl"),
+                               arcface_path=arcface, tiny_demo=False)

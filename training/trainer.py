@@ -1,0 +1,299 @@
+"""The shared training loop: accelerate, deterministic steps, atomic checkpoints, resume, logging.
+
+A method (``train_magicmirror.py`` ...) subclasses :class:`Trainer` and says only what differs:
+
+* ``config_class`` — its config dataclass (extends :class:`~training.config.TrainConfig`);
+* ``build()`` — load frozen models, return the trainable :class:`torch.nn.Module`;
+* ``dataset()`` — a map-style dataset; ``collate(items)`` — a batch;
+* ``loss(module, batch, generator) -> (loss, logs)`` — one micro-step (``module`` is the prepared,
+  possibly DDP-wrapped trainable module; call it, or its ``.module``, as the method needs);
+* ``export(path)`` — write the file the nodes load; ``validate(step)`` — optional.
+
+Reproducibility: the sample order and every random draw of a micro-step come from generators
+seeded by (seed, step, micro-step, rank), never from global RNG state, so a run resumed from a
+checkpoint produces the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "step-"
+
+
+def use_cpu() -> bool:
+    """Train on the CPU when asked (ACCELERATE_USE_CPU) or when there is no CUDA device. Several CPU
+    processes (``accelerate launch --multi_gpu --num_processes N`` or ``torchrun``) then form a gloo
+    process group."""
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()
+
+
+def step_generator(seed: int, *parts: int) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and integers (step, micro-step, rank, ...)."""
+    digest = hashlib.sha256(repr((seed,) + parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def sample_indices(n: int, seed: int, position: int, count: int) -> list[tuple[int, int]]:
+    """(epoch, dataset index) of stream positions ``position .. position+count`` of the endless
+    stream of per-epoch permutations."""
+    out = []
+    for p in range(position, position + count):
+        epoch, offset = divmod(p, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append((epoch, int(perm[offset])))
+    return out
+
+
+def fetch(data, epoch: int, index: int):
+    """``data[index]`` as seen in ``epoch`` (datasets with ``set_epoch`` vary random crops per epoch)."""
+    if hasattr(data, "set_epoch"):
+        data.set_epoch(epoch)
+    return data[index]
+
+
+def list_checkpoints(directory: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith(CHECKPOINT_PREFIX) and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            found.append((int(name[len(CHECKPOINT_PREFIX):]), path))
+    return sorted(found)
+
+
+class Trainer(abc.ABC):
+    config_class = None
+    method = "base"
+
+    def __init__(self, config):
+        self.config = config
+        self.accelerator = None
+        self.step = 0
+
+    # ---------------------------------------------------------------- method hooks
+    @abc.abstractmethod
+    def build(self) -> torch.nn.Module:
+        """Load the frozen models and return the trainable module (its forward computes the loss)."""
+
+    @abc.abstractmethod
+    def dataset(self):
+        """A map-style dataset of training items."""
+
+    def collate(self, items: list) -> dict:
+        return torch.utils.data.default_collate(items)
+
+    def loss(self, module, batch, generator) -> tuple[torch.Tensor, dict]:
+        """One micro-step: (loss, logs). By default the prepared module's forward computes it, so
+        DDP/FSDP wrappers see the forward and synchronise gradients."""
+        return module(batch, generator)
+
+    @abc.abstractmethod
+    def export(self, path: str) -> None:
+        """Write the trained weights in the format the nodes load."""
+
+    def export_name(self) -> str:
+        return f"{self.method}.safetensors"
+
+    def validate(self, step: int) -> None:
+        """Optional: validation videos through the nodes' sampler."""
+
+    # ---------------------------------------------------------------- setup
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision, torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.config.output_dir, "checkpoints")
+
+    def _make_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        c = self.config
+        log_with = None
+        if c.report_to == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError as e:
+                raise SystemExit("report_to=tensorboard needs the tensorboard package: pip install tensorboard "
+                                 "(or pass --report_to none)") from e
+            log_with = "tensorboard"
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # Some adapter parts (e.g. identity-token fusion) are unused by samples without a trigger word.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        return Accelerator(cpu=use_cpu(), mixed_precision=c.mixed_precision, log_with=log_with, kwargs_handlers=[ddp],
+                           gradient_accumulation_steps=c.gradient_accumulation_steps,
+                           project_config=ProjectConfiguration(project_dir=c.output_dir,
+                                                               logging_dir=os.path.join(c.output_dir, "logs")))
+
+    def _optimizer(self, params):
+        c = self.config
+        kwargs = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay,
+                      eps=c.adam_epsilon)
+        if c.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as e:
+                raise SystemExit("use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)") from e
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
+
+    def _scheduler(self, optimizer):
+        from diffusers.optimization import get_scheduler
+
+        c = self.config
+        n = self.accelerator.num_processes  # accelerate steps a prepared scheduler once per process
+        return get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps * n,
+                             num_training_steps=c.max_steps * n, num_cycles=c.lr_num_cycles)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> str:
+        """Save a resumable checkpoint atomically: written to a temp folder, then renamed."""
+        acc = self.accelerator
+        final = os.path.join(self.checkpoint_dir, f"{CHECKPOINT_PREFIX}{self.step:08d}")
+        tmp = os.path.join(self.checkpoint_dir, f".tmp-{CHECKPOINT_PREFIX}{self.step:08d}")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)
+        if acc.is_main_process:
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": self.step, "method": self.method, "config": dataclasses.asdict(self.config)}, f,
+                          indent=2)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            limit = self.config.checkpoints_total_limit
+            if limit > 0:
+                for _, old in list_checkpoints(self.checkpoint_dir)[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self) -> None:
+        which = str(self.config.resume_from).strip()
+        if not which:
+            return
+        found = list_checkpoints(self.checkpoint_dir)
+        if which == "latest":
+            if not found:
+                logger.warning("resume_from=latest: no checkpoint in %s, starting fresh", self.checkpoint_dir)
+                return
+            step, path = found[-1]
+        else:
+            matches = [(s, p) for s, p in found if s == int(which)]
+            if not matches:
+                raise SystemExit(f"resume_from={which}: no such checkpoint in {self.checkpoint_dir} "
+                                 f"(available steps: {[s for s, _ in found] or 'none'})")
+            step, path = matches[0]
+        self.accelerator.load_state(path)
+        self.step = step
+        logger.info("resumed from %s (step %d)", path, step)
+
+    def check_ranks_in_sync(self, params) -> None:
+        """With several processes, verify every rank ends with the same trainable weights."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        sums = torch.stack([p.detach().double().sum() for p in params] +
+                           [p.detach().double().square().sum() for p in params]).to(acc.device)
+        gathered = acc.gather(sums[None]).cpu()  # [world, 2 * n_params]
+        if acc.is_main_process:
+            if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+                raise RuntimeError("trainable weights differ between ranks after training")
+            logger.info("all %d ranks hold identical trainable weights (checksum %.12e)", acc.num_processes,
+                        float(gathered[0].sum()))
+
+    # ---------------------------------------------------------------- loop
+    def train(self) -> str:
+        c = self.config
+        self.accelerator = acc = self._make_accelerator()
+        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        os.makedirs(c.output_dir, exist_ok=True)
+        if acc.is_main_process:
+            with open(os.path.join(c.output_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(dataclasses.asdict(c), f, sort_keys=False)
+        torch.manual_seed(c.seed)  # parameter init of new modules is reproducible too
+        module = self.build()
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = self._optimizer(params)
+        scheduler = self._scheduler(optimizer)
+        module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+        self.module = module
+        data = self.dataset()
+        if len(data) == 0:
+            raise SystemExit(f"no training samples in {c.data}")
+        self.resume()
+        if acc.is_main_process and c.report_to != "none":
+            acc.init_trackers(self.method, config={k: v for k, v in dataclasses.asdict(c).items()
+                                                   if isinstance(v, (int, float, str, bool))})
+        n_params = sum(p.numel() for p in params)
+        logger.info("%s: %d trainable parameters, %d samples, %d steps (effective batch %d)", self.method, n_params,
+                    len(data), c.max_steps, c.batch_size * c.gradient_accumulation_steps * acc.num_processes)
+        bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_main_process, desc=self.method)
+        module.train()
+        world, rank = acc.num_processes, acc.process_index
+        started = time.perf_counter()
+        while self.step < c.max_steps:
+            logs_sum: dict = {}
+            for micro in range(c.gradient_accumulation_steps):
+                position = ((self.step * c.gradient_accumulation_steps + micro) * world + rank) * c.batch_size
+                batch = self.collate([fetch(data, e, i) for e, i in sample_indices(len(data), c.seed, position,
+                                                                                     c.batch_size)])
+                generator = step_generator(c.seed, self.step, micro, rank)
+                with acc.accumulate(module):
+                    loss, logs = self.loss(module, batch, generator)
+                    acc.backward(loss)
+                    if acc.sync_gradients and c.max_grad_norm > 0:
+                        acc.clip_grad_norm_(params, c.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in {"loss": loss.detach(), **logs}.items():
+                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / c.gradient_accumulation_steps
+            self.step += 1
+            bar.update(1)
+            logs_sum["lr"] = scheduler.get_last_lr()[0]
+            if not math.isfinite(logs_sum["loss"]):
+                raise SystemExit(f"loss became {logs_sum['loss']} at step {self.step}; lower the learning rate")
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs_sum.items() if k in ("loss", "lr")})
+            if c.logging_steps and self.step % c.logging_steps == 0 and c.report_to != "none":
+                acc.log(logs_sum, step=self.step)
+            if c.checkpointing_steps and self.step % c.checkpointing_steps == 0:
+                self.save_checkpoint()
+            if c.validation_steps and self.step % c.validation_steps == 0 and acc.is_main_process:
+                self.validate(self.step)
+        bar.close()
+        acc.wait_for_everyone()
+        self.check_ranks_in_sync(params)
+        out = os.path.join(c.output_dir, self.export_name())
+        if acc.is_main_process:
+            self.export(out)
+            if c.validation_prompts and not c.validation_steps:
+                self.validate(self.step)
+            logger.info("trained %d steps in %.1f s; exported %s", self.step, time.perf_counter() - started, out)
+        acc.end_training()
+        return out

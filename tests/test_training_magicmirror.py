@@ -178,3 +178,23 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert "all 2 ranks hold identical trainable weights" in proc.stderr + proc.stdout
     assert (tmp_path / "magicmirror.safetensors").is_file()
     assert os.path.isdir(tmp_path / "checkpoints" / "step-00000002")
+
+
+def test_tensorboard_logs_and_validation_videos(tiny_run, tmp_path):
+    pytest.importorskip("tensorboard")
+    faces = sorted(os.listdir(os.path.join(os.path.dirname(tiny_run.data), "faces")))[0]
+    config = configured(tiny_run, tmp_path, max_steps=2, checkpointing_steps=0, report_to="tensorboard",
+                        validation_steps=2, validation_prompts=["a person img waves"], validation_num_frames=5,
+                        validation_steps_sampling=2,
+                        validation_faces=os.path.join(os.path.dirname(tiny_run.data), "faces", faces))
+    MagicMirrorTrainer(config).train()
+    events = [f for _, _, files in os.walk(tmp_path / "logs") for f in files if f.startswith("events.out.tfevents")]
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "logs" / "magicmirror"))
+    acc.Reload()
+    assert {"loss", "loss_noise", "lr"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+    from magicmirror_video.models.video_io import read_video
+    frames, _ = read_video(str(tmp_path / "validation" / "step-00000002-0.mp4"))
+    assert frames.shape[:3] == (5, 64, 64)

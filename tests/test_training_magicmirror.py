@@ -198,3 +198,32 @@ def test_tensorboard_logs_and_validation_videos(tiny_run, tmp_path):
     from magicmirror_video.models.video_io import read_video
     frames, _ = read_video(str(tmp_path / "validation" / "step-00000002-0.mp4"))
     assert frames.shape[:3] == (5, 64, 64)
+
+
+def test_prepare_pairs_filters_and_reports(tiny_run, tmp_path):
+    from PIL import Image
+
+    from magicmirror_video.models import tiny_faces
+    from magicmirror_video.models.face_analysis import FaceAnalyzer
+    from magicmirror_video.models.face_encoder import FaceEncoder
+    from magicmirror_video.models.id_encoder import load_photomaker_id_encoder
+    from training.prepare_magicmirror import prepare
+    assets = os.path.dirname(os.path.dirname(tiny_run.model_path))
+    people = tmp_path / "people"
+    for ident, seed, n in (("carol", 3, 2), ("dave", 4, 1)):
+        (people / ident).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(tiny_faces.synthetic_face_image(128, 128, center=(60 + 4 * k, 64), radius=28 + 3 * k,
+                                                            seed=seed)).save(people / ident / f"{k}.png")
+    Image.fromarray(tiny_faces.synthetic_face_image(128, 128, radius=None)).save(people / "carol" / "dark.png")
+    encoder = FaceEncoder(FaceAnalyzer(os.path.join(assets, "insightface")),
+                          load_photomaker_id_encoder(os.path.join(assets, "photomaker-v2.bin")))
+    stats = prepare(str(people), str(tmp_path / "data"), encoder, min_similarity=0.65)
+    assert stats["targets"] == 2 and stats["single_file"] == ["dave"]
+    assert [os.path.basename(p) for p in stats["no_face"]] == ["dark.png"]
+    from training.data import read_manifest
+    rows = read_manifest(str(tmp_path / "data" / "metadata.jsonl"))
+    assert len(rows) == 2 and all(r.extra["similarity"] > 0.65 for r in rows)
+    assert all(" img" in r.caption for r in rows) and all(os.path.isfile(r.extra["faces"]) for r in rows)
+    strict = prepare(str(people), str(tmp_path / "strict"), encoder, min_similarity=0.9999999)
+    assert strict["targets"] == 0 and strict["below_threshold"] == 2

@@ -177,27 +177,43 @@ def resolve_lora_targets(lora: LoraWeights, transformer: torch.nn.Module) -> dic
     return matched
 
 
-def _lora_hook(module: torch.nn.Module, layer: LoraLayer, multiplier: float):
-    weight = module.weight
-    down = layer.down.to(weight.device, weight.dtype)
-    up = layer.up.to(weight.device, weight.dtype)
-    scale = layer.scale * multiplier
-    if isinstance(module, torch.nn.Conv2d):
-        def hook(mod, args, output):
-            h = F.conv2d(args[0], down, stride=mod.stride, padding=mod.padding)
-            return output + F.conv2d(h, up) * scale
-    else:
-        def hook(mod, args, output):
-            return output + F.linear(F.linear(args[0], down), up) * scale
+# A module flagged with this attribute (value "reference") is computing the reference branch of a
+# subject-reference run; LoRA layers scoped to the reference branch act only then (models/subject.py).
+BRANCH_ATTR = "_mmv_branch"
+
+
+def _lora_hook(module: torch.nn.Module, down, up, scale: float, reference_only: bool = False,
+               dropout: torch.nn.Module | None = None):
+    """Forward hook adding ``scale * up(down(x))``; ``down``/``up`` may be trainable parameters."""
+    conv = isinstance(module, torch.nn.Conv2d)
+
+    def hook(mod, args, output):
+        if reference_only and getattr(mod, BRANCH_ATTR, None) != "reference":
+            return output
+        x = args[0] if dropout is None else dropout(args[0])
+        d, u = down.to(x.dtype), up.to(x.dtype)
+        if conv:
+            return output + F.conv2d(F.conv2d(x, d, stride=mod.stride, padding=mod.padding), u) * scale
+        return output + F.linear(F.linear(x, d), u) * scale
+
     return hook
+
+
+def _is_reference_only(path: str, reference_only) -> bool:
+    return any(path == p or path.endswith("." + p) for p in reference_only)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoraPatch:
-    """Patch adding a LoRA with ``strength`` for a sampling run (see :mod:`.patches`)."""
+    """Patch adding a LoRA with ``strength`` for a sampling run (see :mod:`.patches`).
+
+    ``reference_only``: module names (e.g. ``"norm1.linear"``) whose LoRA acts only on the
+    reference branch of a subject-reference run (``models/subject.py``).
+    """
 
     lora: LoraWeights
     strength: float = 1.0
+    reference_only: tuple = ()
 
     @property
     def name(self) -> str:
@@ -205,7 +221,68 @@ class LoraPatch:
 
     def apply(self, transformer, context=None):
         targets = resolve_lora_targets(self.lora, transformer)
-        return forward_hook_patch([(m, _lora_hook(m, layer, self.strength)) for m, layer in targets.values()])
+        hooks = []
+        for path, (module, layer) in targets.items():
+            w = module.weight
+            hooks.append((module, _lora_hook(module, layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype),
+                                             layer.scale * self.strength,
+                                             _is_reference_only(path, self.reference_only))))
+        return forward_hook_patch(hooks)
+
+
+class TrainableLora(torch.nn.Module):
+    """LoRA parameters for ``targets`` of a transformer, applied through the same hooks as
+    :class:`LoraPatch` (so training and inference share one code path).
+
+    ``down`` is Kaiming-initialised and ``up`` zero-initialised (a fresh LoRA changes nothing);
+    the update is ``alpha / rank * up(down(dropout(x)))``.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, targets: list[str], rank: int, alpha: float,
+                 dropout: float = 0.0, reference_only: tuple = ()):
+        super().__init__()
+        self.rank, self.alpha, self.reference_only = rank, alpha, tuple(reference_only)
+        self.paths = list(targets)
+        self.down, self.up = torch.nn.ParameterDict(), torch.nn.ParameterDict()
+        modules = dict(transformer.named_modules())
+        for path in self.paths:
+            m = modules[path]
+            key = path.replace(".", "__")
+            if isinstance(m, torch.nn.Conv2d):
+                down = torch.empty(rank, m.in_channels, *m.kernel_size)
+                up = torch.zeros(m.out_channels, rank, 1, 1)
+            else:
+                down = torch.empty(rank, m.in_features)
+                up = torch.zeros(m.out_features, rank)
+            torch.nn.init.kaiming_uniform_(down, a=5 ** 0.5)
+            self.down[key], self.up[key] = torch.nn.Parameter(down), torch.nn.Parameter(up)
+        self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def apply(self, transformer, context=None):
+        modules = dict(transformer.named_modules())
+        hooks = []
+        for path in self.paths:
+            key = path.replace(".", "__")
+            hooks.append((modules[path], _lora_hook(modules[path], self.down[key], self.up[key], self.scale,
+                                                    _is_reference_only(path, self.reference_only), self.dropout)))
+        return forward_hook_patch(hooks)
+
+    def layers(self) -> dict[str, LoraLayer]:
+        return {p: LoraLayer(self.down[p.replace(".", "__")].detach(), self.up[p.replace(".", "__")].detach(),
+                             self.scale) for p in self.paths}
+
+
+def find_lora_targets(transformer: torch.nn.Module, names: list[str]) -> list[str]:
+    """Module paths of ``transformer`` whose name ends with one of ``names`` (PEFT-style matching)."""
+    out = [path for path, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+           and any(path == n or path.endswith("." + n) for n in names)]
+    if not out:
+        raise ValueError(f"no module of the transformer matches the LoRA targets {names}")
+    return out
 
 
 def save_lora(path: str, layers: dict[str, LoraLayer], metadata: dict | None = None) -> None:
@@ -224,5 +301,5 @@ def save_lora(path: str, layers: dict[str, LoraLayer], metadata: dict | None = N
     os.replace(tmp, path)
 
 
-__all__ = ["LoraLayer", "LoraWeights", "LoraPatch", "LoraMismatchError", "WeightsFileError", "load_lora_file",
-           "parse_lora_state_dict", "resolve_lora_targets", "save_lora"]
+__all__ = ["LoraLayer", "LoraWeights", "LoraPatch", "LoraMismatchError", "TrainableLora", "WeightsFileError",
+           "find_lora_targets", "load_lora_file", "parse_lora_state_dict", "resolve_lora_targets", "save_lora"]

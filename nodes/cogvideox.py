@@ -7,6 +7,7 @@ import torch
 from ..models.cogvideox import DTYPES, OFFLOAD_MODES, find_model_folder, load_cogvideox
 from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
 from ..models.sampler import decode_latents, sample_video
+from ..models.subject import CLS_TOKEN, ensure_cls_token
 from ..models.text import DEFAULT_TRIGGER, encode_prompt
 from . import host
 
@@ -79,6 +80,8 @@ class CogVideoXTextEncode:
     CATEGORY = CATEGORY
 
     def encode(self, model, text, trigger_word=DEFAULT_TRIGGER):
+        if CLS_TOKEN in text:  # subject-reference prompts: make sure T5 knows the <cls> token
+            ensure_cls_token(model.tokenizer, model.text_encoder)
         return (encode_prompt(model, text, trigger=trigger_word.strip() or None),)
 
 

@@ -250,7 +250,7 @@ class MagicMirrorBlock(nn.Module):
 
     def __init__(self, block, index: int, adapter: MagicMirrorAdapter, state: RunState):
         super().__init__()
-        self.block, self.index = block, index
+        self.wrapped, self.index = block, index
         self.adapter = adapter
         self.state = state
         self.first, self.last = index == 0, index == adapter.config.num_layers - 1
@@ -265,7 +265,7 @@ class MagicMirrorBlock(nn.Module):
             text, face = encoder_hidden_states.split(
                 [encoder_hidden_states.size(1) - state.num_face, state.num_face], dim=1)
         if self.layer is None:
-            hidden_states, text = self.block(hidden_states, text, temb, image_rotary_emb, attention_kwargs)
+            hidden_states, text = self.wrapped(hidden_states, text, temb, image_rotary_emb, attention_kwargs)
         else:
             hidden_states, text, face = self._adapted(hidden_states, text, face, temb, image_rotary_emb)
         if self.last:
@@ -273,7 +273,7 @@ class MagicMirrorBlock(nn.Module):
         return hidden_states, torch.cat([text, face], dim=1)
 
     def _adapted(self, h, text, face, temb, rotary):
-        blk, ad, state = self.block, self.adapter.blocks[str(self.index)], self.state
+        blk, ad, state = self.wrapped, self.adapter.blocks[str(self.index)], self.state
         width = self.adapter.config.width
         id_on = (state.id_on.to(h.device, h.dtype) * state.strength)[:, None]  # [B, 1]
         m1 = blk.norm1.linear(blk.norm1.silu(temb))  # [B, 6W]: shift, scale, gate (video), same (text)

@@ -53,6 +53,20 @@ def applied_patches(transformer: torch.nn.Module, patches, context: SamplingCont
         yield transformer
 
 
+WRAPPED = "wrapped"  # attribute under which the pack's block wrappers keep the original block
+
+
+def named_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``model.named_modules()`` with the pack's block wrappers transparent: a module keeps the path it
+    has in the unpatched model (``transformer_blocks.0.norm1.linear``) while a patch wraps its block,
+    so patches can be applied in any order."""
+    out = {}
+    for name, module in model.named_modules():
+        clean = ".".join(part for part in name.split(".") if part != WRAPPED)
+        out[clean] = module  # the wrapped (inner) module comes after its wrapper and wins
+    return out
+
+
 def forward_hook_patch(modules_and_hooks) -> Undo:
     """Register forward hooks ``[(module, hook), ...]``; return the undo that removes them all."""
     handles = [module.register_forward_hook(hook) for module, hook in modules_and_hooks]

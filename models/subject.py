@@ -104,11 +104,11 @@ class SubjectBlock(torch.nn.Module):
 
     def __init__(self, block, index: int, num_layers: int, state: ReferenceState):
         super().__init__()
-        self.block, self.state = block, state
+        self.wrapped, self.state = block, state
         self.first, self.last = index == 0, index == num_layers - 1
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
-        blk, n = self.block, self.state.count
+        blk, n = self.wrapped, self.state.count
         if self.first:
             ref, h = self.state.tokens.to(hidden_states.dtype), hidden_states
         else:

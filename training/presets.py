@@ -63,3 +63,58 @@ def _build_tiny_magicmirror(config):
         raise SystemExit(f"tiny preset: no training pairs were built ({stats})")
     return dataclasses.replace(config, model_path=model, data=os.path.join(data, "metadata.jsonl"),
                                arcface_path=arcface, tiny_demo=False)
+
+
+def build_tiny_subject(config):
+    """Tiny CogVideoX + 4 synthetic S2I pairs + 3 short synthetic videos for ``train_subject_replay --preset tiny``."""
+    from accelerate import PartialState
+
+    from .trainer import use_cpu
+
+    with PartialState(cpu=use_cpu()).main_process_first():
+        return _build_tiny_subject(config)
+
+
+def _build_tiny_subject(config):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from magicmirror_video.models import tiny
+    from magicmirror_video.models.video_io import write_video
+
+    root = os.path.join(config.output_dir, "tiny-assets")
+    model = os.path.join(root, "CogVideo", "tiny-t2v")
+    if not os.path.isdir(os.path.join(model, "transformer")):
+        tiny.build_model_folder(model)
+    rng = np.random.default_rng(0)
+    pairs_dir, videos_dir = os.path.join(root, "pairs"), os.path.join(root, "videos")
+    os.makedirs(pairs_dir, exist_ok=True)
+    os.makedirs(videos_dir, exist_ok=True)
+    rows = []
+    for k in range(4):  # a coloured square (the "subject") on two backgrounds
+        colour = rng.integers(40, 255, 3)
+        for name, bg in (("src", 230), ("tgt", 30)):
+            img = np.full((48, 48, 3), bg, np.uint8)
+            y, x = rng.integers(4, 20, 2)
+            img[y:y + 24, x:x + 24] = colour
+            Image.fromarray(img).save(os.path.join(pairs_dir, f"{k}-{name}.png"))
+        rows.append({"src": f"{k}-src.png", "tgt": f"{k}-tgt.png", "caption": "a teddy bear is sitting on a table"})
+    with open(os.path.join(pairs_dir, "metadata.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    prompts, videos = [], []
+    for k in range(3):  # a square moving across a gradient
+        frames = torch.zeros(17, 40, 40, 3)
+        frames[..., 0] = torch.linspace(0, 1, 40)[None, None, :]
+        for t in range(17):
+            frames[t, 10:22, 2 + t:14 + t, 1] = 1.0
+        write_video(os.path.join(videos_dir, f"{k}.mp4"), frames, fps=8)
+        prompts.append("a car drives along a mountain road with snow")
+        videos.append(f"{k}.mp4")
+    with open(os.path.join(videos_dir, "prompts.txt"), "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    with open(os.path.join(videos_dir, "videos.txt"), "w") as f:
+        f.write("\n".join(videos) + "\n")
+    return dataclasses.replace(config, model_path=model, data=videos_dir, pairs=os.path.join(pairs_dir, "metadata.jsonl"),
+                               tiny_demo=False)

@@ -98,6 +98,18 @@ class Trainer(abc.ABC):
     def collate(self, items: list) -> dict:
         return torch.utils.data.default_collate(items)
 
+    def next_batch(self, data, step: int, micro: int) -> dict:
+        """The batch of (step, micro-step) for this rank: a deterministic slice of the shuffled stream."""
+        c, acc = self.config, self.accelerator
+        position = ((step * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * c.batch_size
+        return self.collate([fetch(data, e, i) for e, i in sample_indices(len(data), c.seed, position, c.batch_size)])
+
+    def after_step(self, step: int, logs: dict) -> None:
+        """Optional per-step work after the optimizer step (e.g. monitors); may add to ``logs``."""
+
+    def finish(self) -> None:
+        """Optional work on the main process after export (plots, reports)."""
+
     def loss(self, module, batch, generator) -> tuple[torch.Tensor, dict]:
         """One micro-step: (loss, logs). By default the prepared module's forward computes it, so
         DDP/FSDP wrappers see the forward and synchronise gradients."""
@@ -244,7 +256,8 @@ class Trainer(abc.ABC):
         module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
         self.module = module
         data = self.dataset()
-        if len(data) == 0:
+        n_samples = sum(map(len, data.values())) if isinstance(data, dict) else len(data)
+        if n_samples == 0:
             raise SystemExit(f"no training samples in {c.data}")
         self.resume()
         if acc.is_main_process and c.report_to != "none":
@@ -252,17 +265,15 @@ class Trainer(abc.ABC):
                                                    if isinstance(v, (int, float, str, bool))})
         n_params = sum(p.numel() for p in params)
         logger.info("%s: %d trainable parameters, %d samples, %d steps (effective batch %d)", self.method, n_params,
-                    len(data), c.max_steps, c.batch_size * c.gradient_accumulation_steps * acc.num_processes)
+                    n_samples, c.max_steps, c.batch_size * c.gradient_accumulation_steps * acc.num_processes)
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_main_process, desc=self.method)
         module.train()
-        world, rank = acc.num_processes, acc.process_index
+        rank = acc.process_index
         started = time.perf_counter()
         while self.step < c.max_steps:
             logs_sum: dict = {}
             for micro in range(c.gradient_accumulation_steps):
-                position = ((self.step * c.gradient_accumulation_steps + micro) * world + rank) * c.batch_size
-                batch = self.collate([fetch(data, e, i) for e, i in sample_indices(len(data), c.seed, position,
-                                                                                     c.batch_size)])
+                batch = self.next_batch(data, self.step, micro)
                 generator = step_generator(c.seed, self.step, micro, rank)
                 with acc.accumulate(module):
                     loss, logs = self.loss(module, batch, generator)
@@ -277,6 +288,7 @@ class Trainer(abc.ABC):
             self.step += 1
             bar.update(1)
             logs_sum["lr"] = scheduler.get_last_lr()[0]
+            self.after_step(self.step, logs_sum)
             if not math.isfinite(logs_sum["loss"]):
                 raise SystemExit(f"loss became {logs_sum['loss']} at step {self.step}; lower the learning rate")
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs_sum.items() if k in ("loss", "lr")})
@@ -294,6 +306,7 @@ class Trainer(abc.ABC):
             self.export(out)
             if c.validation_prompts and not c.validation_steps:
                 self.validate(self.step)
+            self.finish()
             logger.info("trained %d steps in %.1f s; exported %s", self.step, time.perf_counter() - started, out)
         acc.end_training()
         return out

@@ -1,0 +1,189 @@
+"""Subject reference: token stream vs the base model, scoped norm LoRA, replay trainer."""
+
+import dataclasses
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import bundle_from_components
+from safetensors.torch import load_file
+
+from magicmirror_video.models import tiny
+from magicmirror_video.models.lora import TrainableLora, find_lora_targets, load_lora_file
+from magicmirror_video.models.patches import applied_patches
+from magicmirror_video.models.sampler import rotary_embeddings, sample_video
+from magicmirror_video.models.subject import (BRANCH_ATTR, LORA_TARGETS, NORM_LORA_MODULES, SubjectReferencePatch,
+                                              encode_reference, inject_reference)
+from magicmirror_video.models.text import encode_prompt
+from training.config import load_config
+from training.train_subject_replay import (PRESETS, SubjectReplayTrainConfig, SubjectReplayTrainer,
+                                           random_frame_index)
+
+KW = dict(num_frames=9, height=32, width=48, steps=2, cfg=6.0, seed=0)
+
+
+def forward(t, hidden, text, rope):
+    with torch.no_grad():
+        return t(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([400]),
+                 image_rotary_emb=rope, return_dict=False)[0]
+
+
+def test_reference_stream_equals_base_model_with_reference_as_frame_zero():
+    """[text; ref; video] with ref at frame 0 == the unmodified diffusers model on [ref frame; video]."""
+    t = tiny.build_components(num_layers=3)["transformer"]
+    g = torch.Generator().manual_seed(0)
+    video, ref = torch.randn(1, 3, 4, 4, 6, generator=g), torch.randn(1, 4, 4, 6, generator=g)
+    text = torch.randn(1, 12, 32, generator=g)
+    base = forward(t, torch.cat([ref[:, None], video], 1), text, rotary_embeddings(t, 32, 48, 4, 8, "cpu"))
+    undo = inject_reference(t, ref)
+    try:
+        ours = forward(t, video, text, rotary_embeddings(t, 32, 48, 3, 8, "cpu"))
+    finally:
+        undo()
+    assert ours.shape == video.shape  # the reference is dropped before the output layers
+    torch.testing.assert_close(ours, base[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_zero_lora_and_no_reference_equal_base_and_reference_changes_output():
+    b = bundle_from_components(tiny.build_components())
+    pos = encode_prompt(b, "a teddy bear is sitting on a wooden table")
+    base = sample_video(b, pos, **KW)
+    lora = TrainableLora(b.transformer, find_lora_targets(b.transformer, list(LORA_TARGETS)), 4, 4.0,
+                         reference_only=NORM_LORA_MODULES)
+    with_lora = sample_video(b.with_patch(lora), pos, **KW)
+    assert torch.equal(with_lora, base)
+    ref = encode_reference(b, torch.rand(2, 40, 56, 3, generator=torch.Generator().manual_seed(1)))
+    assert ref.shape == (2, 4, 4, 6)  # any size: 40x56 -> 32x48 -> 4x6 latents, two references
+    out = sample_video(b.with_patch(SubjectReferencePatch(ref)), pos, **KW)
+    assert out.shape == base.shape and (out - base).abs().max() > 1e-3
+    assert torch.equal(sample_video(b, pos, **KW), base)
+
+
+def test_norm_lora_touches_only_the_reference_modulation():
+    t = tiny.build_components()["transformer"]
+    lora = TrainableLora(t, find_lora_targets(t, list(NORM_LORA_MODULES)), 4, 4.0, reference_only=NORM_LORA_MODULES)
+    with torch.no_grad():
+        for p in lora.up.values():
+            p.normal_(0, 1.0)
+    records = {}
+
+    def record(tag):
+        def hook(mod, args, out):
+            records.setdefault(tag, []).append((getattr(mod, BRANCH_ATTR, None), out.detach().clone()))
+        return hook
+
+    g = torch.Generator().manual_seed(0)
+    video, ref, text = torch.randn(1, 3, 4, 4, 6, generator=g), torch.randn(1, 4, 4, 6, generator=g), torch.randn(1, 9, 32)
+    rope = rotary_embeddings(t, 32, 48, 3, 8, "cpu")
+    for tag, patches in (("base", []), ("lora", [lora])):
+        undo = inject_reference(t, ref)
+        try:
+            with applied_patches(t, patches):  # the recorder runs after the LoRA hook
+                handle = t.transformer_blocks[0].wrapped.norm1.linear.register_forward_hook(record(tag))
+                forward(t, video, text, rope)
+                handle.remove()
+        finally:
+            undo()
+    (b_base, b_ref), (l_base, l_ref) = records["base"], records["lora"]
+    assert b_base[0] is None and b_ref[0] == "reference"
+    assert torch.equal(l_base[1], b_base[1])  # text/video modulation untouched by the norm LoRA
+    assert not torch.allclose(l_ref[1], b_ref[1])  # the reference's modulation changes
+    with applied_patches(t, [lora]):  # and without a reference the norm LoRA changes nothing at all
+        assert torch.equal(forward(t, video, text, rope), forward(t, video, text, rope))
+    plain = forward(t, video, text, rope)
+    with applied_patches(t, [lora]):
+        assert torch.equal(forward(t, video, text, rope), plain)
+
+
+def test_task_switching_ratio_and_frame_selection():
+    config = load_config(SubjectReplayTrainConfig, ["--replay_prob", "0.2"])
+    trainer = SubjectReplayTrainer(config)
+    n, p = 2000, 0.2
+    videos = sum(trainer.task_of(s) == "video" for s in range(n))
+    assert abs(videos - n * p) <= 3 * math.sqrt(n * p * (1 - p)), videos
+    g = torch.Generator().manual_seed(0)
+    picks = [random_frame_index(13, g) for _ in range(2000)]
+    assert set(picks) == set(range(1, 14))
+
+
+@pytest.fixture(scope="module")
+def tiny_subject(tmp_path_factory):
+    from training.presets import build_tiny_subject
+    out = tmp_path_factory.mktemp("subject")
+    return build_tiny_subject(load_config(SubjectReplayTrainConfig, ["--preset", "tiny", "--output_dir", str(out)],
+                                          PRESETS))
+
+
+def test_conflict_monitor_equals_direct_gradient_cosine(tiny_subject, tmp_path):
+    from accelerate import Accelerator
+    trainer = SubjectReplayTrainer(dataclasses.replace(tiny_subject, output_dir=str(tmp_path)))
+    trainer.accelerator = Accelerator(cpu=True)
+    trainer.module = module = trainer.build()
+    with torch.no_grad():
+        for p in module.lora.up.values():
+            p.normal_(0, 0.1)
+    data = trainer.dataset()
+    img, vid = trainer.collate([data["image"][0]], "image"), trainer.collate([data["video"][0]], "video")
+    monitored = trainer.gradient_cosine(img, vid)
+    module.eval()  # the monitor measures without LoRA dropout
+    grads = []
+    for batch in (img, vid):  # direct: backward into .grad
+        module.zero_grad()
+        module(batch, torch.Generator().manual_seed(0))[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in module.lora.parameters() if p.requires_grad]))
+    direct = (grads[0] @ grads[1] / (grads[0].norm() * grads[1].norm())).item()
+    assert monitored == pytest.approx(direct, abs=1e-6)
+    assert -1 <= monitored <= 1
+
+
+def test_training_resumes_exactly_and_exports_a_lora_the_node_loads(tiny_subject, tmp_path, monkeypatch):
+    kw = dict(max_steps=8, checkpointing_steps=4, lr_scheduler="cosine_with_restarts", lr_num_cycles=2,
+              conflict_steps=4)
+    straight = SubjectReplayTrainer(dataclasses.replace(tiny_subject, output_dir=str(tmp_path / "a"), **kw)).train()
+    assert (tmp_path / "a" / "grad_conflict.png").is_file()
+    original = SubjectReplayTrainer.save_checkpoint
+
+    def save_then_die(self):
+        path = original(self)
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(SubjectReplayTrainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        SubjectReplayTrainer(dataclasses.replace(tiny_subject, output_dir=str(tmp_path / "b"), **kw)).train()
+    monkeypatch.setattr(SubjectReplayTrainer, "save_checkpoint", original)
+    resumed = SubjectReplayTrainer(dataclasses.replace(tiny_subject, output_dir=str(tmp_path / "b"),
+                                                       resume_from="latest", **kw)).train()
+    a, b = load_file(straight), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_lora_file(straight).metadata["subject_lora_scope"] == "reference"
+
+    models = tmp_path / "models"
+    (models / "loras").mkdir(parents=True)
+    shutil.copy(straight, models / "loras" / "subject.safetensors")
+    os.symlink(os.path.dirname(tiny_subject.model_path), models / "CogVideo")
+    monkeypatch.setenv("MAGICMIRROR_MODELS_DIR", str(models))
+    from magicmirror_video import nodes
+    m = nodes.NODE_CLASS_MAPPINGS
+    (model,) = m["MMV_CogVideoXModelLoader"]().load("tiny-t2v", "fp32", "none")
+    (lora_model,) = m["MMV_SubjectReferenceLoraLoader"]().load(model, "subject.safetensors", 1.0, "auto")
+    assert lora_model.patches[-1].reference_only == NORM_LORA_MODULES
+    (with_ref,) = m["MMV_SubjectReference"]().apply(lora_model, torch.rand(1, 48, 48, 3), 720)
+    (plain_ref,) = m["MMV_SubjectReference"]().apply(model, torch.rand(1, 48, 48, 3), 720)
+    enc = m["MMV_CogVideoXTextEncode"]()
+    (pos,), (neg,) = enc.encode(model, "<cls> a teddy bear is sitting on a table"), enc.encode(model, "")
+    assert model.tokenizer.convert_tokens_to_ids("<cls>") in pos.input_ids[0].tolist()
+    kw = dict(width=32, height=32, num_frames=9, steps=2, cfg=6.0, seed=0, scheduler="DDIM")
+    a = m["MMV_CogVideoXSampler"]().sample(with_ref, pos, neg, **kw)[0]["samples"]
+    b = m["MMV_CogVideoXSampler"]().sample(plain_ref, pos, neg, **kw)[0]["samples"]
+    assert (a - b).abs().max() > 1e-5
+
+
+def test_files_without_scope_metadata_default_to_all_tokens():
+    from magicmirror_video.nodes.subject import lora_scope
+    assert lora_scope({}, "auto") == "all"  # e.g. the released v1 checkpoint (its toggle was a no-op)
+    assert lora_scope({"subject_lora_scope": "reference"}, "auto") == "reference"
+    assert lora_scope({"subject_lora_scope": "reference"}, "all") == "all"

@@ -1,0 +1,266 @@
+"""Train a subject-reference LoRA with proxy experience replay: ``python -m training.train_subject_replay``.
+
+Algorithm 1 of "Subject-driven video generation emerges from experience replays" (arXiv 2504.17816):
+every optimizer step draws u ~ U(0, 1);
+
+* u < ``replay_prob`` — **video replay** (I2V-style): an unpaired video; a random frame i ~ U(1, T)
+  becomes the reference tokens, each reference token dropped with ``token_drop_prob``; the loss is
+  the v-prediction loss on the video;
+* otherwise — **S2I pair**: the source image is the reference, the target image (one frame) is
+  denoised, the prompt starts with ``<cls>``.
+
+LoRA rank 128 / alpha 64 / dropout 0.1 on attention, FFN, ``patch_embed.proj`` and ``norm1/norm2``;
+the norm LoRA acts on the reference tokens only. Every ``conflict_steps`` steps the cosine between
+the LoRA gradients of a fixed image probe batch and a fixed video probe batch is logged
+(``grad_cosine``) and plotted to ``output_dir/grad_conflict.png`` at the end.
+
+Data: ``--pairs`` a metadata.jsonl of S2I pairs (``{"src": ..., "tgt": ..., "caption": ...}``,
+Subject200K-like) and ``--data`` unpaired videos (metadata.jsonl or prompts.txt + videos.txt).
+Export: a diffusers-format LoRA (alpha baked) for the Subject Reference LoRA Loader node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from magicmirror_video.models.cogvideox import load_cogvideox
+from magicmirror_video.models.lora import TrainableLora, find_lora_targets, save_lora
+from magicmirror_video.models.sampler import check_video_size, rotary_embeddings
+from magicmirror_video.models.subject import (CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, ensure_cls_token,
+                                              inject_reference)
+from magicmirror_video.models.text import tokenize
+
+from .config import TrainConfig, doc, load_config
+from .data import item_generator, load_media, read_manifest
+from .losses import loss_weights, v_prediction_loss, x0_from_v
+from .trainer import Trainer, fetch, sample_indices, step_generator
+
+IMAGE, VIDEO = "image", "video"
+
+
+@dataclass
+class SubjectReplayTrainConfig(TrainConfig):
+    pairs: str = doc("", "S2I pair manifest (metadata.jsonl rows {src, tgt, caption}).")
+    replay_prob: float = doc(0.2, "p: probability that a step is a video-replay step (the paper uses 0.1).")
+    token_drop_prob: float = doc(0.3, "p_drop: each reference token of a video-replay step is dropped with this "
+                                      "probability (value not given in the paper).")
+    pair_height: int = doc(512, "Height of S2I pair images (multiple of 16).")
+    pair_width: int = doc(512, "Width of S2I pair images (multiple of 16).")
+    lora_rank: int = doc(128, "LoRA rank.")
+    lora_alpha: float = doc(64.0, "LoRA alpha (scale = alpha / rank).")
+    lora_dropout: float = doc(0.1, "LoRA dropout.")
+    lora_targets: list = doc(list(LORA_TARGETS), "Module names the LoRA adapts.")
+    conflict_steps: int = doc(100, "Log cos(g_img, g_vid) on fixed probe batches every N steps (0 = off).")
+    tiny_demo: bool = doc(False, "Generate tiny random models and synthetic pairs/videos under output_dir and train "
+                                 "on them (set by --preset tiny).")
+
+    def __post_init__(self):
+        if self.learning_rate == 1e-5:  # the shared default: use the paper's
+            self.learning_rate = 5e-5
+
+
+PRESETS = {
+    "paper": dict(learning_rate=5e-5, lr_scheduler="cosine_with_restarts", max_steps=4000, mixed_precision="bf16",
+                  replay_prob=0.1),
+    "tiny": dict(max_steps=12, learning_rate=1e-3, lr_scheduler="constant", height=32, width=32, num_frames=9,
+                 pair_height=32, pair_width=32, mixed_precision="no", gradient_checkpointing=False, lora_rank=4,
+                 lora_alpha=4.0, checkpointing_steps=6, report_to="none", conflict_steps=4, replay_prob=0.5,
+                 output_dir="runs/subject-tiny", tiny_demo=True),
+}
+
+
+class SubjectReplayModule(torch.nn.Module):
+    """The LoRA; its forward computes the loss of one batch of either kind."""
+
+    def __init__(self, lora: TrainableLora, frozen: dict, config: SubjectReplayTrainConfig):
+        super().__init__()
+        self.lora, self.frozen, self.config = lora, frozen, config
+
+    def forward(self, batch: dict, generator: torch.Generator):
+        f = self.frozen
+        transformer, vae, scheduler = f["transformer"], f["vae"], f["scheduler"]
+        device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
+        with torch.no_grad():
+            target = batch["target"].to(device, vae.dtype)  # [B, F, 3, H, W]
+            posterior = vae.encode(target.permute(0, 2, 1, 3, 4)).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+            latents = (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)  # [B, T, C, h, w]
+            ref = vae.encode(batch["reference"].to(device, vae.dtype)[:, :, None]).latent_dist.mode()
+            ref = (ref[:, :, 0] * vae.config.scaling_factor).to(dtype)  # [B, C, h, w]
+            text = f["text_encoder"](batch["input_ids"].to(device))[0].to(dtype)
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        h, w = latents.shape[-2:]
+        rope = rotary_embeddings(transformer, h * 8, w * 8, latents.shape[1], 8, device)
+        drop = self.config.token_drop_prob if batch["kind"] == VIDEO else 0.0
+        preds = []
+        for i in range(b):  # references may differ per sample: one reference stream per forward
+            undo = inject_reference(transformer, ref[i:i + 1], drop_prob=drop, generator=generator)
+            try:
+                preds.append(transformer(hidden_states=noisy[i:i + 1], encoder_hidden_states=text[i:i + 1],
+                                         timestep=t[i:i + 1], image_rotary_emb=rope, return_dict=False)[0])
+            finally:
+                undo()
+        x0 = x0_from_v(scheduler, noisy, torch.cat(preds).float(), t)
+        loss = v_prediction_loss(x0, latents, loss_weights(scheduler, t)).mean()
+        return loss, {f"loss_{batch['kind']}": loss.detach(), "is_video": float(batch["kind"] == VIDEO)}
+
+
+class SubjectReplayTrainer(Trainer):
+    config_class = SubjectReplayTrainConfig
+    method = "subject_replay"
+
+    def build(self) -> torch.nn.Module:
+        c = self.config
+        check_video_size(c.num_frames, c.height, c.width)
+        check_video_size(1, c.pair_height, c.pair_width)
+        bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
+                                vae_dtype=torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype)
+        self.bundle = bundle
+        ensure_cls_token(bundle.tokenizer, bundle.text_encoder)
+        self.pairs = read_manifest(c.pairs)
+        self.videos = read_manifest(c.data)
+        targets = find_lora_targets(bundle.transformer, c.lora_targets)
+        torch.manual_seed(c.seed)
+        lora = TrainableLora(bundle.transformer, targets, c.lora_rank, c.lora_alpha, c.lora_dropout,
+                             reference_only=NORM_LORA_MODULES).to(self.device)
+        self.lora = lora
+        self.undo_lora = lora.apply(bundle.transformer)
+        if c.gradient_checkpointing:
+            bundle.transformer.enable_gradient_checkpointing()
+        from diffusers import CogVideoXDDIMScheduler
+
+        frozen = {"transformer": bundle.transformer, "vae": bundle.vae, "text_encoder": bundle.text_encoder,
+                  "scheduler": CogVideoXDDIMScheduler.from_config(bundle.scheduler_config)}
+        self.conflicts: list[tuple[int, float]] = []
+        return SubjectReplayModule(lora, frozen, c)
+
+    def dataset(self):
+        return {IMAGE: PairDataset(self), VIDEO: ReplayDataset(self)}
+
+    def task_of(self, step: int) -> str:
+        """The task of optimizer step ``step``: u ~ U(0,1) from (seed, step), video when u < p."""
+        u = torch.rand(1, generator=step_generator(self.config.seed, step, -1)).item()
+        return VIDEO if u < self.config.replay_prob else IMAGE
+
+    def next_batch(self, data, step: int, micro: int) -> dict:
+        c, acc = self.config, self.accelerator
+        kind = self.task_of(step)
+        done = sum(1 for s in range(step) if self.task_of(s) == kind)  # earlier steps of this kind
+        position = ((done * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * c.batch_size
+        items = [fetch(data[kind], e, i) for e, i in sample_indices(len(data[kind]), c.seed, position, c.batch_size)]
+        return self.collate(items, kind)
+
+    def collate(self, items: list, kind: str = IMAGE) -> dict:
+        return {"kind": kind, **{k: torch.stack([it[k] for it in items]) for k in ("target", "reference", "input_ids")}}
+
+    def gradient_cosine(self, image_batch: dict, video_batch: dict, generator_seed: int = 0) -> float:
+        """cos(g_img, g_vid) of the LoRA gradients on two probe batches, with LoRA dropout off and fixed
+        noise, so the curve is comparable across steps (no effect on training: nothing is accumulated)."""
+        module = self.accelerator.unwrap_model(self.module)
+        params = [p for p in module.lora.parameters() if p.requires_grad]
+        was_training = module.training
+        module.eval()
+        try:
+            grads = []
+            for batch in (image_batch, video_batch):
+                loss, _ = module(batch, torch.Generator().manual_seed(generator_seed))
+                grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+        finally:
+            module.train(was_training)
+        return torch.nn.functional.cosine_similarity(grads[0].double(), grads[1].double(), dim=0).item()
+
+    def after_step(self, step: int, logs: dict) -> None:
+        c = self.config
+        if not (c.conflict_steps and step % c.conflict_steps == 0 and self.accelerator.is_main_process):
+            return
+        if not hasattr(self, "probes"):
+            data = self.dataset()
+            self.probes = (self.collate([data[IMAGE][0]], IMAGE), self.collate([data[VIDEO][0]], VIDEO))
+        cos = self.gradient_cosine(*self.probes)
+        self.conflicts.append((step, cos))
+        logs["grad_cosine"] = cos
+
+    def export(self, path: str) -> None:
+        lora = self.accelerator.unwrap_model(self.module).lora
+        save_lora(path, lora.layers(), {"method": "subject_replay", "subject_lora_scope": "reference",
+                                        "rank": lora.rank, "alpha": lora.alpha, "steps": self.step})
+
+    def finish(self) -> None:
+        if self.conflicts:
+            from .plots import line_plot_png
+
+            steps, values = zip(*self.conflicts)
+            line_plot_png(os.path.join(self.config.output_dir, "grad_conflict.png"), steps, values,
+                          title="cos(g_img, g_vid) on fixed probe batches", ylabel="cosine")
+            with open(os.path.join(self.config.output_dir, "grad_conflict.json"), "w") as f:
+                json.dump([{"step": s, "cosine": v} for s, v in self.conflicts], f)
+
+
+def random_frame_index(num_frames: int, generator: torch.Generator) -> int:
+    """The replay reference frame i ~ U(1, T) (1-based, as the paper writes it)."""
+    return int(torch.randint(1, num_frames + 1, (1,), generator=generator))
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """S2I pairs: reference = source image, target = one-frame 'video', caption with <cls> first."""
+
+    def __init__(self, trainer):
+        self.trainer, self.samples, self.config = trainer, trainer.pairs, trainer.config
+        self.tokenizer = trainer.bundle.tokenizer
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        c, s = self.config, self.samples[index]
+        src = load_media(s.extra["src"], num_frames=1, height=c.pair_height, width=c.pair_width)[0]
+        tgt = load_media(s.media, num_frames=1, height=c.pair_height, width=c.pair_width)
+        caption = s.caption if s.caption.startswith(CLS_TOKEN) else f"{CLS_TOKEN} {s.caption}"
+        return {"target": tgt, "reference": src, "input_ids": tokenize(self.tokenizer, caption).input_ids[0]}
+
+
+class ReplayDataset(torch.utils.data.Dataset):
+    """Unpaired videos: a random frame (i ~ U(1, T)) of the clip is the reference."""
+
+    def __init__(self, trainer):
+        self.trainer, self.samples, self.config = trainer, trainer.videos, trainer.config
+        self.tokenizer = trainer.bundle.tokenizer
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        c, s = self.config, self.samples[index]
+        g = item_generator(c.seed, self.epoch, index)
+        video = load_media(s.media, num_frames=c.num_frames, height=c.height, width=c.width,
+                           sampling=c.frame_sampling, generator=g)
+        ref = video[random_frame_index(video.shape[0], g) - 1]
+        return {"target": video, "reference": ref, "input_ids": tokenize(self.tokenizer, s.caption).input_ids[0]}
+
+
+def main(argv=None) -> str:
+    config = load_config(SubjectReplayTrainConfig, argv, PRESETS, description=__doc__)
+    if config.tiny_demo:
+        from .presets import build_tiny_subject
+
+        config = build_tiny_subject(config)
+    if not (config.model_path and config.data and config.pairs):
+        raise SystemExit("set --model_path, --pairs (S2I pair manifest) and --data (videos)")
+    out = SubjectReplayTrainer(config).train()
+    print(f"exported {out}: copy it to ComfyUI/models/loras/ and load it with 'Subject Reference LoRA Loader'")
+    return out
+
+
+if __name__ == "__main__":
+    main()

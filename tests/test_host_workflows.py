@@ -67,10 +67,24 @@ def _build_model_root(root: Path) -> None:
     (root / "magicmirror").mkdir()
     transformer = CogVideoXTransformer3DModel.from_pretrained(str(cog / "tiny-t2v" / "transformer"))
     tiny.build_magicmirror_adapter(str(root / "magicmirror" / "magicmirror.safetensors"), transformer)
+    # Subject reference: a random LoRA trained-format file with the reference scope recorded.
+    import torch
+
+    from magicmirror_video.models.lora import TrainableLora, find_lora_targets, save_lora
+    from magicmirror_video.models.subject import LORA_TARGETS, NORM_LORA_MODULES
+
+    torch.manual_seed(0)
+    lora = TrainableLora(transformer, find_lora_targets(transformer, list(LORA_TARGETS)), 4, 4.0,
+                         reference_only=NORM_LORA_MODULES)
+    with torch.no_grad():
+        for p in lora.up.values():
+            p.normal_(0, 0.05)
+    (root / "loras").mkdir()
+    save_lora(str(root / "loras" / "subject_reference_lora.safetensors"), lora.layers(),
+              {"method": "subject_replay", "subject_lora_scope": "reference"})
     # A folder that the loader's combo lists (it has transformer/) but that is incomplete.
     shutil.copytree(cog / "tiny-t2v" / "transformer", cog / BROKEN_FOLDER / "transformer")
     # A LoRA "downloaded" as an HTML error page.
-    (root / "loras").mkdir()
     (root / "loras" / BAD_LORA).write_bytes(b"<html>404</html>")
     # A single-file transformer cut off mid-download: a real file's first 60%.
     (root / "diffusion_models").mkdir()
@@ -86,6 +100,7 @@ def _write_face_pngs(input_dir: Path) -> None:
 
     Image.fromarray(tiny_faces.synthetic_face_image(160, 128, radius=40, seed=0)).save(input_dir / "face.png")
     Image.fromarray(tiny_faces.synthetic_face_image(160, 128, radius=None)).save(input_dir / "dark.png")
+    Image.fromarray(tiny_faces.synthetic_face_image(56, 40, radius=14, seed=5)).save(input_dir / "subject.png")
 
 
 def _write_example_png(path: Path) -> None:
@@ -161,7 +176,7 @@ def _run_and_check_video(srv: comfy_host.ComfyServer, api: dict, workflow: dict 
 def test_host_runs_every_shipped_workflow(server, path):
     workflow, api = _shipped_api(server, path)
     for node in _nodes_of(api, "LoadImage"):
-        assert node["inputs"]["image"] in ("example.png", "face.png"), node["inputs"]["image"]
+        assert node["inputs"]["image"] in ("example.png", "face.png", "subject.png"), node["inputs"]["image"]
     _run_and_check_video(server, api, workflow)
 
 

@@ -16,11 +16,9 @@ import re
 import torch
 from torch import nn
 
+from .clip_vision import CLIP_MEAN, CLIP_STD, clip_vision_config  # noqa: F401  (CLIP_* re-exported)
 from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle
 from .perceiver import PerceiverResampler
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP pixel statistics
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,18 +70,8 @@ def id_perceiver_config_from_weights(sd: dict) -> IDPerceiverConfig:
 
 
 def clip_config_from_weights(sd: dict):
-    """A ``CLIPVisionConfig`` matching the ``vision_model.*`` weights (ViT-L/14 for PhotoMaker-V2)."""
-    from transformers import CLIPVisionConfig
-
-    p = "vision_model."
-    hidden = sd[p + "embeddings.class_embedding"].shape[0]
-    patch = sd[p + "embeddings.patch_embedding.weight"].shape[-1]
-    positions = sd[p + "embeddings.position_embedding.weight"].shape[0]
-    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
-                            num_attention_heads=max(1, hidden // 64), num_hidden_layers=_count(p + "encoder.layers.", sd),
-                            patch_size=patch, image_size=int(round((positions - 1) ** 0.5)) * patch,
-                            projection_dim=sd["visual_projection.weight"].shape[0] if "visual_projection.weight" in sd else 768,
-                            hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    """A ``CLIPVisionConfig`` for PhotoMaker-V2's tower (OpenAI ViT-L/14: quick-GELU)."""
+    return clip_vision_config(sd, hidden_act="quick_gelu")
 
 
 class IDEncoder(nn.Module):

@@ -1,0 +1,286 @@
+"""DualReal: identity and motion adapters blended per denoising stage by the StageBlender (ICCV 2025).
+
+Per block (all blocks) four bottleneck adapters act on the modulated joint ``[text; video]``
+tokens — ``id_attn_adapter``/``motion_attn_adapter`` after ``norm1``, ``id_ff_adapter``/
+``motion_ff_adapter`` after ``norm2``. Each computes ``x + up(GELU(down(x + λ·W_cond·c)))``
+(``up`` zero-initialised; only the motion adapters take the condition ``c``, a 1024-d CLIP
+ViT-H/14 image embedding of a reference image). Their outputs, weighted by the blend, are added to
+the attention / feed-forward outputs before the gates::
+
+    attn += α_g · id_attn(x) + (0.2 − α_g) · motion_attn(x)
+
+The StageBlender (``controller``) predicts α per group of blocks from the timestep embedding and
+the max-pooled patch-embedded ``[text; video]`` tokens: AdaLN (shift/scale/gate from the timestep)
+on a 3072→512 projection, a gated 512→2048→512 MLP, then 512→128→n_groups with a sigmoid ×0.2.
+Block i belongs to group ``i // (num_layers // n_groups)`` (7 groups of 6 for the 42-layer 5B).
+"Direct fusion" fixes α instead.
+
+Initialisation, as in the official code: ``up`` is zero, so a fresh adapter returns its input and
+the blend adds the documented skip term ``α·x + (0.2 − α)·x = 0.2·x`` (tested); the controller's
+last layer is zero, so α starts at 0.2·sigmoid(0) = 0.1.
+
+Weights: the pack's ``.safetensors`` (config in metadata) or the official ``adapter.pth`` (a torch
+pickle ``{name: tensor}``, read with ``weights_only=True``) — same key names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, variant_of
+
+METHOD = "dualreal"
+BLEND_SCALE = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class DualRealConfig:
+    width: int = 3072
+    num_layers: int = 42
+    time_embed_dim: int = 512
+    hidden_dim: int = 64
+    condition_dim: int = 1024
+    n_groups: int = 7
+    controller_hidden: int = 128
+    condition_lambda: float = 1.0
+    base_model: str = "CogVideoX-5B"
+
+    def group_of(self, block: int) -> int:
+        return block // (self.num_layers // self.n_groups)
+
+    @classmethod
+    def for_transformer(cls, transformer, **kwargs) -> "DualRealConfig":
+        c = transformer.config
+        n_groups = kwargs.pop("n_groups", None) or max(1, c.num_layers // 6)
+        return cls(width=c.num_attention_heads * c.attention_head_dim, num_layers=c.num_layers,
+                   time_embed_dim=c.time_embed_dim, n_groups=n_groups,
+                   base_model=str(variant_of(c)).rsplit(" ", 1)[0], **kwargs)
+
+
+class Adapter(nn.Module):
+    """``x + up(GELU(down(x + λ·condition_linear(c))))`` on [B, L, width] tokens."""
+
+    def __init__(self, width: int, hidden: int, condition_dim: int | None = None):
+        super().__init__()
+        self.down_linear = nn.Linear(width, hidden)
+        self.up_linear = nn.Linear(hidden, width)
+        self.condition_linear = nn.Linear(condition_dim, width) if condition_dim else None
+        nn.init.zeros_(self.up_linear.weight)
+        nn.init.zeros_(self.up_linear.bias)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None, lam: float = 1.0) -> torch.Tensor:
+        h = x
+        if self.condition_linear is not None and condition is not None:
+            h = h + lam * self.condition_linear(condition)  # condition [B or 1, 1, C] broadcasts over tokens
+        return self.up_linear(F.gelu(self.down_linear(h))) + x
+
+
+class BlockAdapters(nn.Module):
+    def __init__(self, config: DualRealConfig):
+        super().__init__()
+        w, hd, cd = config.width, config.hidden_dim, config.condition_dim
+        self.id_attn_adapter = Adapter(w, hd)
+        self.id_ff_adapter = Adapter(w, hd)
+        self.motion_attn_adapter = Adapter(w, hd, cd)
+        self.motion_ff_adapter = Adapter(w, hd, cd)
+
+
+class StageBlender(nn.Module):
+    """The controller: (timestep embedding [B, te], patch tokens [B, L, width]) -> α [B, n_groups] in (0, 0.2)."""
+
+    def __init__(self, config: DualRealConfig):
+        super().__init__()
+        te, w = config.time_embed_dim, config.width
+        self.timestep_encoder = nn.Sequential(nn.SiLU(), nn.Linear(te, 3 * te))
+        self.channel_encoder = nn.Sequential(nn.Linear(w, te))
+        self.norm = nn.LayerNorm(te, eps=1e-5)
+        self.fuse_proj = nn.Linear(te, 4 * te)
+        self.fuse_proj_down = nn.Linear(4 * te, te)
+        self.fusion_net = nn.Sequential(nn.ReLU(), nn.Linear(te, config.controller_hidden), nn.ReLU(),
+                                        nn.Linear(config.controller_hidden, config.n_groups), nn.Sigmoid())
+        nn.init.zeros_(self.fusion_net[3].weight)
+        nn.init.zeros_(self.fusion_net[3].bias)
+
+    def forward(self, temb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.timestep_encoder(temb).chunk(3, dim=1)
+        c = self.channel_encoder(tokens.max(dim=1)[0])  # [B, te]
+        h = self.norm(c) * (1 + scale) + shift
+        h = self.fuse_proj_down(F.gelu(self.fuse_proj(h), approximate="tanh")) + gate * c
+        return self.fusion_net(h) * BLEND_SCALE
+
+
+class DualRealAdapters(nn.Module):
+    """All DualReal weights; parameter names equal the official ``adapter.pth`` keys."""
+
+    def __init__(self, config: DualRealConfig):
+        super().__init__()
+        self.config = config
+        self.transformer_blocks = nn.ModuleList(BlockAdapters(config) for _ in range(config.num_layers))
+        self.controller = StageBlender(config)
+
+    def parameters_of(self, kind: str):
+        """Parameters of the ``"id"`` or ``"motion"`` adapters (for per-task gradient masking)."""
+        return [p for n, p in self.named_parameters() if f".{kind}_" in n]
+
+    def check_compatible(self, transformer) -> None:
+        mine, theirs = self.config, DualRealConfig.for_transformer(transformer, n_groups=self.config.n_groups)
+        if (mine.width, mine.num_layers, mine.time_embed_dim) != (theirs.width, theirs.num_layers, theirs.time_embed_dim):
+            raise ValueError(f"This DualReal adapter was made for {mine.base_model} (width {mine.width}, "
+                             f"{mine.num_layers} layers) but the loaded model is {theirs.base_model} (width "
+                             f"{theirs.width}, {theirs.num_layers} layers).")
+
+
+# ------------------------------------------------------------------------------- injection
+
+
+@dataclasses.dataclass
+class BlendState:
+    condition: torch.Tensor | None  # [1 or B, 1, condition_dim]
+    fixed_alpha: float | None = None
+    alpha: torch.Tensor | None = None  # [B, n_groups] of the current forward
+    history: list = dataclasses.field(default_factory=list)  # α of every forward (positive row), [n_groups]
+    record_row: int = -1
+
+
+class DualRealBlock(nn.Module):
+    """Wraps a ``CogVideoXBlock`` with the four adapters; the first block runs the controller."""
+
+    def __init__(self, block, index: int, adapters: DualRealAdapters, state: BlendState):
+        super().__init__()
+        self.wrapped, self.index, self.state = block, index, state
+        self.adapters = adapters.transformer_blocks[index]
+        self.controller = adapters.controller if index == 0 else None
+        self.group = adapters.config.group_of(index)
+        self.lam = adapters.config.condition_lambda
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
+        blk, ad, state = self.wrapped, self.adapters, self.state
+        if self.controller is not None:
+            if state.fixed_alpha is None:
+                tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # patch-embedded [text; video]
+                state.alpha = self.controller(temb, tokens)
+            else:
+                state.alpha = temb.new_full((temb.shape[0], self.controller.fusion_net[3].out_features),
+                                            state.fixed_alpha)
+            state.history.append(state.alpha[state.record_row].detach().float().cpu())
+        alpha = state.alpha[:, self.group].to(hidden_states.dtype).view(-1, 1, 1)  # [B, 1, 1]
+        beta = BLEND_SCALE - alpha
+        text_len, cond = encoder_hidden_states.size(1), state.condition
+        if cond is not None:
+            cond = cond.to(hidden_states.dtype)
+
+        norm_h, norm_t, gate, e_gate = blk.norm1(hidden_states, encoder_hidden_states, temb)
+        attn_h, attn_t = blk.attn1(hidden_states=norm_h, encoder_hidden_states=norm_t,
+                                   image_rotary_emb=image_rotary_emb, **(attention_kwargs or {}))
+        joint = torch.cat([norm_t, norm_h], dim=1)
+        id_out = ad.id_attn_adapter(joint) * alpha
+        motion_out = ad.motion_attn_adapter(joint, cond, self.lam) * beta
+        attn_h = attn_h + id_out[:, text_len:] + motion_out[:, text_len:]
+        attn_t = attn_t + id_out[:, :text_len] + motion_out[:, :text_len]
+        hidden_states = hidden_states + gate * attn_h
+        encoder_hidden_states = encoder_hidden_states + e_gate * attn_t
+
+        norm_h, norm_t, gate, e_gate = blk.norm2(hidden_states, encoder_hidden_states, temb)
+        joint = torch.cat([norm_t, norm_h], dim=1)
+        ff = blk.ff(joint)
+        ff = ff + ad.id_ff_adapter(joint) * alpha + ad.motion_ff_adapter(joint, cond, self.lam) * beta
+        hidden_states = hidden_states + gate * ff[:, text_len:]
+        encoder_hidden_states = encoder_hidden_states + e_gate * ff[:, :text_len]
+        return hidden_states, encoder_hidden_states
+
+
+def inject_dualreal(transformer, adapters: DualRealAdapters, condition: torch.Tensor | None, *,
+                    fixed_alpha: float | None = None, record_row: int = -1) -> tuple:
+    """Install DualReal until the returned undo is called; returns ``(undo, state)``."""
+    adapters.check_compatible(transformer)
+    if fixed_alpha is not None and not 0.0 <= fixed_alpha <= BLEND_SCALE:
+        raise ValueError(f"fixed alpha must be within [0, {BLEND_SCALE}] (identity x alpha, motion x "
+                         f"({BLEND_SCALE} - alpha)), got {fixed_alpha}")
+    state = BlendState(condition=condition, fixed_alpha=fixed_alpha, record_row=record_row)
+    blocks = transformer.transformer_blocks
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = DualRealBlock(block, i, adapters, state)
+
+    def undo():
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+    return undo, state
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DualRealPatch:
+    """Patch for sampling; ``alpha_history`` holds α [steps, n_groups] of the last run (positive row)."""
+
+    adapters: DualRealAdapters
+    condition: torch.Tensor | None  # [1, 1, condition_dim] CLIP image embedding of the reference
+    fixed_alpha: float | None = None
+    name: str = "dualreal"
+    alpha_history: list = dataclasses.field(default_factory=list)
+
+    def apply(self, transformer, context=None):
+        param = next(transformer.parameters())
+        adapters = self.adapters.to(param.device, param.dtype)
+        cond = None if self.condition is None else self.condition.to(param.device, param.dtype)
+        undo, state = inject_dualreal(transformer, adapters, cond, fixed_alpha=self.fixed_alpha, record_row=-1)
+        self.alpha_history.clear()
+        state.history = self.alpha_history
+        return undo
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
+
+
+def config_from_state_dict(state_dict: dict, base_model: str = "CogVideoX-5B") -> DualRealConfig:
+    """Read a DualRealConfig off the weights (official adapter.pth has no config)."""
+    try:
+        down = state_dict["transformer_blocks.0.id_attn_adapter.down_linear.weight"]
+        cond = state_dict["transformer_blocks.0.motion_attn_adapter.condition_linear.weight"]
+        te = state_dict["controller.timestep_encoder.1.weight"].shape[1]
+        last = state_dict["controller.fusion_net.3.weight"]
+    except KeyError as e:
+        raise WeightsFileError(f"not a DualReal adapter: missing {e.args[0]!r} (expected keys like "
+                               "transformer_blocks.0.id_attn_adapter.down_linear.weight and controller.*)") from e
+    layers = 1 + max(int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k)))
+    return DualRealConfig(width=down.shape[1], num_layers=layers, time_embed_dim=te, hidden_dim=down.shape[0],
+                          condition_dim=cond.shape[1], n_groups=last.shape[0], controller_hidden=last.shape[1],
+                          base_model=base_model)
+
+
+def load_dualreal(path: str) -> DualRealAdapters:
+    """Load the pack's ``.safetensors`` or the official ``adapter.pth`` (weights_only pickle)."""
+    if path.endswith((".safetensors", ".sft")):
+        tensors, metadata = read_safetensors(path)
+        config = DualRealConfig(**json.loads(metadata["config"])) if "config" in metadata else \
+            config_from_state_dict(tensors)
+    else:
+        tensors = read_torch_pickle(path)
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise WeightsFileError(f"{path!r}: expected a {{name: tensor}} DualReal adapter checkpoint")
+        config = config_from_state_dict(tensors)
+    adapters = DualRealAdapters(config)
+    missing, unexpected = adapters.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise WeightsFileError(f"{path!r}: DualReal weights do not match (missing {missing[:3]}, unexpected "
+                               f"{unexpected[:3]})")
+    return adapters.eval().requires_grad_(False)
+
+
+def save_dualreal(path: str, adapters: DualRealAdapters, extra_metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"method": METHOD, "config": json.dumps(dataclasses.asdict(adapters.config)),
+            **{k: str(v) for k, v in (extra_metadata or {}).items()}}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapters.state_dict().items()}, tmp, metadata=meta)
+    os.replace(tmp, path)

@@ -161,7 +161,11 @@ class CogVideoXSampler:
         samples = sample_video(model, positive, negative, num_frames=num_frames, height=height, width=width,
                                steps=steps, cfg=cfg, seed=seed, scheduler=scheduler.lower(),
                                use_dynamic_cfg=dynamic_cfg, image=image, callback=on_step)
-        return ({"samples": samples.float().cpu()},)
+        latent = {"samples": samples.float().cpu()}
+        for patch in model.patches:  # DualReal records its blend per step: pass it on for the plot node
+            if getattr(patch, "alpha_history", None):
+                latent["dualreal_alpha"] = torch.stack(list(patch.alpha_history))  # [steps, groups]
+        return (latent,)
 
 
 class CogVideoXDecode:

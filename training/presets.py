@@ -76,6 +76,13 @@ def build_tiny_subject(config):
 
 
 def _build_tiny_subject(config):
+    paths = _tiny_video_assets(os.path.join(config.output_dir, "tiny-assets"))
+    return dataclasses.replace(config, model_path=paths["model"], data=paths["videos"], pairs=paths["pairs"],
+                               tiny_demo=False)
+
+
+def _tiny_video_assets(root: str) -> dict:
+    """Tiny T2V folder, 4 synthetic S2I pairs (pairs/metadata.jsonl) and 3 clips (videos/prompts.txt+videos.txt)."""
     import json
 
     import numpy as np
@@ -84,7 +91,6 @@ def _build_tiny_subject(config):
     from magicmirror_video.models import tiny
     from magicmirror_video.models.video_io import write_video
 
-    root = os.path.join(config.output_dir, "tiny-assets")
     model = os.path.join(root, "CogVideo", "tiny-t2v")
     if not os.path.isdir(os.path.join(model, "transformer")):
         tiny.build_model_folder(model)
@@ -116,5 +122,53 @@ def _build_tiny_subject(config):
         f.write("\n".join(prompts) + "\n")
     with open(os.path.join(videos_dir, "videos.txt"), "w") as f:
         f.write("\n".join(videos) + "\n")
-    return dataclasses.replace(config, model_path=model, data=videos_dir, pairs=os.path.join(pairs_dir, "metadata.jsonl"),
-                               tiny_demo=False)
+    return {"model": model, "videos": videos_dir, "pairs": os.path.join(pairs_dir, "metadata.jsonl")}
+
+
+def build_tiny_dualreal(config):
+    """Tiny CogVideoX + tiny CLIP vision + synthetic identity images and motion clips (``--preset tiny``)."""
+    from accelerate import PartialState
+
+    from .trainer import use_cpu
+
+    with PartialState(cpu=use_cpu()).main_process_first():
+        return _build_tiny_dualreal(config)
+
+
+def build_clip_vision_checkpoint(path: str, *, projection_dim: int = 16, seed: int = 0) -> str:
+    """A tiny random CLIP vision tower with projection, saved with transformers' key names."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                           num_hidden_layers=2, patch_size=14, image_size=56,
+                                                           projection_dim=projection_dim, hidden_act="gelu"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def _build_tiny_dualreal(config):
+    import numpy as np
+    from PIL import Image
+
+    root = os.path.join(config.output_dir, "tiny-assets")
+    assets = _tiny_video_assets(root)  # model + clips
+    clip = build_clip_vision_checkpoint(os.path.join(root, "clip_vision.safetensors"))
+    ident = os.path.join(root, "identity")
+    os.makedirs(ident, exist_ok=True)
+    rng = np.random.default_rng(1)
+    names = []
+    for k in range(3):  # the same "dog": a brown disc at different places
+        img = np.full((48, 48, 3), 200, np.uint8)
+        y, x = rng.integers(14, 34, 2)
+        yy, xx = np.mgrid[:48, :48]
+        img[(yy - y) ** 2 + (xx - x) ** 2 < 100] = (120, 70, 30)
+        Image.fromarray(img).save(os.path.join(ident, f"{k}.png"))
+        names.append(f"{k}.png")
+    with open(os.path.join(ident, "images.txt"), "w") as f:
+        f.write("\n".join(names) + "\n")
+    with open(os.path.join(ident, "prompts.txt"), "w") as f:
+        f.write("\n".join(["a dog *"] * len(names)) + "\n")
+    return dataclasses.replace(config, model_path=assets["model"], data=assets["videos"], identity_data=ident,
+                               clip_vision=clip, tiny_demo=False)

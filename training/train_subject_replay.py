@@ -37,7 +37,7 @@ from magicmirror_video.models.text import tokenize
 from .config import TrainConfig, doc, load_config
 from .data import item_generator, load_media, read_manifest
 from .losses import loss_weights, v_prediction_loss, x0_from_v
-from .trainer import Trainer, fetch, sample_indices, step_generator
+from .trainer import TaskSwitchingTrainer
 
 IMAGE, VIDEO = "image", "video"
 
@@ -112,9 +112,14 @@ class SubjectReplayModule(torch.nn.Module):
         return loss, {f"loss_{batch['kind']}": loss.detach(), "is_video": float(batch["kind"] == VIDEO)}
 
 
-class SubjectReplayTrainer(Trainer):
+class SubjectReplayTrainer(TaskSwitchingTrainer):
     config_class = SubjectReplayTrainConfig
     method = "subject_replay"
+    tasks = (IMAGE, VIDEO)
+
+    @property
+    def switch_prob(self) -> float:
+        return self.config.replay_prob
 
     def build(self) -> torch.nn.Module:
         c = self.config
@@ -143,19 +148,6 @@ class SubjectReplayTrainer(Trainer):
 
     def dataset(self):
         return {IMAGE: PairDataset(self), VIDEO: ReplayDataset(self)}
-
-    def task_of(self, step: int) -> str:
-        """The task of optimizer step ``step``: u ~ U(0,1) from (seed, step), video when u < p."""
-        u = torch.rand(1, generator=step_generator(self.config.seed, step, -1)).item()
-        return VIDEO if u < self.config.replay_prob else IMAGE
-
-    def next_batch(self, data, step: int, micro: int) -> dict:
-        c, acc = self.config, self.accelerator
-        kind = self.task_of(step)
-        done = sum(1 for s in range(step) if self.task_of(s) == kind)  # earlier steps of this kind
-        position = ((done * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * c.batch_size
-        items = [fetch(data[kind], e, i) for e, i in sample_indices(len(data[kind]), c.seed, position, c.batch_size)]
-        return self.collate(items, kind)
 
     def collate(self, items: list, kind: str = IMAGE) -> dict:
         return {"kind": kind, **{k: torch.stack([it[k] for it in items]) for k in ("target", "reference", "input_ids")}}

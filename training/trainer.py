@@ -104,6 +104,9 @@ class Trainer(abc.ABC):
         position = ((step * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * c.batch_size
         return self.collate([fetch(data, e, i) for e, i in sample_indices(len(data), c.seed, position, c.batch_size)])
 
+    def before_optimizer_step(self, step: int) -> None:
+        """Optional: edit gradients after backward (all micro-steps), before the optimizer step."""
+
     def after_step(self, step: int, logs: dict) -> None:
         """Optional per-step work after the optimizer step (e.g. monitors); may add to ``logs``."""
 
@@ -278,8 +281,10 @@ class Trainer(abc.ABC):
                 with acc.accumulate(module):
                     loss, logs = self.loss(module, batch, generator)
                     acc.backward(loss)
+                    if acc.sync_gradients:
+                        self.before_optimizer_step(self.step)
                     if acc.sync_gradients and c.max_grad_norm > 0:
-                        acc.clip_grad_norm_(params, c.max_grad_norm)
+                        acc.clip_grad_norm_([p for p in params if p.grad is not None], c.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -310,3 +315,34 @@ class Trainer(abc.ABC):
             logger.info("trained %d steps in %.1f s; exported %s", self.step, time.perf_counter() - started, out)
         acc.end_training()
         return out
+
+
+class TaskSwitchingTrainer(Trainer):
+    """Two datasets, one task per optimizer step: ``second`` with probability ``switch_prob``.
+
+    ``dataset()`` returns ``{first: ds, second: ds}``; the task of a step comes from (seed, step),
+    so every rank and every resumed run agree, and each task walks its own shuffled stream.
+    """
+
+    tasks: tuple = ("first", "second")
+
+    @property
+    def switch_prob(self) -> float:
+        raise AttributeError  # pragma: no cover - subclasses define it
+
+    def task_of(self, step: int) -> str:
+        u = torch.rand(1, generator=step_generator(self.config.seed, step, -1)).item()
+        return self.tasks[1] if u < self.switch_prob else self.tasks[0]
+
+    def next_batch(self, data, step: int, micro: int) -> dict:
+        c, acc = self.config, self.accelerator
+        kind = self.task_of(step)
+        if not hasattr(self, "_task_counts"):
+            self._task_counts = [0]  # _task_counts[s] = earlier steps of task tasks[1] before step s
+        while len(self._task_counts) <= step:
+            s = len(self._task_counts) - 1
+            self._task_counts.append(self._task_counts[-1] + (self.task_of(s) == self.tasks[1]))
+        done = self._task_counts[step] if kind == self.tasks[1] else step - self._task_counts[step]
+        position = ((done * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * c.batch_size
+        items = [fetch(data[kind], e, i) for e, i in sample_indices(len(data[kind]), c.seed, position, c.batch_size)]
+        return self.collate(items, kind)

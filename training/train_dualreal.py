@@ -1,0 +1,185 @@
+"""Train DualReal's identity and motion adapters jointly: ``python -m training.train_dualreal``.
+
+Each optimizer step is a motion step with probability γ (``motion_prob``, 0.5) and an identity
+step otherwise. Identity data: subject images (single frames) with prompts like ``a dog *``;
+motion data: clips with a prompt. Both adapter sets and the StageBlender run forward every step;
+before the optimizer step the gradients of the other dimension's adapters are dropped (set to None,
+so AdamW leaves those weights untouched), while the controller learns from both. The motion
+adapters are conditioned on the CLIP ViT-H/14 embedding of a reference image of the subject.
+Loss: CogVideoX's v-prediction loss (x0 space, weight 1/(1−ᾱ)). Defaults from the paper: AdamW
+lr 1e-3, 1000 steps, bf16. Export: ``dualreal.safetensors`` for the DualReal StageBlender node
+(official ``adapter.pth`` key names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from magicmirror_video.models.clip_vision import image_embeds, load_clip_vision
+from magicmirror_video.models.cogvideox import load_cogvideox
+from magicmirror_video.models.dualreal import (DualRealAdapters, DualRealConfig, inject_dualreal, load_dualreal,
+                                               save_dualreal)
+from magicmirror_video.models.sampler import check_video_size, rotary_embeddings
+from magicmirror_video.models.text import tokenize
+
+from .config import TrainConfig, doc, load_config
+from .data import item_generator, load_media, read_manifest
+from .losses import loss_weights, v_prediction_loss, x0_from_v
+from .trainer import TaskSwitchingTrainer
+
+IDENTITY, MOTION = "identity", "motion"
+
+
+@dataclass
+class DualRealTrainConfig(TrainConfig):
+    identity_data: str = doc("", "Subject images with prompts (metadata.jsonl or images.txt + prompts.txt), "
+                                 "e.g. 'a dog *'.")
+    motion_prob: float = doc(0.5, "γ: probability that a step is a motion step.")
+    reference_image: str = doc("", "Image of the subject whose CLIP embedding conditions the motion adapters "
+                                   "(default: the first identity image).")
+    clip_vision: str = doc("", "CLIP vision model file/folder for the motion condition (OpenCLIP ViT-H/14).")
+    hidden_dim: int = doc(64, "Adapter bottleneck width.")
+    n_groups: int = doc(0, "StageBlender block groups (0 = num_layers // 6, i.e. 7 for the 5B).")
+    init_from: str = doc("", "Start from a DualReal adapter (.safetensors or the official adapter.pth).")
+    tiny_demo: bool = doc(False, "Generate tiny random models and synthetic data under output_dir and train on "
+                                 "them (set by --preset tiny).")
+
+    def __post_init__(self):
+        if self.learning_rate == 1e-5 and self.max_steps == 1000:  # shared defaults: use the paper's lr
+            self.learning_rate = 1e-3
+
+
+PRESETS = {
+    "paper": dict(learning_rate=1e-3, max_steps=1000, mixed_precision="bf16", num_frames=49, height=480, width=720),
+    "tiny": dict(max_steps=10, learning_rate=1e-3, lr_scheduler="constant", height=32, width=32, num_frames=9,
+                 mixed_precision="no", gradient_checkpointing=False, checkpointing_steps=5, report_to="none",
+                 output_dir="runs/dualreal-tiny", tiny_demo=True),
+}
+
+
+class DualRealTrainingModule(torch.nn.Module):
+    def __init__(self, adapters: DualRealAdapters, frozen: dict, condition: torch.Tensor):
+        super().__init__()
+        self.adapters, self.frozen = adapters, frozen
+        self.register_buffer("condition", condition, persistent=False)  # [1, 1, C]
+
+    def forward(self, batch: dict, generator: torch.Generator):
+        f = self.frozen
+        transformer, vae, scheduler = f["transformer"], f["vae"], f["scheduler"]
+        device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
+        with torch.no_grad():
+            pixels = batch["pixels"].to(device, vae.dtype)  # [B, F, 3, H, W]
+            post = vae.encode(pixels.permute(0, 2, 1, 3, 4)).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator).to(device)
+            latents = (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)
+            text = f["text_encoder"](batch["input_ids"].to(device))[0].to(dtype)
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        h, w = latents.shape[-2:]
+        rope = rotary_embeddings(transformer, h * 8, w * 8, latents.shape[1], 8, device)
+        undo, state = inject_dualreal(transformer, self.adapters, self.condition.to(dtype))
+        try:
+            v = transformer(hidden_states=noisy, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
+                            return_dict=False)[0]
+        finally:
+            undo()
+        x0 = x0_from_v(scheduler, noisy, v.float(), t)
+        loss = v_prediction_loss(x0, latents, loss_weights(scheduler, t)).mean()
+        return loss, {f"loss_{batch['kind']}": loss.detach(), "alpha_mean": state.alpha.mean().detach()}
+
+
+class DualRealTrainer(TaskSwitchingTrainer):
+    config_class = DualRealTrainConfig
+    method = "dualreal"
+    tasks = (IDENTITY, MOTION)
+
+    @property
+    def switch_prob(self) -> float:
+        return self.config.motion_prob
+
+    def build(self) -> torch.nn.Module:
+        c = self.config
+        check_video_size(c.num_frames, c.height, c.width)
+        bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
+                                vae_dtype=torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype)
+        self.bundle = bundle
+        self.identity = read_manifest(c.identity_data)
+        self.motion = read_manifest(c.data)
+        if not c.clip_vision:
+            raise SystemExit("--clip_vision is required (the CLIP ViT-H/14 that embeds the reference image)")
+        reference = c.reference_image or self.identity[0].media
+        image = load_media(reference, num_frames=1, height=224, width=224)[0].permute(1, 2, 0)[None] * 0.5 + 0.5
+        condition = image_embeds(load_clip_vision(c.clip_vision), image)[:, None]  # [1, 1, C]
+        if c.init_from:
+            adapters = load_dualreal(c.init_from).requires_grad_(True)
+        else:
+            adapters = DualRealAdapters(DualRealConfig.for_transformer(
+                bundle.transformer, hidden_dim=c.hidden_dim, condition_dim=condition.shape[-1],
+                n_groups=c.n_groups or None))
+        adapters.check_compatible(bundle.transformer)
+        self.adapters = adapters.train()
+        if c.gradient_checkpointing:
+            bundle.transformer.enable_gradient_checkpointing()
+        from diffusers import CogVideoXDDIMScheduler
+
+        frozen = {"transformer": bundle.transformer, "vae": bundle.vae, "text_encoder": bundle.text_encoder,
+                  "scheduler": CogVideoXDDIMScheduler.from_config(bundle.scheduler_config)}
+        return DualRealTrainingModule(adapters, frozen, condition)
+
+    def dataset(self):
+        return {IDENTITY: FramesDataset(self, self.identity, 1), MOTION: FramesDataset(self, self.motion,
+                                                                                       self.config.num_frames)}
+
+    def collate(self, items: list, kind: str = IDENTITY) -> dict:
+        return {"kind": kind, "pixels": torch.stack([it["pixels"] for it in items]),
+                "input_ids": torch.stack([it["input_ids"] for it in items])}
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Drop the gradients of the other dimension's adapters: identity steps train the identity
+        adapters, motion steps the motion adapters; the controller trains on both."""
+        adapters = self.accelerator.unwrap_model(self.module).adapters
+        frozen_kind = "motion" if self.task_of(step) == IDENTITY else "id"
+        for p in adapters.parameters_of(frozen_kind):
+            p.grad = None
+
+    def export(self, path: str) -> None:
+        save_dualreal(path, self.accelerator.unwrap_model(self.module).adapters, {"steps": self.step})
+
+
+class FramesDataset(torch.utils.data.Dataset):
+    def __init__(self, trainer, samples, num_frames: int):
+        self.trainer, self.samples, self.num_frames = trainer, samples, num_frames
+        self.config, self.tokenizer, self.epoch = trainer.config, trainer.bundle.tokenizer, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        c, s = self.config, self.samples[index]
+        pixels = load_media(s.media, num_frames=self.num_frames, height=c.height, width=c.width,
+                            sampling=c.frame_sampling, generator=item_generator(c.seed, self.epoch, index))
+        return {"pixels": pixels, "input_ids": tokenize(self.tokenizer, s.caption).input_ids[0]}
+
+
+def main(argv=None) -> str:
+    config = load_config(DualRealTrainConfig, argv, PRESETS, description=__doc__)
+    if config.tiny_demo:
+        from .presets import build_tiny_dualreal
+
+        config = build_tiny_dualreal(config)
+    if not (config.model_path and config.data and config.identity_data):
+        raise SystemExit("set --model_path, --identity_data (subject images) and --data (motion clips)")
+    out = DualRealTrainer(config).train()
+    print(f"exported {out}: copy it to ComfyUI/models/dualreal/ and load it with 'DualReal StageBlender'")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -67,3 +67,30 @@ def load_reference_config(name: str) -> dict:
         raise SystemExit(f"--full needs the CogVideoX-5B reference configs; not found: {path}")
     with open(path) as f:
         return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+
+
+def flops_5b(make_patches, context=None) -> tuple[float, float]:
+    """FLOPs of one CFG forward (batch 2) of the CogVideoX-5B transformer at 49x480x720, without and
+    with the patches ``make_patches(transformer)`` returns; everything on the meta device."""
+    from diffusers import CogVideoXTransformer3DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from magicmirror_video.models.patches import applied_patches
+    from magicmirror_video.models.sampler import rotary_embeddings
+
+    with torch.device("meta"):
+        transformer = CogVideoXTransformer3DModel.from_config(load_reference_config("transformer_config_5b.json"))
+        x, text, timestep = torch.randn(2, 13, 16, 60, 90), torch.randn(2, 226, 4096), torch.tensor([500, 500])
+        patches = make_patches(transformer)
+    rope = tuple(r.to("meta") for r in rotary_embeddings(transformer, 480, 720, 13, 8, "cpu"))
+
+    def forward():
+        transformer(hidden_states=x, encoder_hidden_states=text, timestep=timestep, image_rotary_emb=rope,
+                    return_dict=False)
+
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as base:
+            forward()
+        with applied_patches(transformer, patches, context), FlopCounterMode(display=False) as patched:
+            forward()
+    return base.get_total_flops(), patched.get_total_flops()

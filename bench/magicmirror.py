@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-from common import interleaved_runs, load_reference_config, summary
+from common import flops_5b, interleaved_runs, load_reference_config, summary
 from sampler import build
 
 import torch
@@ -53,38 +53,20 @@ def sizes() -> None:
     print(f"added in total: {added / 1e9:.2f}B   (paper: +2.3B, 10.5B -> 12.8B)")
 
 
-def flops_5b() -> None:
-    """FLOPs of one CFG forward of the 5B transformer at 49x480x720, base vs patched (meta device)."""
-    from diffusers import CogVideoXTransformer3DModel
-    from torch.utils.flop_counter import FlopCounterMode
+def report_flops_5b() -> None:
+    from magicmirror_video.models.patches import SamplingContext
 
-    from magicmirror_video.models.patches import SamplingContext, applied_patches
-    from magicmirror_video.models.sampler import rotary_embeddings
-
-    with torch.device("meta"):
-        transformer = CogVideoXTransformer3DModel.from_config(load_reference_config("transformer_config_5b.json"))
-        adapter = MagicMirrorAdapter(MagicMirrorConfig.for_transformer(transformer)).eval()
-        x, text = torch.randn(2, 13, 16, 60, 90), torch.randn(2, 226, 4096)
-        faces = FaceEmbeds(arcface=torch.randn(1, 512), x_id=torch.randn(1, 2, 2048),
-                           clip_penultimate=torch.randn(1, 257, 1024))
-        timestep = torch.tensor([500, 500])
-    rope = tuple(r.to("meta") for r in rotary_embeddings(transformer, 480, 720, 13, 8, "cpu"))
     mask = torch.zeros(1, 226, dtype=torch.bool)
     mask[0, 2] = True
     ctx = SamplingContext(positive=TextConditioning("", None, None, None, identity_mask=mask),
                           batch_roles=("negative", "positive"))
 
-    def forward():
-        transformer(hidden_states=x, encoder_hidden_states=text, timestep=timestep, image_rotary_emb=rope,
-                    return_dict=False)
+    def patches(transformer):
+        faces = FaceEmbeds(arcface=torch.randn(1, 512), x_id=torch.randn(1, 2, 2048),
+                           clip_penultimate=torch.randn(1, 257, 1024))
+        return [MagicMirrorPatch(MagicMirrorAdapter(MagicMirrorConfig.for_transformer(transformer)).eval(), faces)]
 
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as base:
-            forward()
-        with applied_patches(transformer, [MagicMirrorPatch(adapter, faces)], ctx), \
-                FlopCounterMode(display=False) as patched:
-            forward()
-    b, p = base.get_total_flops(), patched.get_total_flops()
+    b, p = flops_5b(patches, ctx)
     print(f"5B forward FLOPs (CFG batch 2, 49x480x720): base {b / 1e12:.1f} T, MagicMirror {p / 1e12:.1f} T, "
           f"ratio {p / b:.4f}")
 
@@ -96,7 +78,7 @@ def main() -> None:
     ap.add_argument("--sizes-only", action="store_true")
     args = ap.parse_args()
     sizes()
-    flops_5b()
+    report_flops_5b()
     if args.sizes_only:
         return
     device = "cuda" if args.full and torch.cuda.is_available() else "cpu"

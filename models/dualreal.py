@@ -169,7 +169,8 @@ class DualRealBlock(nn.Module):
             else:
                 state.alpha = temb.new_full((temb.shape[0], self.controller.fusion_net[3].out_features),
                                             state.fixed_alpha)
-            state.history.append(state.alpha[state.record_row].detach().float().cpu())
+            if not state.alpha.is_meta:  # (FLOP counting runs on the meta device)
+                state.history.append(state.alpha[state.record_row].detach().float().cpu())
         alpha = state.alpha[:, self.group].to(hidden_states.dtype).view(-1, 1, 1)  # [B, 1, 1]
         beta = BLEND_SCALE - alpha
         text_len, cond = encoder_hidden_states.size(1), state.condition

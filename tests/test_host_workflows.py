@@ -82,6 +82,18 @@ def _build_model_root(root: Path) -> None:
     (root / "loras").mkdir()
     save_lora(str(root / "loras" / "subject_reference_lora.safetensors"), lora.layers(),
               {"method": "subject_replay", "subject_lora_scope": "reference"})
+    # DualReal: a random adapter in the official adapter.pth format + a tiny CLIP vision tower.
+    from magicmirror_video.models.dualreal import DualRealAdapters, DualRealConfig
+    from training.presets import build_clip_vision_checkpoint
+
+    adapters = DualRealAdapters(DualRealConfig.for_transformer(transformer, condition_dim=16, hidden_dim=8))
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    (root / "dualreal").mkdir()
+    torch.save(adapters.state_dict(), root / "dualreal" / "adapter.pth")
+    (root / "clip_vision").mkdir()
+    build_clip_vision_checkpoint(str(root / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"))
     # A folder that the loader's combo lists (it has transformer/) but that is incomplete.
     shutil.copytree(cog / "tiny-t2v" / "transformer", cog / BROKEN_FOLDER / "transformer")
     # A LoRA "downloaded" as an HTML error page.
@@ -178,6 +190,14 @@ def test_host_runs_every_shipped_workflow(server, path):
     for node in _nodes_of(api, "LoadImage"):
         assert node["inputs"]["image"] in ("example.png", "face.png", "subject.png"), node["inputs"]["image"]
     _run_and_check_video(server, api, workflow)
+
+
+def test_host_dualreal_blend_plot_is_produced(server):
+    _, api = _shipped_api(server, PACK_DIR / "workflows" / "dualreal_stageblender.json")
+    entry = server.run_prompt(api, timeout=PROMPT_TIMEOUT)
+    (preview_id,) = [nid for nid, node in api.items() if node["class_type"] == "PreviewImage"]
+    images = entry["outputs"][preview_id]["images"]
+    assert len(images) == 1 and images[0]["filename"].endswith(".png")
 
 
 def test_host_magicmirror_no_face_error(server):

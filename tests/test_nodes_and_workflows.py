@@ -20,7 +20,7 @@ CORE_WIDGETS = {
     "LoadImage": [("image", (None, {})), ("upload", (None, {}))],
     "PreviewImage": [],
 }
-DYNAMIC_COMBOS = {"model", "lora_name", "transformer_file", "insightface", "photomaker", "adapter"}  # lists of files on the user's disk
+DYNAMIC_COMBOS = {"model", "lora_name", "transformer_file", "insightface", "photomaker", "adapter", "clip_vision"}  # lists of files on the user's disk
 
 
 def all_inputs(cls):

@@ -17,6 +17,7 @@ removing the hooks restores the base model bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -183,11 +184,14 @@ BRANCH_ATTR = "_mmv_branch"
 
 
 def _lora_hook(module: torch.nn.Module, down, up, scale: float, reference_only: bool = False,
-               dropout: torch.nn.Module | None = None):
-    """Forward hook adding ``scale * up(down(x))``; ``down``/``up`` may be trainable parameters."""
+               dropout: torch.nn.Module | None = None, owner=None):
+    """Forward hook adding ``scale * up(down(x))``; ``down``/``up`` may be trainable parameters.
+    With ``owner`` (a :class:`TrainableLora`), the hook does nothing while ``owner.enabled`` is False."""
     conv = isinstance(module, torch.nn.Conv2d)
 
     def hook(mod, args, output):
+        if owner is not None and not owner.enabled:
+            return output
         if reference_only and getattr(mod, BRANCH_ATTR, None) != "reference":
             return output
         x = args[0] if dropout is None else dropout(args[0])
@@ -257,10 +261,20 @@ class TrainableLora(torch.nn.Module):
             torch.nn.init.kaiming_uniform_(down, a=5 ** 0.5)
             self.down[key], self.up[key] = torch.nn.Parameter(down), torch.nn.Parameter(up)
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else None
+        self.enabled = True
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model for the duration of the block (e.g. the DPO reference, without a second copy)."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
     def apply(self, transformer, context=None):
         modules = named_modules(transformer)
@@ -268,7 +282,8 @@ class TrainableLora(torch.nn.Module):
         for path in self.paths:
             key = path.replace(".", "__")
             hooks.append((modules[path], _lora_hook(modules[path], self.down[key], self.up[key], self.scale,
-                                                    _is_reference_only(path, self.reference_only), self.dropout)))
+                                                    _is_reference_only(path, self.reference_only), self.dropout,
+                                                    owner=self)))
         return forward_hook_patch(hooks)
 
     def layers(self) -> dict[str, LoraLayer]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MEDIA_KEYS = ("media", "video", "image", "file_name", "path", "tgt")  # "tgt": S2I pair target
+MEDIA_KEYS = ("media", "video", "image", "file_name", "path", "tgt", "winner")  # tgt: S2I pair; winner: GT-Pair
 CAPTION_KEYS = ("caption", "prompt", "text")
 # Extra keys whose values (a path or a list of paths) are resolved and checked like the media.
 PATH_KEYS = frozenset({"media", "video", "image", "file_name", "path", "ref_image", "ref_images", "reference",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def x0_from_v(scheduler, noisy: torch.Tensor, v_pred: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -51,3 +52,38 @@ def box_to_latent_mask(boxes: torch.Tensor, height: int, width: int, scale: int)
 def identity_loss(cosine: torch.Tensor) -> torch.Tensor:
     """1 − cos(ArcFace(reference), ArcFace(decoded x̂0)), per sample."""
     return 1.0 - cosine
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """err = mean squared error per sample: [B]."""
+    return ((pred.float() - target.float()) ** 2).flatten(1).mean(dim=1)
+
+
+def regdpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor, *,
+                beta: float, mode: str = "regdpo", r: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Reg-DPO (arXiv 2511.01450, Eq. 6): ``L = −log σ(−β·s) + r·err_θ(w)`` per pair, averaged.
+
+    ``s = (err_θ(w) − err_ref(w)) − (err_θ(l) − err_ref(l))`` = Win Gap − Lose Gap (errors are mean
+    v-prediction MSEs). β multiplies s directly (no 0.5 factor). ``DGR = β(1 − σ(−β·s))`` is the
+    DPO gradient ratio. ``mode``: ``regdpo`` (r = DGR, detached), ``fixed`` (the given r), ``dpo``
+    (r = 0) or ``sft`` (only err_θ(w)). Returns the loss and every logged quantity (batch means).
+    """
+    win_gap = err_w - ref_err_w
+    lose_gap = err_l - ref_err_l
+    s = win_gap - lose_gap
+    l_dpo = -F.logsigmoid(-beta * s)
+    dgr = beta * (1 - torch.sigmoid(-beta * s))
+    if mode == "regdpo":
+        reg = dgr.detach()
+    elif mode == "fixed":
+        reg = torch.full_like(dgr, float(r))
+    elif mode in ("dpo", "sft"):
+        reg = torch.zeros_like(dgr)
+    else:
+        raise ValueError(f"unknown Reg-DPO mode {mode!r} (regdpo, fixed, dpo, sft)")
+    loss = err_w if mode == "sft" else l_dpo + reg * err_w
+    logs = {"DGR": dgr.mean().detach(), "r": reg.mean().detach(), "DGR+r": (dgr + reg).mean().detach(),
+            "win_gap": win_gap.mean().detach(), "lose_gap": lose_gap.mean().detach(), "s": s.mean().detach(),
+            "L_DPO": l_dpo.mean().detach(), "implicit_accuracy": (s < 0).float().mean(),
+            "err_w": err_w.mean().detach(), "err_l": err_l.mean().detach()}
+    return loss.mean(), logs

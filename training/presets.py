@@ -172,3 +172,29 @@ def _build_tiny_dualreal(config):
         f.write("\n".join(["a dog *"] * len(names)) + "\n")
     return dataclasses.replace(config, model_path=assets["model"], data=assets["videos"], identity_data=ident,
                                clip_vision=clip, tiny_demo=False)
+
+
+def build_tiny_regdpo(config):
+    """Tiny CogVideoX + 3 synthetic real clips turned into GT-Pairs by ``build_gt_pairs`` (``--preset tiny``)."""
+    from accelerate import PartialState
+
+    from .trainer import use_cpu
+
+    with PartialState(cpu=use_cpu()).main_process_first():
+        return _build_tiny_regdpo(config)
+
+
+def _build_tiny_regdpo(config):
+    from magicmirror_video.models.cogvideox import load_cogvideox
+
+    from .build_gt_pairs import build_pairs
+    from .data import read_manifest
+
+    root = os.path.join(config.output_dir, "tiny-assets")
+    assets = _tiny_video_assets(root)
+    pairs_dir = os.path.join(root, "gt-pairs")
+    bundle = load_cogvideox(assets["model"], dtype=torch.float32)
+    build_pairs(read_manifest(assets["videos"]), bundle, pairs_dir, num_frames=config.num_frames, height=config.height,
+                width=config.width, fps=8, min_short_side=16, steps=2, cfg=6.0)
+    return dataclasses.replace(config, model_path=assets["model"], data=os.path.join(pairs_dir, "pairs.jsonl"),
+                               tiny_demo=False)

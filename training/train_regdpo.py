@@ -1,0 +1,191 @@
+"""Reg-DPO: SFT-regularised DPO LoRA training on GT-Pairs: ``python -m training.train_regdpo``.
+
+Loss per pair (arXiv 2511.01450, Eq. 6): ``−log σ(−β·s) + r·err_θ(w)`` with
+``s = (err_θ(w) − err_ref(w)) − (err_θ(l) − err_ref(l))``, err = mean v-prediction MSE of a sample,
+``DGR = β(1 − σ(−β·s))`` and by default ``r = DGR`` (detached). **β convention:** β multiplies s
+directly (there is no 0.5 factor), default 500. Winner and loser share noise and timestep and, by
+default, one forward (pair-parallel). The reference is the same transformer with the LoRA switched
+off under ``no_grad`` — no second copy. Logged every step: DGR, r, DGR+r, Win Gap, Lose Gap, s,
+L_DPO, implicit accuracy (share of pairs with s < 0).
+
+Data: the pair manifest written by ``python -m training.build_gt_pairs`` (winner = real video,
+loser = the base model's video from the same first frame and prompt). Export: a diffusers-format
+LoRA (alpha baked) for the CogVideoX LoRA Loader node and diffusers' ``load_lora_weights``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from magicmirror_video.models.cogvideox import load_cogvideox
+from magicmirror_video.models.lora import TrainableLora, find_lora_targets, save_lora
+from magicmirror_video.models.sampler import check_video_size, rotary_embeddings
+from magicmirror_video.models.text import tokenize
+
+from .config import TrainConfig, doc, load_config
+from .data import load_media, read_manifest
+from .losses import per_sample_mse, regdpo_loss
+from .trainer import Trainer
+
+MODES = ("regdpo", "fixed", "dpo", "sft")
+
+
+@dataclass
+class RegDPOTrainConfig(TrainConfig):
+    beta: float = doc(500.0, "β; multiplies s directly (no 0.5 factor).")
+    mode: str = doc("regdpo", "regdpo: r = DGR (detached, dynamic); fixed: r = --r; dpo: r = 0 (vanilla "
+                              "Diffusion-DPO); sft: only the winner's error.", choices=MODES)
+    r: float = doc(0.0, "The SFT weight for mode=fixed.")
+    lora_rank: int = doc(16, "LoRA rank.")
+    lora_alpha: float = doc(32.0, "LoRA alpha (scale alpha/rank, baked into the exported lora_B).")
+    lora_targets: list = doc(["to_q", "to_k", "to_v", "to_out.0"], "Modules the LoRA adapts.")
+    pair_parallel: bool = doc(True, "Winner and loser in one forward (batch 2B) instead of two.")
+    reference_model: str = doc("lora_disabled", "lora_disabled: the reference is the same transformer with the "
+                               "LoRA off (no copy); copy: a frozen copy (more memory, for comparison).",
+                               choices=("lora_disabled", "copy"))
+    tiny_demo: bool = doc(False, "Generate a tiny model and synthetic GT-Pairs under output_dir and train on "
+                                 "them (set by --preset tiny).")
+
+    def __post_init__(self):
+        if self.learning_rate == 1e-5:  # the shared default: use the paper's
+            self.learning_rate = 5e-6
+
+
+PRESETS = {
+    "tiny": dict(max_steps=8, learning_rate=1e-3, lr_scheduler="constant", height=32, width=32, num_frames=9,
+                 mixed_precision="no", gradient_checkpointing=False, checkpointing_steps=4, report_to="none",
+                 lora_rank=4, lora_alpha=8.0, output_dir="runs/regdpo-tiny", tiny_demo=True),
+}
+
+
+class RegDPOModule(torch.nn.Module):
+    def __init__(self, lora: TrainableLora, frozen: dict, config: RegDPOTrainConfig):
+        super().__init__()
+        self.lora, self.frozen, self.config = lora, frozen, config
+
+    def predict(self, transformer, noisy, text, t, image_latents, rope):
+        """v-predictions for one batch; I2V models get the first-frame latents on the channel axis."""
+        x = noisy if image_latents is None else torch.cat([noisy, image_latents], dim=2)
+        ofs = noisy.new_full((noisy.shape[0],), 2.0) if transformer.config.ofs_embed_dim else None
+        return transformer(hidden_states=x, encoder_hidden_states=text, timestep=t, ofs=ofs, image_rotary_emb=rope,
+                           return_dict=False)[0]
+
+    def pair_predictions(self, transformer, noisy_w, noisy_l, text, t, image_latents, rope):
+        if self.config.pair_parallel:
+            both = self.predict(transformer, torch.cat([noisy_w, noisy_l]), torch.cat([text, text]),
+                                torch.cat([t, t]), None if image_latents is None else torch.cat([image_latents] * 2),
+                                rope)
+            return both.chunk(2)
+        return (self.predict(transformer, noisy_w, text, t, image_latents, rope),
+                self.predict(transformer, noisy_l, text, t, image_latents, rope))
+
+    def forward(self, batch: dict, generator: torch.Generator):
+        c, f = self.config, self.frozen
+        transformer, vae, scheduler = f["transformer"], f["vae"], f["scheduler"]
+        device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
+
+        def encode(pixels):  # [B, F, 3, H, W] -> scaled latents [B, T, C, h, w]
+            post = vae.encode(pixels.to(device, vae.dtype).permute(0, 2, 1, 3, 4)).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator).to(device)
+            return (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)
+
+        with torch.no_grad():
+            x_w, x_l = encode(batch["winner"]), encode(batch["loser"])
+            text = f["text_encoder"](batch["input_ids"].to(device))[0].to(dtype)
+            image_latents = None
+            if transformer.config.in_channels == 2 * transformer.config.out_channels:
+                first = vae.encode(batch["first_frame"].to(device, vae.dtype)[:, :, None]).latent_dist.mode()
+                first = (first * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)  # [B, 1, C, h, w]
+                image_latents = torch.cat([first, first.new_zeros(first.shape[0], x_w.shape[1] - 1,
+                                                                  *first.shape[2:])], dim=1)
+        b = x_w.shape[0]
+        noise = torch.randn(x_w.shape, generator=generator).to(device, dtype)  # shared by winner and loser
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+        noisy_w, noisy_l = scheduler.add_noise(x_w, noise, t), scheduler.add_noise(x_l, noise, t)
+        target_w, target_l = scheduler.get_velocity(x_w, noise, t), scheduler.get_velocity(x_l, noise, t)
+        h, w = x_w.shape[-2:]
+        rope = rotary_embeddings(transformer, h * 8, w * 8, x_w.shape[1], 8, device) \
+            if transformer.config.use_rotary_positional_embeddings else None
+        pred_w, pred_l = self.pair_predictions(transformer, noisy_w, noisy_l, text, t, image_latents, rope)
+        with torch.no_grad():
+            if c.reference_model == "copy":
+                ref_w, ref_l = self.pair_predictions(f["reference"], noisy_w, noisy_l, text, t, image_latents, rope)
+            else:
+                with self.lora.disabled():
+                    ref_w, ref_l = self.pair_predictions(transformer, noisy_w, noisy_l, text, t, image_latents, rope)
+        return regdpo_loss(per_sample_mse(pred_w, target_w), per_sample_mse(pred_l, target_l),
+                           per_sample_mse(ref_w, target_w), per_sample_mse(ref_l, target_l),
+                           beta=c.beta, mode=c.mode, r=c.r)
+
+
+class RegDPOTrainer(Trainer):
+    config_class = RegDPOTrainConfig
+    method = "regdpo"
+
+    def build(self) -> torch.nn.Module:
+        c = self.config
+        check_video_size(c.num_frames, c.height, c.width)
+        bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
+                                vae_dtype=torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype)
+        self.bundle = bundle
+        self.pairs = read_manifest(c.data)
+        frozen = {"transformer": bundle.transformer, "vae": bundle.vae, "text_encoder": bundle.text_encoder}
+        if c.reference_model == "copy":
+            frozen["reference"] = copy.deepcopy(bundle.transformer).requires_grad_(False)
+        torch.manual_seed(c.seed)
+        lora = TrainableLora(bundle.transformer, find_lora_targets(bundle.transformer, c.lora_targets), c.lora_rank,
+                             c.lora_alpha).to(self.device)
+        self.undo_lora = lora.apply(bundle.transformer)
+        if c.gradient_checkpointing:
+            bundle.transformer.enable_gradient_checkpointing()
+        from diffusers import CogVideoXDDIMScheduler
+
+        frozen["scheduler"] = CogVideoXDDIMScheduler.from_config(bundle.scheduler_config)
+        return RegDPOModule(lora, frozen, c)
+
+    def dataset(self):
+        return PairDataset(self)
+
+    def export(self, path: str) -> None:
+        lora = self.accelerator.unwrap_model(self.module).lora
+        save_lora(path, lora.layers(), {"method": "regdpo", "mode": self.config.mode, "beta": self.config.beta,
+                                        "rank": lora.rank, "alpha": lora.alpha, "steps": self.step})
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, trainer):
+        self.samples, self.config, self.tokenizer = trainer.pairs, trainer.config, trainer.bundle.tokenizer
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        c, s = self.config, self.samples[index]
+        load = lambda path: load_media(path, num_frames=c.num_frames, height=c.height, width=c.width,  # noqa: E731
+                                       sampling="start")
+        item = {"winner": load(s.media), "loser": load(s.extra["loser"]),
+                "input_ids": tokenize(self.tokenizer, s.caption).input_ids[0]}
+        first = s.extra.get("first_frame")
+        item["first_frame"] = (load_media(first, num_frames=1, height=c.height, width=c.width)[0] if first
+                               else item["winner"][0])
+        return item
+
+
+def main(argv=None) -> str:
+    config = load_config(RegDPOTrainConfig, argv, PRESETS, description=__doc__)
+    if config.tiny_demo:
+        from .presets import build_tiny_regdpo
+
+        config = build_tiny_regdpo(config)
+    if not (config.model_path and config.data):
+        raise SystemExit("set --model_path and --data (the GT-Pair manifest from training.build_gt_pairs)")
+    out = RegDPOTrainer(config).train()
+    print(f"exported {out}: copy it to ComfyUI/models/loras/ and load it with 'CogVideoX LoRA Loader'")
+    return out
+
+
+if __name__ == "__main__":
+    main()

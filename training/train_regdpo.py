@@ -83,6 +83,14 @@ class RegDPOModule(torch.nn.Module):
                 self.predict(transformer, noisy_l, text, t, image_latents, rope))
 
     def forward(self, batch: dict, generator: torch.Generator):
+        c = self.config
+        out = self.outputs(batch, generator)
+        return regdpo_loss(per_sample_mse(out["pred_w"], out["target_w"]), per_sample_mse(out["pred_l"], out["target_l"]),
+                           per_sample_mse(out["ref_w"], out["target_w"]), per_sample_mse(out["ref_l"], out["target_l"]),
+                           beta=c.beta, mode=c.mode, r=c.r)
+
+    def outputs(self, batch: dict, generator: torch.Generator) -> dict:
+        """v-predictions of the model and the reference for winner and loser, and their targets."""
         c, f = self.config, self.frozen
         transformer, vae, scheduler = f["transformer"], f["vae"], f["scheduler"]
         device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
@@ -116,9 +124,8 @@ class RegDPOModule(torch.nn.Module):
             else:
                 with self.lora.disabled():
                     ref_w, ref_l = self.pair_predictions(transformer, noisy_w, noisy_l, text, t, image_latents, rope)
-        return regdpo_loss(per_sample_mse(pred_w, target_w), per_sample_mse(pred_l, target_l),
-                           per_sample_mse(ref_w, target_w), per_sample_mse(ref_l, target_l),
-                           beta=c.beta, mode=c.mode, r=c.r)
+        return {"pred_w": pred_w, "pred_l": pred_l, "ref_w": ref_w, "ref_l": ref_l, "target_w": target_w,
+                "target_l": target_l}
 
 
 class RegDPOTrainer(Trainer):

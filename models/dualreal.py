@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, variant_of
+from .patches import replace_blocks
 
 METHOD = "dualreal"
 BLEND_SCALE = 0.2
@@ -205,16 +206,7 @@ def inject_dualreal(transformer, adapters: DualRealAdapters, condition: torch.Te
         raise ValueError(f"fixed alpha must be within [0, {BLEND_SCALE}] (identity x alpha, motion x "
                          f"({BLEND_SCALE} - alpha)), got {fixed_alpha}")
     state = BlendState(condition=condition, fixed_alpha=fixed_alpha, record_row=record_row)
-    blocks = transformer.transformer_blocks
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = DualRealBlock(block, i, adapters, state)
-
-    def undo():
-        for i, block in enumerate(originals):
-            blocks[i] = block
-
-    return undo, state
+    return replace_blocks(transformer, lambda i, block: DualRealBlock(block, i, adapters, state)), state
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

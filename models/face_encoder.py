@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .id_encoder import CLIP_MEAN, CLIP_STD, IDEncoder
+from .clip_vision import CLIP_MEAN, CLIP_STD
+from .id_encoder import IDEncoder
 from .magicmirror import FaceEmbeds
 
 

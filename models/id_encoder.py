@@ -16,7 +16,7 @@ import re
 import torch
 from torch import nn
 
-from .clip_vision import CLIP_MEAN, CLIP_STD, clip_vision_config  # noqa: F401  (CLIP_* re-exported)
+from .clip_vision import clip_vision_config
 from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle
 from .perceiver import PerceiverResampler
 

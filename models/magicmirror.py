@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cogvideox import WeightsFileError, read_safetensors, variant_of
+from .patches import replace_blocks
 from .perceiver import PerceiverResampler
 
 METHOD = "magicmirror"
@@ -396,18 +397,7 @@ def inject_magicmirror(transformer, adapter: MagicMirrorAdapter, *, face_tokens:
         kwargs["encoder_hidden_states"] = out
         return args, kwargs
 
-    blocks = transformer.transformer_blocks
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = MagicMirrorBlock(block, i, adapter, state)
-    handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def undo():
-        handle.remove()
-        for i, block in enumerate(originals):
-            blocks[i] = block
-
-    return undo
+    return replace_blocks(transformer, lambda i, block: MagicMirrorBlock(block, i, adapter, state), pre_hook)
 
 
 # ------------------------------------------------------------------------------ checkpoint

@@ -67,6 +67,25 @@ def named_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return out
 
 
+def replace_blocks(transformer: torch.nn.Module, make_wrapper, pre_hook=None) -> Undo:
+    """Swap every ``transformer_blocks[i]`` for ``make_wrapper(i, block)`` (a module keeping the block
+    as ``.wrapped``) and optionally add a keyword forward pre-hook on the transformer; the returned
+    undo restores the original blocks and removes the hook."""
+    blocks = transformer.transformer_blocks
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = make_wrapper(i, block)
+    handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True) if pre_hook is not None else None
+
+    def undo() -> None:
+        if handle is not None:
+            handle.remove()
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+    return undo
+
+
 def forward_hook_patch(modules_and_hooks) -> Undo:
     """Register forward hooks ``[(module, hook), ...]``; return the undo that removes them all."""
     handles = [module.register_forward_hook(hook) for module, hook in modules_and_hooks]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .lora import BRANCH_ATTR
+from .patches import replace_blocks
 from .sampler import rotary_embeddings
 
 NORM_LORA_MODULES = ("norm1.linear", "norm2.linear")
@@ -161,18 +162,8 @@ def inject_reference(transformer, latents: torch.Tensor, *, vae_scale: int = 8, 
         kwargs["image_rotary_emb"] = (cos.to(hidden.device), sin.to(hidden.device))
         return args, kwargs
 
-    blocks = transformer.transformer_blocks
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = SubjectBlock(block, i, len(originals), state)
-    handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def undo():
-        handle.remove()
-        for i, block in enumerate(originals):
-            blocks[i] = block
-
-    return undo
+    n = len(transformer.transformer_blocks)
+    return replace_blocks(transformer, lambda i, block: SubjectBlock(block, i, n, state), pre_hook)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

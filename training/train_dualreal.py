@@ -18,16 +18,15 @@ from dataclasses import dataclass
 import torch
 
 from magicmirror_video.models.clip_vision import image_embeds, load_clip_vision
-from magicmirror_video.models.cogvideox import load_cogvideox
 from magicmirror_video.models.dualreal import (DualRealAdapters, DualRealConfig, inject_dualreal, load_dualreal,
                                                save_dualreal)
-from magicmirror_video.models.sampler import check_video_size, rotary_embeddings
+from magicmirror_video.models.sampler import rotary_embeddings
 from magicmirror_video.models.text import tokenize
 
-from .config import TrainConfig, doc, load_config
+from .config import TrainConfig, doc
 from .data import item_generator, load_media, read_manifest
 from .losses import loss_weights, v_prediction_loss, x0_from_v
-from .trainer import TaskSwitchingTrainer
+from .trainer import TaskSwitchingTrainer, cli_main
 
 IDENTITY, MOTION = "identity", "motion"
 
@@ -103,10 +102,8 @@ class DualRealTrainer(TaskSwitchingTrainer):
 
     def build(self) -> torch.nn.Module:
         c = self.config
-        check_video_size(c.num_frames, c.height, c.width)
-        bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
-                                vae_dtype=torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype)
-        self.bundle = bundle
+        frozen = self.load_base()
+        bundle = self.bundle
         self.identity = read_manifest(c.identity_data)
         self.motion = read_manifest(c.data)
         if not c.clip_vision:
@@ -122,12 +119,6 @@ class DualRealTrainer(TaskSwitchingTrainer):
                 n_groups=c.n_groups or None))
         adapters.check_compatible(bundle.transformer)
         self.adapters = adapters.train()
-        if c.gradient_checkpointing:
-            bundle.transformer.enable_gradient_checkpointing()
-        from diffusers import CogVideoXDDIMScheduler
-
-        frozen = {"transformer": bundle.transformer, "vae": bundle.vae, "text_encoder": bundle.text_encoder,
-                  "scheduler": CogVideoXDDIMScheduler.from_config(bundle.scheduler_config)}
         return DualRealTrainingModule(adapters, frozen, condition)
 
     def dataset(self):
@@ -169,16 +160,12 @@ class FramesDataset(torch.utils.data.Dataset):
 
 
 def main(argv=None) -> str:
-    config = load_config(DualRealTrainConfig, argv, PRESETS, description=__doc__)
-    if config.tiny_demo:
-        from .presets import build_tiny_dualreal
+    from .presets import build_tiny_dualreal
 
-        config = build_tiny_dualreal(config)
-    if not (config.model_path and config.data and config.identity_data):
-        raise SystemExit("set --model_path, --identity_data (subject images) and --data (motion clips)")
-    out = DualRealTrainer(config).train()
-    print(f"exported {out}: copy it to ComfyUI/models/dualreal/ and load it with 'DualReal StageBlender'")
-    return out
+    return cli_main(DualRealTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_dualreal,
+                    required={"model_path": "a diffusers CogVideoX folder", "identity_data": "subject images",
+                              "data": "motion clips", "clip_vision": "CLIP ViT-H/14 vision model"},
+                    use_hint="copy it to ComfyUI/models/dualreal/ and load it with 'DualReal StageBlender'")
 
 
 if __name__ == "__main__":

@@ -28,16 +28,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from magicmirror_video.models.cogvideox import load_cogvideox, read_safetensors
+from magicmirror_video.models.cogvideox import read_safetensors
 from magicmirror_video.models.magicmirror import (MagicMirrorAdapter, MagicMirrorConfig, inject_magicmirror,
                                                   load_magicmirror, save_magicmirror)
-from magicmirror_video.models.sampler import check_video_size, rotary_embeddings
+from magicmirror_video.models.sampler import rotary_embeddings
 from magicmirror_video.models.text import identity_token_mask, split_trigger, tokenize
 
-from .config import TrainConfig, doc, load_config
+from .config import TrainConfig, doc
 from .data import item_generator, load_media, read_manifest
 from .losses import box_to_latent_mask, identity_loss, loss_weights, v_prediction_loss, x0_from_v
-from .trainer import Trainer
+from .trainer import Trainer, cli_main
 
 
 @dataclass
@@ -161,12 +161,8 @@ class MagicMirrorTrainer(Trainer):
 
     def build(self) -> torch.nn.Module:
         c = self.config
-        check_video_size(c.num_frames, c.height, c.width)
-        bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
-                                vae_dtype=torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype)
-        from diffusers import CogVideoXDDIMScheduler
-
-        self.bundle = bundle
+        frozen = self.load_base()
+        bundle = self.bundle
         self.samples = read_manifest(c.data)
         first = read_safetensors(self._faces_path(self.samples[0]))[0]
         if c.init_from:
@@ -179,8 +175,6 @@ class MagicMirrorTrainer(Trainer):
                 qformer_depth=c.qformer_depth, qformer_dim_head=c.qformer_dim_head, cond_dim=c.cond_dim,
                 fuse_hidden=c.fuse_hidden))
         self.adapter = adapter.train()
-        frozen = {"transformer": bundle.transformer, "vae": bundle.vae, "text_encoder": bundle.text_encoder,
-                  "scheduler": CogVideoXDDIMScheduler.from_config(bundle.scheduler_config)}
         self.cache_keys = None
         if c.precompute_cache:
             self.cache_keys = self._precompute(bundle)
@@ -188,8 +182,6 @@ class MagicMirrorTrainer(Trainer):
             bundle.text_encoder.to("cpu")
             if c.id_loss_weight == 0:
                 bundle.vae.to("cpu")  # the identity loss still decodes x̂0, otherwise the VAE is not needed
-        if c.gradient_checkpointing:
-            bundle.transformer.enable_gradient_checkpointing()
         if c.id_loss_weight > 0:
             if not c.arcface_path:
                 raise SystemExit("id_loss_weight > 0 needs --arcface_path (an insightface arcface_torch backbone "
@@ -310,17 +302,11 @@ class MagicMirrorDataset(torch.utils.data.Dataset):
 
 
 def main(argv=None) -> str:
-    config = load_config(MagicMirrorTrainConfig, argv, PRESETS, description=__doc__)
-    if config.tiny_demo:
-        from .presets import build_tiny_magicmirror
+    from .presets import build_tiny_magicmirror
 
-        config = build_tiny_magicmirror(config)
-    if not config.model_path or not config.data:
-        raise SystemExit("set --model_path (a diffusers CogVideoX folder) and --data (metadata.jsonl), "
-                         "or run --preset tiny for a self-contained demo")
-    out = MagicMirrorTrainer(config).train()
-    print(f"exported {out}: load it with the 'MagicMirror Apply' node (copy it to ComfyUI/models/magicmirror/)")
-    return out
+    return cli_main(MagicMirrorTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_magicmirror,
+                    required={"model_path": "a diffusers CogVideoX folder", "data": "metadata.jsonl"},
+                    use_hint="copy it to ComfyUI/models/magicmirror/ and pick it in 'MagicMirror Apply'")
 
 
 if __name__ == "__main__":

@@ -20,15 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from magicmirror_video.models.cogvideox import load_cogvideox
 from magicmirror_video.models.lora import TrainableLora, find_lora_targets, save_lora
-from magicmirror_video.models.sampler import check_video_size, rotary_embeddings
+from magicmirror_video.models.sampler import rotary_embeddings
 from magicmirror_video.models.text import tokenize
 
-from .config import TrainConfig, doc, load_config
+from .config import TrainConfig, doc
 from .data import load_media, read_manifest
 from .losses import per_sample_mse, regdpo_loss
-from .trainer import Trainer
+from .trainer import Trainer, cli_main
 
 MODES = ("regdpo", "fixed", "dpo", "sft")
 
@@ -134,23 +133,15 @@ class RegDPOTrainer(Trainer):
 
     def build(self) -> torch.nn.Module:
         c = self.config
-        check_video_size(c.num_frames, c.height, c.width)
-        bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
-                                vae_dtype=torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype)
-        self.bundle = bundle
+        frozen = self.load_base()
+        bundle = self.bundle
         self.pairs = read_manifest(c.data)
-        frozen = {"transformer": bundle.transformer, "vae": bundle.vae, "text_encoder": bundle.text_encoder}
         if c.reference_model == "copy":
             frozen["reference"] = copy.deepcopy(bundle.transformer).requires_grad_(False)
         torch.manual_seed(c.seed)
         lora = TrainableLora(bundle.transformer, find_lora_targets(bundle.transformer, c.lora_targets), c.lora_rank,
                              c.lora_alpha).to(self.device)
         self.undo_lora = lora.apply(bundle.transformer)
-        if c.gradient_checkpointing:
-            bundle.transformer.enable_gradient_checkpointing()
-        from diffusers import CogVideoXDDIMScheduler
-
-        frozen["scheduler"] = CogVideoXDDIMScheduler.from_config(bundle.scheduler_config)
         return RegDPOModule(lora, frozen, c)
 
     def dataset(self):
@@ -182,16 +173,12 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def main(argv=None) -> str:
-    config = load_config(RegDPOTrainConfig, argv, PRESETS, description=__doc__)
-    if config.tiny_demo:
-        from .presets import build_tiny_regdpo
+    from .presets import build_tiny_regdpo
 
-        config = build_tiny_regdpo(config)
-    if not (config.model_path and config.data):
-        raise SystemExit("set --model_path and --data (the GT-Pair manifest from training.build_gt_pairs)")
-    out = RegDPOTrainer(config).train()
-    print(f"exported {out}: copy it to ComfyUI/models/loras/ and load it with 'CogVideoX LoRA Loader'")
-    return out
+    return cli_main(RegDPOTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_regdpo,
+                    required={"model_path": "a diffusers CogVideoX folder",
+                              "data": "the GT-Pair manifest from training.build_gt_pairs"},
+                    use_hint="copy it to ComfyUI/models/loras/ and load it with 'CogVideoX LoRA Loader'")
 
 
 if __name__ == "__main__":

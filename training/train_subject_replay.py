@@ -27,17 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from magicmirror_video.models.cogvideox import load_cogvideox
 from magicmirror_video.models.lora import TrainableLora, find_lora_targets, save_lora
 from magicmirror_video.models.sampler import check_video_size, rotary_embeddings
 from magicmirror_video.models.subject import (CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, ensure_cls_token,
                                               inject_reference)
 from magicmirror_video.models.text import tokenize
 
-from .config import TrainConfig, doc, load_config
+from .config import TrainConfig, doc
 from .data import item_generator, load_media, read_manifest
 from .losses import loss_weights, v_prediction_loss, x0_from_v
-from .trainer import TaskSwitchingTrainer
+from .trainer import TaskSwitchingTrainer, cli_main
 
 IMAGE, VIDEO = "image", "video"
 
@@ -123,11 +122,9 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
 
     def build(self) -> torch.nn.Module:
         c = self.config
-        check_video_size(c.num_frames, c.height, c.width)
         check_video_size(1, c.pair_height, c.pair_width)
-        bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
-                                vae_dtype=torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype)
-        self.bundle = bundle
+        frozen = self.load_base()
+        bundle = self.bundle
         ensure_cls_token(bundle.tokenizer, bundle.text_encoder)
         self.pairs = read_manifest(c.pairs)
         self.videos = read_manifest(c.data)
@@ -137,12 +134,6 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
                              reference_only=NORM_LORA_MODULES).to(self.device)
         self.lora = lora
         self.undo_lora = lora.apply(bundle.transformer)
-        if c.gradient_checkpointing:
-            bundle.transformer.enable_gradient_checkpointing()
-        from diffusers import CogVideoXDDIMScheduler
-
-        frozen = {"transformer": bundle.transformer, "vae": bundle.vae, "text_encoder": bundle.text_encoder,
-                  "scheduler": CogVideoXDDIMScheduler.from_config(bundle.scheduler_config)}
         self.conflicts: list[tuple[int, float]] = []
         return SubjectReplayModule(lora, frozen, c)
 
@@ -242,16 +233,12 @@ class ReplayDataset(torch.utils.data.Dataset):
 
 
 def main(argv=None) -> str:
-    config = load_config(SubjectReplayTrainConfig, argv, PRESETS, description=__doc__)
-    if config.tiny_demo:
-        from .presets import build_tiny_subject
+    from .presets import build_tiny_subject
 
-        config = build_tiny_subject(config)
-    if not (config.model_path and config.data and config.pairs):
-        raise SystemExit("set --model_path, --pairs (S2I pair manifest) and --data (videos)")
-    out = SubjectReplayTrainer(config).train()
-    print(f"exported {out}: copy it to ComfyUI/models/loras/ and load it with 'Subject Reference LoRA Loader'")
-    return out
+    return cli_main(SubjectReplayTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_subject,
+                    required={"model_path": "a diffusers CogVideoX folder", "pairs": "S2I pair manifest",
+                              "data": "unpaired videos"},
+                    use_hint="copy it to ComfyUI/models/loras/ and load it with 'Subject Reference LoRA Loader'")
 
 
 if __name__ == "__main__":

@@ -183,6 +183,24 @@ class Trainer(abc.ABC):
         return get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps * n,
                              num_training_steps=c.max_steps * n, num_cycles=c.lr_num_cycles)
 
+    def load_base(self) -> dict:
+        """Load the frozen CogVideoX from ``model_path`` (weights in the mixed-precision dtype, the VAE in
+        fp32 when that is fp16) and return ``{transformer, vae, text_encoder, scheduler}`` for training."""
+        from diffusers import CogVideoXDDIMScheduler
+
+        from magicmirror_video.models.cogvideox import load_cogvideox
+        from magicmirror_video.models.sampler import check_video_size
+
+        c = self.config
+        check_video_size(c.num_frames, c.height, c.width)
+        vae_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype
+        self.bundle = bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
+                                              vae_dtype=vae_dtype)
+        if c.gradient_checkpointing:
+            bundle.transformer.enable_gradient_checkpointing()
+        return {"transformer": bundle.transformer, "vae": bundle.vae, "text_encoder": bundle.text_encoder,
+                "scheduler": CogVideoXDDIMScheduler.from_config(bundle.scheduler_config)}
+
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
         """Save a resumable checkpoint atomically: written to a temp folder, then renamed."""
@@ -315,6 +333,23 @@ class Trainer(abc.ABC):
             logger.info("trained %d steps in %.1f s; exported %s", self.step, time.perf_counter() - started, out)
         acc.end_training()
         return out
+
+
+def cli_main(trainer_class, argv, presets: dict, *, description: str, required: dict, build_tiny=None,
+             use_hint: str = "") -> str:
+    """The command line of a trainer: resolve the config, build the tiny demo data when asked, check
+    the ``required`` fields (name -> what to pass), train, and say where the export goes."""
+    from .config import load_config
+
+    config = load_config(trainer_class.config_class, argv, presets, description=description)
+    if getattr(config, "tiny_demo", False) and build_tiny is not None:
+        config = build_tiny(config)
+    missing = [f"--{name} ({what})" for name, what in required.items() if not getattr(config, name)]
+    if missing:
+        raise SystemExit(f"set {', '.join(missing)}, or run --preset tiny for a self-contained demo")
+    out = trainer_class(config).train()
+    print(f"exported {out}{': ' + use_hint if use_hint else ''}")
+    return out
 
 
 class TaskSwitchingTrainer(Trainer):

@@ -40,3 +40,37 @@ def models_dir(tmp_path_factory):
     for sub in ("loras", "diffusion_models"):
         (root / sub).mkdir()
     return root
+
+
+def straight_and_resumed(trainer_class, config, tmp_path, kill_at: int, **overrides):
+    """Train ``config`` straight, and again killed right after the step-``kill_at`` checkpoint then resumed
+    with ``resume_from=latest``; return both exported state dicts."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    straight = trainer_class(dataclasses.replace(config, output_dir=str(tmp_path / "straight"), **overrides)).train()
+    original = trainer_class.save_checkpoint
+
+    def save_then_die(self):
+        path = original(self)
+        if self.step == kill_at:
+            raise KeyboardInterrupt(f"killed after the step-{kill_at} checkpoint")
+        return path
+
+    trainer_class.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer_class(dataclasses.replace(config, output_dir=str(tmp_path / "killed"), **overrides)).train()
+    finally:
+        trainer_class.save_checkpoint = original
+    checkpoints = os.listdir(tmp_path / "killed" / "checkpoints")
+    assert not [c for c in checkpoints if c.startswith(".tmp")], checkpoints  # no half-written checkpoint
+    assert not (tmp_path / "killed" / f"{trainer_class.method}.safetensors").exists()  # nothing exported yet
+    resumed = trainer_class(dataclasses.replace(config, output_dir=str(tmp_path / "killed"), resume_from="latest",
+                                                **overrides)).train()
+    return load_file(straight), load_file(resumed), straight
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from conftest import assert_same_weights, straight_and_resumed
 
 from magicmirror_video.models import tiny
 from magicmirror_video.models.dualreal import (DualRealAdapters, DualRealConfig, DualRealPatch, StageBlender,
@@ -193,24 +193,9 @@ def test_gradient_masking_keeps_the_other_dimension_bit_identical(tiny_dualreal,
 
 
 def test_training_resumes_exactly_and_the_adapter_drives_the_nodes(tiny_dualreal, tmp_path, monkeypatch):
-    kw = dict(max_steps=6, checkpointing_steps=3, lr_scheduler="cosine")
-    straight = DualRealTrainer(dataclasses.replace(tiny_dualreal, output_dir=str(tmp_path / "a"), **kw)).train()
-    original = DualRealTrainer.save_checkpoint
-
-    def save_then_die(self):
-        path = original(self)
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(DualRealTrainer, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        DualRealTrainer(dataclasses.replace(tiny_dualreal, output_dir=str(tmp_path / "b"), **kw)).train()
-    monkeypatch.setattr(DualRealTrainer, "save_checkpoint", original)
-    resumed = DualRealTrainer(dataclasses.replace(tiny_dualreal, output_dir=str(tmp_path / "b"), resume_from="latest",
-                                                  **kw)).train()
-    a, b = load_file(straight), load_file(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b, straight = straight_and_resumed(DualRealTrainer, tiny_dualreal, tmp_path, 3, max_steps=6,
+                                          checkpointing_steps=3, lr_scheduler="cosine")
+    assert_same_weights(a, b)
 
     models = tmp_path / "models"
     for sub in ("dualreal", "clip_vision"):

@@ -166,25 +166,10 @@ def test_gt_pair_builder_filters_reports_and_resumes(tmp_path):
 
 
 def test_resume_and_export_load_in_node_and_diffusers(tiny_pairs, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-    kw = dict(max_steps=6, checkpointing_steps=3, lr_scheduler="cosine")
-    straight = RegDPOTrainer(dataclasses.replace(tiny_pairs, output_dir=str(tmp_path / "a"), **kw)).train()
-    original = RegDPOTrainer.save_checkpoint
-
-    def save_then_die(self):
-        path = original(self)
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(RegDPOTrainer, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        RegDPOTrainer(dataclasses.replace(tiny_pairs, output_dir=str(tmp_path / "b"), **kw)).train()
-    monkeypatch.setattr(RegDPOTrainer, "save_checkpoint", original)
-    resumed = RegDPOTrainer(dataclasses.replace(tiny_pairs, output_dir=str(tmp_path / "b"), resume_from="latest",
-                                                **kw)).train()
-    a, b = load_file(straight), load_file(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from conftest import assert_same_weights, straight_and_resumed
+    a, b, straight = straight_and_resumed(RegDPOTrainer, tiny_pairs, tmp_path, 3, max_steps=6, checkpointing_steps=3,
+                                          lr_scheduler="cosine")
+    assert_same_weights(a, b)
 
     models = tmp_path / "models"
     (models / "loras").mkdir(parents=True)

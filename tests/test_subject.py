@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 from conftest import bundle_from_components
-from safetensors.torch import load_file
 
 from magicmirror_video.models import tiny
 from magicmirror_video.models.lora import TrainableLora, find_lora_targets, load_lora_file
@@ -139,26 +138,12 @@ def test_conflict_monitor_equals_direct_gradient_cosine(tiny_subject, tmp_path):
 
 
 def test_training_resumes_exactly_and_exports_a_lora_the_node_loads(tiny_subject, tmp_path, monkeypatch):
-    kw = dict(max_steps=8, checkpointing_steps=4, lr_scheduler="cosine_with_restarts", lr_num_cycles=2,
-              conflict_steps=4)
-    straight = SubjectReplayTrainer(dataclasses.replace(tiny_subject, output_dir=str(tmp_path / "a"), **kw)).train()
-    assert (tmp_path / "a" / "grad_conflict.png").is_file()
-    original = SubjectReplayTrainer.save_checkpoint
-
-    def save_then_die(self):
-        path = original(self)
-        if self.step == 4:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(SubjectReplayTrainer, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        SubjectReplayTrainer(dataclasses.replace(tiny_subject, output_dir=str(tmp_path / "b"), **kw)).train()
-    monkeypatch.setattr(SubjectReplayTrainer, "save_checkpoint", original)
-    resumed = SubjectReplayTrainer(dataclasses.replace(tiny_subject, output_dir=str(tmp_path / "b"),
-                                                       resume_from="latest", **kw)).train()
-    a, b = load_file(straight), load_file(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from conftest import assert_same_weights, straight_and_resumed
+    a, b, straight = straight_and_resumed(SubjectReplayTrainer, tiny_subject, tmp_path, 4, max_steps=8,
+                                          checkpointing_steps=4, lr_scheduler="cosine_with_restarts", lr_num_cycles=2,
+                                          conflict_steps=4)
+    assert (tmp_path / "straight" / "grad_conflict.png").is_file()
+    assert_same_weights(a, b)
     assert load_lora_file(straight).metadata["subject_lora_scope"] == "reference"
 
     models = tmp_path / "models"

@@ -116,27 +116,10 @@ def test_overfit_one_sample(tiny_run, tmp_path):
 
 
 def test_resume_after_kill_gives_bit_identical_weights(tiny_run, tmp_path, monkeypatch):
-    kw = dict(max_steps=6, checkpointing_steps=3, lr_scheduler="cosine", lr_warmup_steps=1)
-    straight = MagicMirrorTrainer(configured(tiny_run, tmp_path / "a", **kw)).train()
-
-    original = MagicMirrorTrainer.save_checkpoint
-
-    def save_then_die(self):
-        path = original(self)
-        if self.step == 3:
-            raise KeyboardInterrupt("killed after the step-3 checkpoint")
-        return path
-
-    monkeypatch.setattr(MagicMirrorTrainer, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        MagicMirrorTrainer(configured(tiny_run, tmp_path / "b", **kw)).train()
-    monkeypatch.setattr(MagicMirrorTrainer, "save_checkpoint", original)
-    assert not (tmp_path / "b" / "magicmirror.safetensors").exists()
-    assert not [p for p in os.listdir(tmp_path / "b" / "checkpoints") if p.startswith(".tmp")]
-    resumed = MagicMirrorTrainer(configured(tiny_run, tmp_path / "b", resume_from="latest", **kw)).train()
-    a, b = load_file(straight), load_file(resumed)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    from conftest import assert_same_weights, straight_and_resumed
+    a, b, _ = straight_and_resumed(MagicMirrorTrainer, tiny_run, tmp_path, 3, max_steps=6, checkpointing_steps=3,
+                                   lr_scheduler="cosine", lr_warmup_steps=1)
+    assert_same_weights(a, b)
     fresh = load_file(MagicMirrorTrainer(configured(tiny_run, tmp_path / "c", max_steps=3, lr_scheduler="cosine",
                                                     lr_warmup_steps=1, checkpointing_steps=0)).train())
     assert any(not torch.equal(a[k], fresh[k]) for k in a)  # the comparison can fail

@@ -94,3 +94,26 @@ def flops_5b(make_patches, context=None) -> tuple[float, float]:
         with applied_patches(transformer, patches, context), FlopCounterMode(display=False) as patched:
             forward()
     return base.get_total_flops(), patched.get_total_flops()
+
+
+def time_steps(step, repeats: int, device) -> dict:
+    """Run ``step()`` once to warm up, then ``repeats`` timed times; median/min/max seconds and peak GiB."""
+    step()
+    reset_peak(device)
+    times = []
+    for _ in range(repeats):
+        times.append(timed(step, device))
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "peak_gib": peak_gib(device)}
+
+
+def run_configs_in_processes(script: str, names: list[str], repeats: int) -> dict[str, dict]:
+    """Run ``script --one i --repeats N`` for every configuration in its own process (so each peak
+    memory is its own) and collect the JSON line each prints."""
+    import subprocess
+
+    results = {}
+    for i, name in enumerate(names):
+        out = subprocess.run([sys.executable, script, "--one", str(i), "--repeats", str(repeats)],
+                             capture_output=True, text=True, cwd=ROOT, check=True)
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
-import time
 
-from common import ROOT, peak_gib, reset_peak, sync
+from common import run_configs_in_processes, time_steps
 
 import torch
 
@@ -70,16 +66,7 @@ def one(checkpointing: bool, cache: bool, repeats: int, device: str) -> dict:
         loss.backward()
         opt.step()
 
-    step()
-    reset_peak(device)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "peak_gib": peak_gib(device)}
+    return time_steps(step, repeats, device)
 
 
 def main() -> None:
@@ -94,11 +81,8 @@ def main() -> None:
         return
     print(f"MagicMirror training step, mid config, 49 frames 128x128, batch 1, {device}, "
           f"{torch.get_num_threads()} threads")
-    results = {}
-    for i, (name, _, _) in enumerate(CONFIGS):
-        out = subprocess.run([sys.executable, __file__, "--one", str(i), "--repeats", str(args.repeats)],
-                             capture_output=True, text=True, cwd=ROOT, check=True)
-        results[name] = r = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_configs_in_processes(__file__, [name for name, _, _ in CONFIGS], args.repeats)
+    for name, r in results.items():
         kind = "CUDA allocated" if device == "cuda" else "process RSS"
         print(f"{name:>28}: median {r['median_s']:.2f} s (min {r['min_s']:.2f}, max {r['max_s']:.2f}), "
               f"peak {r['peak_gib']:.2f} GiB ({kind})")

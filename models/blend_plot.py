@@ -35,4 +35,4 @@ def render_alpha_heatmap(alpha: torch.Tensor, cell: int = 24) -> torch.Tensor:
     draw.text((left + max(0, steps - 2) * cell, top + groups * cell + 6), f"step {steps}", fill="black")
     draw.text((left, top + groups * cell + 22), f"alpha min {float(alpha.min()):.3f}  max {float(alpha.max()):.3f}",
               fill="black")
-    return torch.from_numpy(np.asarray(img)).float()[None] / 255.0
+    return torch.from_numpy(np.array(img)).float()[None] / 255.0  # np.array: a writable copy

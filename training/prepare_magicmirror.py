@@ -49,7 +49,7 @@ def first_frame(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))  # writable (torch.from_numpy needs it)
 
 
 def caption_for(path: str, class_word: str, trigger: str) -> str:

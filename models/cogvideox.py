@@ -176,6 +176,18 @@ def read_safetensors(path: str, device: str = "cpu") -> tuple[dict, dict]:
     return tensors, metadata
 
 
+def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> str:
+    """Write ``tensors`` (detached, contiguous, CPU) as .safetensors atomically: a temp file renamed
+    into place, so a crash never leaves a half-written file. Non-string metadata values are JSON."""
+    from safetensors.torch import save_file
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
 def read_torch_pickle(path: str) -> dict:
     """Read a .bin/.pth/.pt checkpoint safely (tensors and plain containers only)."""
     if not os.path.isfile(path):

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, variant_of
+from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, variant_of, write_safetensors
 from .patches import replace_blocks
 
 METHOD = "dualreal"
@@ -270,10 +269,6 @@ def load_dualreal(path: str) -> DualRealAdapters:
 
 
 def save_dualreal(path: str, adapters: DualRealAdapters, extra_metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    meta = {"method": METHOD, "config": json.dumps(dataclasses.asdict(adapters.config)),
-            **{k: str(v) for k, v in (extra_metadata or {}).items()}}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapters.state_dict().items()}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    """Write the adapters as .safetensors (config in metadata, official key names), atomically."""
+    write_safetensors(path, adapters.state_dict(), {"method": METHOD, "config": dataclasses.asdict(adapters.config),
+                                                    **(extra_metadata or {})})

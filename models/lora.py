@@ -27,7 +27,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle
+from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, write_safetensors
 from .patches import forward_hook_patch, named_modules
 
 logger = logging.getLogger(__name__)
@@ -303,17 +303,11 @@ def find_lora_targets(transformer: torch.nn.Module, names: list[str]) -> list[st
 def save_lora(path: str, layers: dict[str, LoraLayer], metadata: dict | None = None) -> None:
     """Write a diffusers-format LoRA (``transformer.<path>.lora_A/B.weight``) with the scale baked
     into ``lora_B``, atomically (temp file + rename) so a crash never leaves a half-written file."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for module, layer in layers.items():
-        tensors[f"transformer.{module}.lora_A.weight"] = layer.down.detach().contiguous().cpu()
-        tensors[f"transformer.{module}.lora_B.weight"] = (layer.up.detach().float() * layer.scale).to(
-            layer.up.dtype).contiguous().cpu()
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+        tensors[f"transformer.{module}.lora_A.weight"] = layer.down
+        tensors[f"transformer.{module}.lora_B.weight"] = (layer.up.detach().float() * layer.scale).to(layer.up.dtype)
+    write_safetensors(path, tensors, metadata)
 
 
 __all__ = ["LoraLayer", "LoraWeights", "LoraPatch", "LoraMismatchError", "TrainableLora", "WeightsFileError",

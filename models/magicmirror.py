@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cogvideox import WeightsFileError, read_safetensors, variant_of
+from .cogvideox import WeightsFileError, read_safetensors, variant_of, write_safetensors
 from .patches import replace_blocks
 from .perceiver import PerceiverResampler
 
@@ -405,14 +404,8 @@ def inject_magicmirror(transformer, adapter: MagicMirrorAdapter, *, face_tokens:
 
 def save_magicmirror(path: str, adapter: MagicMirrorAdapter, extra_metadata: dict | None = None) -> None:
     """Write the adapter as .safetensors (config in metadata), atomically."""
-    from safetensors.torch import save_file
-
-    metadata = {"method": METHOD, "config": json.dumps(dataclasses.asdict(adapter.config)),
-                **{k: str(v) for k, v in (extra_metadata or {}).items()}}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    write_safetensors(path, adapter.state_dict(), {"method": METHOD, "config": dataclasses.asdict(adapter.config),
+                                                   **(extra_metadata or {})})
 
 
 def load_magicmirror(path: str) -> MagicMirrorAdapter:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from magicmirror_video.models.sampler import check_video_size
 from magicmirror_video.models.video_io import read_video, write_video
 
-from .data import read_manifest, resize_crop
+from .data import read_manifest, resize_crop, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,6 @@ def normalise(frames: torch.Tensor, src_fps: float, *, fps: float, num_frames: i
         return None, f"static: mean frame difference {motion:.4f} < {static_threshold}"
     clip = resize_crop(clip.permute(0, 3, 1, 2), height, width).permute(0, 2, 3, 1).clamp(0, 1)
     return clip, ""
-
-
-def _atomic_json_lines(path: str, rows: list[dict]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
 
 
 def build_pairs(samples, bundle, output_dir: str, *, num_frames: int, height: int, width: int, fps: float = 8.0,
@@ -101,10 +94,10 @@ def build_pairs(samples, bundle, output_dir: str, *, num_frames: int, height: in
                                image=clip[:1] if i2v else None)
         write_video(os.path.join(output_dir, rel["loser"]), decode_latents(bundle, latents)[0], fps=fps)
         rows.append({**rel, "caption": sample.caption, "seed": pair_seed, "source": sample.media})
-        _atomic_json_lines(manifest, rows)
+        write_jsonl(manifest, rows)
         stats["written"] += 1
     if not os.path.isfile(manifest):
-        _atomic_json_lines(manifest, rows)
+        write_jsonl(manifest, rows)
     return stats
 
 

@@ -66,6 +66,15 @@ def resolve_path(path: str, base_dir: str) -> str:
     return os.path.abspath(path)
 
 
+def write_jsonl(path: str, rows: list[dict]) -> str:
+    """Write a manifest (one JSON object per line) atomically: temp file, then rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+    return path
+
+
 def read_manifest(path: str, *, check_files: bool = True, max_reported: int = MAX_REPORTED) -> list[Sample]:
     """Read a dataset manifest: a ``metadata.jsonl`` file, or a folder holding ``metadata.jsonl`` or
     ``prompts.txt`` + ``videos.txt`` / ``images.txt``.

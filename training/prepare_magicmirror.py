@@ -19,7 +19,6 @@ identities with a single file and pairs below the threshold are reported and ski
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -31,6 +30,8 @@ from tqdm.auto import tqdm
 from magicmirror_video.models.face_analysis import FaceAnalyzer
 from magicmirror_video.models.face_encoder import FaceEncoder
 from magicmirror_video.models.id_encoder import load_photomaker_id_encoder
+
+from .data import write_jsonl
 
 logger = logging.getLogger(__name__)
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -58,13 +59,6 @@ def caption_for(path: str, class_word: str, trigger: str) -> str:
     if not re.search(rf"\s{re.escape(trigger)}(?![\w])", caption):
         caption = f"a {class_word} {trigger}, {caption}"
     return caption
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def prepare(input_dir: str, output_dir: str, encoder: FaceEncoder, *, min_similarity: float = 0.65,
@@ -116,7 +110,7 @@ def prepare(input_dir: str, output_dir: str, encoder: FaceEncoder, *, min_simila
                          "size": [int(rgb.shape[1]), int(rgb.shape[0])],
                          "similarity": round(float(sims[i, refs[0]]), 4)})
             stats["targets"] += 1
-    _atomic_write(os.path.join(output_dir, "metadata.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(os.path.join(output_dir, "metadata.jsonl"), rows)
     return stats
 
 

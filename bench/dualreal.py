@@ -11,14 +11,12 @@ import argparse
 import statistics
 
 from common import flops_5b, interleaved_runs, load_reference_config, summary
-from sampler import build
+from sampler import build_bundle
 
 import torch
 
-from magicmirror_video.models.cogvideox import CogVideoXBundle
 from magicmirror_video.models.dualreal import DualRealAdapters, DualRealConfig, DualRealPatch
 from magicmirror_video.models.sampler import sample_video
-from magicmirror_video.models.text import TextConditioning
 
 
 def count(module) -> int:
@@ -55,13 +53,8 @@ def main() -> None:
     args = ap.parse_args()
     sizes()
     report_flops_5b()
-    transformer, vae, text_encoder, tokenizer, scheduler_config, text_dim = build(False, "cpu", torch.float32)
-    bundle = CogVideoXBundle(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                             scheduler_config=scheduler_config, dtype=torch.float32, device=torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.zeros(1, 226, dtype=torch.long)
-    pos = TextConditioning("bench", torch.randn(1, 226, text_dim, generator=g), ids, ids)
-    neg = TextConditioning("", torch.randn(1, 226, text_dim, generator=g), ids, ids)
+    bundle, pos, neg, g = build_bundle(False, "cpu", torch.float32)
+    transformer = bundle.transformer
     adapters = DualRealAdapters(DualRealConfig.for_transformer(transformer, n_groups=2)).eval()
     with torch.no_grad():
         for p in adapters.parameters():

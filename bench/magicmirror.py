@@ -17,11 +17,10 @@ import statistics
 import time
 
 from common import flops_5b, interleaved_runs, load_reference_config, summary
-from sampler import build
+from sampler import build_bundle
 
 import torch
 
-from magicmirror_video.models.cogvideox import CogVideoXBundle
 from magicmirror_video.models.id_encoder import IDPerceiver
 from magicmirror_video.models.magicmirror import FaceEmbeds, MagicMirrorAdapter, MagicMirrorConfig, MagicMirrorPatch
 from magicmirror_video.models.sampler import sample_video
@@ -84,15 +83,10 @@ def main() -> None:
     device = "cuda" if args.full and torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32
     height, width, frames, steps = (480, 720, 49, 50) if args.full else (128, 128, 49, 10)
-    transformer, vae, text_encoder, tokenizer, scheduler_config, text_dim = build(args.full, device, dtype)
-    bundle = CogVideoXBundle(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                             scheduler_config=scheduler_config, dtype=dtype, device=torch.device(device))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.zeros(1, 226, dtype=torch.long)
     mask = torch.zeros(1, 226, dtype=torch.bool)
     mask[0, 2] = True  # one identity token, as in "a man img ..."
-    pos = TextConditioning("bench", torch.randn(1, 226, text_dim, generator=g), ids, ids, identity_mask=mask)
-    neg = TextConditioning("", torch.randn(1, 226, text_dim, generator=g), ids, ids)
+    bundle, pos, neg, g = build_bundle(args.full, device, dtype, identity_mask=mask)
+    transformer = bundle.transformer
     adapter = MagicMirrorAdapter(MagicMirrorConfig.for_transformer(transformer)).eval()
     with torch.no_grad():
         for p in adapter.parameters():

@@ -48,6 +48,22 @@ def build(full: bool, device, dtype):
     return transformer, vae, text_encoder, tokenizer, scheduler_config, text_dim
 
 
+def build_bundle(full: bool, device, dtype, identity_mask: torch.Tensor | None = None):
+    """``build`` wrapped as a pack bundle, with random pre-encoded positive/negative prompts.
+
+    Returns ``(bundle, positive, negative, generator)``; the generator continues the same seeded
+    stream for the caller's own random draws.
+    """
+    transformer, vae, text_encoder, tokenizer, scheduler_config, text_dim = build(full, device, dtype)
+    bundle = CogVideoXBundle(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             scheduler_config=scheduler_config, dtype=dtype, device=torch.device(device))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(1, 226, dtype=torch.long)
+    pos = TextConditioning("bench", torch.randn(1, 226, text_dim, generator=g), ids, ids, identity_mask=identity_mask)
+    neg = TextConditioning("", torch.randn(1, 226, text_dim, generator=g), ids, ids)
+    return bundle, pos, neg, g
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--full", action="store_true", help="CogVideoX-5B config, random weights (GPU)")

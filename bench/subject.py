@@ -13,14 +13,12 @@ import argparse
 import statistics
 
 from common import interleaved_runs, summary
-from sampler import build
+from sampler import build_bundle
 
 import torch
 
-from magicmirror_video.models.cogvideox import CogVideoXBundle
 from magicmirror_video.models.sampler import sample_video
 from magicmirror_video.models.subject import SubjectReferencePatch
-from magicmirror_video.models.text import TextConditioning
 
 
 def attention_ratio(frames: int, height: int, width: int, text: int = 226) -> float:
@@ -36,13 +34,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     device, dtype = "cpu", torch.float32
-    transformer, vae, text_encoder, tokenizer, scheduler_config, text_dim = build(False, device, dtype)
-    bundle = CogVideoXBundle(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                             scheduler_config=scheduler_config, dtype=dtype, device=torch.device(device))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.zeros(1, 226, dtype=torch.long)
-    pos = TextConditioning("bench", torch.randn(1, 226, text_dim, generator=g), ids, ids)
-    neg = TextConditioning("", torch.randn(1, 226, text_dim, generator=g), ids, ids)
+    bundle, pos, neg, g = build_bundle(False, device, dtype)
+    transformer, vae, text_dim = bundle.transformer, bundle.vae, pos.embeds.shape[-1]
+    ids = pos.input_ids
     reference = torch.randn(1, 16, 16, 16, generator=g)  # one 128x128 reference, already VAE-encoded
     patched = bundle.with_patch(SubjectReferencePatch(reference))
     kw = dict(num_frames=49, height=128, width=128, steps=10, cfg=6.0, seed=0)

@@ -1,5 +1,18 @@
-"""MagicMirror Video: identity- and subject-preserving video generation on CogVideoX for ComfyUI."""
+"""MagicMirror Video: identity- and subject-preserving video generation on CogVideoX for ComfyUI.
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+The repository root is the import package ``magicmirror_video`` (``pip install .``), with the
+subpackages ``models`` (pure torch + diffusers), ``nodes`` (ComfyUI), ``training`` (headless
+trainers) and ``testing`` (tiny random models for tests and demos). ComfyUI loads this file from
+``custom_nodes/<any folder name>/`` and reads ``NODE_CLASS_MAPPINGS``; the node classes are imported
+only then, so ``import magicmirror_video.models`` never pulls in the nodes.
+"""
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from . import nodes
+
+        return getattr(nodes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

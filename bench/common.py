@@ -8,12 +8,9 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_REFERENCE = os.path.join(ROOT, "..", "shared", "reference", "cogvideox")
-sys.path.insert(0, ROOT)
-import training  # noqa: E402,F401  (registers the pack as `magicmirror_video`)
+import torch
 
-import torch  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sync(device) -> None:
@@ -62,11 +59,10 @@ def reset_peak(device) -> None:
 
 
 def load_reference_config(name: str) -> dict:
-    path = os.path.join(SHARED_REFERENCE, name)
-    if not os.path.isfile(path):
-        raise SystemExit(f"--full needs the CogVideoX-5B reference configs; not found: {path}")
-    with open(path) as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    """A CogVideoX-5B config shipped in ``magicmirror_video/testing/reference/cogvideox/``."""
+    from magicmirror_video.testing import reference_json
+
+    return {k: v for k, v in reference_json(f"cogvideox/{name}").items() if not k.startswith("_")}
 
 
 def flops_5b(make_patches, context=None) -> tuple[float, float]:

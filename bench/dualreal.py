@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import torch
 from common import flops_5b, interleaved_runs, load_reference_config, summary
 from sampler import build_bundle
-
-import torch
 
 from magicmirror_video.models.dualreal import DualRealAdapters, DualRealConfig, DualRealPatch
 from magicmirror_video.models.sampler import sample_video

@@ -16,10 +16,9 @@ import argparse
 import statistics
 import time
 
+import torch
 from common import flops_5b, interleaved_runs, load_reference_config, summary
 from sampler import build_bundle
-
-import torch
 
 from magicmirror_video.models.id_encoder import IDPerceiver
 from magicmirror_video.models.magicmirror import FaceEmbeds, MagicMirrorAdapter, MagicMirrorConfig, MagicMirrorPatch

@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import run_configs_in_processes, time_steps
-
 import torch
+from common import run_configs_in_processes, time_steps
 
 CONFIGS = [("LoRA-as-reference, pair-parallel", "lora_disabled", True),
            ("LoRA-as-reference, sequential", "lora_disabled", False),
@@ -27,9 +26,9 @@ def one(reference: str, parallel: bool, repeats: int, device: str) -> dict:
 
     from diffusers import CogVideoXDDIMScheduler
 
-    from magicmirror_video.models import tiny
     from magicmirror_video.models.lora import TrainableLora, find_lora_targets
-    from training.train_regdpo import RegDPOModule, RegDPOTrainConfig
+    from magicmirror_video.testing import tiny
+    from magicmirror_video.training.train_regdpo import RegDPOModule, RegDPOTrainConfig
 
     c = tiny.build_components(num_layers=4, heads=4, head_dim=64, text_dim=256, latent_channels=16)
     transformer = c["transformer"].to(device).requires_grad_(False)
@@ -76,9 +75,8 @@ def main() -> None:
     a, b = results[CONFIGS[0][0]], results[CONFIGS[2][0]]
     print(f"LoRA-as-reference / frozen copy (pair-parallel): time x{a['median_s'] / b['median_s']:.2f}, "
           f"memory x{a['peak_gib'] / b['peak_gib']:.3f}")
-    from diffusers import CogVideoXTransformer3DModel
-
     from common import load_reference_config
+    from diffusers import CogVideoXTransformer3DModel
 
     with torch.device("meta"):
         full = CogVideoXTransformer3DModel.from_config(load_reference_config("transformer_config_5b.json"))

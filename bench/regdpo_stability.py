@@ -13,12 +13,12 @@ import argparse
 import dataclasses
 import tempfile
 
+import common  # noqa: F401  (pack import)
 import torch
 
-import common  # noqa: F401  (pack import)
-from training.config import load_config
-from training.presets import build_tiny_regdpo
-from training.train_regdpo import PRESETS, RegDPOTrainConfig, RegDPOTrainer
+from magicmirror_video.training.config import load_config
+from magicmirror_video.training.presets import build_tiny_regdpo
+from magicmirror_video.training.train_regdpo import PRESETS, RegDPOTrainConfig, RegDPOTrainer
 
 
 def trajectory(config, mode: str, steps: int, lr: float) -> list[dict]:

@@ -4,7 +4,7 @@ Default (CPU): a mid-size config (4 layers, width 256, 49 frames -> 13 latent fr
 latents, 10 steps, CFG on). Both run the denoising loop on pre-encoded prompts and return
 latents; runs alternate, the median of --repeats is compared, and the spread is printed.
 
---full: the CogVideoX-5B configs from ../shared/reference/cogvideox/ with random weights
+--full: the CogVideoX-5B configs shipped in testing/reference/cogvideox/ with random weights
 (bf16, meant for a GPU) at 49x480x720; prints seconds and peak GiB of each.
 """
 
@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from common import interleaved_runs, load_reference_config, peak_gib, reset_peak, summary
-
 import torch
+from common import interleaved_runs, load_reference_config, peak_gib, reset_peak, summary
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
-from magicmirror_video.models import tiny
 from magicmirror_video.models.cogvideox import CogVideoXBundle
 from magicmirror_video.models.sampler import sample_video
 from magicmirror_video.models.text import TextConditioning
+from magicmirror_video.testing import tiny
 
 
 def build(full: bool, device, dtype):

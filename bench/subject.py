@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import torch
 from common import interleaved_runs, summary
 from sampler import build_bundle
-
-import torch
 
 from magicmirror_video.models.sampler import sample_video
 from magicmirror_video.models.subject import SubjectReferencePatch
@@ -51,10 +50,10 @@ def main() -> None:
     # trainer steps
     from diffusers import CogVideoXDDIMScheduler
 
-    from magicmirror_video.models import tiny
     from magicmirror_video.models.lora import TrainableLora, find_lora_targets
     from magicmirror_video.models.subject import LORA_TARGETS, NORM_LORA_MODULES
-    from training.train_subject_replay import SubjectReplayModule, SubjectReplayTrainConfig
+    from magicmirror_video.testing import tiny
+    from magicmirror_video.training.train_subject_replay import SubjectReplayModule, SubjectReplayTrainConfig
 
     transformer.train()
     lora = TrainableLora(transformer, find_lora_targets(transformer, list(LORA_TARGETS)), 128, 64.0, 0.1,

@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import run_configs_in_processes, time_steps
-
 import torch
+from common import run_configs_in_processes, time_steps
 
 CONFIGS = [("no checkpointing, no cache", False, False), ("checkpointing, no cache", True, False),
            ("no checkpointing, cache", False, True), ("checkpointing, cache", True, True)]
@@ -26,10 +25,10 @@ CONFIGS = [("no checkpointing, no cache", False, False), ("checkpointing, no cac
 def one(checkpointing: bool, cache: bool, repeats: int, device: str) -> dict:
     from diffusers import CogVideoXDDIMScheduler
 
-    from magicmirror_video.models import tiny
     from magicmirror_video.models.arcface import IResNet
     from magicmirror_video.models.magicmirror import MagicMirrorAdapter, MagicMirrorConfig
-    from training.train_magicmirror import MagicMirrorTrainConfig, MagicMirrorTrainingModule
+    from magicmirror_video.testing import tiny
+    from magicmirror_video.training.train_magicmirror import MagicMirrorTrainConfig, MagicMirrorTrainingModule
 
     c = tiny.build_components(num_layers=4, heads=4, head_dim=64, text_dim=256, latent_channels=16)
     transformer, vae = c["transformer"].to(device).train(), c["vae"].to(device)

@@ -1,6 +1,6 @@
 """MagicMirror: identity adapters for diffusers' ``CogVideoXTransformer3DModel``.
 
-What is added to the base model (paper: ICCV 2025, arXiv 2501.03931; spec in DESIGN.md):
+What is added to the base model (paper: ICCV 2025, arXiv 2501.03931):
 
 * **Face branch** — a Q-Former (:class:`~.perceiver.PerceiverResampler` with 32 learned queries)
   over the CLIP *penultimate* hidden states gives ``x_face`` [N, 32, width]. The face tokens form

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import training  # noqa: E402,F401  (registers the pack as `magicmirror_video`)
+from magicmirror_video.models.video_io import read_video, write_video
+from magicmirror_video.nodes.cogvideox import (
+    CogVideoXDecode,
+    CogVideoXModelLoader,
+    CogVideoXSampler,
+    CogVideoXTextEncode,
+)
+from magicmirror_video.testing import tiny
 
-from magicmirror_video.models import tiny  # noqa: E402
-from magicmirror_video.models.video_io import read_video, write_video  # noqa: E402
-from magicmirror_video.nodes.cogvideox import (CogVideoXDecode, CogVideoXModelLoader, CogVideoXSampler,  # noqa: E402
-                                               CogVideoXTextEncode)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:

@@ -60,9 +60,10 @@ HOST_SKIP_REASON = (
     "to run host tests"
 )
 
-# Name of the pack's folder inside custom_nodes/. ComfyUI derives the module
-# name from the folder name, so it must be a valid Python identifier.
-PACK_MODULE_NAME = "magicmirror_video"
+# Name of the pack's folder inside custom_nodes/: what `git clone` of the repository
+# gives, deliberately not a Python identifier (ComfyUI registers the pack under its
+# folder path, and the pack must load from any folder name).
+PACK_MODULE_NAME = "ComfyUI-MagicMirror-Video"
 
 
 def comfyui_paths() -> tuple[str, str] | None:
@@ -219,8 +220,8 @@ class ComfyServer:
         self.pack_dir = Path(pack_dir).resolve()
         self.model_root = Path(model_root).resolve() if model_root is not None else None
         self.tmp_dir = Path(tmp_dir).resolve()
-        if not pack_name.isidentifier():
-            raise ValueError(f"pack_name must be a valid module name, got {pack_name!r}")
+        if not pack_name or os.sep in pack_name or pack_name.startswith("."):
+            raise ValueError(f"pack_name must be a plain folder name, got {pack_name!r}")
         self.pack_name = pack_name
         self.model_folders = dict(model_folders) if model_folders is not None else None
         self.startup_timeout = startup_timeout

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import training  # noqa: E402  (registers the pack as `magicmirror_video`)
+from magicmirror_video.models.cogvideox import CogVideoXBundle
+from magicmirror_video.testing import tiny
 
-from magicmirror_video.models import tiny  # noqa: E402
-from magicmirror_video.models.cogvideox import CogVideoXBundle  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

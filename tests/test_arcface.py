@@ -16,8 +16,19 @@ import pytest
 import torch
 
 from magicmirror_video.models.arcface import (
-    ARCFACE_DST, IRESNET_LAYERS, ArcFaceLoss, IResNet, align_faces, embed_faces, estimate_norm,
-    identity_cosine, infer_iresnet_layers, iresnet, load_arcface_torch, warp_affine)
+    ARCFACE_DST,
+    IRESNET_LAYERS,
+    ArcFaceLoss,
+    IResNet,
+    align_faces,
+    embed_faces,
+    estimate_norm,
+    identity_cosine,
+    infer_iresnet_layers,
+    iresnet,
+    load_arcface_torch,
+    warp_affine,
+)
 
 TINY_LAYERS = (1, 1, 1, 1)
 

@@ -9,12 +9,20 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_same_weights, straight_and_resumed
 
-from magicmirror_video.models import tiny
-from magicmirror_video.models.dualreal import (DualRealAdapters, DualRealConfig, DualRealPatch, StageBlender,
-                                               inject_dualreal, load_dualreal, save_dualreal)
+from magicmirror_video.models.dualreal import (
+    DualRealAdapters,
+    DualRealConfig,
+    DualRealPatch,
+    StageBlender,
+    config_from_state_dict,
+    inject_dualreal,
+    load_dualreal,
+    save_dualreal,
+)
 from magicmirror_video.models.sampler import rotary_embeddings
-from training.config import load_config
-from training.train_dualreal import PRESETS, DualRealTrainConfig, DualRealTrainer
+from magicmirror_video.testing import reference_json, tiny
+from magicmirror_video.training.config import load_config
+from magicmirror_video.training.train_dualreal import PRESETS, DualRealTrainConfig, DualRealTrainer
 
 
 def inputs(seed=0, batch=1):
@@ -141,6 +149,15 @@ def test_official_adapter_pth_loads_and_matches_the_official_math(tmp_path):
         load_dualreal(str(tmp_path / "bad.pth"))
 
 
+def test_parameter_names_and_shapes_match_the_official_5b_adapter_manifest():
+    """The official CogVideoX-5B adapter.pth's keys and shapes (shipped in testing/reference/)."""
+    manifest = reference_json("dualreal_adapter_5b.keys.json")
+    with torch.device("meta"):
+        adapters = DualRealAdapters(DualRealConfig())
+    assert {k: list(v.shape) for k, v in adapters.state_dict().items()} == manifest
+    assert config_from_state_dict({k: torch.empty(v, device="meta") for k, v in manifest.items()}) == DualRealConfig()
+
+
 @pytest.mark.parametrize("layers,groups", [(42, 7), (30, 5), (12, 2), (8, 4), (6, 1)])
 def test_controller_range_and_group_mapping(layers, groups):
     config = DualRealConfig(width=32, num_layers=layers, time_embed_dim=8, hidden_dim=4, condition_dim=16,
@@ -163,7 +180,7 @@ def test_controller_range_and_group_mapping(layers, groups):
 
 @pytest.fixture(scope="module")
 def tiny_dualreal(tmp_path_factory):
-    from training.presets import build_tiny_dualreal
+    from magicmirror_video.training.presets import build_tiny_dualreal
     out = tmp_path_factory.mktemp("dualreal")
     return build_tiny_dualreal(load_config(DualRealTrainConfig, ["--preset", "tiny", "--output_dir", str(out)], PRESETS))
 

@@ -13,8 +13,8 @@ pytest.importorskip("insightface")
 pytest.importorskip("onnx")
 import onnxruntime as ort  # noqa: E402
 
-from magicmirror_video.models import tiny_faces  # noqa: E402
 from magicmirror_video.models.face_analysis import DetectedFace, FaceAnalyzer, find_insightface_pack  # noqa: E402
+from magicmirror_video.testing import tiny_faces  # noqa: E402
 
 CPU = ["CPUExecutionProvider"]
 

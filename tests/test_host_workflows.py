@@ -55,7 +55,7 @@ def _build_model_root(root: Path) -> None:
     """
     from diffusers import CogVideoXTransformer3DModel
 
-    from magicmirror_video.models import tiny, tiny_faces  # registered by tests/conftest.py (import training)
+    from magicmirror_video.testing import tiny, tiny_faces
 
     cog = root / "CogVideo"
     tiny.build_model_folder(str(cog / "tiny-t2v"))
@@ -84,7 +84,7 @@ def _build_model_root(root: Path) -> None:
               {"method": "subject_replay", "subject_lora_scope": "reference"})
     # DualReal: a random adapter in the official adapter.pth format + a tiny CLIP vision tower.
     from magicmirror_video.models.dualreal import DualRealAdapters, DualRealConfig
-    from training.presets import build_clip_vision_checkpoint
+    from magicmirror_video.testing.tiny import build_clip_vision_checkpoint
 
     adapters = DualRealAdapters(DualRealConfig.for_transformer(transformer, condition_dim=16, hidden_dim=8))
     with torch.no_grad():
@@ -108,7 +108,7 @@ def _write_face_pngs(input_dir: Path) -> None:
     """face.png (a synthetic face the fake detector finds) and dark.png (no face)."""
     from PIL import Image
 
-    from magicmirror_video.models import tiny_faces
+    from magicmirror_video.testing import tiny_faces
 
     Image.fromarray(tiny_faces.synthetic_face_image(160, 128, radius=40, seed=0)).save(input_dir / "face.png")
     Image.fromarray(tiny_faces.synthetic_face_image(160, 128, radius=None)).save(input_dir / "dark.png")
@@ -190,6 +190,16 @@ def test_host_runs_every_shipped_workflow(server, path):
     for node in _nodes_of(api, "LoadImage"):
         assert node["inputs"]["image"] in ("example.png", "face.png", "subject.png"), node["inputs"]["image"]
     _run_and_check_video(server, api, workflow)
+
+
+def test_host_pack_loads_from_a_non_identifier_folder_and_its_pyproject_parses(server):
+    """ComfyUI imported the pack from custom_nodes/<git clone name> (not a Python identifier) and its own
+    Comfy Registry parser (comfy_config) read pyproject.toml without complaint."""
+    assert not server.pack_name.isidentifier()
+    assert (server.base_dir / "custom_nodes" / server.pack_name / "__init__.py").is_file()
+    assert LOADER in server.object_info()
+    log = server.log_path.read_text(encoding="utf-8", errors="replace")
+    assert "Unable to parse pyproject.toml" not in log, log[-3000:]
 
 
 def test_host_dualreal_blend_plot_is_produced(server):

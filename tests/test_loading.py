@@ -1,18 +1,22 @@
 """Loading diffusers folders and single-file transformers; clear errors for bad files and folders."""
 
-import json
-import os
 
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
 from safetensors.torch import save_file
 
-from magicmirror_video.models import tiny
-from magicmirror_video.models.cogvideox import (ModelFolderError, WeightsFileError, find_model_folder,
-                                                load_cogvideox, load_transformer_file, variant_of)
+from magicmirror_video.models.cogvideox import (
+    ModelFolderError,
+    WeightsFileError,
+    find_model_folder,
+    load_cogvideox,
+    load_transformer_file,
+    variant_of,
+)
 from magicmirror_video.models.sampler import decode_latents
 from magicmirror_video.models.text import MAX_TEXT_TOKENS, encode_prompt
+from magicmirror_video.testing import reference_json, tiny
 
 
 def forward(t, seed=0):
@@ -44,12 +48,8 @@ def test_single_file_transformer_variant_detected_and_identical(tmp_path, versio
 
 
 def test_variant_names_of_real_configs():
-    ref_dir = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "cogvideox")
-    if not os.path.isdir(ref_dir):
-        pytest.skip("../shared/reference not beside the repo")
     for name, expect in (("transformer_config_5b.json", "CogVideoX-5B T2V"), ("transformer_config_I2V_5b.json", "CogVideoX-5B I2V")):
-        with open(os.path.join(ref_dir, name)) as f:
-            cfg = json.load(f)
+        cfg = reference_json(f"cogvideox/{name}")
         with torch.device("meta"):
             model = CogVideoXTransformer3DModel.from_config(cfg)
         assert str(variant_of(model.config)) == expect

@@ -10,12 +10,18 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from magicmirror_video.models import tiny
-from magicmirror_video.models.lora import (LoraLayer, LoraMismatchError, LoraPatch, load_lora_file,
-                                           parse_lora_state_dict, save_lora)
+from magicmirror_video.models.lora import (
+    LoraLayer,
+    LoraMismatchError,
+    LoraPatch,
+    load_lora_file,
+    parse_lora_state_dict,
+    save_lora,
+)
 from magicmirror_video.models.patches import applied_patches
 from magicmirror_video.models.sampler import sample_video
 from magicmirror_video.models.text import encode_prompt
+from magicmirror_video.testing import tiny
 
 PROMPT = "a woman img is smiling in a garden"
 KW = dict(num_frames=5, height=32, width=32, steps=2, cfg=6.0, seed=3)

@@ -2,22 +2,26 @@
 
 import json
 import math
-import os
 
 import pytest
 import torch
 from conftest import bundle_from_components
 
-from magicmirror_video.models import tiny
 from magicmirror_video.models.cogvideox import WeightsFileError
 from magicmirror_video.models.id_encoder import IDPerceiver, clip_config_from_weights, load_photomaker_id_encoder
-from magicmirror_video.models.magicmirror import (AdapterMismatchError, FaceEmbeds, MagicMirrorAdapter,
-                                                  MagicMirrorConfig, MagicMirrorPatch, load_magicmirror,
-                                                  save_magicmirror)
+from magicmirror_video.models.magicmirror import (
+    AdapterMismatchError,
+    FaceEmbeds,
+    MagicMirrorAdapter,
+    MagicMirrorConfig,
+    MagicMirrorPatch,
+    load_magicmirror,
+    save_magicmirror,
+)
 from magicmirror_video.models.sampler import sample_video
 from magicmirror_video.models.text import encode_prompt, identity_token_mask, split_trigger
+from magicmirror_video.testing import reference_json, tiny
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
 SMALL = dict(id_dim=256, clip_dim=64, qformer_dim=32, qformer_depth=1, qformer_dim_head=16, cond_dim=32, fuse_hidden=32)
 KW = dict(num_frames=9, height=32, width=32, steps=3, cfg=6.0, seed=3)
 PROMPT = "a man img is walking on the beach at sunset"
@@ -95,10 +99,7 @@ def test_photomaker_v2_checkpoint_loads_and_matches_reference_math(tmp_path):
 
 
 def test_module_names_and_shapes_match_the_real_photomaker_v2_manifest():
-    path = os.path.join(REFERENCE, "photomaker_v2_id_encoder.keys.json")
-    if not os.path.isfile(path):
-        pytest.skip("../shared/reference not beside the repo")
-    manifest = json.load(open(path))
+    manifest = reference_json("photomaker_v2_id_encoder.keys.json")
     with torch.device("meta"):
         perceiver = IDPerceiver()
     ours = {f"qformer_perceiver.{k}": list(v.shape) for k, v in perceiver.state_dict().items()}

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from magicmirror_video import nodes as pack_nodes
-from magicmirror_video.models import tiny, tiny_faces
 from magicmirror_video.models.face_encoder import NoFaceError
+from magicmirror_video.testing import tiny, tiny_faces
 
 M = pack_nodes.NODE_CLASS_MAPPINGS
 

@@ -10,11 +10,11 @@ import shutil
 import pytest
 import torch
 
-from magicmirror_video.models import tiny
 from magicmirror_video.models.video_io import write_video
-from training.config import load_config
-from training.losses import regdpo_loss
-from training.train_regdpo import PRESETS, RegDPOTrainConfig, RegDPOTrainer
+from magicmirror_video.testing import tiny
+from magicmirror_video.training.config import load_config
+from magicmirror_video.training.losses import regdpo_loss
+from magicmirror_video.training.train_regdpo import PRESETS, RegDPOTrainConfig, RegDPOTrainer
 
 
 @pytest.mark.parametrize("mode,r", [("regdpo", 0.0), ("fixed", 7.0), ("dpo", 0.0), ("sft", 0.0)])
@@ -39,7 +39,7 @@ def test_loss_and_logged_quantities_match_hand_computation(mode, r):
 
 @pytest.fixture(scope="module")
 def tiny_pairs(tmp_path_factory):
-    from training.presets import build_tiny_regdpo
+    from magicmirror_video.training.presets import build_tiny_regdpo
     out = tmp_path_factory.mktemp("regdpo")
     return build_tiny_regdpo(load_config(RegDPOTrainConfig, ["--preset", "tiny", "--output_dir", str(out)], PRESETS))
 
@@ -125,8 +125,8 @@ def test_regdpo_keeps_the_winner_error_down_where_dpo_lets_it_rise(tiny_pairs, t
 
 def test_gt_pair_builder_filters_reports_and_resumes(tmp_path):
     from magicmirror_video.models.cogvideox import load_cogvideox
-    from training.build_gt_pairs import build_pairs
-    from training.data import read_manifest
+    from magicmirror_video.training.build_gt_pairs import build_pairs
+    from magicmirror_video.training.data import read_manifest
     src = tmp_path / "real"
     src.mkdir()
     moving = torch.zeros(24, 40, 48, 3)

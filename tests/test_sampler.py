@@ -5,9 +5,9 @@ import torch
 from conftest import bundle_from_components
 from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
-from magicmirror_video.models import tiny
 from magicmirror_video.models.sampler import SamplingInputError, decode_latents, sample_video
 from magicmirror_video.models.text import encode_prompt
+from magicmirror_video.testing import tiny
 
 PROMPT, NEGATIVE = "a man img is walking on the beach", "blurry, low quality"
 

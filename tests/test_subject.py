@@ -9,16 +9,26 @@ import pytest
 import torch
 from conftest import bundle_from_components
 
-from magicmirror_video.models import tiny
 from magicmirror_video.models.lora import TrainableLora, find_lora_targets, load_lora_file
 from magicmirror_video.models.patches import applied_patches
 from magicmirror_video.models.sampler import rotary_embeddings, sample_video
-from magicmirror_video.models.subject import (BRANCH_ATTR, LORA_TARGETS, NORM_LORA_MODULES, SubjectReferencePatch,
-                                              encode_reference, inject_reference)
+from magicmirror_video.models.subject import (
+    BRANCH_ATTR,
+    LORA_TARGETS,
+    NORM_LORA_MODULES,
+    SubjectReferencePatch,
+    encode_reference,
+    inject_reference,
+)
 from magicmirror_video.models.text import encode_prompt
-from training.config import load_config
-from training.train_subject_replay import (PRESETS, SubjectReplayTrainConfig, SubjectReplayTrainer,
-                                           random_frame_index)
+from magicmirror_video.testing import tiny
+from magicmirror_video.training.config import load_config
+from magicmirror_video.training.train_subject_replay import (
+    PRESETS,
+    SubjectReplayTrainConfig,
+    SubjectReplayTrainer,
+    random_frame_index,
+)
 
 KW = dict(num_frames=9, height=32, width=48, steps=2, cfg=6.0, seed=0)
 
@@ -109,7 +119,7 @@ def test_task_switching_ratio_and_frame_selection():
 
 @pytest.fixture(scope="module")
 def tiny_subject(tmp_path_factory):
-    from training.presets import build_tiny_subject
+    from magicmirror_video.training.presets import build_tiny_subject
     out = tmp_path_factory.mktemp("subject")
     return build_tiny_subject(load_config(SubjectReplayTrainConfig, ["--preset", "tiny", "--output_dir", str(out)],
                                           PRESETS))

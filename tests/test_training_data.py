@@ -14,10 +14,24 @@ import torch
 from PIL import Image
 
 from magicmirror_video.models.video_io import read_video, write_video
-from training.cache import (CachedDataset, PrecomputeCache, content_hash, key_for_media, key_for_text, precompute,
-                            sample_latents)
-from training.data import (MediaDataset, MediaError, Sample, collate_samples, frame_indices, load_media,
-                           read_manifest)
+from magicmirror_video.training.cache import (
+    CachedDataset,
+    PrecomputeCache,
+    content_hash,
+    key_for_media,
+    key_for_text,
+    precompute,
+    sample_latents,
+)
+from magicmirror_video.training.data import (
+    MediaDataset,
+    MediaError,
+    Sample,
+    collate_samples,
+    frame_indices,
+    load_media,
+    read_manifest,
+)
 
 T, H, W = 17, 40, 56
 BASE, STEP = 20, 12  # frame i is grey (BASE + STEP * i) / 255
@@ -187,7 +201,7 @@ def test_start_and_random_sampling(clip):
 
 def test_header_frame_count_overstated(clip, monkeypatch):
     """A container header that over-counts frames falls back to the decoded count."""
-    from training import data
+    from magicmirror_video.training import data
 
     monkeypatch.setattr(data, "_count_frames", lambda path: 25)
     assert picked_frames(load_media(clip, num_frames=5, height=16, width=16)) == [0, 4, 8, 12, 16]
@@ -319,7 +333,7 @@ def test_cache_corrupt_entry_recomputed(tmp_path, caplog, damage):
     else:
         data = bytearray(b"\xff" * 7)
     open(path, "wb").write(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="training.cache"):
+    with caplog.at_level(logging.WARNING, logger="magicmirror_video.training.cache"):
         assert cache.get(key) is None
     assert "corrupt" in caplog.text and path in caplog.text
     fresh = {"prompt_embeds": torch.ones(8, 8)}

@@ -10,10 +10,16 @@ import torch
 from diffusers import CogVideoXDDIMScheduler
 from safetensors.torch import load_file
 
-from magicmirror_video.models import tiny
-from training import losses
-from training.config import load_config
-from training.train_magicmirror import PRESETS, MagicMirrorTrainConfig, MagicMirrorTrainer, fit_points, main
+from magicmirror_video.testing import tiny
+from magicmirror_video.training import losses
+from magicmirror_video.training.config import load_config
+from magicmirror_video.training.train_magicmirror import (
+    PRESETS,
+    MagicMirrorTrainConfig,
+    MagicMirrorTrainer,
+    fit_points,
+    main,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +65,7 @@ def test_face_region_mask_and_masked_loss():
 
 
 def test_fit_points_follow_the_loader_resize_crop():
-    from training.data import resize_crop
+    from magicmirror_video.training.data import resize_crop
     img = torch.zeros(1, 3, 100, 200)
     img[0, :, 30, 150] = 1.0  # a dot at (x=150, y=30)
     out = resize_crop(img, 64, 64)
@@ -86,7 +92,7 @@ def test_config_precedence_file_flags_and_errors(tmp_path):
 def tiny_run(tmp_path_factory):
     """A resolved tiny config (assets built once) to copy into each test's output dir."""
     out = tmp_path_factory.mktemp("mm-tiny")
-    from training.presets import build_tiny_magicmirror
+    from magicmirror_video.training.presets import build_tiny_magicmirror
     config = load_config(MagicMirrorTrainConfig, ["--preset", "tiny", "--output_dir", str(out)], PRESETS)
     return build_tiny_magicmirror(config)
 
@@ -126,7 +132,8 @@ def test_resume_after_kill_gives_bit_identical_weights(tiny_run, tmp_path, monke
 
 
 def test_exported_adapter_loads_in_the_node_and_changes_the_video(tiny_run, tmp_path, monkeypatch):
-    out = main(["--preset", "tiny", "--output_dir", str(tmp_path), "--max_steps", "4", "--checkpointing_steps", "0"])
+    assert main(["--preset", "tiny", "--output_dir", str(tmp_path), "--max_steps", "4", "--checkpointing_steps", "0"]) == 0
+    out = tmp_path / "magicmirror.safetensors"
     models = tmp_path / "node-models"
     (models / "magicmirror").mkdir(parents=True)
     shutil.copy(out, models / "magicmirror" / "trained.safetensors")
@@ -186,11 +193,11 @@ def test_tensorboard_logs_and_validation_videos(tiny_run, tmp_path):
 def test_prepare_pairs_filters_and_reports(tiny_run, tmp_path):
     from PIL import Image
 
-    from magicmirror_video.models import tiny_faces
     from magicmirror_video.models.face_analysis import FaceAnalyzer
     from magicmirror_video.models.face_encoder import FaceEncoder
     from magicmirror_video.models.id_encoder import load_photomaker_id_encoder
-    from training.prepare_magicmirror import prepare
+    from magicmirror_video.testing import tiny_faces
+    from magicmirror_video.training.prepare_magicmirror import prepare
     assets = os.path.dirname(os.path.dirname(tiny_run.model_path))
     people = tmp_path / "people"
     for ident, seed, n in (("carol", 3, 2), ("dave", 4, 1)):
@@ -204,7 +211,7 @@ def test_prepare_pairs_filters_and_reports(tiny_run, tmp_path):
     stats = prepare(str(people), str(tmp_path / "data"), encoder, min_similarity=0.65)
     assert stats["targets"] == 2 and stats["single_file"] == ["dave"]
     assert [os.path.basename(p) for p in stats["no_face"]] == ["dark.png"]
-    from training.data import read_manifest
+    from magicmirror_video.training.data import read_manifest
     rows = read_manifest(str(tmp_path / "data" / "metadata.jsonl"))
     assert len(rows) == 2 and all(r.extra["similarity"] > 0.65 for r in rows)
     assert all(" img" in r.caption for r in rows) and all(os.path.isfile(r.extra["faces"]) for r in rows)

@@ -22,9 +22,8 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from magicmirror_video.models.sampler import check_video_size
-from magicmirror_video.models.video_io import read_video, write_video
-
+from ..models.sampler import check_video_size
+from ..models.video_io import read_video, write_video
 from .data import read_manifest, resize_crop, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -55,8 +54,8 @@ def build_pairs(samples, bundle, output_dir: str, *, num_frames: int, height: in
     """Write winner/loser pairs for ``samples`` into ``output_dir``; returns counts and skip reasons."""
     from PIL import Image
 
-    from magicmirror_video.models.sampler import decode_latents, sample_video
-    from magicmirror_video.models.text import encode_prompt
+    from ..models.sampler import decode_latents, sample_video
+    from ..models.text import encode_prompt
 
     check_video_size(num_frames, height, width)
     os.makedirs(os.path.join(output_dir, "pairs"), exist_ok=True)
@@ -101,8 +100,8 @@ def build_pairs(samples, bundle, output_dir: str, *, num_frames: int, height: in
     return stats
 
 
-def main(argv=None) -> dict:
-    from magicmirror_video.models.cogvideox import DTYPES, load_cogvideox
+def main(argv=None) -> int:
+    from ..models.cogvideox import DTYPES, load_cogvideox
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="Real videos: metadata.jsonl, or a folder (prompts.txt + videos.txt).")
@@ -132,8 +131,8 @@ def main(argv=None) -> dict:
           f"-> {os.path.join(args.output, 'pairs.jsonl')}")
     for path, reason in stats["skipped"]:
         print(f"  skipped {path}: {reason}")
-    return stats
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

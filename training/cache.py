@@ -195,7 +195,7 @@ def encode_latents(vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def encode_text(text_encoder, tokenizer, caption: str, max_length: int = 226) -> dict[str, torch.Tensor]:
     """``caption`` -> ``{"prompt_embeds"}`` [L, D], tokenized and encoded exactly as diffusers' CogVideoX."""
-    from magicmirror_video.models.text import tokenize
+    from ..models.text import tokenize
 
     ids = tokenize(tokenizer, caption, max_length).input_ids.to(next(text_encoder.parameters()).device)
     return {"prompt_embeds": text_encoder(ids)[0][0]}
@@ -213,7 +213,7 @@ def precompute(samples: Sequence[Sample], *, vae=None, text_encoder=None, tokeni
     ``caption_transform`` rewrites a caption before encoding (e.g. removing a trigger word).
     Enable ``vae.enable_tiling()`` / ``enable_slicing()`` yourself for large clips.
     """
-    from magicmirror_video.models.text import MAX_TEXT_TOKENS
+    from ..models.text import MAX_TEXT_TOKENS
 
     if max_length > MAX_TEXT_TOKENS:
         raise ValueError(f"max_length={max_length}: CogVideoX accepts at most {MAX_TEXT_TOKENS} T5 tokens")

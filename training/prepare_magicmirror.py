@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from magicmirror_video.models.face_analysis import FaceAnalyzer
-from magicmirror_video.models.face_encoder import FaceEncoder
-from magicmirror_video.models.id_encoder import load_photomaker_id_encoder
-
+from ..models.face_analysis import FaceAnalyzer
+from ..models.face_encoder import FaceEncoder
+from ..models.id_encoder import load_photomaker_id_encoder
 from .data import write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ def prepare(input_dir: str, output_dir: str, encoder: FaceEncoder, *, min_simila
     return stats
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="Folder with one sub-folder per identity.")
     ap.add_argument("--output", required=True, help="Dataset folder to write (metadata.jsonl, faces/, crops/).")
@@ -139,8 +138,8 @@ def main(argv=None) -> dict:
           f"{args.min_similarity}")
     for path in stats["no_face"][:20]:
         print(f"  no face: {path}")
-    return stats
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -29,12 +29,11 @@ def build_tiny_magicmirror(config):
 def _build_tiny_magicmirror(config):
     from PIL import Image
 
-    from magicmirror_video.models import tiny, tiny_faces
-    from magicmirror_video.models.arcface import IResNet
-    from magicmirror_video.models.face_analysis import FaceAnalyzer
-    from magicmirror_video.models.face_encoder import FaceEncoder
-    from magicmirror_video.models.id_encoder import load_photomaker_id_encoder
-
+    from ..models.arcface import IResNet
+    from ..models.face_analysis import FaceAnalyzer
+    from ..models.face_encoder import FaceEncoder
+    from ..models.id_encoder import load_photomaker_id_encoder
+    from ..testing import tiny, tiny_faces
     from .prepare_magicmirror import prepare
 
     root = os.path.join(config.output_dir, "tiny-assets")
@@ -88,8 +87,8 @@ def _tiny_video_assets(root: str) -> dict:
     import numpy as np
     from PIL import Image
 
-    from magicmirror_video.models import tiny
-    from magicmirror_video.models.video_io import write_video
+    from ..models.video_io import write_video
+    from ..testing import tiny
 
     model = os.path.join(root, "CogVideo", "tiny-t2v")
     if not os.path.isdir(os.path.join(model, "transformer")):
@@ -135,26 +134,15 @@ def build_tiny_dualreal(config):
         return _build_tiny_dualreal(config)
 
 
-def build_clip_vision_checkpoint(path: str, *, projection_dim: int = 16, seed: int = 0) -> str:
-    """A tiny random CLIP vision tower with projection, saved with transformers' key names."""
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(seed)
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                                           num_hidden_layers=2, patch_size=14, image_size=56,
-                                                           projection_dim=projection_dim, hidden_act="gelu"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    return path
-
-
 def _build_tiny_dualreal(config):
     import numpy as np
     from PIL import Image
 
+    from ..testing import tiny
+
     root = os.path.join(config.output_dir, "tiny-assets")
     assets = _tiny_video_assets(root)  # model + clips
-    clip = build_clip_vision_checkpoint(os.path.join(root, "clip_vision.safetensors"))
+    clip = tiny.build_clip_vision_checkpoint(os.path.join(root, "clip_vision.safetensors"))
     ident = os.path.join(root, "identity")
     os.makedirs(ident, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -185,8 +173,7 @@ def build_tiny_regdpo(config):
 
 
 def _build_tiny_regdpo(config):
-    from magicmirror_video.models.cogvideox import load_cogvideox
-
+    from ..models.cogvideox import load_cogvideox
     from .build_gt_pairs import build_pairs
     from .data import read_manifest
 

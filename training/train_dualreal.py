@@ -17,12 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from magicmirror_video.models.clip_vision import image_embeds, load_clip_vision
-from magicmirror_video.models.dualreal import (DualRealAdapters, DualRealConfig, inject_dualreal, load_dualreal,
-                                               save_dualreal)
-from magicmirror_video.models.sampler import rotary_embeddings
-from magicmirror_video.models.text import tokenize
-
+from ..models.clip_vision import image_embeds, load_clip_vision
+from ..models.dualreal import DualRealAdapters, DualRealConfig, inject_dualreal, load_dualreal, save_dualreal
+from ..models.sampler import rotary_embeddings
+from ..models.text import tokenize
 from .config import TrainConfig, doc
 from .data import item_generator, load_media, read_manifest
 from .losses import loss_weights, v_prediction_loss, x0_from_v
@@ -159,7 +157,7 @@ class FramesDataset(torch.utils.data.Dataset):
         return {"pixels": pixels, "input_ids": tokenize(self.tokenizer, s.caption).input_ids[0]}
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> int:
     from .presets import build_tiny_dualreal
 
     return cli_main(DualRealTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_dualreal,
@@ -169,4 +167,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -28,12 +28,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from magicmirror_video.models.cogvideox import read_safetensors
-from magicmirror_video.models.magicmirror import (MagicMirrorAdapter, MagicMirrorConfig, inject_magicmirror,
-                                                  load_magicmirror, save_magicmirror)
-from magicmirror_video.models.sampler import rotary_embeddings
-from magicmirror_video.models.text import identity_token_mask, split_trigger, tokenize
-
+from ..models.cogvideox import read_safetensors
+from ..models.magicmirror import (
+    MagicMirrorAdapter,
+    MagicMirrorConfig,
+    inject_magicmirror,
+    load_magicmirror,
+    save_magicmirror,
+)
+from ..models.sampler import rotary_embeddings
+from ..models.text import identity_token_mask, split_trigger, tokenize
 from .config import TrainConfig, doc
 from .data import item_generator, load_media, read_manifest
 from .losses import box_to_latent_mask, identity_loss, loss_weights, v_prediction_loss, x0_from_v
@@ -145,7 +149,7 @@ class MagicMirrorTrainingModule(torch.nn.Module):
         logs = {"loss_noise": noise_loss.mean().detach(), "face_region_share": in_face.float().mean()}
         loss = noise_loss
         if c.id_loss_weight > 0:
-            from magicmirror_video.models.arcface import identity_cosine
+            from ..models.arcface import identity_cosine
 
             first = x0_pred[:, :1].permute(0, 2, 1, 3, 4) / vae.config.scaling_factor  # [B, C, 1, h, w]
             frames = vae.decode(first.to(vae.dtype)).sample[:, :, 0].float()  # [B, 3, H, W] in ~[-1, 1]
@@ -186,7 +190,7 @@ class MagicMirrorTrainer(Trainer):
             if not c.arcface_path:
                 raise SystemExit("id_loss_weight > 0 needs --arcface_path (an insightface arcface_torch backbone "
                                  ".pth); or pass --id_loss_weight 0")
-            from magicmirror_video.models.arcface import load_arcface_torch
+            from ..models.arcface import load_arcface_torch
 
             frozen["arcface"] = load_arcface_torch(c.arcface_path).to(self.device)
         return MagicMirrorTrainingModule(self.adapter, frozen, c)
@@ -229,10 +233,10 @@ class MagicMirrorTrainer(Trainer):
         c = self.config
         if not (c.validation_prompts and c.validation_faces):
             return
-        from magicmirror_video.models.magicmirror import FaceEmbeds, MagicMirrorPatch
-        from magicmirror_video.models.sampler import decode_latents, sample_video
-        from magicmirror_video.models.text import encode_prompt
-        from magicmirror_video.models.video_io import write_video
+        from ..models.magicmirror import FaceEmbeds, MagicMirrorPatch
+        from ..models.sampler import decode_latents, sample_video
+        from ..models.text import encode_prompt
+        from ..models.video_io import write_video
 
         tensors, _ = read_safetensors(c.validation_faces)
         faces = FaceEmbeds(arcface=tensors["arcface"], x_id=tensors["x_id"], clip_penultimate=tensors["clip_penultimate"])
@@ -301,7 +305,7 @@ class MagicMirrorDataset(torch.utils.data.Dataset):
         return item
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> int:
     from .presets import build_tiny_magicmirror
 
     return cli_main(MagicMirrorTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_magicmirror,
@@ -310,4 +314,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from magicmirror_video.models.lora import TrainableLora, find_lora_targets, save_lora
-from magicmirror_video.models.sampler import rotary_embeddings
-from magicmirror_video.models.text import tokenize
-
+from ..models.lora import TrainableLora, find_lora_targets, save_lora
+from ..models.sampler import rotary_embeddings
+from ..models.text import tokenize
 from .config import TrainConfig, doc
 from .data import load_media, read_manifest
 from .losses import per_sample_mse, regdpo_loss
@@ -172,7 +171,7 @@ class PairDataset(torch.utils.data.Dataset):
         return item
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> int:
     from .presets import build_tiny_regdpo
 
     return cli_main(RegDPOTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_regdpo,
@@ -182,4 +181,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

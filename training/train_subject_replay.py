@@ -27,12 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from magicmirror_video.models.lora import TrainableLora, find_lora_targets, save_lora
-from magicmirror_video.models.sampler import check_video_size, rotary_embeddings
-from magicmirror_video.models.subject import (CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, ensure_cls_token,
-                                              inject_reference)
-from magicmirror_video.models.text import tokenize
-
+from ..models.lora import TrainableLora, find_lora_targets, save_lora
+from ..models.sampler import check_video_size, rotary_embeddings
+from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, ensure_cls_token, inject_reference
+from ..models.text import tokenize
 from .config import TrainConfig, doc
 from .data import item_generator, load_media, read_manifest
 from .losses import loss_weights, v_prediction_loss, x0_from_v
@@ -232,7 +230,7 @@ class ReplayDataset(torch.utils.data.Dataset):
         return {"target": video, "reference": ref, "input_ids": tokenize(self.tokenizer, s.caption).input_ids[0]}
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> int:
     from .presets import build_tiny_subject
 
     return cli_main(SubjectReplayTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_subject,
@@ -242,4 +240,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -188,8 +188,8 @@ class Trainer(abc.ABC):
         fp32 when that is fp16) and return ``{transformer, vae, text_encoder, scheduler}`` for training."""
         from diffusers import CogVideoXDDIMScheduler
 
-        from magicmirror_video.models.cogvideox import load_cogvideox
-        from magicmirror_video.models.sampler import check_video_size
+        from ..models.cogvideox import load_cogvideox
+        from ..models.sampler import check_video_size
 
         c = self.config
         check_video_size(c.num_frames, c.height, c.width)
@@ -336,9 +336,10 @@ class Trainer(abc.ABC):
 
 
 def cli_main(trainer_class, argv, presets: dict, *, description: str, required: dict, build_tiny=None,
-             use_hint: str = "") -> str:
+             use_hint: str = "") -> int:
     """The command line of a trainer: resolve the config, build the tiny demo data when asked, check
-    the ``required`` fields (name -> what to pass), train, and say where the export goes."""
+    the ``required`` fields (name -> what to pass), train, and say where the export goes. Returns the
+    process exit code (console entry points pass it to ``sys.exit``)."""
     from .config import load_config
 
     config = load_config(trainer_class.config_class, argv, presets, description=description)
@@ -349,7 +350,7 @@ def cli_main(trainer_class, argv, presets: dict, *, description: str, required: 
         raise SystemExit(f"set {', '.join(missing)}, or run --preset tiny for a self-contained demo")
     out = trainer_class(config).train()
     print(f"exported {out}{': ' + use_hint if use_hint else ''}")
-    return out
+    return 0
 
 
 class TaskSwitchingTrainer(Trainer):

@@ -136,7 +136,7 @@ def build_photomaker_checkpoint(path: str, *, clip_dim: int = 64, clip_layers: i
     """
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .id_encoder import IDPerceiver, IDPerceiverConfig
+    from ..models.id_encoder import IDPerceiver, IDPerceiverConfig
 
     torch.manual_seed(seed)
     clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
@@ -158,7 +158,7 @@ def build_photomaker_checkpoint(path: str, *, clip_dim: int = 64, clip_layers: i
 def build_magicmirror_adapter(path: str, transformer, *, seed: int = 0, scale: float = 0.05) -> str:
     """A random (non-zero) MagicMirror adapter for ``transformer``, sized for the tiny PhotoMaker-V2
     checkpoint of :func:`build_photomaker_checkpoint` (x_id width 256, CLIP width 64)."""
-    from .magicmirror import MagicMirrorAdapter, MagicMirrorConfig, save_magicmirror
+    from ..models.magicmirror import MagicMirrorAdapter, MagicMirrorConfig, save_magicmirror
 
     config = MagicMirrorConfig.for_transformer(transformer, id_dim=256, clip_dim=64, qformer_dim=32, qformer_depth=1,
                                                qformer_dim_head=16, cond_dim=32, fuse_hidden=32)
@@ -168,4 +168,17 @@ def build_magicmirror_adapter(path: str, transformer, *, seed: int = 0, scale: f
         for p in adapter.parameters():
             p.add_(torch.randn_like(p) * scale)
     save_magicmirror(path, adapter, {"note": "tiny random test adapter"})
+    return path
+
+
+def build_clip_vision_checkpoint(path: str, *, projection_dim: int = 16, seed: int = 0) -> str:
+    """A tiny random CLIP vision tower with projection, saved with transformers' key names."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                           num_hidden_layers=2, patch_size=14, image_size=56,
+                                                           projection_dim=projection_dim, hidden_act="gelu"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return path

@@ -130,6 +130,11 @@ def _missing(path: str, what: str, searched: list[str]) -> ModelFolderError:
     return ModelFolderError(f"{what} not found: {path!r}. Paths searched:\n  {lines}")
 
 
+def missing_components(folder: str) -> list[str]:
+    """The sub-folders of a diffusers CogVideoX folder that ``folder`` lacks (empty when complete)."""
+    return [p for p in COMPONENTS if not os.path.isdir(os.path.join(folder, p))]
+
+
 def find_model_folder(name: str, roots: list[str]) -> str:
     """Resolve ``name`` (a folder name or an absolute path) against ``roots``.
 
@@ -138,8 +143,7 @@ def find_model_folder(name: str, roots: list[str]) -> str:
     candidates = [name] if os.path.isabs(name) else [os.path.join(r, name) for r in roots]
     for c in candidates:
         if os.path.isdir(c):
-            missing = [p for p in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-                       if not os.path.isdir(os.path.join(c, p))]
+            missing = missing_components(c)
             if missing:
                 raise ModelFolderError(
                     f"CogVideoX folder {c!r} is incomplete: missing subfolder(s) {', '.join(missing)}. "

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from magicmirror_video.testing import tiny
 from magicmirror_video.training import losses
-from magicmirror_video.training.config import load_config
+from magicmirror_video.training.config import InputError, load_config
 from magicmirror_video.training.train_magicmirror import (
     PRESETS,
     MagicMirrorTrainConfig,
@@ -80,11 +80,15 @@ def test_config_precedence_file_flags_and_errors(tmp_path):
     c = load_config(MagicMirrorTrainConfig, ["--preset", "tiny", "--config", str(tmp_path / "c.yaml"),
                                              "--max_steps", "9", "--no-gradient_checkpointing"], PRESETS)
     assert (c.learning_rate, c.max_steps, c.height, c.validation_prompts) == (0.002, 9, 64, ["a", "b"])
-    assert c.gradient_checkpointing is False and c.num_frames == 1  # stage image forces single frames
+    assert c.gradient_checkpointing is False and c.num_frames == 1  # stage image: single frames (the default)
     c = load_config(MagicMirrorTrainConfig, ["--config", str(tmp_path / "c.toml")])
     assert (c.stage, c.num_frames) == ("video", 9)
+    with pytest.raises(InputError, match="stage=image trains on single frames but num_frames=9"):
+        load_config(MagicMirrorTrainConfig, ["--config", str(tmp_path / "c.toml"), "--stage", "image"])
+    with pytest.raises(InputError, match="stage=video trains on clips but num_frames=1"):
+        load_config(MagicMirrorTrainConfig, ["--stage", "video"])
     (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
-    with pytest.raises(SystemExit, match="unknown config field.*learning_rat"):
+    with pytest.raises(InputError, match="unknown config field 'learning_rat' .did you mean 'learning_rate'"):
         load_config(MagicMirrorTrainConfig, ["--config", str(tmp_path / "bad.yaml")])
 
 
@@ -206,11 +210,13 @@ def test_prepare_pairs_filters_and_reports(tiny_run, tmp_path):
             Image.fromarray(tiny_faces.synthetic_face_image(128, 128, center=(60 + 4 * k, 64), radius=28 + 3 * k,
                                                             seed=seed)).save(people / ident / f"{k}.png")
     Image.fromarray(tiny_faces.synthetic_face_image(128, 128, radius=None)).save(people / "carol" / "dark.png")
+    (people / "carol" / "broken.png").write_bytes(b"not an image")
     encoder = FaceEncoder(FaceAnalyzer(os.path.join(assets, "insightface")),
                           load_photomaker_id_encoder(os.path.join(assets, "photomaker-v2.bin")))
     stats = prepare(str(people), str(tmp_path / "data"), encoder, min_similarity=0.65)
     assert stats["targets"] == 2 and stats["single_file"] == ["dave"]
     assert [os.path.basename(p) for p in stats["no_face"]] == ["dark.png"]
+    assert [os.path.basename(p) for p, _ in stats["unreadable"]] == ["broken.png"]
     from magicmirror_video.training.data import read_manifest
     rows = read_manifest(str(tmp_path / "data" / "metadata.jsonl"))
     assert len(rows) == 2 and all(r.extra["similarity"] > 0.65 for r in rows)

@@ -18,11 +18,18 @@ from dataclasses import dataclass
 import torch
 
 from ..models.clip_vision import image_embeds, load_clip_vision
-from ..models.dualreal import DualRealAdapters, DualRealConfig, inject_dualreal, load_dualreal, save_dualreal
+from ..models.dualreal import (
+    DualRealAdapters,
+    DualRealConfig,
+    check_groups,
+    inject_dualreal,
+    load_dualreal,
+    save_dualreal,
+)
 from ..models.sampler import rotary_embeddings
 from ..models.text import tokenize
-from .config import TrainConfig, doc
-from .data import item_generator, load_media, read_manifest
+from .config import InputError, TrainConfig, doc
+from .data import first_frame, item_generator, load_media
 from .losses import loss_weights, v_prediction_loss, x0_from_v
 from .trainer import TaskSwitchingTrainer, cli_main
 
@@ -31,28 +38,30 @@ IDENTITY, MOTION = "identity", "motion"
 
 @dataclass
 class DualRealTrainConfig(TrainConfig):
+    learning_rate: float = doc(1e-3, "Peak learning rate (the paper's 1e-3).")
     identity_data: str = doc("", "Subject images with prompts (metadata.jsonl or images.txt + prompts.txt), "
                                  "e.g. 'a dog *'.")
     motion_prob: float = doc(0.5, "γ: probability that a step is a motion step.")
+    identity_batch_size: int = doc(1, "Subject images per device per micro-step of an identity step (official "
+                                      "recipe: 1).")
+    motion_batch_size: int = doc(3, "Clips per device per micro-step of a motion step (official recipe: 3).")
     reference_image: str = doc("", "Image of the subject whose CLIP embedding conditions the motion adapters "
                                    "(default: the first identity image).")
     clip_vision: str = doc("", "CLIP vision model file/folder for the motion condition (OpenCLIP ViT-H/14).")
     hidden_dim: int = doc(64, "Adapter bottleneck width.")
-    n_groups: int = doc(0, "StageBlender block groups (0 = num_layers // 6, i.e. 7 for the 5B).")
+    n_groups: int = doc(0, "StageBlender block groups; must divide the block count (0 = groups of 6 blocks, i.e. 7 "
+                           "for the 5B; else the largest divisor up to num_layers // 6).")
     init_from: str = doc("", "Start from a DualReal adapter (.safetensors or the official adapter.pth).")
     tiny_demo: bool = doc(False, "Generate tiny random models and synthetic data under output_dir and train on "
                                  "them (set by --preset tiny).")
 
-    def __post_init__(self):
-        if self.learning_rate == 1e-5 and self.max_steps == 1000:  # shared defaults: use the paper's lr
-            self.learning_rate = 1e-3
-
 
 PRESETS = {
-    "paper": dict(learning_rate=1e-3, max_steps=1000, mixed_precision="bf16", num_frames=49, height=480, width=720),
+    "paper": dict(learning_rate=1e-3, max_steps=1000, mixed_precision="bf16", num_frames=49, height=480, width=720,
+                  identity_batch_size=1, motion_batch_size=3),
     "tiny": dict(max_steps=10, learning_rate=1e-3, lr_scheduler="constant", height=32, width=32, num_frames=9,
-                 mixed_precision="no", gradient_checkpointing=False, checkpointing_steps=5, report_to="none",
-                 output_dir="runs/dualreal-tiny", tiny_demo=True),
+                 motion_batch_size=2, mixed_precision="no", gradient_checkpointing=False, checkpointing_steps=5,
+                 report_to="none", output_dir="runs/dualreal-tiny", tiny_demo=True),
 }
 
 
@@ -93,22 +102,48 @@ class DualRealTrainer(TaskSwitchingTrainer):
     config_class = DualRealTrainConfig
     method = "dualreal"
     tasks = (IDENTITY, MOTION)
+    task_batch_sizes = {IDENTITY: "identity_batch_size", MOTION: "motion_batch_size"}
+    required_inputs = {"model_path": "a diffusers CogVideoX folder", "identity_data": "subject images",
+                       "data": "motion clips", "clip_vision": "CLIP ViT-H/14 vision model"}
 
     @property
     def switch_prob(self) -> float:
         return self.config.motion_prob
 
+    def validate_inputs(self) -> dict:
+        from .inputs import check_manifest, check_media, check_path
+
+        inputs, c = super().validate_inputs(), self.config
+        identity = check_manifest(c.identity_data, "--identity_data", expected="subject images with prompts")
+        check_media(identity, "--identity_data", num_frames=1)
+        motion = check_manifest(c.data, "--data", expected="motion clips with prompts")
+        check_media(motion, "--data", num_frames=c.num_frames, videos_only=True)
+        check_path(c.clip_vision, "--clip_vision", "CLIP vision model", folder=None)
+        if c.reference_image:
+            check_path(c.reference_image, "--reference_image", "reference image")
+        if c.init_from:
+            check_path(c.init_from, "--init_from", "DualReal adapter")
+        if c.n_groups:
+            try:
+                check_groups(inputs["transformer_config"]["num_layers"], c.n_groups)
+            except ValueError as e:
+                raise InputError(f"--n_groups: {e}") from None
+        return {**inputs, "identity": identity, "motion": motion}
+
+    def reference_condition(self) -> torch.Tensor:
+        """The CLIP image embedding [1, 1, C] of the reference image, preprocessed by the same function as
+        the StageBlender node (``clip_vision.clip_pixels``: centre crop, resize)."""
+        c = self.config
+        image = first_frame(c.reference_image or self.inputs["identity"][0].media)
+        image = torch.from_numpy(image).float()[None] / 255.0  # a ComfyUI IMAGE [1, H, W, 3] in 0..1
+        return image_embeds(load_clip_vision(c.clip_vision), image)[:, None]
+
     def build(self) -> torch.nn.Module:
         c = self.config
+        self.identity, self.motion = self.inputs["identity"], self.inputs["motion"]
         frozen = self.load_base()
         bundle = self.bundle
-        self.identity = read_manifest(c.identity_data)
-        self.motion = read_manifest(c.data)
-        if not c.clip_vision:
-            raise SystemExit("--clip_vision is required (the CLIP ViT-H/14 that embeds the reference image)")
-        reference = c.reference_image or self.identity[0].media
-        image = load_media(reference, num_frames=1, height=224, width=224)[0].permute(1, 2, 0)[None] * 0.5 + 0.5
-        condition = image_embeds(load_clip_vision(c.clip_vision), image)[:, None]  # [1, 1, C]
+        condition = self.reference_condition()  # [1, 1, C]
         if c.init_from:
             adapters = load_dualreal(c.init_from).requires_grad_(True)
         else:
@@ -161,8 +196,6 @@ def main(argv=None) -> int:
     from .presets import build_tiny_dualreal
 
     return cli_main(DualRealTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_dualreal,
-                    required={"model_path": "a diffusers CogVideoX folder", "identity_data": "subject images",
-                              "data": "motion clips", "clip_vision": "CLIP ViT-H/14 vision model"},
                     use_hint="copy it to ComfyUI/models/dualreal/ and load it with 'DualReal StageBlender'")
 
 

@@ -38,16 +38,18 @@ from ..models.magicmirror import (
 )
 from ..models.sampler import rotary_embeddings
 from ..models.text import identity_token_mask, split_trigger, tokenize
-from .config import TrainConfig, doc
-from .data import item_generator, load_media, read_manifest
+from .config import InputError, TrainConfig, doc
+from .data import item_generator, load_media
 from .losses import box_to_latent_mask, identity_loss, loss_weights, v_prediction_loss, x0_from_v
 from .trainer import Trainer, cli_main
 
 
 @dataclass
 class MagicMirrorTrainConfig(TrainConfig):
-    stage: str = doc("image", "image: stage 1 on image pairs (num_frames forced to 1); video: stage 2 on videos.",
-                     choices=("image", "video"))
+    num_frames: int = doc(1, "Frames per sample (4k+1): 1 for stage=image, e.g. 49 for stage=video.")
+    batch_size: int = doc(1, "Samples per device per micro-step.")
+    stage: str = doc("image", "image: stage 1 on single frames (num_frames 1); video: stage 2 on clips of "
+                              "num_frames > 1.", choices=("image", "video"))
     init_from: str = doc("", "Adapter .safetensors to start from (stage 2 starts from the stage-1 export).")
     trigger_word: str = doc("img", "Trigger word after the class word in captions ('a man img ...').")
     id_loss_weight: float = doc(0.1, "λ of the identity loss (0 = off; the paper does not give its value).")
@@ -65,8 +67,12 @@ class MagicMirrorTrainConfig(TrainConfig):
                                  "on them (set by --preset tiny; model_path/data are filled in).")
 
     def __post_init__(self):
-        if self.stage == "image":
-            self.num_frames = 1
+        if self.stage == "image" and self.num_frames != 1:
+            raise InputError(f"stage=image trains on single frames but num_frames={self.num_frames}: leave "
+                             "num_frames at 1 for stage=image, or set --stage video to train on clips")
+        if self.stage == "video" and self.num_frames == 1:
+            raise InputError("stage=video trains on clips but num_frames=1: set --num_frames (4k+1, e.g. 49), "
+                             "or use --stage image for single frames")
 
 
 PRESETS = {
@@ -162,12 +168,40 @@ class MagicMirrorTrainingModule(torch.nn.Module):
 class MagicMirrorTrainer(Trainer):
     config_class = MagicMirrorTrainConfig
     method = "magicmirror"
+    required_inputs = {"model_path": "a diffusers CogVideoX folder", "data": "metadata.jsonl"}
+
+    def validate_inputs(self) -> dict:
+        from .inputs import check_manifest, check_media, check_numbers, check_path
+
+        inputs, c = super().validate_inputs(), self.config
+        samples = check_manifest(c.data, "--data", columns=("faces", "face_box", "face_kps", "size"),
+                                 expected="the metadata.jsonl of python -m training.prepare_magicmirror (rows {media, "
+                                          "caption, faces, face_box, face_kps, size})")
+        check_numbers(samples, "--data", {"face_box": (4,), "face_kps": (5, 2), "size": (2,)})
+        bad = next((s for s in samples if min(s.extra["size"]) <= 0), None)
+        if bad is not None:
+            raise InputError(f"--data: {bad.where}: size={bad.extra['size']} must be [width, height] > 0; rebuild "
+                             "the manifest with python -m training.prepare_magicmirror")
+        check_media(samples, "--data", num_frames=c.num_frames, videos_only=c.stage == "video")
+        if c.init_from:
+            check_path(c.init_from, "--init_from", "MagicMirror adapter")
+        if c.id_loss_weight > 0:
+            if not c.arcface_path:
+                raise InputError("id_loss_weight > 0 needs --arcface_path (an insightface arcface_torch backbone "
+                                 ".pth); or pass --id_loss_weight 0")
+            check_path(c.arcface_path, "--arcface_path", "ArcFace backbone")
+        if c.validation_faces:
+            check_path(c.validation_faces, "--validation_faces", "faces .safetensors")
+        if c.precompute_cache and c.frame_sampling == "random":
+            raise InputError("--precompute_cache with --frame_sampling random: a cache entry would freeze one random "
+                             "window; use --frame_sampling uniform or start, or --no-precompute_cache")
+        return {**inputs, "samples": samples}
 
     def build(self) -> torch.nn.Module:
         c = self.config
+        self.samples = self.inputs["samples"]
         frozen = self.load_base()
         bundle = self.bundle
-        self.samples = read_manifest(c.data)
         first = read_safetensors(self._faces_path(self.samples[0]))[0]
         if c.init_from:
             adapter = load_magicmirror(c.init_from).requires_grad_(True)
@@ -187,9 +221,6 @@ class MagicMirrorTrainer(Trainer):
             if c.id_loss_weight == 0:
                 bundle.vae.to("cpu")  # the identity loss still decodes x̂0, otherwise the VAE is not needed
         if c.id_loss_weight > 0:
-            if not c.arcface_path:
-                raise SystemExit("id_loss_weight > 0 needs --arcface_path (an insightface arcface_torch backbone "
-                                 ".pth); or pass --id_loss_weight 0")
             from ..models.arcface import load_arcface_torch
 
             frozen["arcface"] = load_arcface_torch(c.arcface_path).to(self.device)
@@ -309,7 +340,6 @@ def main(argv=None) -> int:
     from .presets import build_tiny_magicmirror
 
     return cli_main(MagicMirrorTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_magicmirror,
-                    required={"model_path": "a diffusers CogVideoX folder", "data": "metadata.jsonl"},
                     use_hint="copy it to ComfyUI/models/magicmirror/ and pick it in 'MagicMirror Apply'")
 
 

@@ -24,7 +24,7 @@ from ..models.lora import TrainableLora, find_lora_targets, save_lora
 from ..models.sampler import rotary_embeddings
 from ..models.text import tokenize
 from .config import TrainConfig, doc
-from .data import load_media, read_manifest
+from .data import load_media
 from .losses import per_sample_mse, regdpo_loss
 from .trainer import Trainer, cli_main
 
@@ -33,6 +33,8 @@ MODES = ("regdpo", "fixed", "dpo", "sft")
 
 @dataclass
 class RegDPOTrainConfig(TrainConfig):
+    learning_rate: float = doc(5e-6, "Peak learning rate (the paper's 5e-6).")
+    batch_size: int = doc(1, "GT-Pairs per device per micro-step.")
     beta: float = doc(500.0, "β; multiplies s directly (no 0.5 factor).")
     mode: str = doc("regdpo", "regdpo: r = DGR (detached, dynamic); fixed: r = --r; dpo: r = 0 (vanilla "
                               "Diffusion-DPO); sft: only the winner's error.", choices=MODES)
@@ -46,10 +48,6 @@ class RegDPOTrainConfig(TrainConfig):
                                choices=("lora_disabled", "copy"))
     tiny_demo: bool = doc(False, "Generate a tiny model and synthetic GT-Pairs under output_dir and train on "
                                  "them (set by --preset tiny).")
-
-    def __post_init__(self):
-        if self.learning_rate == 1e-5:  # the shared default: use the paper's
-            self.learning_rate = 5e-6
 
 
 PRESETS = {
@@ -129,12 +127,25 @@ class RegDPOModule(torch.nn.Module):
 class RegDPOTrainer(Trainer):
     config_class = RegDPOTrainConfig
     method = "regdpo"
+    required_inputs = {"model_path": "a diffusers CogVideoX folder",
+                       "data": "the GT-Pair manifest from training.build_gt_pairs"}
+
+    def validate_inputs(self) -> dict:
+        from .inputs import check_manifest, check_media
+
+        inputs, c = super().validate_inputs(), self.config
+        pairs = check_manifest(c.data, "--data", columns=("loser",),
+                               expected="the GT-Pair manifest of python -m training.build_gt_pairs (rows {winner, "
+                                        "loser, caption[, first_frame]})")
+        check_media(pairs, "--data", num_frames=c.num_frames, keys=("media", "loser"), videos_only=True)
+        check_media(pairs, "--data", num_frames=1, keys=("first_frame",))
+        return {**inputs, "pairs": pairs}
 
     def build(self) -> torch.nn.Module:
         c = self.config
+        self.pairs = self.inputs["pairs"]
         frozen = self.load_base()
         bundle = self.bundle
-        self.pairs = read_manifest(c.data)
         if c.reference_model == "copy":
             frozen["reference"] = copy.deepcopy(bundle.transformer).requires_grad_(False)
         torch.manual_seed(c.seed)
@@ -175,8 +186,6 @@ def main(argv=None) -> int:
     from .presets import build_tiny_regdpo
 
     return cli_main(RegDPOTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_regdpo,
-                    required={"model_path": "a diffusers CogVideoX folder",
-                              "data": "the GT-Pair manifest from training.build_gt_pairs"},
                     use_hint="copy it to ComfyUI/models/loras/ and load it with 'CogVideoX LoRA Loader'")
 
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from ..models.lora import TrainableLora, find_lora_targets, save_lora
-from ..models.sampler import check_video_size, rotary_embeddings
+from ..models.sampler import rotary_embeddings
 from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, ensure_cls_token, inject_reference
 from ..models.text import tokenize
 from .config import TrainConfig, doc
-from .data import item_generator, load_media, read_manifest
+from .data import item_generator, load_media
 from .losses import loss_weights, v_prediction_loss, x0_from_v
 from .trainer import TaskSwitchingTrainer, cli_main
 
@@ -41,12 +41,17 @@ IMAGE, VIDEO = "image", "video"
 
 @dataclass
 class SubjectReplayTrainConfig(TrainConfig):
+    learning_rate: float = doc(5e-5, "Peak learning rate (the paper's 5e-5).")
     pairs: str = doc("", "S2I pair manifest (metadata.jsonl rows {src, tgt, caption}).")
     replay_prob: float = doc(0.2, "p: probability that a step is a video-replay step (the paper uses 0.1).")
     token_drop_prob: float = doc(0.3, "p_drop: each reference token of a video-replay step is dropped with this "
                                       "probability (value not given in the paper).")
     pair_height: int = doc(512, "Height of S2I pair images (multiple of 16).")
     pair_width: int = doc(512, "Width of S2I pair images (multiple of 16).")
+    pair_batch_size: int = doc(1, "S2I pairs per device per micro-step of a pair step (the paper: 256 per step "
+                                  "in all, see --preset paper).")
+    video_batch_size: int = doc(1, "Videos per device per micro-step of a video-replay step (the paper: 32 per "
+                                   "step in all).")
     lora_rank: int = doc(128, "LoRA rank.")
     lora_alpha: float = doc(64.0, "LoRA alpha (scale = alpha / rank).")
     lora_dropout: float = doc(0.1, "LoRA dropout.")
@@ -55,16 +60,14 @@ class SubjectReplayTrainConfig(TrainConfig):
     tiny_demo: bool = doc(False, "Generate tiny random models and synthetic pairs/videos under output_dir and train "
                                  "on them (set by --preset tiny).")
 
-    def __post_init__(self):
-        if self.learning_rate == 1e-5:  # the shared default: use the paper's
-            self.learning_rate = 5e-5
-
 
 PRESETS = {
+    # 256 image pairs / 32 videos per step on one process; divide gradient_accumulation_steps by the GPU count.
     "paper": dict(learning_rate=5e-5, lr_scheduler="cosine_with_restarts", max_steps=4000, mixed_precision="bf16",
-                  replay_prob=0.1),
+                  replay_prob=0.1, pair_batch_size=8, video_batch_size=1, gradient_accumulation_steps=32),
     "tiny": dict(max_steps=12, learning_rate=1e-3, lr_scheduler="constant", height=32, width=32, num_frames=9,
-                 pair_height=32, pair_width=32, mixed_precision="no", gradient_checkpointing=False, lora_rank=4,
+                 pair_height=32, pair_width=32, pair_batch_size=2, mixed_precision="no", gradient_checkpointing=False,
+                 lora_rank=4,
                  lora_alpha=4.0, checkpointing_steps=6, report_to="none", conflict_steps=4, replay_prob=0.5,
                  output_dir="runs/subject-tiny", tiny_demo=True),
 }
@@ -113,19 +116,32 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
     config_class = SubjectReplayTrainConfig
     method = "subject_replay"
     tasks = (IMAGE, VIDEO)
+    task_batch_sizes = {IMAGE: "pair_batch_size", VIDEO: "video_batch_size"}
+    required_inputs = {"model_path": "a diffusers CogVideoX folder", "pairs": "S2I pair manifest",
+                       "data": "unpaired videos"}
 
     @property
     def switch_prob(self) -> float:
         return self.config.replay_prob
 
+    def validate_inputs(self) -> dict:
+        from .inputs import check_manifest, check_media, check_size
+
+        inputs, c = super().validate_inputs(), self.config
+        check_size(1, c.pair_height, c.pair_width, ("", "--pair_height", "--pair_width"))
+        pairs = check_manifest(c.pairs, "--pairs", columns=("src", "tgt"),
+                               expected="S2I pairs (metadata.jsonl rows {src, tgt, caption})")
+        check_media(pairs, "--pairs", num_frames=1, keys=("src", "media"))
+        videos = check_manifest(c.data, "--data", expected="unpaired videos with captions")
+        check_media(videos, "--data", num_frames=c.num_frames, videos_only=True)
+        return {**inputs, "pairs": pairs, "videos": videos}
+
     def build(self) -> torch.nn.Module:
         c = self.config
-        check_video_size(1, c.pair_height, c.pair_width)
+        self.pairs, self.videos = self.inputs["pairs"], self.inputs["videos"]
         frozen = self.load_base()
         bundle = self.bundle
         ensure_cls_token(bundle.tokenizer, bundle.text_encoder)
-        self.pairs = read_manifest(c.pairs)
-        self.videos = read_manifest(c.data)
         targets = find_lora_targets(bundle.transformer, c.lora_targets)
         torch.manual_seed(c.seed)
         lora = TrainableLora(bundle.transformer, targets, c.lora_rank, c.lora_alpha, c.lora_dropout,
@@ -234,8 +250,6 @@ def main(argv=None) -> int:
     from .presets import build_tiny_subject
 
     return cli_main(SubjectReplayTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_subject,
-                    required={"model_path": "a diffusers CogVideoX folder", "pairs": "S2I pair manifest",
-                              "data": "unpaired videos"},
                     use_hint="copy it to ComfyUI/models/loras/ and load it with 'Subject Reference LoRA Loader'")
 
 

@@ -3,6 +3,9 @@
 A method (``train_magicmirror.py`` ...) subclasses :class:`Trainer` and says only what differs:
 
 * ``config_class`` — its config dataclass (extends :class:`~training.config.TrainConfig`);
+* ``required_inputs`` and ``validate_inputs()`` — check the config, data and paths before any model
+  loads and return what was read (``self.inputs``); bad input raises one-line
+  :class:`~training.config.InputError`s, which the command line prints and exits with status 2;
 * ``build()`` — load frozen models, return the trainable :class:`torch.nn.Module`;
 * ``dataset()`` — a map-style dataset; ``collate(items)`` — a batch;
 * ``loss(module, batch, generator) -> (loss, logs)`` — one micro-step (``module`` is the prepared,
@@ -19,16 +22,20 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
 import yaml
 from tqdm.auto import tqdm
+
+from .config import InputError
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
@@ -80,13 +87,59 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
 class Trainer(abc.ABC):
     config_class = None
     method = "base"
+    required_inputs: dict = {"model_path": "a diffusers CogVideoX folder"}  # field -> what to pass
 
     def __init__(self, config):
         self.config = config
         self.accelerator = None
         self.step = 0
+        self._inputs = None
 
     # ---------------------------------------------------------------- method hooks
+    def validate_inputs(self) -> dict:
+        """Check the config, model folder, data and media before anything loads or is written; return
+        what was read (manifests, the transformer config) for :meth:`build`. Methods extend it (call
+        ``super()``). Raises :class:`~training.config.InputError` (one line) on bad input."""
+        from .inputs import check_model_folder, check_required, check_size
+
+        c = self.config
+        check_required(c, self.required_inputs)
+        check_size(c.num_frames, c.height, c.width)
+        if c.validation_prompts:
+            check_size(c.validation_num_frames, c.height, c.width, ("--validation_num_frames", "--height", "--width"))
+        for name in self.batch_size_fields():
+            if getattr(c, name) < 1:
+                raise InputError(f"--{name}={getattr(c, name)}: must be at least 1")
+        if c.gradient_accumulation_steps < 1 or c.max_steps < 1:
+            raise InputError("--gradient_accumulation_steps and --max_steps must be at least 1")
+        which = str(c.resume_from).strip()
+        if which and which != "latest" and not which.isdigit():
+            raise InputError(f"--resume_from={which!r}: use 'latest', a step number, or leave it empty")
+        if os.path.isfile(c.output_dir):
+            raise InputError(f"--output_dir {c.output_dir} is a file; pass a folder (it is created if missing)")
+        needs = {"tensorboard": (c.report_to == "tensorboard", "--report_to tensorboard", "or pass --report_to none"),
+                 "bitsandbytes": (c.use_8bit_adam, "--use_8bit_adam", "CUDA only; or pass --no-use_8bit_adam")}
+        for package, (wanted, option, hint) in needs.items():
+            if wanted and importlib.util.find_spec(package) is None:
+                raise InputError(f"{option} needs the {package} package: pip install {package} ({hint})")
+        return {"transformer_config": check_model_folder(c.model_path)}
+
+    @property
+    def inputs(self) -> dict:
+        """What :meth:`validate_inputs` read (validated on first use)."""
+        if self._inputs is None:
+            self._inputs = self.validate_inputs()
+        return self._inputs
+
+    def batch_size_fields(self) -> tuple:
+        """Config fields holding batch sizes (samples per device per micro-step)."""
+        return ("batch_size",)
+
+    def effective_batch(self) -> str:
+        c, n = self.config, self.accelerator.num_processes if self.accelerator else 1
+        return ", ".join(f"{name} {getattr(c, name) * c.gradient_accumulation_steps * n}"
+                         for name in self.batch_size_fields())
+
     @abc.abstractmethod
     def build(self) -> torch.nn.Module:
         """Load the frozen models and return the trainable module (its forward computes the loss)."""
@@ -146,14 +199,7 @@ class Trainer(abc.ABC):
         from accelerate.utils import ProjectConfiguration
 
         c = self.config
-        log_with = None
-        if c.report_to == "tensorboard":
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError as e:
-                raise SystemExit("report_to=tensorboard needs the tensorboard package: pip install tensorboard "
-                                 "(or pass --report_to none)") from e
-            log_with = "tensorboard"
+        log_with = "tensorboard" if c.report_to == "tensorboard" else None  # installed: see validate_inputs
         from accelerate.utils import DistributedDataParallelKwargs
 
         # Some adapter parts (e.g. identity-token fusion) are unused by samples without a trigger word.
@@ -168,10 +214,8 @@ class Trainer(abc.ABC):
         kwargs = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay,
                       eps=c.adam_epsilon)
         if c.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError as e:
-                raise SystemExit("use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)") from e
+            import bitsandbytes as bnb  # installed: see validate_inputs
+
             return bnb.optim.AdamW8bit(params, **kwargs)
         return torch.optim.AdamW(params, **kwargs)
 
@@ -262,6 +306,7 @@ class Trainer(abc.ABC):
     # ---------------------------------------------------------------- loop
     def train(self) -> str:
         c = self.config
+        self.inputs  # noqa: B018 - bad input stops here: before any model loads or anything is written
         self.accelerator = acc = self._make_accelerator()
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -285,8 +330,8 @@ class Trainer(abc.ABC):
             acc.init_trackers(self.method, config={k: v for k, v in dataclasses.asdict(c).items()
                                                    if isinstance(v, (int, float, str, bool))})
         n_params = sum(p.numel() for p in params)
-        logger.info("%s: %d trainable parameters, %d samples, %d steps (effective batch %d)", self.method, n_params,
-                    n_samples, c.max_steps, c.batch_size * c.gradient_accumulation_steps * acc.num_processes)
+        logger.info("%s: %d trainable parameters, %d samples, %d steps (effective batch: %s)", self.method, n_params,
+                    n_samples, c.max_steps, self.effective_batch())
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_main_process, desc=self.method)
         module.train()
         rank = acc.process_index
@@ -335,20 +380,20 @@ class Trainer(abc.ABC):
         return out
 
 
-def cli_main(trainer_class, argv, presets: dict, *, description: str, required: dict, build_tiny=None,
-             use_hint: str = "") -> int:
-    """The command line of a trainer: resolve the config, build the tiny demo data when asked, check
-    the ``required`` fields (name -> what to pass), train, and say where the export goes. Returns the
-    process exit code (console entry points pass it to ``sys.exit``)."""
+def cli_main(trainer_class, argv, presets: dict, *, description: str, build_tiny=None, use_hint: str = "") -> int:
+    """The command line of a trainer: resolve the config, build the tiny demo data when asked, train
+    (inputs are validated first), and say where the export goes. Bad input prints one line to stderr
+    and returns 2. Returns the process exit code (console entry points pass it to ``sys.exit``)."""
     from .config import load_config
 
-    config = load_config(trainer_class.config_class, argv, presets, description=description)
-    if getattr(config, "tiny_demo", False) and build_tiny is not None:
-        config = build_tiny(config)
-    missing = [f"--{name} ({what})" for name, what in required.items() if not getattr(config, name)]
-    if missing:
-        raise SystemExit(f"set {', '.join(missing)}, or run --preset tiny for a self-contained demo")
-    out = trainer_class(config).train()
+    try:
+        config = load_config(trainer_class.config_class, argv, presets, description=description)
+        if getattr(config, "tiny_demo", False) and build_tiny is not None:
+            config = build_tiny(config)
+        out = trainer_class(config).train()
+    except InputError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(f"exported {out}{': ' + use_hint if use_hint else ''}")
     return 0
 
@@ -357,14 +402,19 @@ class TaskSwitchingTrainer(Trainer):
     """Two datasets, one task per optimizer step: ``second`` with probability ``switch_prob``.
 
     ``dataset()`` returns ``{first: ds, second: ds}``; the task of a step comes from (seed, step),
-    so every rank and every resumed run agree, and each task walks its own shuffled stream.
+    so every rank and every resumed run agree, and each task walks its own shuffled stream with its
+    own batch size (``task_batch_sizes``: task -> config field).
     """
 
     tasks: tuple = ("first", "second")
+    task_batch_sizes: dict = {}
 
     @property
     def switch_prob(self) -> float:
         raise AttributeError  # pragma: no cover - subclasses define it
+
+    def batch_size_fields(self) -> tuple:
+        return tuple(self.task_batch_sizes[t] for t in self.tasks)
 
     def task_of(self, step: int) -> str:
         u = torch.rand(1, generator=step_generator(self.config.seed, step, -1)).item()
@@ -373,12 +423,13 @@ class TaskSwitchingTrainer(Trainer):
     def next_batch(self, data, step: int, micro: int) -> dict:
         c, acc = self.config, self.accelerator
         kind = self.task_of(step)
+        size = getattr(c, self.task_batch_sizes[kind])
         if not hasattr(self, "_task_counts"):
             self._task_counts = [0]  # _task_counts[s] = earlier steps of task tasks[1] before step s
         while len(self._task_counts) <= step:
             s = len(self._task_counts) - 1
             self._task_counts.append(self._task_counts[-1] + (self.task_of(s) == self.tasks[1]))
         done = self._task_counts[step] if kind == self.tasks[1] else step - self._task_counts[step]
-        position = ((done * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * c.batch_size
-        items = [fetch(data[kind], e, i) for e, i in sample_indices(len(data[kind]), c.seed, position, c.batch_size)]
+        position = ((done * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * size
+        items = [fetch(data[kind], e, i) for e, i in sample_indices(len(data[kind]), c.seed, position, size)]
         return self.collate(items, kind)

@@ -154,6 +154,14 @@ def test_config_file_errors_name_the_field_and_the_file(tmp_path):
         load_config(config_class("subject_replay"), ["--config", str(_yaml(tmp_path, batch_size=4))])
 
 
+def test_readme_config_tables_are_generated_from_the_dataclasses():
+    from magicmirror_video.training.config import TrainConfig, config_help_markdown
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert config_help_markdown(TrainConfig) in readme
+    for trainer in TRAINERS:
+        assert config_help_markdown(config_class(trainer), TrainConfig) in readme, trainer
+
+
 def _yaml(tmp_path, **values):
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))

@@ -29,8 +29,8 @@ import torch
 
 from ..models.lora import TrainableLora, find_lora_targets, save_lora
 from ..models.sampler import check_video_size, rotary_embeddings
-from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, ensure_cls_token, inject_reference
-from ..models.text import tokenize
+from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, inject_reference
+from ..models.text import t5_encode, tokenize, with_extra_tokens
 from .config import TrainConfig, doc
 from .data import item_generator, load_media, read_manifest
 from .losses import loss_weights, v_prediction_loss, x0_from_v
@@ -88,7 +88,7 @@ class SubjectReplayModule(torch.nn.Module):
             latents = (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)  # [B, T, C, h, w]
             ref = vae.encode(batch["reference"].to(device, vae.dtype)[:, :, None]).latent_dist.mode()
             ref = (ref[:, :, 0] * vae.config.scaling_factor).to(dtype)  # [B, C, h, w]
-            text = f["text_encoder"](batch["input_ids"].to(device))[0].to(dtype)
+            text = t5_encode(f["text_encoder"], batch["input_ids"].to(device)).to(dtype)
         b = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
@@ -123,7 +123,7 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
         check_video_size(1, c.pair_height, c.pair_width)
         frozen = self.load_base()
         bundle = self.bundle
-        ensure_cls_token(bundle.tokenizer, bundle.text_encoder)
+        self.tokenizer = with_extra_tokens(bundle.tokenizer)  # knows <cls>; the model's tokenizer is untouched
         self.pairs = read_manifest(c.pairs)
         self.videos = read_manifest(c.data)
         targets = find_lora_targets(bundle.transformer, c.lora_targets)
@@ -194,7 +194,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, trainer):
         self.trainer, self.samples, self.config = trainer, trainer.pairs, trainer.config
-        self.tokenizer = trainer.bundle.tokenizer
+        self.tokenizer = trainer.tokenizer
 
     def __len__(self):
         return len(self.samples)
@@ -212,7 +212,7 @@ class ReplayDataset(torch.utils.data.Dataset):
 
     def __init__(self, trainer):
         self.trainer, self.samples, self.config = trainer, trainer.videos, trainer.config
-        self.tokenizer = trainer.bundle.tokenizer
+        self.tokenizer = trainer.tokenizer
         self.epoch = 0
 
     def set_epoch(self, epoch):

@@ -8,7 +8,8 @@ from ..models.sampler import decode_latents, sample_video
 from ..models.text import DEFAULT_TRIGGER, encode_prompt
 from . import host
 
-CATEGORY = "MagicMirror Video"
+MENU = "MagicMirror Video"  # the pack's node menu; one sub-category per method
+CATEGORY = f"{MENU}/CogVideoX"
 MODEL = "COGVIDEOX"
 COND = "COGVIDEOX_CONDITIONING"
 NONE = "none"

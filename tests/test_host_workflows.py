@@ -82,6 +82,12 @@ def _build_model_root(root: Path) -> None:
     (root / "loras").mkdir()
     save_lora(str(root / "loras" / "subject_reference_lora.safetensors"), lora.layers(),
               {"method": "subject_replay", "subject_lora_scope": "reference"})
+    # Reg-DPO: a random LoRA in the trainer's export format (rank 4 on the attention projections).
+    dpo = TrainableLora(transformer, find_lora_targets(transformer, ["to_q", "to_k", "to_v", "to_out.0"]), 4, 8.0)
+    with torch.no_grad():
+        for p in dpo.up.values():
+            p.normal_(0, 0.05)
+    save_lora(str(root / "loras" / "regdpo.safetensors"), dpo.layers(), {"method": "regdpo", "rank": 4, "alpha": 8.0})
     # DualReal: a random adapter in the official adapter.pth format + a tiny CLIP vision tower.
     from magicmirror_video.models.dualreal import DualRealAdapters, DualRealConfig
     from magicmirror_video.testing.tiny import build_clip_vision_checkpoint
@@ -202,12 +208,27 @@ def test_host_pack_loads_from_a_non_identifier_folder_and_its_pyproject_parses(s
     assert "Unable to parse pyproject.toml" not in log, log[-3000:]
 
 
-def test_host_dualreal_blend_plot_is_produced(server):
-    _, api = _shipped_api(server, PACK_DIR / "workflows" / "dualreal_stageblender.json")
+@pytest.mark.parametrize("name", ["dualreal_stageblender", "identity_motion_preference"])
+def test_host_dualreal_blend_plot_is_produced(server, name):
+    _, api = _shipped_api(server, PACK_DIR / "workflows" / f"{name}.json")
     entry = server.run_prompt(api, timeout=PROMPT_TIMEOUT)
-    (preview_id,) = [nid for nid, node in api.items() if node["class_type"] == "PreviewImage"]
+    (plot_id,) = [nid for nid, node in api.items() if node["class_type"] == "MMV_DualRealBlendPlot"]
+    (preview_id,) = [nid for nid, node in api.items() if node["class_type"] == "PreviewImage"
+                     and node["inputs"]["images"][0] == plot_id]
     images = entry["outputs"][preview_id]["images"]
     assert len(images) == 1 and images[0]["filename"].endswith(".png")
+
+
+def test_host_identity_motion_preference_stacks_three_methods_on_one_model(server):
+    """MagicMirror (face) + a Reg-DPO LoRA + DualReal (motion) on one model, in that order."""
+    _, api = _shipped_api(server, PACK_DIR / "workflows" / "identity_motion_preference.json")
+    (sampler,) = _nodes_of(api, SAMPLER)
+    chain, node_id = [], sampler["inputs"]["model"][0]
+    while api[node_id]["class_type"] != LOADER:
+        chain.append(api[node_id]["class_type"])
+        node_id = api[node_id]["inputs"]["model"][0]
+    assert chain == ["MMV_DualRealStageBlender", LORA, "MMV_MagicMirrorApply"]
+    assert [n["inputs"]["lora_name"] for n in _nodes_of(api, LORA)] == ["regdpo.safetensors"]
 
 
 def test_host_magicmirror_no_face_error(server):

@@ -58,6 +58,38 @@ def test_node_definition_is_valid_for_comfyui(node_id):
     assert callable(getattr(cls, cls.FUNCTION)) and cls.CATEGORY and cls.DESCRIPTION
 
 
+# Node ids and input names shipped so far: they never change (saved workflows refer to them).
+SHIPPED_INPUTS = {
+    "MMV_CogVideoXModelLoader": ["model", "precision", "offload", "transformer_file"],
+    "MMV_CogVideoXTextEncode": ["model", "text", "trigger_word"],
+    "MMV_CogVideoXLoraLoader": ["model", "lora_name", "strength"],
+    "MMV_CogVideoXSampler": ["model", "positive", "negative", "width", "height", "num_frames", "steps", "cfg", "seed",
+                             "scheduler", "image", "dynamic_cfg"],
+    "MMV_CogVideoXDecode": ["model", "samples", "tiling"],
+    "MMV_MagicMirrorFaceEncoderLoader": ["insightface", "provider", "photomaker", "precision"],
+    "MMV_MagicMirrorFaceEncode": ["face_encoder", "images"],
+    "MMV_MagicMirrorApply": ["model", "adapter", "face_embeds", "strength"],
+    "MMV_SubjectReferenceLoraLoader": ["model", "lora_name", "strength", "norm_scope"],
+    "MMV_SubjectReference": ["model", "image", "max_side"],
+    "MMV_DualRealStageBlender": ["model", "adapter", "clip_vision", "reference_image", "mode", "fixed_alpha"],
+    "MMV_DualRealBlendPlot": ["samples"],
+}
+
+
+@pytest.mark.parametrize("node_id", sorted(SHIPPED_INPUTS))
+def test_shipped_node_ids_and_input_names_never_change(node_id):
+    """New inputs may only be appended: UI workflows store widget values by position."""
+    names = [name for name, _ in all_inputs(pack_nodes.NODE_CLASS_MAPPINGS[node_id])]
+    assert names[:len(SHIPPED_INPUTS[node_id])] == SHIPPED_INPUTS[node_id], names
+
+
+def test_node_menu_has_one_sub_category_per_method():
+    categories = {cls.CATEGORY for cls in pack_nodes.NODE_CLASS_MAPPINGS.values()}
+    assert all(c.startswith("MagicMirror Video/") for c in categories), categories
+    assert {"MagicMirror Video/CogVideoX", "MagicMirror Video/MagicMirror", "MagicMirror Video/DualReal",
+            "MagicMirror Video/Subject Reference"} <= categories
+
+
 def test_readme_documents_every_node():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     for node_id, display in pack_nodes.NODE_DISPLAY_NAME_MAPPINGS.items():

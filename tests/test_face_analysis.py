@@ -162,6 +162,21 @@ def test_embedding_equals_onnxruntime_on_aligned_crop(analyzer, insightface_root
     np.testing.assert_allclose(face.embedding, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_batched_embeddings_equal_detect_largest(analyzer):
+    """``embeddings`` (one recogniser call for many faces) equals the per-face embedding of ``detect_largest``, and
+    ``locate_largest`` finds the same face without embedding it."""
+    images = [tiny_faces.synthetic_face_image(240, 320, center=(150, 120), radius=r, seed=s)
+              for r, s in ((40, 1), (70, 2), (55, 9))]
+    singles = [analyzer.detect_largest(i) for i in images]
+    boxes = [analyzer.locate_largest(i) for i in images]
+    for box, face in zip(boxes, singles):
+        np.testing.assert_array_equal(box.bbox, face.bbox)
+        np.testing.assert_array_equal(box.kps, face.kps)
+    batched = analyzer.embeddings(images, boxes)
+    np.testing.assert_allclose(batched, np.stack([f.embedding for f in singles]), rtol=1e-5, atol=1e-5)
+    assert analyzer.embeddings([], []).shape == (0, 512)
+
+
 def test_missing_pack_lists_searched_paths(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         FaceAnalyzer(str(tmp_path), providers=CPU)

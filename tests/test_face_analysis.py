@@ -19,19 +19,6 @@ from magicmirror_video.testing import tiny_faces  # noqa: E402
 CPU = ["CPUExecutionProvider"]
 
 
-@pytest.fixture(scope="module")
-def insightface_root(tmp_path_factory):
-    """A ComfyUI-style ``models/insightface`` folder with a fake antelopev2 pack."""
-    root = tmp_path_factory.mktemp("insightface")
-    tiny_faces.build_fake_insightface_pack(str(root))
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def analyzer(insightface_root):
-    return FaceAnalyzer(insightface_root, providers=CPU)
-
-
 def _box_close(bbox, center, radius, tol):
     expected = np.array([center[0] - radius, center[1] - radius, center[0] + radius, center[1] + radius])
     return np.abs(np.asarray(bbox) - expected).max() <= tol

@@ -16,22 +16,9 @@ pytest.importorskip("onnx")
 cv2 = pytest.importorskip("cv2")
 
 from magicmirror_video.models import metrics  # noqa: E402
-from magicmirror_video.models.face_analysis import FaceAnalyzer  # noqa: E402
 from magicmirror_video.testing import tiny, tiny_faces  # noqa: E402
 
 CPU = ["CPUExecutionProvider"]
-
-
-@pytest.fixture(scope="module")
-def insightface_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("insightface")
-    tiny_faces.build_fake_insightface_pack(str(root))
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def analyzer(insightface_root):
-    return FaceAnalyzer(insightface_root, providers=CPU)
 
 
 def face_video(specs, h=240, w=320) -> np.ndarray:

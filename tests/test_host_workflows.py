@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ SAMPLER = "MMV_CogVideoXSampler"
 DECODE = "MMV_CogVideoXDecode"
 FACE_LOADER = "MMV_MagicMirrorFaceEncoderLoader"
 FACE_ENCODE = "MMV_MagicMirrorFaceEncode"
+IDENTITY_SCORE = "MMV_IdentityScore"
 
 BAD_LORA = "bad.safetensors"
 BAD_TRANSFORMER = "truncated_transformer.safetensors"
@@ -240,6 +242,45 @@ def test_host_magicmirror_no_face_error(server):
     error = _execution_error(err.value.details)
     assert error.get("node_type") == FACE_ENCODE
     assert "No face found in reference image 1" in error.get("exception_message", ""), error
+
+
+def test_host_identity_score_beside_the_video(server):
+    """The shipped MagicMirror workflow scores its own video: the report shows on the Identity Score node (ui text)
+    and in the Preview Any beside the video, the per-frame plot in a Preview Image. The tiny random model's 32x32
+    frames are noise (the fake detector may or may not see blobs in them): the numbers are meaningless, the report's
+    form is checked."""
+    workflow, api = _shipped_api(server, PACK_DIR / "workflows" / "magicmirror_id_video.json")
+    entry = server.run_prompt(api, timeout=PROMPT_TIMEOUT, workflow=workflow)
+    (score_id,) = [nid for nid, node in api.items() if node["class_type"] == IDENTITY_SCORE]
+    (text_id,) = [nid for nid, node in api.items() if node["class_type"] == "PreviewAny"]
+    assert api[score_id]["inputs"]["frames"][0] in [nid for nid, n in api.items() if n["class_type"] == DECODE]
+    report = entry["outputs"][score_id]["text"][0]
+    assert entry["outputs"][text_id]["text"][0] == report
+    assert re.match(r"Face similarity (-?[01]\.\d{4} \(mean over [1-9]/9 frames with a face, 1 reference\)|"
+                    r": no face in any frame \(9 frames, detector size 640\))", report), report
+    (plot_id,) = [nid for nid, node in api.items() if node["class_type"] == "PreviewImage"
+                  and node["inputs"]["images"][0] == score_id]
+    assert len(entry["outputs"][plot_id]["images"]) == 1
+    print(f"\nIdentity Score on the tiny model's video:\n{report}")
+
+
+def test_host_identity_score_on_faces(server):
+    """Identity Score in ComfyUI on frames that do show the reference face (face.png repeated 9 times)."""
+    api = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
+        "2": {"class_type": FACE_LOADER, "inputs": {"insightface": "antelopev2", "provider": "CPU",
+                                                    "photomaker": "photomaker-v2.bin", "precision": "fp32"}},
+        "3": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 9}},
+        "4": {"class_type": IDENTITY_SCORE, "inputs": {"face_encoder": ["2", 0], "frames": ["3", 0],
+                                                       "reference": ["1", 0]}},
+        "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}},
+    }
+    entry = server.run_prompt(api, timeout=PROMPT_TIMEOUT)
+    report = entry["outputs"]["4"]["text"][0]
+    assert report.startswith("Face similarity 1.0000 (mean over 9/9 frames with a face, 1 reference)"), report
+    assert "FM_ref 0.0000, FM_inter 0.0000" in report
+    assert float(entry["outputs"]["5"]["text"][0]) == pytest.approx(1.0, abs=1e-5)  # the FLOAT score output
+    print(f"\nIdentity Score on 9 copies of the reference face:\n{report}")
 
 
 def _t2v_api(srv: comfy_host.ComfyServer) -> dict:

@@ -19,6 +19,7 @@ CORE_WIDGETS = {
                   ("codec", (["auto", "h264"], {}))],
     "LoadImage": [("image", (None, {})), ("upload", (None, {}))],
     "PreviewImage": [],
+    "PreviewAny": [],  # shows a STRING (e.g. the Identity Score report) on the node; its input type is "*"
 }
 DYNAMIC_COMBOS = {"model", "lora_name", "transformer_file", "insightface", "photomaker", "adapter", "clip_vision"}  # lists of files on the user's disk
 
@@ -135,7 +136,9 @@ def test_workflow_refers_to_existing_nodes_with_valid_widgets(path):
     for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
         out = nodes[src]["outputs"][src_slot]
         inp = nodes[dst]["inputs"][dst_slot]
-        assert out["type"] == inp["type"] == typ and inp["link"] == link_id and link_id in out["links"]
+        assert out["type"] == typ and inp["type"] in (typ, "*") and inp["link"] == link_id and link_id in out["links"]
+        if inp["type"] == "*":
+            assert nodes[dst]["type"] == "PreviewAny", nodes[dst]["type"]
         if nodes[dst]["type"] in pack_nodes.NODE_CLASS_MAPPINGS:
             spec = dict(all_inputs(pack_nodes.NODE_CLASS_MAPPINGS[nodes[dst]["type"]]))
             assert spec[inp["name"]][0] == typ, (nodes[dst]["type"], inp["name"])

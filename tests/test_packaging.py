@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 TOOLS = ["train_magicmirror", "train_subject_replay", "train_dualreal", "train_regdpo", "prepare_magicmirror",
-         "build_gt_pairs"]
+         "build_gt_pairs", "evaluate"]
 
 
 def requirement_lines(name: str) -> list[str]:

@@ -8,10 +8,10 @@ import os
 from ..models.metrics import ReferenceFaces, evaluate_video, reference_faces
 from ..models.metrics_plot import metric_panels, render_panels, to_image_tensor
 from . import host
-from .cogvideox import CATEGORY, NONE
+from .cogvideox import MENU, NONE
 from .magicmirror import FACE_ENCODER
 
-METRICS_CATEGORY = f"{CATEGORY}/Metrics"
+METRICS_CATEGORY = f"{MENU}/Metrics"
 _CLIP_CACHE: dict = {}  # the last CLIP vision tower loaded: {(path, mtime, device): model}
 
 

@@ -56,8 +56,7 @@ def report_flops_5b() -> None:
 
     mask = torch.zeros(1, 226, dtype=torch.bool)
     mask[0, 2] = True
-    ctx = SamplingContext(positive=TextConditioning("", None, None, None, identity_mask=mask),
-                          batch_roles=("negative", "positive"))
+    ctx = SamplingContext(positive=TextConditioning("", None, None, None, identity_mask=mask))
 
     def patches(transformer):
         faces = FaceEmbeds(arcface=torch.randn(1, 512), x_id=torch.randn(1, 2, 2048),

@@ -54,11 +54,13 @@ def variant_of(config) -> Variant:
 
 
 class TextEmbedCache:
-    """Small LRU of prompt -> T5 output, owned by a bundle's text encoder (no globals)."""
+    """Small LRU of prompt -> T5 output, owned by a bundle's text encoder (no globals); ``derived`` keeps
+    objects made from the text encoder's tokenizer (e.g. its copy with extra tokens)."""
 
     def __init__(self, capacity: int = 32):
         self.capacity = capacity
         self._items: OrderedDict = OrderedDict()
+        self.derived: dict = {}
 
     def get(self, key):
         if key in self._items:
@@ -105,8 +107,17 @@ class CogVideoXBundle:
     def vae_scale_factor_temporal(self) -> int:
         return self.vae.config.temporal_compression_ratio
 
+    def __post_init__(self):
+        from .block_runner import block_runner
+
+        block_runner(self.transformer)  # before any other diffusers hook on the blocks
+
     def with_patch(self, patch) -> "CogVideoXBundle":
-        """A new bundle sharing this one's modules, with ``patch`` recorded last."""
+        """A new bundle sharing this one's modules, with ``patch`` recorded last. Raises
+        :class:`~.patches.PatchConflictError` if the patch cannot join the ones already recorded."""
+        from .patches import check_can_add
+
+        check_can_add(self.patches, patch)
         return dataclasses.replace(self, patches=self.patches + (patch,))
 
     @contextlib.contextmanager

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block_runner import BlockExtension, block_runner
 from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, variant_of, write_safetensors
-from .patches import replace_blocks
 
 METHOD = "dualreal"
 BLEND_SCALE = 0.2
@@ -157,92 +157,93 @@ class DualRealAdapters(nn.Module):
 # ------------------------------------------------------------------------------- injection
 
 
-@dataclasses.dataclass
-class BlendState:
-    condition: torch.Tensor | None  # [1 or B, 1, condition_dim]
-    fixed_alpha: float | None = None
-    alpha: torch.Tensor | None = None  # [B, n_groups] of the current forward
-    history: list = dataclasses.field(default_factory=list)  # α of every forward (positive row), [n_groups]
-    record_row: int = -1
+class DualRealExtension(BlockExtension):
+    """DualReal in the block runner (:mod:`.block_runner`): the StageBlender reads block 0's inputs, the
+    four adapters add their blended outputs to every block's attention and feed-forward outputs.
 
+    ``alpha`` holds α [B, n_groups] of the current forward; with ``record`` the α of the positive row of
+    every forward is kept in ``history`` (one entry per denoising step).
+    """
 
-class DualRealBlock(nn.Module):
-    """Wraps a ``CogVideoXBlock`` with the four adapters; the first block runs the controller."""
+    name = "dualreal"
 
-    def __init__(self, block, index: int, adapters: DualRealAdapters, state: BlendState):
-        super().__init__()
-        self.wrapped, self.index, self.state = block, index, state
-        self.adapters = adapters.transformer_blocks[index]
-        self.controller = adapters.controller if index == 0 else None
-        self.group = adapters.config.group_of(index)
-        self.lam = adapters.config.condition_lambda
+    def __init__(self, adapters: DualRealAdapters, condition: torch.Tensor | None, *, fixed_alpha: float | None = None,
+                 record: bool = True):
+        if fixed_alpha is not None and not 0.0 <= fixed_alpha <= BLEND_SCALE:
+            raise ValueError(f"fixed alpha must be within [0, {BLEND_SCALE}] (identity x alpha, motion x "
+                             f"({BLEND_SCALE} - alpha)), got {fixed_alpha}")
+        self.adapters, self.condition, self.fixed_alpha, self.record = adapters, condition, fixed_alpha, record
+        self.alpha: torch.Tensor | None = None
+        self.history: list[torch.Tensor] = []
+        self._record_row = None
 
-    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
-        blk, ad, state = self.wrapped, self.adapters, self.state
-        if self.controller is not None:
-            if state.fixed_alpha is None:
-                tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # patch-embedded [text; video]
-                state.alpha = self.controller(temb, tokens)
-            else:
-                state.alpha = temb.new_full((temb.shape[0], self.controller.fusion_net[3].out_features),
-                                            state.fixed_alpha)
-            if not state.alpha.is_meta:  # (FLOP counting runs on the meta device)
-                state.history.append(state.alpha[state.record_row].detach().float().cpu())
-        alpha = state.alpha[:, self.group].to(hidden_states.dtype).view(-1, 1, 1)  # [B, 1, 1]
-        beta = BLEND_SCALE - alpha
-        text_len, cond = encoder_hidden_states.size(1), state.condition
-        if cond is not None:
-            cond = cond.to(hidden_states.dtype)
+    def begin(self, state, kwargs):
+        positive = [i for i, role in enumerate(state.roles) if role == "positive"]
+        self._record_row = positive[-1] if self.record and positive else None
 
-        norm_h, norm_t, gate, e_gate = blk.norm1(hidden_states, encoder_hidden_states, temb)
-        attn_h, attn_t = blk.attn1(hidden_states=norm_h, encoder_hidden_states=norm_t,
-                                   image_rotary_emb=image_rotary_emb, **(attention_kwargs or {}))
-        joint = torch.cat([norm_t, norm_h], dim=1)
-        id_out = ad.id_attn_adapter(joint) * alpha
-        motion_out = ad.motion_attn_adapter(joint, cond, self.lam) * beta
-        attn_h = attn_h + id_out[:, text_len:] + motion_out[:, text_len:]
-        attn_t = attn_t + id_out[:, :text_len] + motion_out[:, :text_len]
-        hidden_states = hidden_states + gate * attn_h
-        encoder_hidden_states = encoder_hidden_states + e_gate * attn_t
+    def before_block(self, state, index, video, text, temb):
+        if index != 0:
+            return
+        if self.fixed_alpha is None:
+            self.alpha = self.adapters.controller(temb, torch.cat([text, video], dim=1))  # patch-embedded [text; video]
+        else:
+            self.alpha = temb.new_full((temb.shape[0], self.adapters.config.n_groups), self.fixed_alpha)
+        if self._record_row is not None and not self.alpha.is_meta:  # (FLOP counting runs on the meta device)
+            self.history.append(self.alpha[self._record_row].detach().float().cpu())
 
-        norm_h, norm_t, gate, e_gate = blk.norm2(hidden_states, encoder_hidden_states, temb)
-        joint = torch.cat([norm_t, norm_h], dim=1)
-        ff = blk.ff(joint)
-        ff = ff + ad.id_ff_adapter(joint) * alpha + ad.motion_ff_adapter(joint, cond, self.lam) * beta
-        hidden_states = hidden_states + gate * ff[:, text_len:]
-        encoder_hidden_states = encoder_hidden_states + e_gate * ff[:, :text_len]
-        return hidden_states, encoder_hidden_states
+    def _blend(self, index: int, like: torch.Tensor):
+        alpha = self.alpha[:, self.adapters.config.group_of(index)].to(like.dtype).view(-1, 1, 1)  # [B, 1, 1]
+        cond = None if self.condition is None else self.condition.to(like.dtype)
+        return alpha, BLEND_SCALE - alpha, cond
+
+    def _residual(self, index, kind, norm_text, norm_video, out_text, out_video):
+        ad = self.adapters.transformer_blocks[index]
+        alpha, beta, cond = self._blend(index, norm_video)
+        joint = torch.cat([norm_text, norm_video], dim=1)
+        lam, n = self.adapters.config.condition_lambda, norm_text.shape[1]
+        id_out = getattr(ad, f"id_{kind}_adapter")(joint) * alpha
+        motion_out = getattr(ad, f"motion_{kind}_adapter")(joint, cond, lam) * beta
+        return out_text + id_out[:, :n] + motion_out[:, :n], out_video + id_out[:, n:] + motion_out[:, n:]
+
+    def attention_residual(self, state, index, norm_text, norm_video, out_text, out_video):
+        return self._residual(index, "attn", norm_text, norm_video, out_text, out_video)
+
+    def ff_residual(self, state, index, norm_text, norm_video, out_text, out_video):
+        return self._residual(index, "ff", norm_text, norm_video, out_text, out_video)
+
+    def outputs(self) -> dict:
+        return {"dualreal_alpha": torch.stack(self.history)} if self.history else {}  # [steps, groups]
 
 
 def inject_dualreal(transformer, adapters: DualRealAdapters, condition: torch.Tensor | None, *,
-                    fixed_alpha: float | None = None, record_row: int = -1) -> tuple:
-    """Install DualReal until the returned undo is called; returns ``(undo, state)``."""
+                    fixed_alpha: float | None = None, record: bool = True) -> tuple:
+    """Install DualReal until the returned undo is called; returns ``(undo, extension)``."""
     adapters.check_compatible(transformer)
-    if fixed_alpha is not None and not 0.0 <= fixed_alpha <= BLEND_SCALE:
-        raise ValueError(f"fixed alpha must be within [0, {BLEND_SCALE}] (identity x alpha, motion x "
-                         f"({BLEND_SCALE} - alpha)), got {fixed_alpha}")
-    state = BlendState(condition=condition, fixed_alpha=fixed_alpha, record_row=record_row)
-    return replace_blocks(transformer, lambda i, block: DualRealBlock(block, i, adapters, state)), state
+    extension = DualRealExtension(adapters, condition, fixed_alpha=fixed_alpha, record=record)
+    return block_runner(transformer).add(extension), extension
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DualRealPatch:
-    """Patch for sampling; ``alpha_history`` holds α [steps, n_groups] of the last run (positive row)."""
+    """Patch for sampling; :meth:`outputs` gives α [steps, n_groups] of the last run (positive row)."""
 
     adapters: DualRealAdapters
     condition: torch.Tensor | None  # [1, 1, condition_dim] CLIP image embedding of the reference
     fixed_alpha: float | None = None
     name: str = "dualreal"
-    alpha_history: list = dataclasses.field(default_factory=list)
+    method: str = "DualReal"
+    _last: list = dataclasses.field(default_factory=list, repr=False)  # the extension of the last run
 
     def apply(self, transformer, context=None):
         param = next(transformer.parameters())
         adapters = self.adapters.to(param.device, param.dtype)
         cond = None if self.condition is None else self.condition.to(param.device, param.dtype)
-        undo, state = inject_dualreal(transformer, adapters, cond, fixed_alpha=self.fixed_alpha, record_row=-1)
-        self.alpha_history.clear()
-        state.history = self.alpha_history
+        undo, extension = inject_dualreal(transformer, adapters, cond, fixed_alpha=self.fixed_alpha)
+        self._last[:] = [extension]
         return undo
+
+    def outputs(self) -> dict:
+        return self._last[0].outputs() if self._last else {}
 
 
 # ------------------------------------------------------------------------------ checkpoints

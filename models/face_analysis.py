@@ -41,6 +41,16 @@ CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
 @dataclass
+class FaceBox:
+    """The largest face of an image as the detector gives it (no embedding). Pixels of the analysed image."""
+
+    bbox: np.ndarray              # [4] float32 x1, y1, x2, y2
+    kps: np.ndarray               # [5, 2] float32 left eye, right eye, nose, mouth left, mouth right
+    det_score: float
+    det_size: int                 # detector input size (square) that found the face
+
+
+@dataclass
 class DetectedFace:
     """One detected face. Coordinates are pixels of the analysed image."""
 
@@ -185,6 +195,26 @@ class FaceAnalyzer:
             image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         return image
 
+    def locate_largest(self, image, det_sizes=None) -> FaceBox | None:
+        """Largest face (by box area) of ``image`` (RGB uint8 [H,W,3], or float 0..1), detection only.
+
+        ``det_sizes`` (default: the analyzer's) are tried in order until one finds a face; each size
+        is one detector pass. ``None`` if none finds a face.
+        """
+        bgr = np.ascontiguousarray(self._as_rgb_uint8(image)[..., ::-1])            # [H,W,3] BGR
+        return self._locate_largest_bgr(bgr, self.det_sizes if det_sizes is None else det_sizes)
+
+    def _locate_largest_bgr(self, bgr: np.ndarray, det_sizes) -> FaceBox | None:
+        for size in det_sizes:
+            dets, kpss = self.det_model.detect(bgr, input_size=(size, size), max_num=0)  # [F,5], [F,5,2]
+            if dets.shape[0] == 0 or kpss is None:
+                continue
+            areas = (dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])
+            i = int(np.argmax(areas))
+            return FaceBox(bbox=dets[i, :4].astype(np.float32), kps=kpss[i].astype(np.float32),
+                           det_score=float(dets[i, 4]), det_size=int(size))
+        return None
+
     def detect_largest(self, image) -> DetectedFace | None:
         """Largest face (by box area) of ``image`` (RGB uint8 [H,W,3], or float 0..1) with its embedding.
 
@@ -194,19 +224,35 @@ class FaceAnalyzer:
         from insightface.app.common import Face
 
         bgr = np.ascontiguousarray(self._as_rgb_uint8(image)[..., ::-1])            # [H,W,3] BGR
-        for size in self.det_sizes:
-            dets, kpss = self.det_model.detect(bgr, input_size=(size, size), max_num=0)  # [F,5], [F,5,2]
-            if dets.shape[0] == 0 or kpss is None:
-                continue
-            areas = (dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])
-            i = int(np.argmax(areas))
-            face = Face(bbox=dets[i, :4], kps=kpss[i], det_score=dets[i, 4])
-            embedding = np.asarray(self.rec_model.get(bgr, face), dtype=np.float32).reshape(-1)  # [512]
-            normed = embedding / max(float(np.linalg.norm(embedding)), 1e-12)
-            return DetectedFace(bbox=dets[i, :4].astype(np.float32), kps=kpss[i].astype(np.float32),
-                                det_score=float(dets[i, 4]), embedding=embedding,
-                                normed_embedding=normed.astype(np.float32), det_size=size)
-        return None
+        box = self._locate_largest_bgr(bgr, self.det_sizes)
+        if box is None:
+            return None
+        face = Face(bbox=box.bbox, kps=box.kps, det_score=box.det_score)
+        embedding = np.asarray(self.rec_model.get(bgr, face), dtype=np.float32).reshape(-1)  # [512]
+        normed = embedding / max(float(np.linalg.norm(embedding)), 1e-12)
+        return DetectedFace(bbox=box.bbox, kps=box.kps, det_score=box.det_score, embedding=embedding,
+                            normed_embedding=normed.astype(np.float32), det_size=box.det_size)
+
+    def embeddings(self, images, faces) -> np.ndarray:
+        """Raw ArcFace embeddings [N, 512] of ``faces[i]`` (a :class:`FaceBox` or :class:`DetectedFace`) in
+        ``images[i]``, from ONE batched recogniser call (per-crop calls only for a fixed batch-1 model).
+
+        Each face is aligned exactly as :meth:`detect_largest` does (``norm_crop`` on its 5 keypoints), so
+        row i equals ``detect_largest``'s ``embedding`` for that face.
+        """
+        from insightface.utils import face_align
+
+        if len(images) != len(faces):
+            raise ValueError(f"{len(images)} images but {len(faces)} faces")
+        if not faces:
+            return np.zeros((0, self.rec_model.output_shape[-1]), np.float32)
+        size = self.rec_model.input_size[0]
+        crops = [face_align.norm_crop(np.ascontiguousarray(self._as_rgb_uint8(image)[..., ::-1]),
+                                      landmark=np.asarray(face.kps, dtype=np.float32), image_size=size)
+                 for image, face in zip(images, faces)]                                # BGR [size,size,3] each
+        if self.rec_model.input_shape[0] == 1:  # an export with a fixed batch of one
+            return np.concatenate([self.rec_model.get_feat(c) for c in crops]).astype(np.float32)
+        return np.asarray(self.rec_model.get_feat(crops), dtype=np.float32)           # [N,512]
 
     @staticmethod
     def align(image, face: DetectedFace, size: int = 112) -> np.ndarray:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, write_safetensors
-from .patches import forward_hook_patch, named_modules
+from .patches import forward_hook_patch
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def resolve_lora_targets(lora: LoraWeights, transformer: torch.nn.Module) -> dic
     Raises :class:`LoraMismatchError` when nothing matches (a LoRA for another model) or when a
     matching layer has the wrong shape (e.g. a CogVideoX-2B LoRA on a 5B model).
     """
-    modules = named_modules(transformer)
+    modules = dict(transformer.named_modules())
     lookup = {n.replace(".", "_"): n for n in modules} if lora.kohya else None
     matched, unmatched = {}, []
     for key, layer in lora.layers.items():
@@ -266,7 +266,7 @@ class TrainableLora(torch.nn.Module):
         self.rank, self.alpha, self.reference_only = rank, alpha, tuple(reference_only)
         self.paths = list(targets)
         self.down, self.up = torch.nn.ParameterDict(), torch.nn.ParameterDict()
-        modules = named_modules(transformer)
+        modules = dict(transformer.named_modules())
         for path in self.paths:
             m = modules[path]
             key = path.replace(".", "__")
@@ -295,7 +295,7 @@ class TrainableLora(torch.nn.Module):
             self.enabled = True
 
     def apply(self, transformer, context=None):
-        modules = named_modules(transformer)
+        modules = dict(transformer.named_modules())
         hooks = []
         for path in self.paths:
             key = path.replace(".", "__")
@@ -311,7 +311,7 @@ class TrainableLora(torch.nn.Module):
 
 def find_lora_targets(transformer: torch.nn.Module, names: list[str]) -> list[str]:
     """Module paths of ``transformer`` whose name ends with one of ``names`` (PEFT-style matching)."""
-    out = [path for path, m in named_modules(transformer).items() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    out = [path for path, m in dict(transformer.named_modules()).items() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
            and any(path == n or path.endswith("." + n) for n in names)]
     if not out:
         raise ValueError(f"no module of the transformer matches the LoRA targets {names}")

@@ -3,28 +3,26 @@
 What is added to the base model (paper: ICCV 2025, arXiv 2501.03931):
 
 * **Face branch** — a Q-Former (:class:`~.perceiver.PerceiverResampler` with 32 learned queries)
-  over the CLIP *penultimate* hidden states gives ``x_face`` [N, 32, width]. The face tokens form
-  an extra stream that travels with the text tokens through the transformer and is updated only in
-  the adapted (even-index) blocks, with their own AdaLN ``φ_face(t, l)``.
+  over the CLIP *penultimate* hidden states gives ``x_face`` [N, 32, width]. The face tokens are a
+  token stream of the block runner (:mod:`.block_runner`), computed only in the adapted (even-index)
+  blocks, with their own LayerNorm and AdaLN ``φ_face(t, l)``.
 * **CAN** — ``φ_cond(t, l, μ1_vid, x_id)`` predicts residual modulation for video and text: the 12
   shift/scale/gate factors of ``norm1``/``norm2`` in every adapted block (one module shared by all
   blocks, conditioned on a learned layer embedding).
-* **Attention** — face tokens are queries over the joint ``[text; video; face]`` keys; text and video
-  read the face tokens through a decoupled cross-attention ``T_CA(W_q x, Ŵ_kv x_face)`` with new
-  K/V projections, added to the attention result before the shared output projection (as
-  IP-Adapter does). The base softmax over ``[text; video]`` is left untouched, so that
-* **Zero init** — with every new output layer at zero (a fresh adapter), the patched model computes
-  exactly what the base model computes (tests hold this bit for bit).
+* **Attention** — the paper feeds ``x_face`` to the full-attention and the cross-attention layers:
+  in the default **two-way** form the face tokens join CogVideoX's joint attention (every token sees
+  them, they see every token); in addition text and video read the face tokens through a decoupled
+  cross-attention ``T_CA(W_q x, Ŵ_kv x_face)`` with new K/V projections, added to the attention result
+  before the shared output projection (as IP-Adapter does). The **one-way** form (adapter config
+  ``face_attention``, recorded in the file) keeps the face keys out of the text/video softmax: only the
+  face queries see ``[text; video; face]``, and a fresh one-way adapter equals the base model bit for
+  bit (every new output layer starts at zero).
 * **ID fusion** — ``x̂_txt = m·MLP_fuse(x_id, x_txt) + (1−m)·x_txt`` on the identity tokens
   ``m`` (the class word before the trigger word, see :mod:`.text`), in the positive prompt only.
 
 Several reference images: the ID vectors are **averaged**, the face tokens are **stacked**
 (N·32 tokens). With CFG, the identity conditioning acts on the positive rows only; the
-negative rows run the base model.
-
-Injection works without forking diffusers: for one sampling run the patch swaps the
-``transformer_blocks`` for thin wrapper modules (the original blocks inside) and adds a forward
-pre-hook for the text fusion; both are undone afterwards.
+negative rows run the base model (in the two-way form as a forward of their own).
 """
 
 from __future__ import annotations
@@ -36,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block_runner import BlockExtension, TokenStream, block_runner
 from .cogvideox import WeightsFileError, read_safetensors, variant_of, write_safetensors
-from .patches import replace_blocks
 from .perceiver import PerceiverResampler
 
 METHOD = "magicmirror"
@@ -64,6 +62,11 @@ class MagicMirrorConfig:
     cond_dim: int = 1024  # CAN hidden width
     fuse_hidden: int = 4096
     base_model: str = "CogVideoX-5B"
+    # "two-way": the face tokens join the joint attention (text and video see them too, as the paper feeds
+    # x_face to the full-attention layers); "one-way": only the face tokens' queries see everything and text
+    # and video read the faces through the decoupled cross-attention alone (a fresh adapter then equals the
+    # base model exactly). Adapter files made before this option existed are one-way.
+    face_attention: str = "two-way"
 
     @property
     def adapted_blocks(self) -> list[int]:
@@ -177,133 +180,102 @@ class MagicMirrorAdapter(nn.Module):
 # ------------------------------------------------------------------------------- injection
 
 
-@dataclasses.dataclass
-class RunState:
-    """Per-forward identity inputs, set by the transformer pre-hook, read by the block wrappers."""
+class MagicMirrorExtension(BlockExtension):
+    """MagicMirror in the block runner (:mod:`.block_runner`).
 
-    face_tokens: torch.Tensor  # [1, F, width]
-    id_vec: torch.Tensor  # [1, T * id_dim]
-    strength: float = 1.0
-    id_on: torch.Tensor | None = None  # [B] bool (CPU): rows that get the identity; the others run the base model
-    id_rows: torch.Tensor | None = None  # [R] long (CPU): id_on.nonzero(), computed once per forward
-    condition_cache: tuple | None = None  # (temb, CAN condition) of the current forward (inference only)
+    ``face_tokens`` [1 or B, F, width] and ``id_vec`` [1 or B, T * id_dim] are shared by the batch
+    (sampling) or given per sample (training); ``identity_mask`` [1 or B, L] marks the identity tokens of
+    the prompt(s). Only rows whose role is "positive" get the identity (all rows in training); in the
+    one-way form the other rows compute exactly the base model in the same batch, in the two-way form
+    (their text and video would see the face keys) the sampler runs them as a forward of their own.
+    """
 
-    @property
-    def num_face(self) -> int:
-        return self.face_tokens.shape[1]
+    name = "magicmirror"
+
+    def __init__(self, adapter: MagicMirrorAdapter, face_tokens: torch.Tensor, id_vec: torch.Tensor,
+                 identity_mask: torch.Tensor | None = None, strength: float = 1.0):
+        self.adapter, self.face_tokens, self.id_vec = adapter, face_tokens, id_vec
+        self.identity_mask, self.strength = identity_mask, strength
+        self.two_way = adapter.config.face_attention == "two-way"
+        self.conditional_only = self.two_way
+        self.layer_of = {block: layer for layer, block in enumerate(adapter.config.adapted_blocks)}
+        self.on = None  # [B] bool (CPU): rows that get the identity in the current forward
+        self._fused = {}  # the prompt embeddings are the same tensor at every sampling step: fuse them once
+        self._condition = None  # (temb, CAN condition) of the current forward (inference only)
+
+    def begin(self, state, kwargs):
+        self.on = state.rows("positive")
+        self.id_rows = self.on.nonzero()[:, 0]
+        if not self.on.any():
+            return
+        if self.two_way and not self.on.all():
+            raise RuntimeError("MagicMirror's two-way face attention cannot leave CFG's negative rows exact in the "
+                               "same forward; run them as a forward of their own (the sampler does)")
+        kwargs["encoder_hidden_states"] = self._fuse(kwargs["encoder_hidden_states"])
+        text = kwargs["encoder_hidden_states"]
+        state.add_stream(TokenStream("face", self.face_tokens.to(text.dtype), self._modulate_face,
+                                     active=self.layer_of.__contains__, joint=self.two_way))
+
+    def _fuse(self, text: torch.Tensor) -> torch.Tensor:
+        """``x̂_txt = m·MLP_fuse(x_id, x_txt) + (1 − m)·x_txt`` on the identity tokens of the identity rows."""
+        if self.identity_mask is None or self.strength == 0:
+            return text
+        if self._fused.get("source") is text and not torch.is_grad_enabled():
+            return self._fused["fused"]
+        b = text.shape[0]
+        mask = self.identity_mask.cpu().expand(b, -1) & self.on[:, None]  # [B, L]; host-side indices, no sync
+        rows, cols = (i.to(text.device) for i in mask.nonzero(as_tuple=True))
+        if rows.numel() == 0:
+            return text
+        tokens = text[rows, cols][:, None]  # [K, 1, text_dim]: only the identity tokens are fused
+        fused = self.adapter.fusion(tokens, self.id_vec.expand(b, -1)[rows])[:, 0]
+        if self.strength != 1:
+            fused = tokens[:, 0] + (fused - tokens[:, 0]) * self.strength
+        out = text.index_put((rows, cols), fused.to(text.dtype))
+        self._fused = {"source": text, "fused": out}
+        return out
+
+    def _modulate_face(self, block, index, which, x, temb):
+        """φ_face: the face tokens' own LayerNorm and AdaLN (shift/scale/gate before attention and FF)."""
+        ad = self.adapter.blocks[str(index)]
+        if which == 1:
+            self._face_mod = ad.face_modulation(F.silu(temb)).chunk(6, dim=1)
+        shift, scale, gate = self._face_mod[:3] if which == 1 else self._face_mod[3:]
+        normed = (ad.face_norm1 if which == 1 else ad.face_norm2)(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+        if which == 1:
+            self._face_normed = normed  # keys/values of the decoupled cross-attention
+        return normed, gate[:, None, :]
+
+    def modulation(self, state, index, which, temb, m):
+        """CAN: residual modulation ``φ_cond(t, l, μ1_vid, x_id)`` of text and video in adapted blocks."""
+        layer = self.layer_of.get(index)
+        if layer is None or not self.on.any():
+            return m
+        if which == 2:
+            return m + self._delta[:, m.shape[1]:]
+        can = self.adapter.can
+        if torch.is_grad_enabled() or self._condition is None or self._condition[0] is not temb:
+            self._condition = (temb, can.condition(temb, self.id_vec.expand(temb.shape[0], -1)))
+        id_on = (self.on.to(m.device, m.dtype) * self.strength)[:, None]  # [B, 1]
+        self._delta = can(self._condition[1], layer, m[:, : self.adapter.config.width]) * id_on  # [B, 12W]
+        return m + self._delta[:, : m.shape[1]]
+
+    def needs_query(self, index: int) -> bool:
+        return index in self.layer_of and bool(self.on.any())
+
+    def attention_extra(self, state, index, attn, query):
+        """Decoupled cross-attention ``T_CA(W_q x, Ŵ_kv x_face)`` of the identity rows' text and video."""
+        ad = self.adapter.blocks[str(index)]
+        rows = self.id_rows.to(query.device)
+        face = self._face_normed[rows]
+        key = ad.ca_norm_k(_heads(ad.ca_k(face), attn.heads))
+        value = _heads(ad.ca_v(face), attn.heads)
+        return rows, F.scaled_dot_product_attention(query[rows], key, value) * self.strength
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, _ = x.shape
     return x.view(b, n, heads, -1).transpose(1, 2)  # [B, H, N, d]
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
-
-
-def joint_attention(attn, adapter: FaceBlockAdapter, norm_h, norm_t, norm_f, rotary, id_rows, strength):
-    """CogVideoX joint attention (op for op as diffusers' processor) plus the face paths.
-
-    ``id_rows``: batch rows that get the identity (the others compute exactly the base model).
-    Returns (video out, text out, face out).
-    """
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    text_len = norm_t.size(1)
-    x = torch.cat([norm_t, norm_h], dim=1)
-    query, key, value = (_heads(proj(x), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    # Decoupled cross-attention: [text; video] queries (before RoPE: face keys carry no position)
-    # over new K/V of the face tokens, for the identity rows only.
-    ca_k = adapter.ca_norm_k(_heads(adapter.ca_k(norm_f[id_rows]), attn.heads))
-    ca_v = _heads(adapter.ca_v(norm_f[id_rows]), attn.heads)
-    ca = F.scaled_dot_product_attention(query[id_rows], ca_k, ca_v)
-    if rotary is not None:
-        query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], rotary)
-        key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], rotary)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-    out = out.index_add(0, id_rows, ca, alpha=strength)  # IP-Adapter style: added before the shared to_out
-    out = attn.to_out[1](attn.to_out[0](_merge(out)))
-    out_t, out_h = out.split([text_len, out.size(1) - text_len], dim=1)
-
-    # Face tokens: queries over [text; video; face]. Few queries, so the softmax over the two key
-    # sets is written out instead of concatenating (copying) the long text+video K/V.
-    fq, fk, fv = (_heads(proj(norm_f), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    if attn.norm_q is not None:
-        fq, fk = attn.norm_q(fq), attn.norm_k(fk)
-    scale = fq.shape[-1] ** -0.5
-    scores = torch.cat([fq @ key.transpose(-2, -1), fq @ fk.transpose(-2, -1)], dim=-1) * scale
-    probs = scores.float().softmax(dim=-1).to(fv.dtype)  # [B, H, F, S + F]
-    seq = key.shape[2]
-    face = probs[..., :seq] @ value + probs[..., seq:] @ fv
-    out_f = attn.to_out[1](attn.to_out[0](_merge(face)))
-    return out_h, out_t, out_f
-
-
-class MagicMirrorBlock(nn.Module):
-    """Wraps one ``CogVideoXBlock``: carries the face stream; adapts even-index blocks."""
-
-    def __init__(self, block, index: int, adapter: MagicMirrorAdapter, state: RunState):
-        super().__init__()
-        self.wrapped, self.index = block, index
-        self.adapter = adapter
-        self.state = state
-        self.first, self.last = index == 0, index == adapter.config.num_layers - 1
-        self.layer = adapter.config.adapted_blocks.index(index) if index in adapter.config.adapted_blocks else None
-
-    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
-        state = self.state
-        if self.first:
-            text = encoder_hidden_states
-            face = state.face_tokens.to(text.dtype).expand(text.shape[0], -1, -1)
-        else:
-            text, face = encoder_hidden_states.split(
-                [encoder_hidden_states.size(1) - state.num_face, state.num_face], dim=1)
-        if self.layer is None:
-            hidden_states, text = self.wrapped(hidden_states, text, temb, image_rotary_emb, attention_kwargs)
-        else:
-            hidden_states, text, face = self._adapted(hidden_states, text, face, temb, image_rotary_emb)
-        if self.last:
-            return hidden_states, text
-        return hidden_states, torch.cat([text, face], dim=1)
-
-    def _adapted(self, h, text, face, temb, rotary):
-        blk, ad, state = self.wrapped, self.adapter.blocks[str(self.index)], self.state
-        width = self.adapter.config.width
-        id_on = (state.id_on.to(h.device, h.dtype) * state.strength)[:, None]  # [B, 1]
-        m1 = blk.norm1.linear(blk.norm1.silu(temb))  # [B, 6W]: shift, scale, gate (video), same (text)
-        m2 = blk.norm2.linear(blk.norm2.silu(temb))
-        if torch.is_grad_enabled() or state.condition_cache is None or state.condition_cache[0] is not temb:
-            state.condition_cache = (temb, self.adapter.can.condition(temb, state.id_vec.expand(h.shape[0], -1)))
-        delta = self.adapter.can(state.condition_cache[1], self.layer, m1[:, :width]) * id_on
-        m1, m2 = m1 + delta[:, : 6 * width], m2 + delta[:, 6 * width:]
-        fm = ad.face_modulation(F.silu(temb)).chunk(6, dim=1)  # face shift/scale/gate x2
-
-        shift, scale, gate, e_shift, e_scale, e_gate = m1.chunk(6, dim=1)
-        norm_h = blk.norm1.norm(h) * (1 + scale)[:, None, :] + shift[:, None, :]
-        norm_t = blk.norm1.norm(text) * (1 + e_scale)[:, None, :] + e_shift[:, None, :]
-        norm_f = ad.face_norm1(face) * (1 + fm[1])[:, None, :] + fm[0][:, None, :]
-        id_rows = state.id_rows.to(h.device)
-        out_h, out_t, out_f = joint_attention(blk.attn1, ad, norm_h, norm_t, norm_f, rotary, id_rows, state.strength)
-        h = h + gate[:, None, :] * out_h
-        text = text + e_gate[:, None, :] * out_t
-        face = face + fm[2][:, None, :] * out_f
-
-        shift, scale, gate, e_shift, e_scale, e_gate = m2.chunk(6, dim=1)
-        norm_h = blk.norm2.norm(h) * (1 + scale)[:, None, :] + shift[:, None, :]
-        norm_t = blk.norm2.norm(text) * (1 + e_scale)[:, None, :] + e_shift[:, None, :]
-        ff = blk.ff(torch.cat([norm_t, norm_h], dim=1))
-        text_len = text.size(1)
-        h = h + gate[:, None, :] * ff[:, text_len:]
-        text = text + e_gate[:, None, :] * ff[:, :text_len]
-        norm_f = ad.face_norm2(face) * (1 + fm[4])[:, None, :] + fm[3][:, None, :]
-        face = face + fm[5][:, None, :] * blk.ff(norm_f)
-        return h, text, face
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -327,6 +299,7 @@ class MagicMirrorPatch:
     faces: FaceEmbeds
     strength: float = 1.0
     name: str = "magicmirror"
+    method: str = "MagicMirror"
     _face_tokens: dict = dataclasses.field(default_factory=dict, repr=False)  # (device, dtype) -> tokens
 
     def face_tokens(self, adapter: MagicMirrorAdapter, device, dtype) -> torch.Tensor:
@@ -339,7 +312,15 @@ class MagicMirrorPatch:
                 self._face_tokens[key] = adapter.face_tokens(self.faces.clip_penultimate.to(device, dtype))
         return self._face_tokens[key]
 
+    @property
+    def conditional_only(self) -> bool:
+        return self.adapter.config.face_attention == "two-way" and self.strength != 0
+
     def apply(self, transformer, context=None):
+        """Strength scales the CAN modulation, the cross-attention and the ID fusion; 0 turns MagicMirror off
+        (in the two-way form the face tokens otherwise join the attention at any strength)."""
+        if self.strength == 0:
+            return lambda: None
         self.adapter.check_compatible(transformer)
         cfg = self.adapter.config
         if self.faces.x_id.shape[-1] != cfg.id_dim or self.faces.clip_penultimate.shape[-1] != cfg.clip_dim:
@@ -352,51 +333,14 @@ class MagicMirrorPatch:
         return inject_magicmirror(
             transformer, adapter, face_tokens=self.face_tokens(adapter, param.device, param.dtype),
             id_vec=adapter.id_vector(self.faces.x_id.to(param.device, param.dtype)),
-            identity_mask=getattr(getattr(context, "positive", None), "identity_mask", None),
-            batch_roles=getattr(context, "batch_roles", None), strength=self.strength)
+            identity_mask=getattr(getattr(context, "positive", None), "identity_mask", None), strength=self.strength)
 
 
 def inject_magicmirror(transformer, adapter: MagicMirrorAdapter, *, face_tokens: torch.Tensor, id_vec: torch.Tensor,
-                       identity_mask: torch.Tensor | None = None, batch_roles=None, strength: float = 1.0):
-    """Install MagicMirror into ``transformer`` until the returned undo is called.
-
-    ``face_tokens`` [1 or B, F, width] and ``id_vec`` [1 or B, T * id_dim] are shared by the batch
-    (sampling) or given per sample (training). ``identity_mask`` [1 or B, L] marks the identity
-    tokens of the prompt(s); ``batch_roles`` names the rows (rows other than "positive" run the base
-    model); without roles every row gets the identity.
-    """
-    state = RunState(face_tokens=face_tokens, id_vec=id_vec, strength=strength)
-    cache = {}  # the prompt embeddings are the same tensor at every sampling step: fuse them once
-
-    def pre_hook(module, args, kwargs):
-        text = kwargs["encoder_hidden_states"]
-        b = text.shape[0]
-        # Row/column indices are known on the host: no device sync, works on any device.
-        if batch_roles is not None and len(batch_roles) == b:
-            state.id_on = torch.tensor([r == "positive" for r in batch_roles])
-        else:
-            state.id_on = torch.ones(b, dtype=torch.bool)
-        state.id_rows = state.id_on.nonzero()[:, 0]
-        if identity_mask is None or strength == 0:
-            return args, kwargs
-        if cache.get("source") is text and not torch.is_grad_enabled():
-            kwargs["encoder_hidden_states"] = cache["fused"]
-            return args, kwargs
-        mask = identity_mask.cpu().expand(b, -1) & state.id_on[:, None]  # [B, L]
-        rows, cols = (i.to(text.device) for i in mask.nonzero(as_tuple=True))
-        if rows.numel() == 0:
-            return args, kwargs
-        tokens = text[rows, cols][:, None]  # [K, 1, text_dim]: only the identity tokens are fused
-        ids = id_vec.expand(b, -1)[rows]
-        fused = adapter.fusion(tokens, ids)[:, 0]
-        if strength != 1:
-            fused = tokens[:, 0] + (fused - tokens[:, 0]) * strength
-        out = text.index_put((rows, cols), fused.to(text.dtype))
-        cache.update(source=text, fused=out)
-        kwargs["encoder_hidden_states"] = out
-        return args, kwargs
-
-    return replace_blocks(transformer, lambda i, block: MagicMirrorBlock(block, i, adapter, state), pre_hook)
+                       identity_mask: torch.Tensor | None = None, strength: float = 1.0):
+    """Install MagicMirror into ``transformer`` until the returned undo is called (see
+    :class:`MagicMirrorExtension`; which rows get the identity follows the runner's row roles)."""
+    return block_runner(transformer).add(MagicMirrorExtension(adapter, face_tokens, id_vec, identity_mask, strength))
 
 
 # ------------------------------------------------------------------------------ checkpoint
@@ -413,7 +357,9 @@ def load_magicmirror(path: str) -> MagicMirrorAdapter:
     if metadata.get("method") != METHOD or "config" not in metadata:
         raise WeightsFileError(f"{path!r} is not a MagicMirror adapter (metadata method={metadata.get('method')!r}); "
                                "use a file exported by `python -m training.train_magicmirror`.")
-    config = MagicMirrorConfig(**json.loads(metadata["config"]))
+    fields = json.loads(metadata["config"])
+    fields.setdefault("face_attention", "one-way")  # files written before the option were all one-way
+    config = MagicMirrorConfig(**fields)
     adapter = MagicMirrorAdapter(config)
     missing, unexpected = adapter.load_state_dict(tensors, strict=False)
     if missing or unexpected:

@@ -4,6 +4,10 @@ A patch node never edits the shared transformer. It returns a new bundle that *r
 a :class:`ModelPatch`; the sampler applies all recorded patches for one run inside
 :func:`applied_patches` and removes them on exit, on error and on interrupt alike, so the
 base model seen by any other branch of the graph (or the next run) is unchanged.
+
+Methods that change the blocks (MagicMirror, subject reference, DualReal) register an extension
+with the transformer's block runner (:mod:`.block_runner`); LoRAs add forward hooks to the linear
+layers the runner calls. Either way any set of patches stacks, in any order.
 """
 
 from __future__ import annotations
@@ -14,28 +18,28 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 
+from .block_runner import block_runner
+
 Undo = Callable[[], None]
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingContext:
-    """What a patch may need to know about the run it is applied for.
-
-    ``batch_roles`` names each row of the transformer batch (``["negative", "positive"]`` with
-    CFG, as diffusers orders them); ``positive``/``negative`` are the text conditionings.
-    """
+    """What a patch may need to know about the run it is applied for: the text conditionings
+    (``positive`` carries the identity-token mask MagicMirror fuses)."""
 
     positive: object = None
     negative: object = None
-    batch_roles: tuple = ("positive",)
 
 
 @runtime_checkable
 class ModelPatch(Protocol):
     """A reversible change to a transformer.
 
-    ``apply`` installs the change and returns a callable that removes it exactly
-    (hooks removed, replaced modules and attributes restored).
+    ``apply`` installs the change and returns a callable that removes it exactly (hooks removed,
+    extensions unregistered). Optional members: ``method`` (a name shown in messages; at most one patch
+    per method unless ``stackable``), ``conditional_only`` (CFG's negative prompt must run as a forward
+    of its own) and ``outputs()`` (results of the last run, merged into the sampler's LATENT).
     """
 
     name: str
@@ -43,47 +47,47 @@ class ModelPatch(Protocol):
     def apply(self, transformer: torch.nn.Module, context: SamplingContext | None = None) -> Undo: ...
 
 
+class PatchConflictError(ValueError):
+    """Two patches that cannot act on one model together."""
+
+
+def check_can_add(patches, patch) -> None:
+    """Raise :class:`PatchConflictError` if ``patch`` cannot join ``patches`` (checked at the patch node, before
+    any run): a method that changes the blocks may be applied once per model."""
+    method = getattr(patch, "method", None)
+    if method is None or getattr(patch, "stackable", False):
+        return
+    for other in patches:
+        if getattr(other, "method", None) == method:
+            raise PatchConflictError(
+                f"{method} is already applied to this model ({other.name}); a second {method} on the same model "
+                f"would apply its changes twice. Use one {method} node per model (it takes several reference "
+                "images), or branch from the model before the first one.")
+
+
+def conditional_only(patches) -> bool:
+    """Whether some patch needs CFG's negative prompt run as a forward of its own."""
+    return any(getattr(p, "conditional_only", False) for p in patches)
+
+
+def patch_outputs(patches) -> dict:
+    """The merged ``outputs()`` of the patches' last run (e.g. DualReal's α history)."""
+    out = {}
+    for patch in patches:
+        if hasattr(patch, "outputs"):
+            out.update(patch.outputs())
+    return out
+
+
 @contextlib.contextmanager
 def applied_patches(transformer: torch.nn.Module, patches, context: SamplingContext | None = None
                     ) -> Iterator[torch.nn.Module]:
     """Apply ``patches`` in order for the duration of the block; undo them in reverse order."""
+    block_runner(transformer)  # every run goes through the runner (installed once per transformer)
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.callback(patch.apply(transformer, context))
         yield transformer
-
-
-WRAPPED = "wrapped"  # attribute under which the pack's block wrappers keep the original block
-
-
-def named_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """``model.named_modules()`` with the pack's block wrappers transparent: a module keeps the path it
-    has in the unpatched model (``transformer_blocks.0.norm1.linear``) while a patch wraps its block,
-    so patches can be applied in any order."""
-    out = {}
-    for name, module in model.named_modules():
-        clean = ".".join(part for part in name.split(".") if part != WRAPPED)
-        out[clean] = module  # the wrapped (inner) module comes after its wrapper and wins
-    return out
-
-
-def replace_blocks(transformer: torch.nn.Module, make_wrapper, pre_hook=None) -> Undo:
-    """Swap every ``transformer_blocks[i]`` for ``make_wrapper(i, block)`` (a module keeping the block
-    as ``.wrapped``) and optionally add a keyword forward pre-hook on the transformer; the returned
-    undo restores the original blocks and removes the hook."""
-    blocks = transformer.transformer_blocks
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = make_wrapper(i, block)
-    handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True) if pre_hook is not None else None
-
-    def undo() -> None:
-        if handle is not None:
-            handle.remove()
-        for i, block in enumerate(originals):
-            blocks[i] = block
-
-    return undo
 
 
 def forward_hook_patch(modules_and_hooks) -> Undo:

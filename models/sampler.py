@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from .patches import SamplingContext, applied_patches
+from .block_runner import block_runner
+from .patches import SamplingContext, applied_patches, conditional_only, patch_outputs
 from .text import TextConditioning
 
 SCHEDULERS = ("ddim", "dpm")
@@ -107,12 +108,18 @@ def sample_video(
     image: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[StepInfo], None] | None = None,
+    outputs: dict | None = None,
 ) -> torch.Tensor:
     """Generate a video latent. Returns ComfyUI LATENT samples ``[B, C, T, H, W]`` (VAE-scaled).
 
     ``image`` (IMAGE ``[1,H,W,3]``, 0..1) is the first frame for I2V models and required by them.
     ``negative`` defaults to the empty prompt, as in diffusers. ``callback`` runs after every step
-    and may raise to stop (e.g. ComfyUI's interrupt); patches are removed either way.
+    and may raise to stop (e.g. ComfyUI's interrupt); patches are removed either way. ``outputs``, if
+    given, receives what the patches report about the run (e.g. ``dualreal_alpha``).
+
+    With CFG the negative and positive prompts run as one batch ``[negative, positive]``, as diffusers
+    does, unless a patch acts on the positive prompt only and needs the negative one as a forward of its
+    own (MagicMirror's two-way face attention).
     """
     check_video_size(num_frames, height, width)
     transformer = bundle.transformer
@@ -172,8 +179,22 @@ def sample_video(
     step_kwargs = {"eta": eta, "generator": generator}
     is_dpm = scheduler == "dpm"
 
-    context = SamplingContext(positive=positive, negative=negative,
-                              batch_roles=("negative", "positive") if do_cfg else ("positive",))
+    context = SamplingContext(positive=positive, negative=negative)
+    runner = block_runner(transformer)
+    separate = do_cfg and conditional_only(bundle.patches)  # negative prompt as a forward of its own
+    calls = [(("negative",), slice(0, 1)), (("positive",), slice(1, 2))] if separate else \
+        [(("negative", "positive") if do_cfg else ("positive",), slice(None))]
+
+    def predict(model_in, t):
+        preds = []
+        for roles, rows in calls:
+            with runner.roles(roles):
+                x = model_in[rows]
+                preds.append(transformer(hidden_states=x, encoder_hidden_states=prompt_embeds[rows],
+                                         timestep=t.expand(x.shape[0]), ofs=ofs, image_rotary_emb=rope,
+                                         return_dict=False)[0].float())
+        return preds[0] if len(preds) == 1 else torch.cat(preds)
+
     with torch.no_grad(), bundle.on_device(transformer), applied_patches(transformer, bundle.patches, context):
         old_pred = None
         for i, t in enumerate(timesteps):
@@ -182,9 +203,7 @@ def sample_video(
             if image_latents is not None:
                 img_in = torch.cat([image_latents] * 2) if do_cfg else image_latents
                 model_in = torch.cat([model_in, img_in], dim=2)
-            noise_pred = transformer(hidden_states=model_in, encoder_hidden_states=prompt_embeds,
-                                     timestep=t.expand(model_in.shape[0]), ofs=ofs, image_rotary_emb=rope,
-                                     return_dict=False)[0].float()
+            noise_pred = predict(model_in, t)
             scale = cfg
             if use_dynamic_cfg:
                 scale = 1 + cfg * ((1 - math.cos(math.pi * ((steps - t.item()) / steps) ** 5.0)) / 2)
@@ -201,6 +220,8 @@ def sample_video(
             if callback is not None:
                 callback(StepInfo(step=i + 1, total=len(timesteps), timestep=int(t), latents=latents))
 
+        if outputs is not None:
+            outputs.update(patch_outputs(bundle.patches))
     latents = latents[:, extra:]  # drop CogVideoX 1.5 padding frames, as diffusers does
     return latents.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, H, W]
 

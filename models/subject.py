@@ -8,10 +8,10 @@ and the video the frames 1..T. Reference tokens are modulated with the visual ch
 scoped to the reference branch (``LoraPatch(reference_only=NORM_LORA_MODULES)``), so the norm LoRA
 provably leaves the text and video tokens' modulation untouched.
 
-The reference tokens ride in front of the video tokens in ``hidden_states``: diffusers' own
-attention processor then applies RoPE to ``[ref; video]`` unchanged, and a block wrapper gives the
-reference its own modulation and strips it after the last block. With CFG the reference is in
-both the conditional and the unconditional rows.
+The reference tokens are a leading token stream of the block runner (:mod:`.block_runner`): they ride
+in front of the video tokens, the model's own attention processor applies RoPE to ``[ref; video]``,
+the runner gives them their own modulation and drops them before the output layers. With CFG the
+reference is in both the conditional and the unconditional rows.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from .block_runner import BlockExtension, TokenStream, block_runner
 from .lora import BRANCH_ATTR
-from .patches import replace_blocks
 from .sampler import rotary_embeddings
+from .text import EXTRA_TOKENS
 
 NORM_LORA_MODULES = ("norm1.linear", "norm2.linear")
-CLS_TOKEN = "<cls>"
+CLS_TOKEN = EXTRA_TOKENS[0]  # prompts start with it
 # LoRA targets of the method (paper + released code); text_proj/proj also appear in the v1 release.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "norm1.linear", "norm2.linear", "ff.net.2", "patch_embed.proj")
 
@@ -78,17 +79,6 @@ def reference_rotary(transformer, latents: torch.Tensor, video_shape, vae_scale:
     return (torch.cat([ref_cos.repeat(n, 1), cos[first:]]), torch.cat([ref_sin.repeat(n, 1), sin[first:]]))
 
 
-@dataclasses.dataclass
-class ReferenceState:
-    latents: torch.Tensor  # [N, C, h, w]
-    tokens: torch.Tensor | None = None  # [B, R, width], set per forward
-    keep: torch.Tensor | None = None  # optional token-drop mask [R] (training)
-
-    @property
-    def count(self) -> int:
-        return 0 if self.tokens is None else self.tokens.shape[1]
-
-
 def _modulation(norm, temb, branch: str | None):
     """``norm.linear(silu(temb))`` with the module flagged as the given branch while it runs."""
     if branch is not None:
@@ -100,70 +90,49 @@ def _modulation(norm, temb, branch: str | None):
             delattr(norm.linear, BRANCH_ATTR)
 
 
-class SubjectBlock(torch.nn.Module):
-    """Wraps a ``CogVideoXBlock``: the reference tokens lead ``hidden_states`` with their own modulation."""
+def modulate_reference(block, index: int, which: int, x: torch.Tensor, temb: torch.Tensor):
+    """The reference tokens' normalisation: the block's own LayerNorm with the visual chunk of its
+    modulation, computed with the ``norm{1,2}.linear`` flagged as the reference branch (so a LoRA scoped to
+    the reference branch acts here and nowhere else). Returns (normed [B, R, D], gate [B, 1, D])."""
+    norm = block.norm1 if which == 1 else block.norm2
+    shift, scale, gate = _modulation(norm, temb, "reference")[:3]
+    return norm.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :], gate[:, None, :]
 
-    def __init__(self, block, index: int, num_layers: int, state: ReferenceState):
-        super().__init__()
-        self.wrapped, self.state = block, state
-        self.first, self.last = index == 0, index == num_layers - 1
 
-    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
-        blk, n = self.wrapped, self.state.count
-        if self.first:
-            ref, h = self.state.tokens.to(hidden_states.dtype), hidden_states
-        else:
-            ref, h = hidden_states[:, :n], hidden_states[:, n:]
-        text = encoder_hidden_states
-        shift, scale, gate, e_shift, e_scale, e_gate = _modulation(blk.norm1, temb, None)
-        r_shift, r_scale, r_gate = _modulation(blk.norm1, temb, "reference")[:3]
-        norm_h = blk.norm1.norm(h) * (1 + scale)[:, None, :] + shift[:, None, :]
-        norm_r = blk.norm1.norm(ref) * (1 + r_scale)[:, None, :] + r_shift[:, None, :]
-        norm_t = blk.norm1.norm(text) * (1 + e_scale)[:, None, :] + e_shift[:, None, :]
-        attn, attn_t = blk.attn1(hidden_states=torch.cat([norm_r, norm_h], dim=1), encoder_hidden_states=norm_t,
-                                 image_rotary_emb=image_rotary_emb, **(attention_kwargs or {}))
-        ref = ref + r_gate[:, None, :] * attn[:, :n]
-        h = h + gate[:, None, :] * attn[:, n:]
-        text = text + e_gate[:, None, :] * attn_t
+class SubjectReferenceExtension(BlockExtension):
+    """The reference stream ``[text; ref; video]`` (block-runner extension, see :mod:`.block_runner`).
 
-        shift, scale, gate, e_shift, e_scale, e_gate = _modulation(blk.norm2, temb, None)
-        r_shift, r_scale, r_gate = _modulation(blk.norm2, temb, "reference")[:3]
-        norm_h = blk.norm2.norm(h) * (1 + scale)[:, None, :] + shift[:, None, :]
-        norm_r = blk.norm2.norm(ref) * (1 + r_scale)[:, None, :] + r_shift[:, None, :]
-        norm_t = blk.norm2.norm(text) * (1 + e_scale)[:, None, :] + e_shift[:, None, :]
-        t_len = text.shape[1]
-        ff = blk.ff(torch.cat([norm_t, norm_r, norm_h], dim=1))
-        text = text + e_gate[:, None, :] * ff[:, :t_len]
-        ref = ref + r_gate[:, None, :] * ff[:, t_len:t_len + n]
-        h = h + gate[:, None, :] * ff[:, t_len + n:]
-        return (h if self.last else torch.cat([ref, h], dim=1)), text
+    ``drop_prob`` > 0 drops each reference token with that probability (training regulariser, one mask
+    per forward, drawn from ``generator``).
+    """
+
+    name = "subject-reference"
+
+    def __init__(self, transformer, latents: torch.Tensor, *, vae_scale: int = 8, drop_prob: float = 0.0,
+                 generator: torch.Generator | None = None):
+        self.transformer, self.latents, self.vae_scale = transformer, latents, vae_scale
+        self.drop_prob, self.generator = drop_prob, generator
+
+    def begin(self, state, kwargs):
+        hidden = kwargs["hidden_states"]  # [B, F, C, H, W]
+        tokens = reference_tokens(self.transformer, self.latents)  # [1, R, D]
+        cos, sin = reference_rotary(self.transformer, self.latents, (hidden.shape[1], hidden.shape[3], hidden.shape[4]),
+                                    self.vae_scale, hidden.device)
+        n = tokens.shape[1]
+        ref_cos, ref_sin = cos[:n], sin[:n]
+        if self.drop_prob > 0:
+            keep = torch.rand(n, generator=self.generator) >= self.drop_prob
+            idx = keep.nonzero()[:, 0].to(hidden.device)
+            tokens, ref_cos, ref_sin = tokens[:, idx], ref_cos[idx], ref_sin[idx]
+        kwargs["image_rotary_emb"] = (cos[n:], sin[n:])  # the video at frames 1..T
+        state.add_stream(TokenStream("reference", tokens, modulate_reference, lead=True, rotary=(ref_cos, ref_sin)))
 
 
 def inject_reference(transformer, latents: torch.Tensor, *, vae_scale: int = 8, drop_prob: float = 0.0,
                      generator: torch.Generator | None = None):
-    """Add reference tokens from ``latents`` [N, C, h, w] until the returned undo is called.
-
-    ``drop_prob`` > 0 drops each reference token with that probability (training regulariser,
-    one mask for the batch, drawn from ``generator``).
-    """
-    state = ReferenceState(latents=latents)
-
-    def pre_hook(module, args, kwargs):
-        hidden = kwargs["hidden_states"]  # [B, F, C, H, W]
-        tokens = reference_tokens(transformer, state.latents)
-        cos, sin = reference_rotary(transformer, state.latents, (hidden.shape[1], hidden.shape[3], hidden.shape[4]),
-                                    vae_scale, hidden.device)
-        n = tokens.shape[1]
-        if drop_prob > 0:
-            keep = torch.rand(n, generator=generator) >= drop_prob
-            idx = keep.nonzero()[:, 0].to(hidden.device)
-            tokens, cos, sin = tokens[:, idx], torch.cat([cos[idx], cos[n:]]), torch.cat([sin[idx], sin[n:]])
-        state.tokens = tokens.expand(hidden.shape[0], -1, -1)
-        kwargs["image_rotary_emb"] = (cos.to(hidden.device), sin.to(hidden.device))
-        return args, kwargs
-
-    n = len(transformer.transformer_blocks)
-    return replace_blocks(transformer, lambda i, block: SubjectBlock(block, i, n, state), pre_hook)
+    """Add reference tokens from ``latents`` [N, C, h, w] until the returned undo is called."""
+    return block_runner(transformer).add(SubjectReferenceExtension(transformer, latents, vae_scale=vae_scale,
+                                                                   drop_prob=drop_prob, generator=generator))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -173,28 +142,10 @@ class SubjectReferencePatch:
     latents: torch.Tensor  # [N, C, h, w]
     vae_scale: int = 8
     name: str = "subject-reference"
+    method: str = "subject reference"
 
     def apply(self, transformer, context=None):
         if self.latents.shape[1] != transformer.config.out_channels:
             raise ValueError(f"reference latents have {self.latents.shape[1]} channels but the model expects "
                              f"{transformer.config.out_channels}; encode the reference with this model's VAE")
         return inject_reference(transformer, self.latents, vae_scale=self.vae_scale)
-
-
-def ensure_cls_token(tokenizer, text_encoder) -> int:
-    """Add ``<cls>`` to the tokenizer (and a T5 embedding row) if missing; return its id.
-
-    The new row is the mean of the existing embeddings — deterministic, so a LoRA trained with
-    ``<cls>`` prompts sees the same token embedding at inference. Other tokens are unchanged.
-    """
-    if CLS_TOKEN in tokenizer.get_vocab():
-        return tokenizer.convert_tokens_to_ids(CLS_TOKEN)
-    tokenizer.add_special_tokens({"additional_special_tokens": [CLS_TOKEN]})
-    token_id = tokenizer.convert_tokens_to_ids(CLS_TOKEN)
-    emb = text_encoder.get_input_embeddings()
-    if emb.weight.shape[0] <= token_id:
-        with torch.no_grad():
-            mean = emb.weight.float().mean(0)
-            text_encoder.resize_token_embeddings(token_id + 1, mean_resizing=False)
-            text_encoder.get_input_embeddings().weight[token_id] = mean.to(emb.weight.dtype)
-    return token_id

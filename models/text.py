@@ -12,6 +12,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TEXT_TOKENS = 226  # CogVideoX was trained with exactly this many T5 tokens
 DEFAULT_TRIGGER = "img"  # MagicMirror / PhotoMaker convention: "a man img is walking"
+EXTRA_TOKENS = ("<cls>",)  # special tokens a method's prompts use (subject reference: "<cls> a teddy bear ...")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,48 @@ def tokenize(tokenizer, prompt: str, max_length: int = MAX_TEXT_TOKENS):
                      add_special_tokens=True, return_tensors="pt")
 
 
+def with_extra_tokens(tokenizer):
+    """A copy of ``tokenizer`` that also knows :data:`EXTRA_TOKENS` as special tokens (ids after the
+    vocabulary). The model's own tokenizer is never edited."""
+    import copy
+
+    missing = [t for t in EXTRA_TOKENS if t not in tokenizer.get_vocab()]
+    if not missing:
+        return tokenizer
+    extended = copy.deepcopy(tokenizer)
+    extended.add_special_tokens({"additional_special_tokens": missing})
+    return extended
+
+
+def prompt_tokenizer(bundle, prompt: str):
+    """The tokenizer for ``prompt``: the model's own, or (cached per text encoder) its copy with the extra
+    tokens when the prompt uses one."""
+    if not any(t in prompt for t in EXTRA_TOKENS):
+        return bundle.tokenizer
+    derived = bundle.text_cache.derived
+    if "extended_tokenizer" not in derived:
+        derived["extended_tokenizer"] = with_extra_tokens(bundle.tokenizer)
+    return derived["extended_tokenizer"]
+
+
+def t5_encode(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """T5 encoder output [B, L, D] for token ids [B, L] (on the encoder's device).
+
+    An id past the embedding table (an extra token of a tokenizer copy whose vocabulary fills the table,
+    as tiny test models' do) is embedded as the mean row of the table: deterministic, so training and
+    inference agree; that is what resizing the table with that row would give. Real T5 tables have spare
+    rows, which such ids use as they are.
+    """
+    emb = text_encoder.get_input_embeddings()
+    rows = emb.weight.shape[0]
+    beyond = input_ids >= rows
+    if not beyond.any():
+        return text_encoder(input_ids)[0]
+    embeds = emb(input_ids.clamp(max=rows - 1))
+    embeds[beyond] = emb.weight.float().mean(0).to(embeds.dtype)
+    return text_encoder(inputs_embeds=embeds)[0]
+
+
 def encode_prompt(bundle, prompt: str, max_length: int = MAX_TEXT_TOKENS,
                   trigger: str | None = None) -> TextConditioning:
     """Encode ``prompt`` with the bundle's T5; repeated prompts come from the bundle's cache.
@@ -83,16 +126,17 @@ def encode_prompt(bundle, prompt: str, max_length: int = MAX_TEXT_TOKENS,
     if cached is not None:
         return cached
     text, spans = split_trigger(prompt, trigger)
-    tokens = tokenize(bundle.tokenizer, text, max_length)
-    full_len = len(bundle.tokenizer(text, add_special_tokens=True).input_ids)
+    tokenizer = prompt_tokenizer(bundle, text)
+    tokens = tokenize(tokenizer, text, max_length)
+    full_len = len(tokenizer(text, add_special_tokens=True).input_ids)
     truncated = full_len > max_length
     if truncated:
         logger.warning("Prompt is %d T5 tokens; CogVideoX keeps the first %d: %r", full_len, max_length, prompt)
     with torch.no_grad(), bundle.on_device(bundle.text_encoder) as te:
         device = next(te.parameters()).device
-        embeds = te(tokens.input_ids.to(device))[0]
+        embeds = t5_encode(te, tokens.input_ids.to(device))
     cond = TextConditioning(prompt=prompt, embeds=embeds.float().cpu(), input_ids=tokens.input_ids,
                             attention_mask=tokens.attention_mask, truncated=truncated, encoded_prompt=text,
-                            identity_mask=identity_token_mask(bundle.tokenizer, text, spans, max_length))
+                            identity_mask=identity_token_mask(tokenizer, text, spans, max_length))
     bundle.text_cache.put(key, cond)
     return cond

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..models.cogvideox import DTYPES, OFFLOAD_MODES, find_model_folder, load_cogvideox
 from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
 from ..models.sampler import decode_latents, sample_video
-from ..models.subject import CLS_TOKEN, ensure_cls_token
 from ..models.text import DEFAULT_TRIGGER, encode_prompt
 from . import host
 
-CATEGORY = "MagicMirror Video"
+MENU = "MagicMirror Video"  # the pack's node menu; one sub-category per method
+CATEGORY = f"{MENU}/CogVideoX"
 MODEL = "COGVIDEOX"
 COND = "COGVIDEOX_CONDITIONING"
 NONE = "none"
@@ -80,8 +78,6 @@ class CogVideoXTextEncode:
     CATEGORY = CATEGORY
 
     def encode(self, model, text, trigger_word=DEFAULT_TRIGGER):
-        if CLS_TOKEN in text:  # subject-reference prompts: make sure T5 knows the <cls> token
-            ensure_cls_token(model.tokenizer, model.text_encoder)
         return (encode_prompt(model, text, trigger=trigger_word.strip() or None),)
 
 
@@ -158,14 +154,11 @@ class CogVideoXSampler:
             host.check_interrupt()
 
         host.check_interrupt()
+        reports = {}  # what the patches report about the run (e.g. a blend history), carried in the LATENT
         samples = sample_video(model, positive, negative, num_frames=num_frames, height=height, width=width,
                                steps=steps, cfg=cfg, seed=seed, scheduler=scheduler.lower(),
-                               use_dynamic_cfg=dynamic_cfg, image=image, callback=on_step)
-        latent = {"samples": samples.float().cpu()}
-        for patch in model.patches:  # DualReal records its blend per step: pass it on for the plot node
-            if getattr(patch, "alpha_history", None):
-                latent["dualreal_alpha"] = torch.stack(list(patch.alpha_history))  # [steps, groups]
-        return (latent,)
+                               use_dynamic_cfg=dynamic_cfg, image=image, callback=on_step, outputs=reports)
+        return ({"samples": samples.float().cpu(), **reports},)
 
 
 class CogVideoXDecode:

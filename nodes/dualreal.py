@@ -8,7 +8,9 @@ from ..models.blend_plot import render_alpha_heatmap
 from ..models.clip_vision import image_embeds, load_clip_vision
 from ..models.dualreal import BLEND_SCALE, DualRealPatch, load_dualreal
 from . import host
-from .cogvideox import CATEGORY, MODEL
+from .cogvideox import MENU, MODEL
+
+CATEGORY = f"{MENU}/DualReal"
 
 
 class DualRealStageBlender:

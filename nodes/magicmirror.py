@@ -10,7 +10,9 @@ import torch
 from ..models.id_encoder import load_photomaker_id_encoder
 from ..models.magicmirror import MagicMirrorPatch, load_magicmirror
 from . import host
-from .cogvideox import CATEGORY, MODEL
+from .cogvideox import MENU, MODEL
+
+CATEGORY = f"{MENU}/MagicMirror"
 
 logger = logging.getLogger(__name__)
 FACE_ENCODER = "MAGICMIRROR_FACE_ENCODER"

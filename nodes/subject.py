@@ -5,7 +5,9 @@ from __future__ import annotations
 from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
 from ..models.subject import NORM_LORA_MODULES, SubjectReferencePatch, encode_reference
 from . import host
-from .cogvideox import CATEGORY, MODEL
+from .cogvideox import MENU, MODEL
+
+CATEGORY = f"{MENU}/Subject Reference"
 
 SCOPES = ("auto", "reference", "all")
 LORA_ALPHA = 64.0  # the subject method's LoRA alpha (rank 128, alpha 64: the released v1 checkpoint ran at 0.5)

@@ -39,6 +39,24 @@ def models_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def insightface_root(tmp_path_factory):
+    """A ComfyUI-style ``models/insightface`` folder with a fake antelopev2 pack (ONNX graphs written now)."""
+    from magicmirror_video.testing import tiny_faces
+
+    root = tmp_path_factory.mktemp("insightface")
+    tiny_faces.build_fake_insightface_pack(str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def analyzer(insightface_root):
+    """A CPU ``FaceAnalyzer`` on the fake pack (one per test module: tests may wrap its models)."""
+    from magicmirror_video.models.face_analysis import FaceAnalyzer
+
+    return FaceAnalyzer(insightface_root, providers=["CPUExecutionProvider"])
+
+
 def straight_and_resumed(trainer_class, config, tmp_path, kill_at: int, **overrides):
     """Train ``config`` straight, and again killed right after the step-``kill_at`` checkpoint then resumed
     with ``resume_from=latest``; return both exported state dicts."""

@@ -19,19 +19,6 @@ from magicmirror_video.testing import tiny_faces  # noqa: E402
 CPU = ["CPUExecutionProvider"]
 
 
-@pytest.fixture(scope="module")
-def insightface_root(tmp_path_factory):
-    """A ComfyUI-style ``models/insightface`` folder with a fake antelopev2 pack."""
-    root = tmp_path_factory.mktemp("insightface")
-    tiny_faces.build_fake_insightface_pack(str(root))
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def analyzer(insightface_root):
-    return FaceAnalyzer(insightface_root, providers=CPU)
-
-
 def _box_close(bbox, center, radius, tol):
     expected = np.array([center[0] - radius, center[1] - radius, center[0] + radius, center[1] + radius])
     return np.abs(np.asarray(bbox) - expected).max() <= tol
@@ -160,6 +147,21 @@ def test_embedding_equals_onnxruntime_on_aligned_crop(analyzer, insightface_root
     session = ort.InferenceSession(path, providers=CPU)
     ref = session.run(None, {session.get_inputs()[0].name: blob})[0][0]             # [512]
     np.testing.assert_allclose(face.embedding, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_embeddings_equal_detect_largest(analyzer):
+    """``embeddings`` (one recogniser call for many faces) equals the per-face embedding of ``detect_largest``, and
+    ``locate_largest`` finds the same face without embedding it."""
+    images = [tiny_faces.synthetic_face_image(240, 320, center=(150, 120), radius=r, seed=s)
+              for r, s in ((40, 1), (70, 2), (55, 9))]
+    singles = [analyzer.detect_largest(i) for i in images]
+    boxes = [analyzer.locate_largest(i) for i in images]
+    for box, face in zip(boxes, singles):
+        np.testing.assert_array_equal(box.bbox, face.bbox)
+        np.testing.assert_array_equal(box.kps, face.kps)
+    batched = analyzer.embeddings(images, boxes)
+    np.testing.assert_allclose(batched, np.stack([f.embedding for f in singles]), rtol=1e-5, atol=1e-5)
+    assert analyzer.embeddings([], []).shape == (0, 512)
 
 
 def test_missing_pack_lists_searched_paths(tmp_path):

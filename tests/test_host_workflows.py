@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ SAMPLER = "MMV_CogVideoXSampler"
 DECODE = "MMV_CogVideoXDecode"
 FACE_LOADER = "MMV_MagicMirrorFaceEncoderLoader"
 FACE_ENCODE = "MMV_MagicMirrorFaceEncode"
+IDENTITY_SCORE = "MMV_IdentityScore"
 
 BAD_LORA = "bad.safetensors"
 BAD_TRANSFORMER = "truncated_transformer.safetensors"
@@ -82,6 +84,12 @@ def _build_model_root(root: Path) -> None:
     (root / "loras").mkdir()
     save_lora(str(root / "loras" / "subject_reference_lora.safetensors"), lora.layers(),
               {"method": "subject_replay", "subject_lora_scope": "reference"})
+    # Reg-DPO: a random LoRA in the trainer's export format (rank 4 on the attention projections).
+    dpo = TrainableLora(transformer, find_lora_targets(transformer, ["to_q", "to_k", "to_v", "to_out.0"]), 4, 8.0)
+    with torch.no_grad():
+        for p in dpo.up.values():
+            p.normal_(0, 0.05)
+    save_lora(str(root / "loras" / "regdpo.safetensors"), dpo.layers(), {"method": "regdpo", "rank": 4, "alpha": 8.0})
     # DualReal: a random adapter in the official adapter.pth format + a tiny CLIP vision tower.
     from magicmirror_video.models.dualreal import DualRealAdapters, DualRealConfig
     from magicmirror_video.testing.tiny import build_clip_vision_checkpoint
@@ -202,12 +210,27 @@ def test_host_pack_loads_from_a_non_identifier_folder_and_its_pyproject_parses(s
     assert "Unable to parse pyproject.toml" not in log, log[-3000:]
 
 
-def test_host_dualreal_blend_plot_is_produced(server):
-    _, api = _shipped_api(server, PACK_DIR / "workflows" / "dualreal_stageblender.json")
+@pytest.mark.parametrize("name", ["dualreal_stageblender", "identity_motion_preference"])
+def test_host_dualreal_blend_plot_is_produced(server, name):
+    _, api = _shipped_api(server, PACK_DIR / "workflows" / f"{name}.json")
     entry = server.run_prompt(api, timeout=PROMPT_TIMEOUT)
-    (preview_id,) = [nid for nid, node in api.items() if node["class_type"] == "PreviewImage"]
+    (plot_id,) = [nid for nid, node in api.items() if node["class_type"] == "MMV_DualRealBlendPlot"]
+    (preview_id,) = [nid for nid, node in api.items() if node["class_type"] == "PreviewImage"
+                     and node["inputs"]["images"][0] == plot_id]
     images = entry["outputs"][preview_id]["images"]
     assert len(images) == 1 and images[0]["filename"].endswith(".png")
+
+
+def test_host_identity_motion_preference_stacks_three_methods_on_one_model(server):
+    """MagicMirror (face) + a Reg-DPO LoRA + DualReal (motion) on one model, in that order."""
+    _, api = _shipped_api(server, PACK_DIR / "workflows" / "identity_motion_preference.json")
+    (sampler,) = _nodes_of(api, SAMPLER)
+    chain, node_id = [], sampler["inputs"]["model"][0]
+    while api[node_id]["class_type"] != LOADER:
+        chain.append(api[node_id]["class_type"])
+        node_id = api[node_id]["inputs"]["model"][0]
+    assert chain == ["MMV_DualRealStageBlender", LORA, "MMV_MagicMirrorApply"]
+    assert [n["inputs"]["lora_name"] for n in _nodes_of(api, LORA)] == ["regdpo.safetensors"]
 
 
 def test_host_magicmirror_no_face_error(server):
@@ -219,6 +242,45 @@ def test_host_magicmirror_no_face_error(server):
     error = _execution_error(err.value.details)
     assert error.get("node_type") == FACE_ENCODE
     assert "No face found in reference image 1" in error.get("exception_message", ""), error
+
+
+def test_host_identity_score_beside_the_video(server):
+    """The shipped MagicMirror workflow scores its own video: the report shows on the Identity Score node (ui text)
+    and in the Preview Any beside the video, the per-frame plot in a Preview Image. The tiny random model's 32x32
+    frames are noise (the fake detector may or may not see blobs in them): the numbers are meaningless, the report's
+    form is checked."""
+    workflow, api = _shipped_api(server, PACK_DIR / "workflows" / "magicmirror_id_video.json")
+    entry = server.run_prompt(api, timeout=PROMPT_TIMEOUT, workflow=workflow)
+    (score_id,) = [nid for nid, node in api.items() if node["class_type"] == IDENTITY_SCORE]
+    (text_id,) = [nid for nid, node in api.items() if node["class_type"] == "PreviewAny"]
+    assert api[score_id]["inputs"]["frames"][0] in [nid for nid, n in api.items() if n["class_type"] == DECODE]
+    report = entry["outputs"][score_id]["text"][0]
+    assert entry["outputs"][text_id]["text"][0] == report
+    assert re.match(r"Face similarity (-?[01]\.\d{4} \(mean over [1-9]/9 frames with a face, 1 reference\)|"
+                    r": no face in any frame \(9 frames, detector size 640\))", report), report
+    (plot_id,) = [nid for nid, node in api.items() if node["class_type"] == "PreviewImage"
+                  and node["inputs"]["images"][0] == score_id]
+    assert len(entry["outputs"][plot_id]["images"]) == 1
+    print(f"\nIdentity Score on the tiny model's video:\n{report}")
+
+
+def test_host_identity_score_on_faces(server):
+    """Identity Score in ComfyUI on frames that do show the reference face (face.png repeated 9 times)."""
+    api = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
+        "2": {"class_type": FACE_LOADER, "inputs": {"insightface": "antelopev2", "provider": "CPU",
+                                                    "photomaker": "photomaker-v2.bin", "precision": "fp32"}},
+        "3": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 9}},
+        "4": {"class_type": IDENTITY_SCORE, "inputs": {"face_encoder": ["2", 0], "frames": ["3", 0],
+                                                       "reference": ["1", 0]}},
+        "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}},
+    }
+    entry = server.run_prompt(api, timeout=PROMPT_TIMEOUT)
+    report = entry["outputs"]["4"]["text"][0]
+    assert report.startswith("Face similarity 1.0000 (mean over 9/9 frames with a face, 1 reference)"), report
+    assert "FM_ref 0.0000, FM_inter 0.0000" in report
+    assert float(entry["outputs"]["5"]["text"][0]) == pytest.approx(1.0, abs=1e-5)  # the FLOAT score output
+    print(f"\nIdentity Score on 9 copies of the reference face:\n{report}")
 
 
 def _t2v_api(srv: comfy_host.ComfyServer) -> dict:

@@ -125,56 +125,155 @@ def test_not_photomaker_v2(tmp_path):
 # ------------------------------------------------------------------------------ adapters
 
 
-@pytest.fixture
-def setup():
+@pytest.fixture(params=["two-way", "one-way"])
+def setup(request):
     bundle = bundle_from_components(tiny.build_components(num_layers=3))
-    adapter = MagicMirrorAdapter(MagicMirrorConfig.for_transformer(bundle.transformer, **SMALL)).eval()
+    adapter = MagicMirrorAdapter(MagicMirrorConfig.for_transformer(bundle.transformer, **SMALL,
+                                                                   face_attention=request.param)).eval()
     pos = encode_prompt(bundle, PROMPT, trigger="img")
     return bundle, adapter, pos
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
-def test_fresh_adapter_equals_base_model_exactly(setup, scheduler):
+def test_fresh_one_way_adapter_equals_base_model_exactly(setup, scheduler):
     bundle, adapter, pos = setup
+    if adapter.config.face_attention != "one-way":
+        pytest.skip("a fresh two-way adapter changes the output (the face keys join the softmax); see below")
     base = sample_video(bundle, pos, scheduler=scheduler, **KW)
     patched = sample_video(bundle.with_patch(MagicMirrorPatch(adapter, faces())), pos, scheduler=scheduler, **KW)
     assert torch.equal(base, patched)
 
 
+def forward_inputs(t, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, 4, 4, 4, generator=g).repeat(batch, 1, 1, 1, 1)
+    from magicmirror_video.models.sampler import rotary_embeddings
+    return dict(hidden_states=x, timestep=torch.tensor([500] * batch),
+                image_rotary_emb=rotary_embeddings(t, 32, 32, 3, 8, "cpu"), return_dict=False)
+
+
+def test_fresh_two_way_adapter_equals_diffusers_blocks_with_the_face_tokens_in_the_sequence():
+    """Independent computation of the two-way math: each unmodified diffusers ``CogVideoXBlock`` runs on
+    [text; face] + video (the face tokens as extra, unrotated sequence tokens) with hooks that give the face
+    rows the zero-initialised φ_face (their own LayerNorm, shift = scale = 0) and a zero gate; the odd
+    (non-adapted) blocks run without them. The fresh adapter's CAN, fusion and cross-attention add zero."""
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+    bundle = bundle_from_components(tiny.build_components(num_layers=3))
+    t = bundle.transformer
+    adapter = MagicMirrorAdapter(MagicMirrorConfig.for_transformer(t, **SMALL)).eval()
+    assert adapter.config.face_attention == "two-way"  # the default
+    f = faces(2)
+    text = encode_prompt(bundle, PROMPT, trigger="img")
+    kw = dict(forward_inputs(t), encoder_hidden_states=text.embeds)
+    with torch.no_grad():
+        from magicmirror_video.models.patches import SamplingContext, applied_patches
+        with applied_patches(t, [MagicMirrorPatch(adapter, f)], SamplingContext(positive=text)):
+            ours = t(**kw)[0]
+        base = t(**kw)[0]
+        face = adapter.face_tokens(f.clip_penultimate)  # [1, 64, D]
+
+        # the reference: diffusers' own blocks, called directly (the runner only sits on block.forward)
+        captured = {}
+        handles = [t.time_embedding.register_forward_hook(lambda m, a, o: captured.__setitem__("emb", o)),
+                   t.patch_embed.register_forward_hook(lambda m, a, o: captured.__setitem__("tokens", o))]
+        t(**kw)
+        for h in handles:
+            h.remove()
+        emb, tokens = captured["emb"], captured["tokens"]
+        n_text = text.embeds.shape[1]
+        enc, hidden = tokens[:, :n_text], tokens[:, n_text:]
+        for i, block in enumerate(t.transformer_blocks):
+            if i % 2:
+                hidden, enc = CogVideoXBlock.forward(block, hidden, enc, emb, kw["image_rotary_emb"])
+                continue
+            ad = adapter.blocks[str(i)]
+            hooks = []
+            for norm, face_norm in ((block.norm1, ad.face_norm1), (block.norm2, ad.face_norm2)):
+                def face_rows(mod, args, out, face_norm=face_norm):
+                    h, e, gate, e_gate = out
+                    e = torch.cat([e[:, :n_text], face_norm(args[1][:, n_text:])], dim=1)  # φ_face: shift = scale = 0
+                    e_gate = torch.cat([e_gate.expand(-1, n_text, -1), torch.zeros_like(args[1][:, n_text:])], dim=1)
+                    return h, e, gate, e_gate
+                hooks.append(norm.register_forward_hook(face_rows))
+            hidden, enc = CogVideoXBlock.forward(block, hidden, torch.cat([enc, face], dim=1), emb,
+                                                 kw["image_rotary_emb"])
+            enc = enc[:, :n_text]  # (the face tokens are unchanged: their gates are zero)
+            for h in hooks:
+                h.remove()
+        hidden = t.proj_out(t.norm_out(t.norm_final(hidden), temb=emb))
+        expected = hidden.reshape(1, 3, 2, 2, -1, 2, 2).permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert (ours - base).abs().max() > 1e-4  # the face keys do change the video (the comparison can fail)
+
+
 def test_trained_adapter_changes_output_and_is_removed_after(setup):
     bundle, adapter, pos = setup
-    originals = list(bundle.transformer.transformer_blocks)
+    t = bundle.transformer
+    originals = list(t.transformer_blocks)
     base = sample_video(bundle, pos, **KW)
     patch = MagicMirrorPatch(perturbed(adapter), faces())
     out = sample_video(bundle.with_patch(patch), pos, **KW)
     assert (out - base).abs().max() > 1e-2
-    assert list(bundle.transformer.transformer_blocks) == originals
-    assert not bundle.transformer._forward_pre_hooks
+    assert list(t.transformer_blocks) == originals
+    assert not t._forward_pre_hooks and not t._forward_hooks and not t.patch_embed._forward_hooks
     assert torch.equal(sample_video(bundle, pos, **KW), base)
     zero = sample_video(bundle.with_patch(MagicMirrorPatch(adapter, faces(), strength=0.0)), pos, **KW)
-    assert torch.equal(zero, base)
+    if adapter.config.face_attention == "one-way":
+        assert torch.equal(zero, base)
 
 
 def test_identity_acts_on_positive_rows_only(setup):
-    """With CFG the negative rows of the batch run the base model; positive rows change."""
+    """Rows whose role is negative (CFG) run the base model exactly: in the one-way form in the same batch
+    as the positive rows, in the two-way form as a forward of their own (a mixed batch is refused)."""
+    from magicmirror_video.models.block_runner import block_runner
+    from magicmirror_video.models.patches import SamplingContext, applied_patches
+
     bundle, adapter, pos = setup
     t = bundle.transformer
     neg = encode_prompt(bundle, "")
-    from magicmirror_video.models.patches import SamplingContext, applied_patches
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, 4, 4, 4, generator=g).repeat(2, 1, 1, 1, 1)
-    text = torch.cat([neg.embeds, pos.embeds])
-    from magicmirror_video.models.sampler import rotary_embeddings
-    rope = rotary_embeddings(t, 32, 32, 3, 8, "cpu")
-    run = lambda: t(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500, 500]),  # noqa
-                    image_rotary_emb=rope, return_dict=False)[0]
+    ctx = SamplingContext(positive=pos, negative=neg)
+    patch = MagicMirrorPatch(perturbed(adapter), faces())
+    runner = block_runner(t)
     with torch.no_grad():
-        base = run()
-        ctx = SamplingContext(positive=pos, negative=neg, batch_roles=("negative", "positive"))
-        with applied_patches(t, [MagicMirrorPatch(perturbed(adapter), faces())], ctx):
-            out = run()
-    assert torch.equal(out[0], base[0])
-    assert (out[1] - base[1]).abs().max() > 1e-3
+        if adapter.config.face_attention == "one-way":
+            kw = dict(forward_inputs(t, batch=2), encoder_hidden_states=torch.cat([neg.embeds, pos.embeds]))
+            base = t(**kw)[0]
+            with applied_patches(t, [patch], ctx), runner.roles(("negative", "positive")):
+                out = t(**kw)[0]
+            assert torch.equal(out[0], base[0])
+            assert (out[1] - base[1]).abs().max() > 1e-3
+        else:
+            assert patch.conditional_only
+            kw_neg = dict(forward_inputs(t), encoder_hidden_states=neg.embeds)
+            kw_pos = dict(forward_inputs(t), encoder_hidden_states=pos.embeds)
+            base_neg, base_pos = t(**kw_neg)[0], t(**kw_pos)[0]
+            with applied_patches(t, [patch], ctx):
+                with runner.roles(("negative",)):
+                    assert torch.equal(t(**kw_neg)[0], base_neg)
+                with runner.roles(("positive",)):
+                    assert (t(**kw_pos)[0] - base_pos).abs().max() > 1e-3
+                kw = dict(forward_inputs(t, batch=2), encoder_hidden_states=torch.cat([neg.embeds, pos.embeds]))
+                with runner.roles(("negative", "positive")), pytest.raises(RuntimeError, match="negative rows"):
+                    t(**kw)
+
+
+def test_two_way_cfg_runs_the_negative_prompt_as_its_own_forward(setup):
+    """The sampler's CFG with a two-way adapter: the negative prediction is the base model's (batch 1)."""
+    bundle, adapter, pos = setup
+    if adapter.config.face_attention != "two-way":
+        pytest.skip("one-way adapters batch both prompts")
+    calls = []
+    handle = bundle.transformer.register_forward_pre_hook(
+        lambda m, a, k: calls.append(k["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        sample_video(bundle.with_patch(MagicMirrorPatch(perturbed(adapter), faces())), pos, **KW)
+        assert calls == [1, 1] * KW["steps"]
+        calls.clear()
+        sample_video(bundle, pos, **KW)
+        assert calls == [2] * KW["steps"]  # without it, one batch [negative, positive] as diffusers does
+    finally:
+        handle.remove()
 
 
 def test_text_fusion_touches_only_identity_tokens(setup):
@@ -201,6 +300,19 @@ def test_multiple_references_average_id_and_stack_face_tokens(setup):
     one = sample_video(bundle.with_patch(MagicMirrorPatch(adapter, faces(1))), pos, **KW)
     two = sample_video(bundle.with_patch(MagicMirrorPatch(adapter, faces(2))), pos, **KW)
     assert not torch.equal(one, two)
+
+
+def test_files_without_face_attention_load_as_one_way(setup, tmp_path):
+    """Adapter files written before the option existed were trained one-way and load as such."""
+    bundle, adapter, pos = setup
+    path = str(tmp_path / "old.safetensors")
+    import dataclasses
+
+    from magicmirror_video.models.cogvideox import write_safetensors
+    config = dataclasses.asdict(adapter.config)
+    del config["face_attention"]
+    write_safetensors(path, adapter.state_dict(), {"method": "magicmirror", "config": config})
+    assert load_magicmirror(path).config.face_attention == "one-way"
 
 
 def test_checkpoint_round_trip_and_base_mismatch(setup, tmp_path):

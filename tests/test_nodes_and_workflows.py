@@ -19,6 +19,7 @@ CORE_WIDGETS = {
                   ("codec", (["auto", "h264"], {}))],
     "LoadImage": [("image", (None, {})), ("upload", (None, {}))],
     "PreviewImage": [],
+    "PreviewAny": [],  # shows a STRING (e.g. the Identity Score report) on the node; its input type is "*"
 }
 DYNAMIC_COMBOS = {"model", "lora_name", "transformer_file", "insightface", "photomaker", "adapter", "clip_vision"}  # lists of files on the user's disk
 
@@ -56,6 +57,38 @@ def test_node_definition_is_valid_for_comfyui(node_id):
     assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
     assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
     assert callable(getattr(cls, cls.FUNCTION)) and cls.CATEGORY and cls.DESCRIPTION
+
+
+# Node ids and input names shipped so far: they never change (saved workflows refer to them).
+SHIPPED_INPUTS = {
+    "MMV_CogVideoXModelLoader": ["model", "precision", "offload", "transformer_file"],
+    "MMV_CogVideoXTextEncode": ["model", "text", "trigger_word"],
+    "MMV_CogVideoXLoraLoader": ["model", "lora_name", "strength"],
+    "MMV_CogVideoXSampler": ["model", "positive", "negative", "width", "height", "num_frames", "steps", "cfg", "seed",
+                             "scheduler", "image", "dynamic_cfg"],
+    "MMV_CogVideoXDecode": ["model", "samples", "tiling"],
+    "MMV_MagicMirrorFaceEncoderLoader": ["insightface", "provider", "photomaker", "precision"],
+    "MMV_MagicMirrorFaceEncode": ["face_encoder", "images"],
+    "MMV_MagicMirrorApply": ["model", "adapter", "face_embeds", "strength"],
+    "MMV_SubjectReferenceLoraLoader": ["model", "lora_name", "strength", "norm_scope"],
+    "MMV_SubjectReference": ["model", "image", "max_side"],
+    "MMV_DualRealStageBlender": ["model", "adapter", "clip_vision", "reference_image", "mode", "fixed_alpha"],
+    "MMV_DualRealBlendPlot": ["samples"],
+}
+
+
+@pytest.mark.parametrize("node_id", sorted(SHIPPED_INPUTS))
+def test_shipped_node_ids_and_input_names_never_change(node_id):
+    """New inputs may only be appended: UI workflows store widget values by position."""
+    names = [name for name, _ in all_inputs(pack_nodes.NODE_CLASS_MAPPINGS[node_id])]
+    assert names[:len(SHIPPED_INPUTS[node_id])] == SHIPPED_INPUTS[node_id], names
+
+
+def test_node_menu_has_one_sub_category_per_method():
+    categories = {cls.CATEGORY for cls in pack_nodes.NODE_CLASS_MAPPINGS.values()}
+    assert all(c.startswith("MagicMirror Video/") for c in categories), categories
+    assert {"MagicMirror Video/CogVideoX", "MagicMirror Video/MagicMirror", "MagicMirror Video/DualReal",
+            "MagicMirror Video/Subject Reference"} <= categories
 
 
 def test_readme_documents_every_node():
@@ -103,7 +136,9 @@ def test_workflow_refers_to_existing_nodes_with_valid_widgets(path):
     for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
         out = nodes[src]["outputs"][src_slot]
         inp = nodes[dst]["inputs"][dst_slot]
-        assert out["type"] == inp["type"] == typ and inp["link"] == link_id and link_id in out["links"]
+        assert out["type"] == typ and inp["type"] in (typ, "*") and inp["link"] == link_id and link_id in out["links"]
+        if inp["type"] == "*":
+            assert nodes[dst]["type"] == "PreviewAny", nodes[dst]["type"]
         if nodes[dst]["type"] in pack_nodes.NODE_CLASS_MAPPINGS:
             spec = dict(all_inputs(pack_nodes.NODE_CLASS_MAPPINGS[nodes[dst]["type"]]))
             assert spec[inp["name"]][0] == typ, (nodes[dst]["type"], inp["name"])

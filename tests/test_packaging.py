@@ -13,16 +13,16 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 TOOLS = ["train_magicmirror", "train_subject_replay", "train_dualreal", "train_regdpo", "prepare_magicmirror",
-         "build_gt_pairs"]
+         "build_gt_pairs", "evaluate"]
 
 
 def requirement_lines(name: str) -> list[str]:

@@ -90,7 +90,7 @@ def test_norm_lora_touches_only_the_reference_modulation():
         undo = inject_reference(t, ref)
         try:
             with applied_patches(t, patches):  # the recorder runs after the LoRA hook
-                handle = t.transformer_blocks[0].wrapped.norm1.linear.register_forward_hook(record(tag))
+                handle = t.transformer_blocks[0].norm1.linear.register_forward_hook(record(tag))
                 forward(t, video, text, rope)
                 handle.remove()
         finally:
@@ -170,11 +170,43 @@ def test_training_resumes_exactly_and_exports_a_lora_the_node_loads(tiny_subject
     (plain_ref,) = m["MMV_SubjectReference"]().apply(model, torch.rand(1, 48, 48, 3), 720)
     enc = m["MMV_CogVideoXTextEncode"]()
     (pos,), (neg,) = enc.encode(model, "<cls> a teddy bear is sitting on a table"), enc.encode(model, "")
-    assert model.tokenizer.convert_tokens_to_ids("<cls>") in pos.input_ids[0].tolist()
+    from magicmirror_video.models.text import with_extra_tokens
+    cls_id = with_extra_tokens(model.tokenizer).convert_tokens_to_ids("<cls>")
+    assert pos.input_ids[0, 0] == cls_id  # the trainer's tokenizer and the node's agree on <cls>
+    assert "<cls>" not in model.tokenizer.get_vocab()  # the shared tokenizer is not edited
     kw = dict(width=32, height=32, num_frames=9, steps=2, cfg=6.0, seed=0, scheduler="DDIM")
     a = m["MMV_CogVideoXSampler"]().sample(with_ref, pos, neg, **kw)[0]["samples"]
     b = m["MMV_CogVideoXSampler"]().sample(plain_ref, pos, neg, **kw)[0]["samples"]
     assert (a - b).abs().max() > 1e-5
+
+
+def test_cls_prompts_leave_the_shared_text_encoder_unchanged():
+    """<cls> is handled per encode: the model's tokenizer and T5 are not edited, so base prompt encodings
+    before and after a subject run are bit-identical; <cls> gets the table's mean row (a tiny T5 has no
+    spare rows), the same in every encode."""
+    from magicmirror_video.models.text import encode_prompt, t5_encode, tokenize, with_extra_tokens
+
+    b = bundle_from_components(tiny.build_components())
+    te = b.text_encoder
+    before = {k: v.clone() for k, v in te.state_dict().items()}
+    vocab = len(b.tokenizer)
+    base = encode_prompt(b, "a teddy bear is sitting on a wooden table").embeds
+    ref = encode_reference(b, torch.rand(1, 32, 32, 3))
+    with_cls = encode_prompt(b, "<cls> a teddy bear is sitting on a wooden table")
+    sample_video(b.with_patch(SubjectReferencePatch(ref)), with_cls, **KW)
+    b.text_cache._items.clear()
+    after = encode_prompt(b, "a teddy bear is sitting on a wooden table").embeds
+    assert torch.equal(base, after) and len(b.tokenizer) == vocab and "<cls>" not in b.tokenizer.get_vocab()
+    assert all(torch.equal(before[k], v) for k, v in te.state_dict().items())
+    # <cls> embeds as the mean row: the same as T5 on a table resized with that row
+    ids = tokenize(with_extra_tokens(b.tokenizer), "<cls> a teddy bear").input_ids
+    import copy
+    resized = copy.deepcopy(te)
+    mean = te.get_input_embeddings().weight.mean(0)
+    resized.resize_token_embeddings(vocab + 1, mean_resizing=False)
+    with torch.no_grad():
+        resized.get_input_embeddings().weight[vocab] = mean
+        torch.testing.assert_close(t5_encode(te, ids), resized(ids)[0], atol=0, rtol=0)
 
 
 def test_files_without_scope_metadata_default_to_all_tokens():

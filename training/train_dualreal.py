@@ -87,7 +87,7 @@ class DualRealTrainingModule(torch.nn.Module):
         noisy = scheduler.add_noise(latents, noise, t)
         h, w = latents.shape[-2:]
         rope = rotary_embeddings(transformer, h * 8, w * 8, latents.shape[1], 8, device)
-        undo, state = inject_dualreal(transformer, self.adapters, self.condition.to(dtype))
+        undo, state = inject_dualreal(transformer, self.adapters, self.condition.to(dtype), record=False)
         try:
             v = transformer(hidden_states=noisy, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
                             return_dict=False)[0]

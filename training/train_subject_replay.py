@@ -29,8 +29,8 @@ import torch
 
 from ..models.lora import TrainableLora, find_lora_targets, save_lora
 from ..models.sampler import rotary_embeddings
-from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, ensure_cls_token, inject_reference
-from ..models.text import tokenize
+from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, inject_reference
+from ..models.text import t5_encode, tokenize, with_extra_tokens
 from .config import TrainConfig, doc
 from .data import item_generator, load_media
 from .losses import loss_weights, v_prediction_loss, x0_from_v
@@ -91,7 +91,7 @@ class SubjectReplayModule(torch.nn.Module):
             latents = (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)  # [B, T, C, h, w]
             ref = vae.encode(batch["reference"].to(device, vae.dtype)[:, :, None]).latent_dist.mode()
             ref = (ref[:, :, 0] * vae.config.scaling_factor).to(dtype)  # [B, C, h, w]
-            text = f["text_encoder"](batch["input_ids"].to(device))[0].to(dtype)
+            text = t5_encode(f["text_encoder"], batch["input_ids"].to(device)).to(dtype)
         b = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
@@ -141,7 +141,7 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
         self.pairs, self.videos = self.inputs["pairs"], self.inputs["videos"]
         frozen = self.load_base()
         bundle = self.bundle
-        ensure_cls_token(bundle.tokenizer, bundle.text_encoder)
+        self.tokenizer = with_extra_tokens(bundle.tokenizer)  # knows <cls>; the model's tokenizer is untouched
         targets = find_lora_targets(bundle.transformer, c.lora_targets)
         torch.manual_seed(c.seed)
         lora = TrainableLora(bundle.transformer, targets, c.lora_rank, c.lora_alpha, c.lora_dropout,
@@ -210,7 +210,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, trainer):
         self.trainer, self.samples, self.config = trainer, trainer.pairs, trainer.config
-        self.tokenizer = trainer.bundle.tokenizer
+        self.tokenizer = trainer.tokenizer
 
     def __len__(self):
         return len(self.samples)
@@ -228,7 +228,7 @@ class ReplayDataset(torch.utils.data.Dataset):
 
     def __init__(self, trainer):
         self.trainer, self.samples, self.config = trainer, trainer.videos, trainer.config
-        self.tokenizer = trainer.bundle.tokenizer
+        self.tokenizer = trainer.tokenizer
         self.epoch = 0
 
     def set_epoch(self, epoch):

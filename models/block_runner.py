@@ -1,0 +1,444 @@
+"""One CogVideoX block runner with extension points that every method registers into.
+
+diffusers' ``CogVideoXBlock.forward`` is computed here, once, op for op (with nothing registered the
+runner is bit-identical to the unmodified transformer), with named places where a method adds its part:
+
+* **token streams** (:class:`TokenStream`) — extra tokens carried beside the video tokens through the
+  blocks (MagicMirror's face tokens, subject-reference tokens), each with its own normalisation and
+  modulation, its own RoPE rows, the blocks it takes part in, and whether it joins the joint attention
+  (every token sees it) or only queries it (its queries see all keys, no other token sees its keys);
+* **modulation** — a change of the ``norm1``/``norm2`` modulation of text and video (MagicMirror's CAN);
+* **extra attention** — text and video queries over extra keys/values, added before the attention's
+  output projection (MagicMirror's decoupled cross-attention);
+* **residuals** — additions to the attention and feed-forward outputs before the gates (DualReal);
+* **before_block** — per-block work on the block's inputs (the StageBlender reads block 0's tokens);
+* **per-forward state** and **outputs** (α history) — :class:`BlockExtension`.
+
+The runner is installed on each ``transformer_blocks[i]`` as the innermost diffusers hook (a
+``ModelHook`` with ``new_forward``), so the blocks stay the units diffusers' own hooks attach to: group
+offloading onloads per block, layerwise casting per leaf layer, caches per block, and they wrap the
+runner. Every leaf module (``norm1.linear``, ``attn1``, ``ff`` ...) is called as a module, so their hooks
+(LoRA, casting, offloading) fire, and the attention goes through the model's own attention processor.
+
+Streams ride inside ``hidden_states``: a forward hook on ``patch_embed`` puts them there
+(``[lead streams; video; trailing streams]``) and a pre-hook on ``norm_final`` takes them out, so every
+block receives and returns tensors of one shape. The per-forward state travels with the blocks' own
+``attention_kwargs`` (key :data:`STATE_KEY`), so gradient checkpointing recomputes a block with the
+state of the forward that ran it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable
+
+import torch
+
+STATE_KEY = "_mmv_forward"
+HOOK_NAME = "magicmirror_video.block_runner"
+ROLES = ("positive", "negative")
+
+
+@dataclasses.dataclass(eq=False)
+class TokenStream:
+    """Extra tokens carried through the blocks beside the video tokens.
+
+    ``modulate(block, index, which, x, temb) -> (normed [B, n, D], gate [B, 1, D])`` normalises and
+    modulates the stream before the attention (``which`` = 1) and the feed-forward (``which`` = 2).
+    """
+
+    name: str
+    tokens: torch.Tensor  # [B, n, D] as the stream enters the first block
+    modulate: Callable
+    lead: bool = False  # True: before the video tokens (reference frames); False: after them
+    rotary: tuple | None = None  # (cos, sin) [n, head_dim] RoPE rows; None: no rotation (identity rows)
+    active: Callable[[int], bool] = lambda index: True  # blocks that compute it; elsewhere it passes through
+    joint: bool = True  # in the joint attention; False: its queries see every key, nobody sees its keys
+
+    @property
+    def count(self) -> int:
+        return self.tokens.shape[1]
+
+
+class BlockExtension:
+    """A method's additions to the blocks for one sampling run or training step (every hook optional).
+
+    ``conditional_only``: the method must not act on CFG's negative rows and cannot leave them exact
+    when batched with the positive rows; the sampler then runs the negative prompt as its own forward.
+    """
+
+    name = "extension"
+    conditional_only = False
+
+    def begin(self, state: "ForwardState", kwargs: dict) -> None:
+        """Once per transformer forward, before the patch embedding: add streams, edit the forward's
+        keyword arguments (prompt embeddings, RoPE)."""
+
+    def before_block(self, state: "ForwardState", index: int, video, text, temb) -> None:
+        """Before block ``index`` with its inputs (video [B, N, D] and text [B, L, D] tokens)."""
+
+    def modulation(self, state: "ForwardState", index: int, which: int, temb, m):
+        """``norm{which}.linear(silu(temb))`` [B, 6D] of text and video -> the modulation to use."""
+        return m
+
+    def attention_extra(self, state: "ForwardState", index: int, attn, query):
+        """Extra attention of the text and video queries (``query`` [B, H, L + N, d], normalised, before
+        RoPE): ``(rows, out [R, H, L + N, d])`` to add before the output projection, or None."""
+        return None
+
+    def attention_residual(self, state: "ForwardState", index: int, norm_text, norm_video, out_text, out_video):
+        """Attention outputs of text [B, L, D] and video [B, N, D] -> the ones to gate and add."""
+        return out_text, out_video
+
+    def ff_residual(self, state: "ForwardState", index: int, norm_text, norm_video, out_text, out_video):
+        """Feed-forward outputs of text and video -> the ones to gate and add."""
+        return out_text, out_video
+
+    def needs_query(self, index: int) -> bool:
+        """Whether :meth:`attention_extra` wants block ``index``'s queries."""
+        return False
+
+    def outputs(self) -> dict:
+        """Results of the run for the sampler's LATENT (e.g. the blend history)."""
+        return {}
+
+
+@dataclasses.dataclass(eq=False)
+class ForwardState:
+    """What one transformer forward knows beyond the diffusers inputs."""
+
+    roles: tuple  # role of each batch row: "positive" (the prompt, training samples) or "negative" (CFG)
+    extensions: list
+    streams: list = dataclasses.field(default_factory=list)
+    video_tokens: int = 0
+    rotary: tuple | None = None  # the video tokens' RoPE rows
+    _rotary_cache: dict = dataclasses.field(default_factory=dict)
+
+    def add_stream(self, stream: TokenStream) -> None:
+        if stream.tokens.shape[0] not in (1, len(self.roles)):
+            raise ValueError(f"stream {stream.name!r}: {stream.tokens.shape[0]} rows for a batch of {len(self.roles)}")
+        if stream.tokens.shape[0] != len(self.roles):
+            stream = dataclasses.replace(stream, tokens=stream.tokens.expand(len(self.roles), -1, -1))
+        self.streams.append(stream)
+
+    def rows(self, role: str = "positive") -> torch.Tensor:
+        """Bool [B] (CPU): the rows with ``role``."""
+        return torch.tensor([r == role for r in self.roles])
+
+    @property
+    def ordered(self) -> list:
+        """Streams in the order they sit in ``hidden_states``: lead streams, (video), trailing streams."""
+        return [s for s in self.streams if s.lead] + [None] + [s for s in self.streams if not s.lead]
+
+    def rotary_for(self, joint: tuple) -> tuple | None:
+        """RoPE rows of the attention's ``hidden_states`` = the video tokens and the ``joint`` streams."""
+        if self.rotary is None or not joint:
+            return self.rotary
+        key = tuple(id(s) for s in joint)
+        if key not in self._rotary_cache:
+            cos, sin = self.rotary
+            parts_cos, parts_sin = [], []
+            for s in [s for s in joint if s.lead] + [None] + [s for s in joint if not s.lead]:
+                if s is None:
+                    parts_cos.append(cos), parts_sin.append(sin)
+                elif s.rotary is not None:
+                    parts_cos.append(s.rotary[0].to(cos)), parts_sin.append(s.rotary[1].to(sin))
+                else:  # cos 1, sin 0: RoPE leaves these tokens exactly as they are
+                    parts_cos.append(cos.new_ones(s.count, cos.shape[1]))
+                    parts_sin.append(sin.new_zeros(s.count, sin.shape[1]))
+            self._rotary_cache[key] = (torch.cat(parts_cos), torch.cat(parts_sin))
+        return self._rotary_cache[key]
+
+
+def _runner_hook(runner: "BlockRunner", index: int):
+    """A diffusers ``ModelHook`` whose ``new_forward`` replaces block ``index``'s forward by the runner."""
+    from diffusers.hooks import ModelHook
+
+    class BlockRunnerHook(ModelHook):
+        def new_forward(self, module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                        attention_kwargs=None):
+            return runner.run_block(module, index, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                    attention_kwargs)
+
+    return BlockRunnerHook()
+
+
+class _Taps:
+    """Forward hooks that keep the outputs of an attention's ``to_q``/``to_k``/``to_v`` (after any LoRA)
+    while its processor runs, for extra attention paths that reuse them."""
+
+    def __init__(self, attn, names):
+        self.values, self.handles = {}, []
+        for name in names:
+            self.handles.append(getattr(attn, name).register_forward_hook(self._keep(name)))
+
+    def _keep(self, name):
+        def hook(module, args, output):
+            self.values[name] = output
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)  # [B, H, N, d]
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _project_out(attn, x: torch.Tensor) -> torch.Tensor:
+    """The attention's output projection without its bias: ``to_out(a + x) = to_out(a) + this`` (any LoRA on
+    ``to_out`` included)."""
+    out = attn.to_out[0](x)
+    if attn.to_out[0].bias is not None:
+        out = out - attn.to_out[0].bias
+    return attn.to_out[1](out)
+
+
+class BlockRunner:
+    """Runs every block of one ``CogVideoXTransformer3DModel`` and holds the registered extensions."""
+
+    def __init__(self, transformer):
+        from diffusers.hooks import HookRegistry
+
+        self.transformer = transformer
+        self.extensions: list[BlockExtension] = []
+        self.call_roles: tuple | None = None
+        self.current: ForwardState | None = None
+        self._handles: list = []
+        for index, block in enumerate(transformer.transformer_blocks):
+            registry = HookRegistry.check_if_exists_or_initialize(block)
+            if registry.hooks:
+                raise RuntimeError(
+                    f"transformer block {index} already has diffusers hooks ({', '.join(registry.hooks)}): the block "
+                    "runner must be installed first (load the model through load_cogvideox / CogVideoXBundle).")
+            registry.register_hook(_runner_hook(self, index), HOOK_NAME)
+
+    # ------------------------------------------------------------------ registration
+    def add(self, extension: BlockExtension) -> Callable[[], None]:
+        """Register ``extension`` until the returned undo is called."""
+        if not self.extensions:
+            t = self.transformer
+            self._handles = [t.register_forward_pre_hook(self._begin, with_kwargs=True),
+                             t.register_forward_hook(self._end),
+                             t.patch_embed.register_forward_hook(self._insert_streams),
+                             t.norm_final.register_forward_pre_hook(self._remove_streams)]
+        self.extensions.append(extension)
+
+        def undo() -> None:
+            if extension in self.extensions:
+                self.extensions.remove(extension)
+            if not self.extensions:
+                for h in self._handles:
+                    h.remove()
+                self._handles, self.current = [], None
+
+        return undo
+
+    @contextlib.contextmanager
+    def roles(self, roles: tuple):
+        """The role of each batch row for the transformer calls inside the block (default: all positive)."""
+        previous, self.call_roles = self.call_roles, tuple(roles)
+        try:
+            yield
+        finally:
+            self.call_roles = previous
+
+    # ------------------------------------------------------------------ transformer-level hooks
+    def _begin(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        batch = hidden.shape[0]
+        roles = self.call_roles if self.call_roles is not None and len(self.call_roles) == batch else ("positive",) * batch
+        state = ForwardState(roles=roles, extensions=list(self.extensions))
+        for ext in state.extensions:
+            ext.begin(state, kwargs)
+        state.rotary = kwargs.get("image_rotary_emb")
+        cfg = module.config
+        p, p_t = cfg.patch_size, cfg.patch_size_t or 1
+        state.video_tokens = (hidden.shape[1] + p_t - 1) // p_t * (hidden.shape[3] // p) * (hidden.shape[4] // p)
+        kwargs["attention_kwargs"] = {**(kwargs.get("attention_kwargs") or {}), STATE_KEY: state}
+        self.current = state
+        return args, kwargs
+
+    def _end(self, module, args, output):
+        self.current = None
+        return output
+
+    def _insert_streams(self, module, args, output):
+        state = self.current
+        if state is None or not state.streams:
+            return output
+        text_len = output.shape[1] - state.video_tokens  # patch_embed returns [text; video]
+        parts = [output[:, :text_len]]
+        for s in state.ordered:
+            parts.append(output[:, text_len:] if s is None else s.tokens.to(output.dtype))
+        return torch.cat(parts, dim=1)
+
+    def _remove_streams(self, module, args):
+        state = self.current
+        if state is None or not state.streams:
+            return None
+        hidden = args[0]
+        lead = sum(s.count for s in state.streams if s.lead)
+        return (hidden[:, lead:lead + state.video_tokens],) + tuple(args[1:])
+
+    # ------------------------------------------------------------------ the block
+    def run_block(self, block, index, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                  attention_kwargs=None):
+        """diffusers' ``CogVideoXBlock.forward`` with the extension points (see the module docstring)."""
+        attention_kwargs = dict(attention_kwargs or {})
+        state: ForwardState | None = attention_kwargs.pop(STATE_KEY, None)
+        exts = state.extensions if state is not None else ()
+        text = encoder_hidden_states
+        text_len = text.size(1)
+
+        # split hidden_states into [lead streams; video; trailing streams]
+        parts: list = []  # [stream or None (video), tokens]
+        if state is not None and state.streams:
+            start = 0
+            for s in state.ordered:
+                n = state.video_tokens if s is None else s.count
+                parts.append([s, hidden_states[:, start:start + n]])
+                start += n
+        else:
+            parts.append([None, hidden_states])
+        active = [p for p in parts if p[0] is None or p[0].active(index)]
+        video_part = next(p for p in parts if p[0] is None)
+        for ext in exts:
+            ext.before_block(state, index, video_part[1], text, temb)
+
+        # norm & modulate, attention
+        norm_text, norm_video, gates = self._modulate(block, 1, index, state, exts, active, text, temb)
+        joint = [p for p in active if p[0] is None or p[0].joint]
+        query_only = [p for p in active if p[0] is not None and not p[0].joint]
+        attn_in = torch.cat([gates[id(p)][0] for p in joint], dim=1) if len(joint) > 1 else norm_video
+        rotary = image_rotary_emb if state is None else state.rotary_for(tuple(p[0] for p in joint if p[0] is not None))
+        want_query = any(ext.needs_query(index) for ext in exts)
+        taps = None
+        if want_query or query_only:
+            taps = _Taps(block.attn1, ("to_q", "to_k", "to_v") if query_only else ("to_q",))
+        try:
+            attn_hidden, attn_text = block.attn1(hidden_states=attn_in, encoder_hidden_states=norm_text,
+                                                 image_rotary_emb=rotary, **attention_kwargs)
+        finally:
+            if taps is not None:
+                taps.close()
+        outs = {}
+        start = 0
+        for p in joint:
+            n = p[1].shape[1]
+            outs[id(p)] = attn_hidden[:, start:start + n] if len(joint) > 1 else attn_hidden
+            start += n
+        for p in query_only:
+            outs[id(p)] = self._query_only_attention(block.attn1, gates[id(p)][0], taps.values, text_len, rotary)
+        attn_video = outs[id(video_part)]
+        if want_query:
+            attn_text, attn_video = self._extra_attention(block.attn1, index, state, exts, taps.values["to_q"],
+                                                          joint, video_part, text_len, attn_text, attn_video)
+        for ext in exts:
+            attn_text, attn_video = ext.attention_residual(state, index, norm_text, norm_video, attn_text, attn_video)
+        outs[id(video_part)] = attn_video
+        for p in active:
+            p[1] = p[1] + gates[id(p)][1] * outs[id(p)]
+        text = text + gates["text"] * attn_text
+
+        # norm & modulate, feed-forward
+        norm_text, norm_video, gates = self._modulate(block, 2, index, state, exts, active, text, temb)
+        ff_in = [norm_text] + [gates[id(p)][0] for p in active]
+        ff = block.ff(torch.cat(ff_in, dim=1))
+        ff_text, start, outs = ff[:, :text_len], text_len, {}
+        for p in active:
+            n = p[1].shape[1]
+            outs[id(p)] = ff[:, start:start + n]
+            start += n
+        ff_video = outs[id(video_part)]
+        for ext in exts:
+            ff_text, ff_video = ext.ff_residual(state, index, norm_text, norm_video, ff_text, ff_video)
+        outs[id(video_part)] = ff_video
+        for p in active:
+            p[1] = p[1] + gates[id(p)][1] * outs[id(p)]
+        text = text + gates["text"] * ff_text
+        hidden = torch.cat([p[1] for p in parts], dim=1) if len(parts) > 1 else parts[0][1]
+        return hidden, text
+
+    @staticmethod
+    def _modulate(block, which, index, state, exts, active, text, temb):
+        """diffusers' ``CogVideoXLayerNormZero`` for text and video (with the modulation extensions) and
+        each active stream's own normalisation. Returns (norm text, norm video, {part: (normed, gate)})."""
+        norm = block.norm1 if which == 1 else block.norm2
+        m = norm.linear(norm.silu(temb))
+        for ext in exts:
+            m = ext.modulation(state, index, which, temb, m)
+        shift, scale, gate, enc_shift, enc_scale, enc_gate = m.chunk(6, dim=1)
+        gates = {"text": enc_gate[:, None, :]}
+        norm_video = None
+        for p in active:
+            if p[0] is None:
+                norm_video = norm.norm(p[1]) * (1 + scale)[:, None, :] + shift[:, None, :]
+                gates[id(p)] = (norm_video, gate[:, None, :])
+            else:
+                gates[id(p)] = p[0].modulate(block, index, which, p[1], temb)
+        norm_text = norm.norm(text) * (1 + enc_scale)[:, None, :] + enc_shift[:, None, :]
+        return norm_text, norm_video, gates
+
+    @staticmethod
+    def _query_only_attention(attn, normed, taps, text_len, rotary):
+        """A stream whose queries see every key of the joint attention and its own, while no other token
+        sees its keys: softmax over the two key sets written out (few queries; no copy of the long K/V)."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        key, value = _heads(taps["to_k"], attn.heads), _heads(taps["to_v"], attn.heads)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if rotary is not None:
+            key = torch.cat([key[:, :, :text_len], apply_rotary_emb(key[:, :, text_len:], rotary)], dim=2)
+        q, k, v = (_heads(proj(normed), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        scores = torch.cat([q @ key.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1) * q.shape[-1] ** -0.5
+        probs = scores.float().softmax(dim=-1).to(v.dtype)  # [B, H, n, S + n]
+        seq = key.shape[2]
+        out = probs[..., :seq] @ value + probs[..., seq:] @ v
+        return attn.to_out[1](attn.to_out[0](_merge(out)))
+
+    @staticmethod
+    def _extra_attention(attn, index, state, exts, q_lin, joint, video_part, text_len, attn_text, attn_video):
+        """Extensions' extra attention of the text and video queries, added before the output projection."""
+        query = _heads(q_lin, attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if len(joint) > 1:  # keep the text and video queries only
+            start = text_len
+            for p in joint:
+                n = p[1].shape[1]
+                if p is video_part:
+                    query = torch.cat([query[:, :, :text_len], query[:, :, start:start + n]], dim=2)
+                    break
+                start += n
+        for ext in exts:
+            if not ext.needs_query(index):
+                continue
+            extra = ext.attention_extra(state, index, attn, query)
+            if extra is None:
+                continue
+            rows, out = extra
+            delta = _project_out(attn, _merge(out))  # [R, L + N, D]
+            attn_text = attn_text.index_add(0, rows, delta[:, :text_len])
+            attn_video = attn_video.index_add(0, rows, delta[:, text_len:])
+        return attn_text, attn_video
+
+
+def block_runner(transformer) -> BlockRunner:
+    """The transformer's block runner, installed on first use (before any other diffusers hook)."""
+    runner = transformer.__dict__.get("_mmv_block_runner")
+    if runner is None:
+        runner = BlockRunner(transformer)
+        transformer.__dict__["_mmv_block_runner"] = runner
+    return runner

@@ -191,19 +191,28 @@ class DualRealExtension(BlockExtension):
         if self._record_row is not None and not self.alpha.is_meta:  # (FLOP counting runs on the meta device)
             self.history.append(self.alpha[self._record_row].detach().float().cpu())
 
-    def _blend(self, index: int, like: torch.Tensor):
-        alpha = self.alpha[:, self.adapters.config.group_of(index)].to(like.dtype).view(-1, 1, 1)  # [B, 1, 1]
-        cond = None if self.condition is None else self.condition.to(like.dtype)
-        return alpha, BLEND_SCALE - alpha, cond
-
     def _residual(self, index, kind, norm_text, norm_video, out_text, out_video):
-        ad = self.adapters.transformer_blocks[index]
-        alpha, beta, cond = self._blend(index, norm_video)
-        joint = torch.cat([norm_text, norm_video], dim=1)
-        lam, n = self.adapters.config.condition_lambda, norm_text.shape[1]
-        id_out = getattr(ad, f"id_{kind}_adapter")(joint) * alpha
-        motion_out = getattr(ad, f"motion_{kind}_adapter")(joint, cond, lam) * beta
-        return out_text + id_out[:, :n] + motion_out[:, :n], out_video + id_out[:, n:] + motion_out[:, n:]
+        """``α·id(x) + (0.2 − α)·motion(x, c)`` on ``x = [text; video]``, added to the outputs. The two adapters run
+        as one: their down projections stacked (x read once), the blend weights folded into the stacked up
+        projection, and their skip terms summed to ``0.2·x``: the same as the official sum of the two adapters'
+        outputs (x + up(GELU(down(x + λ·W_c·c)))), to rounding (tested)."""
+        ident = getattr(self.adapters.transformer_blocks[index], f"id_{kind}_adapter")
+        motion = getattr(self.adapters.transformer_blocks[index], f"motion_{kind}_adapter")
+        x = torch.cat([norm_text, norm_video], dim=1)  # [B, S, W]
+        alpha = self.alpha[:, self.adapters.config.group_of(index)].to(x.dtype).view(-1, 1, 1)  # [B, 1, 1]
+        beta = BLEND_SCALE - alpha
+        hidden = F.linear(x, torch.cat([ident.down_linear.weight, motion.down_linear.weight]),
+                          torch.cat([ident.down_linear.bias, motion.down_linear.bias]))  # [B, S, 2h]
+        width = ident.down_linear.out_features
+        if self.condition is not None and motion.condition_linear is not None:  # down(x + λ·W_c·c), linear in c
+            c = self.adapters.config.condition_lambda * motion.condition_linear(self.condition.to(x.dtype))
+            hidden = hidden + F.pad(F.linear(c, motion.down_linear.weight), (width, 0))  # [B or 1, 1, 2h]
+        hidden = F.gelu(hidden)
+        hidden = torch.cat([hidden[..., :width] * alpha, hidden[..., width:] * beta], dim=-1)
+        add = F.linear(hidden, torch.cat([ident.up_linear.weight, motion.up_linear.weight], dim=1))
+        add = add + (alpha * ident.up_linear.bias + beta * motion.up_linear.bias) + BLEND_SCALE * x
+        n = norm_text.shape[1]
+        return out_text + add[:, :n], out_video + add[:, n:]
 
     def attention_residual(self, state, index, norm_text, norm_video, out_text, out_video):
         return self._residual(index, "attn", norm_text, norm_video, out_text, out_video)

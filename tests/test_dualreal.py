@@ -290,7 +290,7 @@ def test_node_and_trainer_embed_a_non_square_reference_identically(tiny_dualreal
     Image.fromarray(img).save(tmp_path / "ref.png")
     trainer = DualRealTrainer(dataclasses.replace(tiny_dualreal, output_dir=str(tmp_path / "run"),
                                                   reference_image=str(tmp_path / "ref.png")))
-    trained = trainer.reference_condition()
+    trained = trainer.reference_condition(load_clip_vision(tiny_dualreal.clip_vision))
 
     models = tmp_path / "models"
     for sub in ("dualreal", "clip_vision"):

@@ -21,12 +21,7 @@ import yaml
 from PIL import Image
 
 from magicmirror_video.models.video_io import write_video
-from magicmirror_video.training import (
-    train_dualreal,
-    train_magicmirror,
-    train_regdpo,
-    train_subject_replay,
-)
+from magicmirror_video.training import train_dualreal, train_magicmirror, train_regdpo, train_subject_replay
 from magicmirror_video.training.config import InputError, load_config
 from magicmirror_video.training.trainer import Trainer
 

@@ -67,6 +67,13 @@ def check_model_folder(path: str, option: str = "--model_path") -> dict:
         raise InputError(f"{option}: cannot read {config_file} ({e}); download the model again") from None
 
 
+def check_text_to_video(transformer_config: dict, method: str, option: str = "--model_path") -> None:
+    """``method`` trains on text-to-video CogVideoX (its paper's base model): refuse an image-to-video folder."""
+    if transformer_config.get("in_channels") == 2 * (transformer_config.get("out_channels") or 0):
+        raise InputError(f"{option}: this is an image-to-video CogVideoX (in_channels = 2 x out_channels); {method} "
+                         "trains text-to-video models (e.g. THUDM/CogVideoX-5b or CogVideoX1.5-5B): pass a T2V folder")
+
+
 def manifest_kind(sample: Sample) -> str:
     keys = {sample.media_key, *sample.extra}
     return next((what for key, what in MANIFEST_KINDS if key in keys), "a plain media/caption manifest")

@@ -89,6 +89,7 @@ def prepare(input_dir: str, output_dir: str, encoder: FaceEncoder, *, min_simila
             parts = [encoder.encode(torch.from_numpy(found[j][1]).float()[None] / 255.0) for j in refs]
             tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k in ("arcface", "x_id", "clip_penultimate")}
             crops = torch.cat([p.crops for p in parts])
+            tensors["crops"] = (crops * 255).round().to(torch.uint8)  # [N, 112, 112, 3]: the identity loss embeds them
             stem = f"{ident}-{os.path.splitext(os.path.basename(path))[0]}"
             save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(output_dir, "faces", f"{stem}.safetensors"))
             for k, crop in enumerate(crops):

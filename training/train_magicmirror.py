@@ -36,12 +36,11 @@ from ..models.magicmirror import (
     load_magicmirror,
     save_magicmirror,
 )
-from ..models.sampler import rotary_embeddings
 from ..models.text import identity_token_mask, split_trigger, tokenize
 from .config import InputError, TrainConfig, doc
 from .data import item_generator, load_media
-from .losses import box_to_latent_mask, identity_loss, loss_weights, v_prediction_loss, x0_from_v
-from .trainer import Trainer, cli_main
+from .losses import box_to_latent_mask, identity_loss, v_prediction_loss
+from .trainer import Trainer, TrainingModule, cli_main
 
 
 @dataclass
@@ -100,69 +99,61 @@ def fit_points(points: torch.Tensor, src_w: int, src_h: int, width: int, height:
     return out
 
 
-class MagicMirrorTrainingModule(torch.nn.Module):
-    """The trainable adapter; its forward computes the loss of one micro-batch (DDP-friendly).
+class MagicMirrorTrainingModule(TrainingModule):
+    """The trainable adapter (``frozen``: the ArcFace loss network when the identity loss is on)."""
 
-    Frozen models are kept in a plain dict so they are neither parameters of this module (not in
-    checkpoints, not synchronised by DDP) nor moved by ``accelerate.prepare``.
-    """
-
-    def __init__(self, adapter: MagicMirrorAdapter, frozen: dict, config: MagicMirrorTrainConfig):
-        super().__init__()
+    def __init__(self, adapter: MagicMirrorAdapter, spec, config: MagicMirrorTrainConfig, **frozen):
+        super().__init__(spec, config, **frozen)
         self.adapter = adapter
-        self.frozen = frozen
-        self.config = config
 
     def forward(self, batch: dict, generator: torch.Generator):
-        c, f = self.config, self.frozen
-        transformer, vae, scheduler = f["transformer"], f["vae"], f["scheduler"]
-        device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
-        with torch.no_grad():
-            if "latents" in batch:  # precompute cache: a posterior draw made by the dataset
-                latents = batch["latents"].to(device)  # [B, C, T, h, w], unscaled
-            else:
-                pixels = batch["pixels"].to(device, vae.dtype)  # [B, F, 3, H, W] in [-1, 1]
-                posterior = vae.encode(pixels.permute(0, 2, 1, 3, 4)).latent_dist
-                noise_z = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
-                latents = posterior.mean + posterior.std * noise_z
-            latents = (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)  # [B, T, C, h, w]
-            if "prompt_embeds" in batch:
-                text = batch["prompt_embeds"].to(device, dtype)
-            else:
-                text = f["text_encoder"](batch["input_ids"].to(device))[0].to(dtype)
+        c, spec = self.config, self.spec
+        latents = spec.pad_frames(spec.video_latents(batch, generator))  # [B, T, C, h, w]
+        text = spec.text_embeds(batch)
+        noise, t, noisy = spec.add_noise(latents, generator)
+        v = torch.empty_like(noisy)
+        for rows in reference_groups(batch["x_id"]):  # samples with as many reference photos run together
+            adapter = self.adapter
+            face_tokens = torch.cat([adapter.face_tokens(batch["clip_penultimate"][i].to(spec.device, spec.dtype))
+                                     for i in rows])
+            id_vec = torch.cat([adapter.id_vector(batch["x_id"][i].to(spec.device, spec.dtype)) for i in rows])
+            index = torch.tensor(rows, device=noisy.device)
+            undo = inject_magicmirror(spec.transformer, adapter, face_tokens=face_tokens, id_vec=id_vec,
+                                      identity_mask=batch["identity_mask"][rows])
+            try:
+                v[index] = spec.predict(noisy[index], text[index], t[index])
+            finally:
+                undo()
+        x0_pred = spec.x0(noisy, v, t)
         b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        rope = rotary_embeddings(transformer, c.height, c.width, latents.shape[1], 8, device)
-
-        adapter = self.adapter
-        face_tokens = torch.cat([adapter.face_tokens(x.to(device, dtype)) for x in batch["clip_penultimate"]])
-        id_vec = torch.cat([adapter.id_vector(x.to(device, dtype)) for x in batch["x_id"]])
-        undo = inject_magicmirror(transformer, adapter, face_tokens=face_tokens, id_vec=id_vec,
-                                  identity_mask=batch["identity_mask"])
-        try:
-            v = transformer(hidden_states=noisy, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
-                            return_dict=False)[0]
-        finally:
-            undo()
-        x0_pred = x0_from_v(scheduler, noisy, v.float(), t)
-        weights = loss_weights(scheduler, t)
         in_face = torch.rand(b, generator=generator) < c.face_region_prob
-        mask = box_to_latent_mask(batch["face_box"], c.height, c.width, 8).to(device)
-        mask = torch.where(in_face.to(device)[:, None, None, None, None], mask, torch.ones_like(mask))
-        noise_loss = v_prediction_loss(x0_pred, latents, weights, mask)
+        mask = box_to_latent_mask(batch["face_box"], c.height, c.width, spec.vae_scale).to(noisy.device)
+        mask = torch.where(in_face.to(noisy.device)[:, None, None, None, None], mask, torch.ones_like(mask))
+        noise_loss = v_prediction_loss(x0_pred, latents, spec.loss_weights(t), mask)
         logs = {"loss_noise": noise_loss.mean().detach(), "face_region_share": in_face.float().mean()}
         loss = noise_loss
         if c.id_loss_weight > 0:
-            from ..models.arcface import identity_cosine
+            from ..models.arcface import embed_aligned, identity_cosine
 
-            first = x0_pred[:, :1].permute(0, 2, 1, 3, 4) / vae.config.scaling_factor  # [B, C, 1, h, w]
-            frames = vae.decode(first.to(vae.dtype)).sample[:, :, 0].float()  # [B, 3, H, W] in ~[-1, 1]
-            cos = identity_cosine(f["arcface"], batch["ref_arcface"].to(device), frames, batch["face_kps"].to(device))
+            arcface, vae = self.frozen["arcface"], spec.vae
+            with torch.no_grad():  # the references through the loss network itself (one network on both sides)
+                ref = torch.stack([F.normalize(F.normalize(embed_aligned(arcface, crops.to(noisy.device)).float(),
+                                                           dim=-1).mean(0), dim=-1) for crops in batch["ref_crops"]])
+            first = x0_pred[:, :1]  # frame 0 (CogVideoX 1.5's padding repeats it in front)
+            frames = vae.decode((first.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor).to(vae.dtype)).sample
+            cos = identity_cosine(arcface, ref, frames[:, :, 0].float(), batch["face_kps"].to(noisy.device))
             loss = loss + c.id_loss_weight * identity_loss(cos)
             logs["id_cosine"] = cos.mean().detach()
         return loss.mean(), logs
+
+
+def reference_groups(x_ids: list) -> list[list[int]]:
+    """Batch rows grouped by their number of reference photos (each photo adds 32 face tokens, so a group
+    shares one face-token length): ``[[rows with N refs], [rows with M refs], ...]`` in first-seen order."""
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(x_ids):
+        groups.setdefault(x.shape[0], []).append(i)
+    return list(groups.values())
 
 
 class MagicMirrorTrainer(Trainer):
@@ -171,9 +162,10 @@ class MagicMirrorTrainer(Trainer):
     required_inputs = {"model_path": "a diffusers CogVideoX folder", "data": "metadata.jsonl"}
 
     def validate_inputs(self) -> dict:
-        from .inputs import check_manifest, check_media, check_numbers, check_path
+        from .inputs import check_manifest, check_media, check_numbers, check_path, check_text_to_video
 
         inputs, c = super().validate_inputs(), self.config
+        check_text_to_video(inputs["transformer_config"], "MagicMirror")
         samples = check_manifest(c.data, "--data", columns=("faces", "face_box", "face_kps", "size"),
                                  expected="the metadata.jsonl of python -m training.prepare_magicmirror (rows {media, "
                                           "caption, faces, face_box, face_kps, size})")
@@ -200,8 +192,8 @@ class MagicMirrorTrainer(Trainer):
     def build(self) -> torch.nn.Module:
         c = self.config
         self.samples = self.inputs["samples"]
-        frozen = self.load_base()
-        bundle = self.bundle
+        spec = self.load_base()
+        bundle, frozen = self.bundle, {}
         first = read_safetensors(self._faces_path(self.samples[0]))[0]
         if c.init_from:
             adapter = load_magicmirror(c.init_from).requires_grad_(True)
@@ -216,7 +208,7 @@ class MagicMirrorTrainer(Trainer):
         self.cache_keys = None
         if c.precompute_cache:
             self.cache_keys = self._precompute(bundle)
-            frozen["text_encoder"] = None  # prompts come from the cache; T5 leaves memory
+            spec.text_encoder = None  # prompts come from the cache; T5 leaves memory
             bundle.text_encoder.to("cpu")
             if c.id_loss_weight == 0:
                 bundle.vae.to("cpu")  # the identity loss still decodes x̂0, otherwise the VAE is not needed
@@ -224,7 +216,7 @@ class MagicMirrorTrainer(Trainer):
             from ..models.arcface import load_arcface_torch
 
             frozen["arcface"] = load_arcface_torch(c.arcface_path).to(self.device)
-        return MagicMirrorTrainingModule(self.adapter, frozen, c)
+        return MagicMirrorTrainingModule(self.adapter, spec, c, **frozen)
 
     def _precompute(self, bundle) -> list[dict]:
         from .cache import PrecomputeCache, precompute
@@ -249,11 +241,11 @@ class MagicMirrorTrainer(Trainer):
         return MagicMirrorDataset(self)
 
     def collate(self, items: list) -> dict:
-        keys = ("pixels", "input_ids", "latents", "prompt_embeds", "identity_mask", "face_box", "face_kps",
-                "ref_arcface")
+        keys = ("pixels", "input_ids", "latents", "prompt_embeds", "identity_mask", "face_box", "face_kps")
         out = {k: torch.stack([it[k] for it in items]) for k in keys if k in items[0]}
-        out["x_id"] = [it["x_id"] for it in items]
-        out["clip_penultimate"] = [it["clip_penultimate"] for it in items]
+        for key in ("x_id", "clip_penultimate", "ref_crops"):  # per sample: reference counts may differ
+            if key in items[0]:
+                out[key] = [it[key] for it in items]
         return out
 
     def export(self, path: str) -> None:
@@ -320,20 +312,43 @@ class MagicMirrorDataset(torch.utils.data.Dataset):
                                          sampling=c.frame_sampling,
                                          generator=item_generator(c.seed, self.epoch, index)),
                     "input_ids": tokenize(self.tokenizer, text).input_ids[0]}
-        faces = read_safetensors(self.trainer._faces_path(sample))[0]
+        faces_path = self.trainer._faces_path(sample)
+        faces = read_safetensors(faces_path)[0]
         src_w, src_h = sample.extra["size"]
         box = torch.tensor(sample.extra["face_box"], dtype=torch.float32).view(2, 2)
-        ref = F.normalize(faces["arcface"].float(), dim=-1).mean(0)
         item.update({
             "identity_mask": identity_token_mask(self.tokenizer, text, spans)[0],
             "face_box": fit_points(box, src_w, src_h, c.width, c.height).flatten(),
             "face_kps": fit_points(torch.tensor(sample.extra["face_kps"], dtype=torch.float32), src_w, src_h,
                                    c.width, c.height),
-            "ref_arcface": F.normalize(ref, dim=-1),
             "x_id": faces["x_id"].float(),
             "clip_penultimate": faces["clip_penultimate"].float(),
         })
+        if c.id_loss_weight > 0:
+            item["ref_crops"] = reference_crops(faces, faces_path)
         return item
+
+
+def reference_crops(faces: dict, faces_path: str) -> torch.Tensor:
+    """The aligned reference face crops [N, 3, 112, 112] in [-1, 1] that the identity loss embeds with its own
+    network: the ``crops`` tensor of the faces file, or (datasets made before it was stored there) the
+    ``crops/<stem>-ref<k>.png`` files that ``prepare_magicmirror`` writes beside ``faces/``. The face encoder
+    aligns at 224 px (``norm_crop``'s template scaled by 2), so the crops are resized to ArcFace's 112."""
+    if "crops" in faces:
+        crops = faces["crops"]  # [N, 112, 112, 3] uint8
+    else:
+        import numpy as np
+        from PIL import Image
+
+        root, name = os.path.split(faces_path)
+        stem = os.path.splitext(name)[0]
+        n = faces["x_id"].shape[0]
+        crops = torch.from_numpy(np.stack([np.asarray(Image.open(os.path.join(
+            os.path.dirname(root), "crops", f"{stem}-ref{k}.png")).convert("RGB")) for k in range(n)]))
+    x = crops.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if x.shape[-1] != 112:
+        x = F.interpolate(x, size=(112, 112), mode="bilinear", align_corners=False, antialias=True)
+    return x
 
 
 def main(argv=None) -> int:

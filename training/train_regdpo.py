@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from ..models.lora import TrainableLora, find_lora_targets, save_lora
-from ..models.sampler import rotary_embeddings
 from ..models.text import tokenize
 from .config import TrainConfig, doc
 from .data import load_media
 from .losses import per_sample_mse, regdpo_loss
-from .trainer import Trainer, cli_main
+from .trainer import Trainer, TrainingModule, cli_main
 
 MODES = ("regdpo", "fixed", "dpo", "sft")
 
@@ -57,26 +56,21 @@ PRESETS = {
 }
 
 
-class RegDPOModule(torch.nn.Module):
-    def __init__(self, lora: TrainableLora, frozen: dict, config: RegDPOTrainConfig):
-        super().__init__()
-        self.lora, self.frozen, self.config = lora, frozen, config
+class RegDPOModule(TrainingModule):
+    """The LoRA; ``frozen["reference"]`` is the frozen copy when ``reference_model=copy``."""
 
-    def predict(self, transformer, noisy, text, t, image_latents, rope):
-        """v-predictions for one batch; I2V models get the first-frame latents on the channel axis."""
-        x = noisy if image_latents is None else torch.cat([noisy, image_latents], dim=2)
-        ofs = noisy.new_full((noisy.shape[0],), 2.0) if transformer.config.ofs_embed_dim else None
-        return transformer(hidden_states=x, encoder_hidden_states=text, timestep=t, ofs=ofs, image_rotary_emb=rope,
-                           return_dict=False)[0]
+    def __init__(self, lora: TrainableLora, spec, config: RegDPOTrainConfig, **frozen):
+        super().__init__(spec, config, **frozen)
+        self.lora = lora
 
-    def pair_predictions(self, transformer, noisy_w, noisy_l, text, t, image_latents, rope):
+    def pair_predictions(self, transformer, noisy_w, noisy_l, text, t, image_latents):
+        predict = self.spec.predict
         if self.config.pair_parallel:
-            both = self.predict(transformer, torch.cat([noisy_w, noisy_l]), torch.cat([text, text]),
-                                torch.cat([t, t]), None if image_latents is None else torch.cat([image_latents] * 2),
-                                rope)
+            both = predict(torch.cat([noisy_w, noisy_l]), torch.cat([text, text]), torch.cat([t, t]),
+                           None if image_latents is None else torch.cat([image_latents] * 2), transformer)
             return both.chunk(2)
-        return (self.predict(transformer, noisy_w, text, t, image_latents, rope),
-                self.predict(transformer, noisy_l, text, t, image_latents, rope))
+        return (predict(noisy_w, text, t, image_latents, transformer),
+                predict(noisy_l, text, t, image_latents, transformer))
 
     def forward(self, batch: dict, generator: torch.Generator):
         c = self.config
@@ -87,39 +81,21 @@ class RegDPOModule(torch.nn.Module):
 
     def outputs(self, batch: dict, generator: torch.Generator) -> dict:
         """v-predictions of the model and the reference for winner and loser, and their targets."""
-        c, f = self.config, self.frozen
-        transformer, vae, scheduler = f["transformer"], f["vae"], f["scheduler"]
-        device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
-
-        def encode(pixels):  # [B, F, 3, H, W] -> scaled latents [B, T, C, h, w]
-            post = vae.encode(pixels.to(device, vae.dtype).permute(0, 2, 1, 3, 4)).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator).to(device)
-            return (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)
-
-        with torch.no_grad():
-            x_w, x_l = encode(batch["winner"]), encode(batch["loser"])
-            text = f["text_encoder"](batch["input_ids"].to(device))[0].to(dtype)
-            image_latents = None
-            if transformer.config.in_channels == 2 * transformer.config.out_channels:
-                first = vae.encode(batch["first_frame"].to(device, vae.dtype)[:, :, None]).latent_dist.mode()
-                first = (first * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)  # [B, 1, C, h, w]
-                image_latents = torch.cat([first, first.new_zeros(first.shape[0], x_w.shape[1] - 1,
-                                                                  *first.shape[2:])], dim=1)
-        b = x_w.shape[0]
-        noise = torch.randn(x_w.shape, generator=generator).to(device, dtype)  # shared by winner and loser
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        noisy_w, noisy_l = scheduler.add_noise(x_w, noise, t), scheduler.add_noise(x_l, noise, t)
-        target_w, target_l = scheduler.get_velocity(x_w, noise, t), scheduler.get_velocity(x_l, noise, t)
-        h, w = x_w.shape[-2:]
-        rope = rotary_embeddings(transformer, h * 8, w * 8, x_w.shape[1], 8, device) \
-            if transformer.config.use_rotary_positional_embeddings else None
-        pred_w, pred_l = self.pair_predictions(transformer, noisy_w, noisy_l, text, t, image_latents, rope)
+        c, spec = self.config, self.spec
+        x_w = spec.pad_frames(spec.video_latents(batch, generator, "winner"))
+        x_l = spec.pad_frames(spec.video_latents(batch, generator, "loser"))
+        text = spec.text_embeds(batch)
+        image_latents = spec.image_condition(batch["first_frame"], x_w.shape[1], generator) if spec.i2v else None
+        noise, t, noisy_w = spec.add_noise(x_w, generator)  # winner and loser share noise and timestep
+        noisy_l = spec.scheduler.add_noise(x_l, noise, t)
+        target_w, target_l = spec.velocity(x_w, noise, t), spec.velocity(x_l, noise, t)
+        pred_w, pred_l = self.pair_predictions(spec.transformer, noisy_w, noisy_l, text, t, image_latents)
         with torch.no_grad():
             if c.reference_model == "copy":
-                ref_w, ref_l = self.pair_predictions(f["reference"], noisy_w, noisy_l, text, t, image_latents, rope)
+                ref_w, ref_l = self.pair_predictions(self.frozen["reference"], noisy_w, noisy_l, text, t, image_latents)
             else:
                 with self.lora.disabled():
-                    ref_w, ref_l = self.pair_predictions(transformer, noisy_w, noisy_l, text, t, image_latents, rope)
+                    ref_w, ref_l = self.pair_predictions(spec.transformer, noisy_w, noisy_l, text, t, image_latents)
         return {"pred_w": pred_w, "pred_l": pred_l, "ref_w": ref_w, "ref_l": ref_l, "target_w": target_w,
                 "target_l": target_l}
 
@@ -144,15 +120,15 @@ class RegDPOTrainer(Trainer):
     def build(self) -> torch.nn.Module:
         c = self.config
         self.pairs = self.inputs["pairs"]
-        frozen = self.load_base()
-        bundle = self.bundle
+        spec = self.load_base()
+        bundle, frozen = self.bundle, {}
         if c.reference_model == "copy":
             frozen["reference"] = copy.deepcopy(bundle.transformer).requires_grad_(False)
         torch.manual_seed(c.seed)
         lora = TrainableLora(bundle.transformer, find_lora_targets(bundle.transformer, c.lora_targets), c.lora_rank,
                              c.lora_alpha).to(self.device)
         self.undo_lora = lora.apply(bundle.transformer)
-        return RegDPOModule(lora, frozen, c)
+        return RegDPOModule(lora, spec, c, **frozen)
 
     def dataset(self):
         return PairDataset(self)

@@ -28,13 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from ..models.lora import TrainableLora, find_lora_targets, save_lora
-from ..models.sampler import rotary_embeddings
 from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, inject_reference
-from ..models.text import t5_encode, tokenize, with_extra_tokens
+from ..models.text import tokenize, with_extra_tokens
 from .config import TrainConfig, doc
 from .data import item_generator, load_media
-from .losses import loss_weights, v_prediction_loss, x0_from_v
-from .trainer import TaskSwitchingTrainer, cli_main
+from .losses import v_prediction_loss
+from .trainer import TaskSwitchingTrainer, TrainingModule, cli_main
 
 IMAGE, VIDEO = "image", "video"
 
@@ -73,43 +72,40 @@ PRESETS = {
 }
 
 
-class SubjectReplayModule(torch.nn.Module):
-    """The LoRA; its forward computes the loss of one batch of either kind."""
+class SubjectReplayModule(TrainingModule):
+    """The LoRA; its forward computes the loss of one batch of either kind.
 
-    def __init__(self, lora: TrainableLora, frozen: dict, config: SubjectReplayTrainConfig):
-        super().__init__()
-        self.lora, self.frozen, self.config = lora, frozen, config
+    On I2V models video-replay steps are conditioned on the clip's first frame, as I2V training is; S2I pair
+    steps (one-frame targets) on no image (zero condition latents), so the target never leaks in."""
+
+    def __init__(self, lora: TrainableLora, spec, config: SubjectReplayTrainConfig):
+        super().__init__(spec, config)
+        self.lora = lora
 
     def forward(self, batch: dict, generator: torch.Generator):
-        f = self.frozen
-        transformer, vae, scheduler = f["transformer"], f["vae"], f["scheduler"]
-        device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
-        with torch.no_grad():
-            target = batch["target"].to(device, vae.dtype)  # [B, F, 3, H, W]
-            posterior = vae.encode(target.permute(0, 2, 1, 3, 4)).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
-            latents = (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)  # [B, T, C, h, w]
-            ref = vae.encode(batch["reference"].to(device, vae.dtype)[:, :, None]).latent_dist.mode()
-            ref = (ref[:, :, 0] * vae.config.scaling_factor).to(dtype)  # [B, C, h, w]
-            text = t5_encode(f["text_encoder"], batch["input_ids"].to(device)).to(dtype)
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        h, w = latents.shape[-2:]
-        rope = rotary_embeddings(transformer, h * 8, w * 8, latents.shape[1], 8, device)
-        drop = self.config.token_drop_prob if batch["kind"] == VIDEO else 0.0
+        spec, video = self.spec, batch["kind"] == VIDEO
+        latents = spec.pad_frames(spec.video_latents(batch, generator, "target"))  # [B, T, C, h, w]
+        with torch.no_grad():  # the clean reference: posterior mode, scaled, one latent frame [B, C, h, w]
+            ref = spec.posterior(batch["reference"][:, None]).mode()[:, :, 0]
+            ref = (ref * spec.vae.config.scaling_factor).to(spec.dtype)
+        text = spec.text_embeds(batch)
+        image_latents = None
+        if spec.i2v:
+            image_latents = spec.image_condition(batch["target"][:, 0], latents.shape[1], generator) if video \
+                else torch.zeros_like(latents)
+        noise, t, noisy = spec.add_noise(latents, generator)
+        drop = self.config.token_drop_prob if video else 0.0
         preds = []
-        for i in range(b):  # references may differ per sample: one reference stream per forward
-            undo = inject_reference(transformer, ref[i:i + 1], drop_prob=drop, generator=generator)
+        for i in range(latents.shape[0]):  # references may differ per sample: one reference stream per forward
+            undo = inject_reference(spec.transformer, ref[i:i + 1], vae_scale=spec.vae_scale, drop_prob=drop,
+                                    generator=generator)
             try:
-                preds.append(transformer(hidden_states=noisy[i:i + 1], encoder_hidden_states=text[i:i + 1],
-                                         timestep=t[i:i + 1], image_rotary_emb=rope, return_dict=False)[0])
+                preds.append(spec.predict(noisy[i:i + 1], text[i:i + 1], t[i:i + 1],
+                                          None if image_latents is None else image_latents[i:i + 1]))
             finally:
                 undo()
-        x0 = x0_from_v(scheduler, noisy, torch.cat(preds).float(), t)
-        loss = v_prediction_loss(x0, latents, loss_weights(scheduler, t)).mean()
-        return loss, {f"loss_{batch['kind']}": loss.detach(), "is_video": float(batch["kind"] == VIDEO)}
+        loss = v_prediction_loss(spec.x0(noisy, torch.cat(preds), t), latents, spec.loss_weights(t)).mean()
+        return loss, {f"loss_{batch['kind']}": loss.detach(), "is_video": float(video)}
 
 
 class SubjectReplayTrainer(TaskSwitchingTrainer):
@@ -139,7 +135,7 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
     def build(self) -> torch.nn.Module:
         c = self.config
         self.pairs, self.videos = self.inputs["pairs"], self.inputs["videos"]
-        frozen = self.load_base()
+        spec = self.load_base()
         bundle = self.bundle
         self.tokenizer = with_extra_tokens(bundle.tokenizer)  # knows <cls>; the model's tokenizer is untouched
         targets = find_lora_targets(bundle.transformer, c.lora_targets)
@@ -149,7 +145,7 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
         self.lora = lora
         self.undo_lora = lora.apply(bundle.transformer)
         self.conflicts: list[tuple[int, float]] = []
-        return SubjectReplayModule(lora, frozen, c)
+        return SubjectReplayModule(lora, spec, c)
 
     def dataset(self):
         return {IMAGE: PairDataset(self), VIDEO: ReplayDataset(self)}

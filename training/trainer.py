@@ -84,6 +84,16 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+class TrainingModule(torch.nn.Module):
+    """A method's trainable module; its forward computes the loss of one micro-batch (so DDP/FSDP wrappers see
+    the forward). The CogVideoX specification and other frozen models (``frozen``) are plain attributes: not
+    parameters of this module, so not in checkpoints, not synchronised by DDP and not moved by accelerate."""
+
+    def __init__(self, spec, config, **frozen):
+        super().__init__()
+        self.spec, self.config, self.frozen = spec, config, frozen
+
+
 class Trainer(abc.ABC):
     config_class = None
     method = "base"
@@ -227,23 +237,20 @@ class Trainer(abc.ABC):
         return get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps * n,
                              num_training_steps=c.max_steps * n, num_cycles=c.lr_num_cycles)
 
-    def load_base(self) -> dict:
-        """Load the frozen CogVideoX from ``model_path`` (weights in the mixed-precision dtype, the VAE in
-        fp32 when that is fp16) and return ``{transformer, vae, text_encoder, scheduler}`` for training."""
-        from diffusers import CogVideoXDDIMScheduler
-
+    def load_base(self):
+        """Load the frozen CogVideoX from ``model_path`` (weights in the mixed-precision dtype, the VAE in fp32
+        when that is fp16) as ``self.bundle`` and return its training specification (:class:`~.spec.CogVideoXSpec`)."""
         from ..models.cogvideox import load_cogvideox
-        from ..models.sampler import check_video_size
+        from .spec import CogVideoXSpec
 
         c = self.config
-        check_video_size(c.num_frames, c.height, c.width)
         vae_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype
         self.bundle = bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
                                               vae_dtype=vae_dtype)
         if c.gradient_checkpointing:
             bundle.transformer.enable_gradient_checkpointing()
-        return {"transformer": bundle.transformer, "vae": bundle.vae, "text_encoder": bundle.text_encoder,
-                "scheduler": CogVideoXDDIMScheduler.from_config(bundle.scheduler_config)}
+        self.spec = CogVideoXSpec.from_bundle(bundle, self.device)
+        return self.spec
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
@@ -357,6 +364,7 @@ class Trainer(abc.ABC):
             bar.update(1)
             logs_sum["lr"] = scheduler.get_last_lr()[0]
             self.after_step(self.step, logs_sum)
+            self.last_logs = logs_sum
             if not math.isfinite(logs_sum["loss"]):
                 raise SystemExit(f"loss became {logs_sum['loss']} at step {self.step}; lower the learning rate")
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs_sum.items() if k in ("loss", "lr")})

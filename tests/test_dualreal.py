@@ -320,3 +320,39 @@ def test_node_and_trainer_embed_a_non_square_reference_identically(tiny_dualreal
     stretched = embed(Image.fromarray(img))
     gap = (trained[0] - reference).abs().max().item()
     assert gap < 0.01 * (stretched - reference).abs().max().item(), (gap, (stretched - reference).abs().max())
+
+
+def test_official_recipe_conditions_per_step_kind(tiny_dualreal, tmp_path, monkeypatch):
+    """Identity steps pass no motion condition; a motion step's condition is, per clip, the CLIP embedding of one
+    of that clip's own frames (checked against CLIP applied to every loaded frame)."""
+    from accelerate import Accelerator
+
+    from magicmirror_video.models.clip_vision import image_embeds, load_clip_vision
+    from magicmirror_video.training import train_dualreal
+
+    trainer = DualRealTrainer(dataclasses.replace(tiny_dualreal, output_dir=str(tmp_path)))
+    trainer.accelerator = Accelerator(cpu=True)
+    module = trainer.build()
+    data = trainer.dataset()
+    conditions = []
+    original = train_dualreal.inject_dualreal
+    monkeypatch.setattr(train_dualreal, "inject_dualreal",
+                        lambda t, a, c, **k: conditions.append(c) or original(t, a, c, **k))
+    identity = trainer.collate([data["identity"][0]], "identity")
+    motion = trainer.collate([data["motion"][0], data["motion"][1]], "motion")
+    module(identity, torch.Generator().manual_seed(0))
+    module(motion, torch.Generator().manual_seed(0))
+    assert conditions[0] is None
+    assert conditions[1].shape == (2, 1, 16)
+    clip = load_clip_vision(tiny_dualreal.clip_vision)
+    for row in range(2):
+        frames = motion["pixels"][row].permute(0, 2, 3, 1) * 0.5 + 0.5  # every frame of that clip, as IMAGEs
+        per_frame = image_embeds(clip, frames)
+        distance = (per_frame - conditions[1][row, 0]).abs().amax(dim=-1)
+        assert distance.min() < 1e-5, distance  # it is one of the clip's own frames
+    c = trainer.config
+    assert (c.frame_sampling, c.lr_scheduler, c.lr_warmup_steps, c.identity_batch_size) == \
+        ("start", "constant", 0, 1)  # (tiny preset); the defaults are the official recipe:
+    defaults = DualRealTrainConfig()
+    assert (defaults.frame_sampling, defaults.lr_scheduler, defaults.lr_warmup_steps, defaults.motion_batch_size,
+            defaults.identity_batch_size) == ("start", "cosine_with_restarts", 200, 3, 1)

@@ -147,6 +147,38 @@ def test_conflict_monitor_equals_direct_gradient_cosine(tiny_subject, tmp_path):
     assert -1 <= monitored <= 1
 
 
+def test_conflict_monitor_on_training_gradients(tiny_subject, tmp_path, monkeypatch):
+    """The paper's form: at each logged step, the cosine of the latest image step's and the latest video step's
+    training gradients (recorded here independently from the parameters' .grad before each optimizer step)."""
+    import json
+
+    recorded, steps = [], {}
+    original = SubjectReplayTrainer.before_optimizer_step
+
+    def record(self, step):
+        grads = [p.grad.flatten() for p in self.accelerator.unwrap_model(self.module).lora.parameters()
+                 if p.requires_grad and p.grad is not None]
+        recorded.append((step, self.task_of(step), torch.cat(grads).clone()))
+        return original(self, step)
+
+    monkeypatch.setattr(SubjectReplayTrainer, "before_optimizer_step", record)
+    config = dataclasses.replace(tiny_subject, output_dir=str(tmp_path), max_steps=8, checkpointing_steps=0,
+                                 conflict_steps=1, conflict_monitor="training")
+    SubjectReplayTrainer(config).train()
+    logged = json.load(open(tmp_path / "grad_conflict.json"))
+    assert logged, "no conflict logged"
+    for entry in logged:
+        latest = {}
+        for step, task, grad in recorded:
+            if step < entry["step"]:
+                latest[task] = grad
+        expected = torch.nn.functional.cosine_similarity(latest["image"].double(), latest["video"].double(), dim=0)
+        assert entry["cosine"] == pytest.approx(expected.item(), abs=1e-6)
+    tasks = [task for _, task, _ in recorded]
+    first_both = max(tasks.index("image"), tasks.index("video")) + 1
+    assert logged[0]["step"] == first_both  # nothing is logged before both tasks have had a step
+
+
 def test_training_resumes_exactly_and_exports_a_lora_the_node_loads(tiny_subject, tmp_path, monkeypatch):
     from conftest import assert_same_weights, straight_and_resumed
     a, b, straight = straight_and_resumed(SubjectReplayTrainer, tiny_subject, tmp_path, 4, max_steps=8,

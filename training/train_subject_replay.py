@@ -11,8 +11,9 @@ every optimizer step draws u ~ U(0, 1);
 
 LoRA rank 128 / alpha 64 / dropout 0.1 on attention, FFN, ``patch_embed.proj`` and ``norm1/norm2``;
 the norm LoRA acts on the reference tokens only. Every ``conflict_steps`` steps the cosine between
-the LoRA gradients of a fixed image probe batch and a fixed video probe batch is logged
-(``grad_cosine``) and plotted to ``output_dir/grad_conflict.png`` at the end.
+the LoRA gradients of the two tasks is logged (``grad_cosine``) and plotted to ``output_dir/grad_conflict.png``:
+of a fixed image and a fixed video probe batch (``conflict_monitor=probes``), or, as the paper, of the latest
+training step of each task (``conflict_monitor=training``).
 
 Data: ``--pairs`` a metadata.jsonl of S2I pairs (``{"src": ..., "tgt": ..., "caption": ...}``,
 Subject200K-like) and ``--data`` unpaired videos (metadata.jsonl or prompts.txt + videos.txt).
@@ -55,7 +56,10 @@ class SubjectReplayTrainConfig(TrainConfig):
     lora_alpha: float = doc(64.0, "LoRA alpha (scale = alpha / rank).")
     lora_dropout: float = doc(0.1, "LoRA dropout.")
     lora_targets: list = doc(list(LORA_TARGETS), "Module names the LoRA adapts.")
-    conflict_steps: int = doc(100, "Log cos(g_img, g_vid) on fixed probe batches every N steps (0 = off).")
+    conflict_steps: int = doc(100, "Log cos(g_img, g_vid) every N steps (0 = off).")
+    conflict_monitor: str = doc("probes", "probes: the LoRA gradients of a fixed image and a fixed video probe batch "
+                                          "(comparable across steps); training: the paper's form, the latest training "
+                                          "gradients of each task (kept on the CPU).", choices=("probes", "training"))
     tiny_demo: bool = doc(False, "Generate tiny random models and synthetic pairs/videos under output_dir and train "
                                  "on them (set by --preset tiny).")
 
@@ -145,6 +149,7 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
         self.lora = lora
         self.undo_lora = lora.apply(bundle.transformer)
         self.conflicts: list[tuple[int, float]] = []
+        self.latest_gradient: dict[str, torch.Tensor] = {}
         return SubjectReplayModule(lora, spec, c)
 
     def dataset(self):
@@ -169,14 +174,30 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
             module.train(was_training)
         return torch.nn.functional.cosine_similarity(grads[0].double(), grads[1].double(), dim=0).item()
 
+    def before_optimizer_step(self, step: int) -> None:
+        """With ``conflict_monitor=training``: keep this step's (all-reduced, unclipped) LoRA gradient as the
+        latest gradient of its task."""
+        if self.config.conflict_monitor != "training" or not self.config.conflict_steps:
+            return
+        lora = self.accelerator.unwrap_model(self.module).lora
+        grads = [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+                 for p in lora.parameters() if p.requires_grad]
+        self.latest_gradient[self.task_of(step)] = torch.cat(grads).float().cpu()
+
     def after_step(self, step: int, logs: dict) -> None:
         c = self.config
         if not (c.conflict_steps and step % c.conflict_steps == 0 and self.accelerator.is_main_process):
             return
-        if not hasattr(self, "probes"):
-            data = self.dataset()
-            self.probes = (self.collate([data[IMAGE][0]], IMAGE), self.collate([data[VIDEO][0]], VIDEO))
-        cos = self.gradient_cosine(*self.probes)
+        if c.conflict_monitor == "training":
+            if len(self.latest_gradient) < 2:
+                return  # one task has not had a step yet
+            g_img, g_vid = self.latest_gradient[IMAGE], self.latest_gradient[VIDEO]
+            cos = torch.nn.functional.cosine_similarity(g_img.double(), g_vid.double(), dim=0).item()
+        else:
+            if not hasattr(self, "probes"):
+                data = self.dataset()
+                self.probes = (self.collate([data[IMAGE][0]], IMAGE), self.collate([data[VIDEO][0]], VIDEO))
+            cos = self.gradient_cosine(*self.probes)
         self.conflicts.append((step, cos))
         logs["grad_cosine"] = cos
 
@@ -190,8 +211,9 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
             from .plots import line_plot_png
 
             steps, values = zip(*self.conflicts)
+            source = "fixed probe batches" if self.config.conflict_monitor == "probes" else "latest training steps"
             line_plot_png(os.path.join(self.config.output_dir, "grad_conflict.png"), steps, values,
-                          title="cos(g_img, g_vid) on fixed probe batches", ylabel="cosine")
+                          title=f"cos(g_img, g_vid) on {source}", ylabel="cosine")
             with open(os.path.join(self.config.output_dir, "grad_conflict.json"), "w") as f:
                 json.dump([{"step": s, "cosine": v} for s, v in self.conflicts], f)
 

@@ -312,6 +312,20 @@ def _load_video(path: str, num_frames: int, sampling: str, generator: torch.Gene
         raise MediaError(f"cannot decode video {path}: {' '.join(str(e).split())}; re-encode or drop it") from e
 
 
+def load_frame(path: str, *, num_frames: int, height: int, width: int, sampling: str, position: int) -> torch.Tensor:
+    """Frame ``position`` of the ``num_frames`` that :func:`load_media` picks (``uniform``/``start``), as
+    ``[3, height, width]`` in ``[-1, 1]``; only that frame is decoded."""
+    if is_image(path):
+        frames = load_image(path)
+    else:
+        from ..models.video_io import index_video, read_frames
+
+        index = index_video(path)
+        frames = read_frames(path, [frame_indices(index.frames, num_frames, sampling, None, path)[position]], index)
+    x = resize_crop(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), height, width)
+    return (x[0] / 127.5 - 1.0).clamp_(-1.0, 1.0).contiguous()
+
+
 def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``[F, 3, h, w]`` float -> ``[F, 3, height, width]``: aspect-preserving resize so the frame covers
     the target (bilinear, antialiased), then a centre crop."""

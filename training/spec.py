@@ -100,12 +100,14 @@ class CogVideoXSpec:
         return torch.cat([latents[:, :1].expand(-1, extra, -1, -1, -1), latents], dim=1)
 
     @torch.no_grad()
-    def image_condition(self, first_frame: torch.Tensor, frames: int, generator: torch.Generator) -> torch.Tensor:
-        """I2V conditioning latents [B, frames', C, h, w] for ``first_frame`` [B, 3, H, W] in [-1, 1], laid
-        out as the pipeline's: the scaled first-frame latent, zeros for the other ``frames - 1`` latent
-        frames, and with ``patch_size_t`` the first ``frames % p_t`` of those repeated in front."""
-        post = self.posterior(first_frame[:, None])
-        z = self.scale_image_latents(post.sample(generator).to(self.dtype).permute(0, 2, 1, 3, 4))  # [B, 1, C, h, w]
+    def image_condition(self, first_frame: torch.Tensor | None, frames: int, generator: torch.Generator,
+                        cached: torch.Tensor | None = None) -> torch.Tensor:
+        """I2V conditioning latents [B, frames', C, h, w] for ``first_frame`` [B, 3, H, W] in [-1, 1] (or a
+        cached posterior draw [B, C, 1, h, w], unscaled), laid out as the pipeline's: the scaled first-frame
+        latent, zeros for the other ``frames - 1`` latent frames, and with ``patch_size_t`` the first
+        ``frames % p_t`` of those repeated in front."""
+        z = cached.to(self.device) if cached is not None else self.posterior(first_frame[:, None]).sample(generator)
+        z = self.scale_image_latents(z.to(self.dtype).permute(0, 2, 1, 3, 4))  # [B, 1, C, h, w]
         latents = torch.cat([z, z.new_zeros(z.shape[0], frames - 1, *z.shape[2:])], dim=1)
         if self.patch_size_t is not None:
             latents = torch.cat([latents[:, : latents.shape[1] % self.patch_size_t], latents], dim=1)

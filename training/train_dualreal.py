@@ -27,11 +27,10 @@ from ..models.dualreal import (
     load_dualreal,
     save_dualreal,
 )
-from ..models.text import tokenize
 from .config import InputError, TrainConfig, doc
-from .data import first_frame, item_generator, load_media
+from .data import first_frame, load_frame
 from .losses import v_prediction_loss
-from .trainer import TaskSwitchingTrainer, TrainingModule, cli_main
+from .trainer import TaskSwitchingTrainer, TrainingDataset, TrainingModule, cli_main
 
 IDENTITY, MOTION = "identity", "motion"
 
@@ -165,10 +164,7 @@ class DualRealTrainer(TaskSwitchingTrainer):
                                                                                        self.config.num_frames)}
 
     def collate(self, items: list, kind: str = IDENTITY) -> dict:
-        batch = {"kind": kind, **{k: torch.stack([it[k] for it in items]) for k in ("pixels", "input_ids")}}
-        if kind == MOTION:
-            batch["condition_image"] = torch.stack([it["condition_image"] for it in items])
-        return batch
+        return {"kind": kind, **{k: torch.stack([it[k] for it in items]) for k in items[0]}}
 
     def before_optimizer_step(self, step: int) -> None:
         """Drop the gradients of the other dimension's adapters: identity steps train the identity
@@ -182,26 +178,30 @@ class DualRealTrainer(TaskSwitchingTrainer):
         save_dualreal(path, self.accelerator.unwrap_model(self.module).adapters, {"steps": self.step})
 
 
-class FramesDataset(torch.utils.data.Dataset):
+class FramesDataset(TrainingDataset):
+    """Identity images (1 frame) or motion clips (``num_frames``), the caption, and for clips one of their frames
+    (an IMAGE [H, W, 3] in 0..1) whose CLIP embedding conditions the motion adapters."""
+
     def __init__(self, trainer, samples, num_frames: int):
-        self.trainer, self.samples, self.num_frames = trainer, samples, num_frames
-        self.config, self.tokenizer, self.epoch = trainer.config, trainer.bundle.tokenizer, 0
+        super().__init__(trainer, samples)
+        self.num_frames, self.tokenizer = num_frames, trainer.bundle.tokenizer
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def pick(self) -> dict:
+        c = self.config
+        return dict(num_frames=self.num_frames, height=c.height, width=c.width, sampling=c.frame_sampling)
 
-    def __len__(self):
-        return len(self.samples)
+    def cache_specs(self, index: int):
+        s = self.samples[index]
+        return [dict(path=s.media, **self.pick())], [s.caption]
 
     def __getitem__(self, index):
-        c, s = self.config, self.samples[index]
-        g = item_generator(c.seed, self.epoch, index)
-        pixels = load_media(s.media, num_frames=self.num_frames, height=c.height, width=c.width,
-                            sampling=c.frame_sampling, generator=g)  # [F, 3, H, W] in [-1, 1]
-        item = {"pixels": pixels, "input_ids": tokenize(self.tokenizer, s.caption).input_ids[0]}
-        if self.num_frames > 1:  # a motion clip: one of its frames, as an IMAGE [H, W, 3] in 0..1, for the condition
-            frame = int(torch.randint(0, pixels.shape[0], (1,), generator=g))
-            item["condition_image"] = pixels[frame].permute(1, 2, 0) * 0.5 + 0.5
+        s, g = self.samples[index], self.generator(index)
+        item = {**self.trainer.media("pixels", s.media, generator=g, **self.pick()),
+                **self.trainer.caption(s.caption, self.tokenizer)}
+        if self.num_frames > 1:  # a motion clip: one of its frames for the condition
+            frame = int(torch.randint(0, self.num_frames, (1,), generator=g))
+            pixels = item["pixels"][frame] if "pixels" in item else load_frame(s.media, position=frame, **self.pick())
+            item["condition_image"] = pixels.permute(1, 2, 0) * 0.5 + 0.5
         return item
 
 

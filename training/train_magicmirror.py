@@ -36,11 +36,10 @@ from ..models.magicmirror import (
     load_magicmirror,
     save_magicmirror,
 )
-from ..models.text import identity_token_mask, split_trigger, tokenize
+from ..models.text import identity_token_mask, split_trigger
 from .config import InputError, TrainConfig, doc
-from .data import item_generator, load_media
 from .losses import box_to_latent_mask, identity_loss, v_prediction_loss
-from .trainer import Trainer, TrainingModule, cli_main
+from .trainer import Trainer, TrainingDataset, TrainingModule, cli_main
 
 
 @dataclass
@@ -159,6 +158,10 @@ def reference_groups(x_ids: list) -> list[list[int]]:
 class MagicMirrorTrainer(Trainer):
     config_class = MagicMirrorTrainConfig
     method = "magicmirror"
+
+    @property
+    def vae_needed_with_cache(self) -> bool:
+        return self.config.id_loss_weight > 0  # the identity loss decodes x̂0
     required_inputs = {"model_path": "a diffusers CogVideoX folder", "data": "metadata.jsonl"}
 
     def validate_inputs(self) -> dict:
@@ -184,9 +187,6 @@ class MagicMirrorTrainer(Trainer):
             check_path(c.arcface_path, "--arcface_path", "ArcFace backbone")
         if c.validation_faces:
             check_path(c.validation_faces, "--validation_faces", "faces .safetensors")
-        if c.precompute_cache and c.frame_sampling == "random":
-            raise InputError("--precompute_cache with --frame_sampling random: a cache entry would freeze one random "
-                             "window; use --frame_sampling uniform or start, or --no-precompute_cache")
         return {**inputs, "samples": samples}
 
     def build(self) -> torch.nn.Module:
@@ -205,30 +205,11 @@ class MagicMirrorTrainer(Trainer):
                 qformer_depth=c.qformer_depth, qformer_dim_head=c.qformer_dim_head, cond_dim=c.cond_dim,
                 fuse_hidden=c.fuse_hidden))
         self.adapter = adapter.train()
-        self.cache_keys = None
-        if c.precompute_cache:
-            self.cache_keys = self._precompute(bundle)
-            spec.text_encoder = None  # prompts come from the cache; T5 leaves memory
-            bundle.text_encoder.to("cpu")
-            if c.id_loss_weight == 0:
-                bundle.vae.to("cpu")  # the identity loss still decodes x̂0, otherwise the VAE is not needed
         if c.id_loss_weight > 0:
             from ..models.arcface import load_arcface_torch
 
             frozen["arcface"] = load_arcface_torch(c.arcface_path).to(self.device)
         return MagicMirrorTrainingModule(self.adapter, spec, c, **frozen)
-
-    def _precompute(self, bundle) -> list[dict]:
-        from .cache import PrecomputeCache, precompute
-
-        c = self.config
-        cache = PrecomputeCache(c.cache_dir or os.path.join(c.output_dir, "cache"))
-        with self.accelerator.main_process_first():
-            return precompute(self.samples, vae=bundle.vae, text_encoder=bundle.text_encoder,
-                              tokenizer=bundle.tokenizer, cache=cache, height=c.height, width=c.width,
-                              num_frames=c.num_frames, sampling=c.frame_sampling, model_id=os.path.abspath(c.model_path),
-                              caption_transform=lambda caption: split_trigger(caption, c.trigger_word)[0],
-                              progress=self.accelerator.is_main_process)
 
     def _faces_path(self, sample) -> str:
         path = sample.extra.get("faces")  # resolved against the manifest folder by read_manifest
@@ -277,41 +258,27 @@ class MagicMirrorTrainer(Trainer):
             adapter.train()
 
 
-class MagicMirrorDataset(torch.utils.data.Dataset):
-    """Target media (or its cached latents), tokenised caption, identity mask, face box/keypoints
-    mapped to the training resolution, and the references' frozen face-encoder outputs."""
+class MagicMirrorDataset(TrainingDataset):
+    """Target media (or its cached latents), the caption (trigger word removed), identity mask, face box/keypoints
+    mapped to the training resolution, and the references' frozen face-encoder outputs (+ crops for the loss)."""
 
     def __init__(self, trainer: MagicMirrorTrainer):
-        self.trainer, self.config, self.samples = trainer, trainer.config, trainer.samples
+        super().__init__(trainer, trainer.samples)
         self.tokenizer = trainer.bundle.tokenizer
-        self.epoch = 0
-        self.cached = None
-        if trainer.cache_keys is not None:
-            from .cache import CachedDataset, PrecomputeCache
 
-            c = self.config
-            cache = PrecomputeCache(c.cache_dir or os.path.join(c.output_dir, "cache"))
-            self.cached = CachedDataset(self.samples, cache, trainer.cache_keys, seed=c.seed)
+    def pick(self) -> dict:
+        c = self.config
+        return dict(num_frames=c.num_frames, height=c.height, width=c.width, sampling=c.frame_sampling)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.cached is not None:
-            self.cached.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.samples)
+    def cache_specs(self, index: int):
+        s = self.samples[index]
+        return [dict(path=s.media, **self.pick())], [split_trigger(s.caption, self.config.trigger_word)[0]]
 
     def __getitem__(self, index: int) -> dict:
         c, sample = self.config, self.samples[index]
         text, spans = split_trigger(sample.caption, c.trigger_word)
-        if self.cached is not None:
-            cached = self.cached[index]
-            item = {"latents": cached["latents"], "prompt_embeds": cached["prompt_embeds"]}
-        else:
-            item = {"pixels": load_media(sample.media, num_frames=c.num_frames, height=c.height, width=c.width,
-                                         sampling=c.frame_sampling,
-                                         generator=item_generator(c.seed, self.epoch, index)),
-                    "input_ids": tokenize(self.tokenizer, text).input_ids[0]}
+        item = {**self.trainer.media("pixels", sample.media, generator=self.generator(index), **self.pick()),
+                **self.trainer.caption(text, self.tokenizer)}
         faces_path = self.trainer._faces_path(sample)
         faces = read_safetensors(faces_path)[0]
         src_w, src_h = sample.extra["size"]

@@ -21,11 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from ..models.lora import TrainableLora, find_lora_targets, save_lora
-from ..models.text import tokenize
 from .config import TrainConfig, doc
-from .data import load_media
 from .losses import per_sample_mse, regdpo_loss
-from .trainer import Trainer, TrainingModule, cli_main
+from .trainer import Trainer, TrainingDataset, TrainingModule, cli_main
 
 MODES = ("regdpo", "fixed", "dpo", "sft")
 
@@ -85,7 +83,8 @@ class RegDPOModule(TrainingModule):
         x_w = spec.pad_frames(spec.video_latents(batch, generator, "winner"))
         x_l = spec.pad_frames(spec.video_latents(batch, generator, "loser"))
         text = spec.text_embeds(batch)
-        image_latents = spec.image_condition(batch["first_frame"], x_w.shape[1], generator) if spec.i2v else None
+        image_latents = spec.image_condition(batch.get("first_frame"), x_w.shape[1], generator,
+                                             batch.get("first_frame_latents")) if spec.i2v else None
         noise, t, noisy_w = spec.add_noise(x_w, generator)  # winner and loser share noise and timestep
         noisy_l = spec.scheduler.add_noise(x_l, noise, t)
         target_w, target_l = spec.velocity(x_w, noise, t), spec.velocity(x_l, noise, t)
@@ -139,22 +138,35 @@ class RegDPOTrainer(Trainer):
                                         "rank": lora.rank, "alpha": lora.alpha, "steps": self.step})
 
 
-class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, trainer):
-        self.samples, self.config, self.tokenizer = trainer.pairs, trainer.config, trainer.bundle.tokenizer
+class PairDataset(TrainingDataset):
+    """Winner and loser clips (their first ``num_frames``), the caption, and the first frame (the row's
+    ``first_frame`` image, else the winner's first frame) for I2V models."""
 
-    def __len__(self):
-        return len(self.samples)
+    def __init__(self, trainer):
+        super().__init__(trainer, trainer.pairs)
+        self.tokenizer, self.i2v = trainer.bundle.tokenizer, trainer.spec.i2v
+
+    def picks(self, index: int) -> list[tuple[str, str, int]]:
+        """(batch key, path, frames) of each medium item ``index`` reads."""
+        s, c = self.samples[index], self.config
+        picks = [("winner", s.media, c.num_frames), ("loser", s.extra["loser"], c.num_frames)]
+        if self.i2v:
+            picks.append(("first_frame", s.extra.get("first_frame") or s.media, 1))
+        return picks
+
+    def cache_specs(self, index: int):
+        c = self.config
+        return ([dict(path=path, num_frames=n, height=c.height, width=c.width, sampling="start")
+                 for _, path, n in self.picks(index)], [self.samples[index].caption])
 
     def __getitem__(self, index):
-        c, s = self.config, self.samples[index]
-        load = lambda path: load_media(path, num_frames=c.num_frames, height=c.height, width=c.width,  # noqa: E731
-                                       sampling="start")
-        item = {"winner": load(s.media), "loser": load(s.extra["loser"]),
-                "input_ids": tokenize(self.tokenizer, s.caption).input_ids[0]}
-        first = s.extra.get("first_frame")
-        item["first_frame"] = (load_media(first, num_frames=1, height=c.height, width=c.width)[0] if first
-                               else item["winner"][0])
+        c, s, g = self.config, self.samples[index], self.generator(index)
+        item = self.trainer.caption(s.caption, self.tokenizer)
+        for key, path, n in self.picks(index):
+            item.update(self.trainer.media(key, path, num_frames=n, height=c.height, width=c.width, sampling="start",
+                                           generator=g))
+        if "first_frame" in item:
+            item["first_frame"] = item["first_frame"][0]  # [3, H, W]
         return item
 
 

@@ -30,11 +30,10 @@ import torch
 
 from ..models.lora import TrainableLora, find_lora_targets, save_lora
 from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, inject_reference
-from ..models.text import tokenize, with_extra_tokens
+from ..models.text import with_extra_tokens
 from .config import TrainConfig, doc
-from .data import item_generator, load_media
 from .losses import v_prediction_loss
-from .trainer import TaskSwitchingTrainer, TrainingModule, cli_main
+from .trainer import TaskSwitchingTrainer, TrainingDataset, TrainingModule, cli_main
 
 IMAGE, VIDEO = "image", "video"
 
@@ -90,12 +89,14 @@ class SubjectReplayModule(TrainingModule):
         spec, video = self.spec, batch["kind"] == VIDEO
         latents = spec.pad_frames(spec.video_latents(batch, generator, "target"))  # [B, T, C, h, w]
         with torch.no_grad():  # the clean reference: posterior mode, scaled, one latent frame [B, C, h, w]
-            ref = spec.posterior(batch["reference"][:, None]).mode()[:, :, 0]
+            ref = batch["reference_latents"].to(spec.device) if "reference_latents" in batch else \
+                spec.posterior(batch["reference"][:, None]).mode()[:, :, 0]
             ref = (ref * spec.vae.config.scaling_factor).to(spec.dtype)
         text = spec.text_embeds(batch)
         image_latents = None
         if spec.i2v:
-            image_latents = spec.image_condition(batch["target"][:, 0], latents.shape[1], generator) if video \
+            image_latents = spec.image_condition(batch["target"][:, 0] if "target" in batch else None, latents.shape[1],
+                                                 generator, batch.get("first_frame_latents")) if video \
                 else torch.zeros_like(latents)
         noise, t, noisy = spec.add_noise(latents, generator)
         drop = self.config.token_drop_prob if video else 0.0
@@ -156,7 +157,7 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
         return {IMAGE: PairDataset(self), VIDEO: ReplayDataset(self)}
 
     def collate(self, items: list, kind: str = IMAGE) -> dict:
-        return {"kind": kind, **{k: torch.stack([it[k] for it in items]) for k in ("target", "reference", "input_ids")}}
+        return {"kind": kind, **{k: torch.stack([it[k] for it in items]) for k in items[0]}}
 
     def gradient_cosine(self, image_batch: dict, video_batch: dict, generator_seed: int = 0) -> float:
         """cos(g_img, g_vid) of the LoRA gradients on two probe batches, with LoRA dropout off and fixed
@@ -223,45 +224,61 @@ def random_frame_index(num_frames: int, generator: torch.Generator) -> int:
     return int(torch.randint(1, num_frames + 1, (1,), generator=generator))
 
 
-class PairDataset(torch.utils.data.Dataset):
+class PairDataset(TrainingDataset):
     """S2I pairs: reference = source image, target = one-frame 'video', caption with <cls> first."""
 
     def __init__(self, trainer):
-        self.trainer, self.samples, self.config = trainer, trainer.pairs, trainer.config
+        super().__init__(trainer, trainer.pairs)
         self.tokenizer = trainer.tokenizer
 
-    def __len__(self):
-        return len(self.samples)
+    def pick(self) -> dict:
+        c = self.config
+        return dict(num_frames=1, height=c.pair_height, width=c.pair_width, sampling="uniform")
+
+    def caption_of(self, index: int) -> str:
+        caption = self.samples[index].caption
+        return caption if caption.startswith(CLS_TOKEN) else f"{CLS_TOKEN} {caption}"
+
+    def cache_specs(self, index: int):
+        s = self.samples[index]
+        return [dict(path=s.media, **self.pick()), dict(path=s.extra["src"], **self.pick())], [self.caption_of(index)]
 
     def __getitem__(self, index):
-        c, s = self.config, self.samples[index]
-        src = load_media(s.extra["src"], num_frames=1, height=c.pair_height, width=c.pair_width)[0]
-        tgt = load_media(s.media, num_frames=1, height=c.pair_height, width=c.pair_width)
-        caption = s.caption if s.caption.startswith(CLS_TOKEN) else f"{CLS_TOKEN} {s.caption}"
-        return {"target": tgt, "reference": src, "input_ids": tokenize(self.tokenizer, caption).input_ids[0]}
+        s, g = self.samples[index], self.generator(index)
+        ref = self.trainer.media("reference", s.extra["src"], generator=g, mode=True, **self.pick())
+        ref = {k: v[0] if k == "reference" else v[:, 0] for k, v in ref.items()}  # one frame: [3, H, W] | [C, h, w]
+        return {**self.trainer.media("target", s.media, generator=g, **self.pick()), **ref,
+                **self.trainer.caption(self.caption_of(index), self.tokenizer)}
 
 
-class ReplayDataset(torch.utils.data.Dataset):
+class ReplayDataset(TrainingDataset):
     """Unpaired videos: a random frame (i ~ U(1, T)) of the clip is the reference."""
 
     def __init__(self, trainer):
-        self.trainer, self.samples, self.config = trainer, trainer.videos, trainer.config
+        super().__init__(trainer, trainer.videos)
         self.tokenizer = trainer.tokenizer
-        self.epoch = 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def pick(self) -> dict:
+        c = self.config
+        return dict(num_frames=c.num_frames, height=c.height, width=c.width, sampling=c.frame_sampling)
 
-    def __len__(self):
-        return len(self.samples)
+    def cache_specs(self, index: int):
+        s = self.samples[index]
+        return [dict(path=s.media, **self.pick()), dict(path=s.media, per_frame=True, **self.pick())], [s.caption]
 
     def __getitem__(self, index):
-        c, s = self.config, self.samples[index]
-        g = item_generator(c.seed, self.epoch, index)
-        video = load_media(s.media, num_frames=c.num_frames, height=c.height, width=c.width,
-                           sampling=c.frame_sampling, generator=g)
-        ref = video[random_frame_index(video.shape[0], g) - 1]
-        return {"target": video, "reference": ref, "input_ids": tokenize(self.tokenizer, s.caption).input_ids[0]}
+        s, g = self.samples[index], self.generator(index)
+        item = {**self.trainer.media("target", s.media, generator=g, **self.pick()),
+                **self.trainer.caption(s.caption, self.tokenizer)}
+        frame = random_frame_index(self.config.num_frames, g) - 1
+        if "target" in item:
+            item["reference"] = item["target"][frame]
+        else:  # cached: the reference and the I2V first frame, each encoded alone as an image
+            item["reference_latents"] = self.trainer.media("reference", s.media, generator=g, per_frame=True, mode=True,
+                                                           **self.pick())["reference_latents"][frame]
+            first = self.trainer.media("first", s.media, generator=g, per_frame=True, **self.pick())["first_latents"]
+            item["first_frame_latents"] = first[:1].transpose(0, 1)  # [C, 1, h, w]
+        return item
 
 
 def main(argv=None) -> int:

@@ -94,6 +94,29 @@ class TrainingModule(torch.nn.Module):
         self.spec, self.config, self.frozen = spec, config, frozen
 
 
+class TrainingDataset(torch.utils.data.Dataset):
+    """A method's dataset over manifest rows. Items read media and captions through the trainer
+    (:meth:`Trainer.media`, :meth:`Trainer.caption`), so with ``precompute_cache`` they come from the cache;
+    :meth:`cache_specs` lists what an item reads (the trainer fills the cache with it first)."""
+
+    def __init__(self, trainer, samples):
+        self.trainer, self.samples, self.config, self.epoch = trainer, samples, trainer.config, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def generator(self, index: int) -> torch.Generator:
+        from .data import item_generator
+
+        return item_generator(self.config.seed, self.epoch, index)
+
+    # Subclasses define ``cache_specs(index) -> (media, captions)``: what item ``index`` reads, the media as
+    # dicts of path, num_frames, height, width, sampling (and per_frame), the captions as encoded.
+
+
 class Trainer(abc.ABC):
     config_class = None
     method = "base"
@@ -122,6 +145,9 @@ class Trainer(abc.ABC):
                 raise InputError(f"--{name}={getattr(c, name)}: must be at least 1")
         if c.gradient_accumulation_steps < 1 or c.max_steps < 1:
             raise InputError("--gradient_accumulation_steps and --max_steps must be at least 1")
+        if c.precompute_cache and c.frame_sampling == "random":
+            raise InputError("--precompute_cache with --frame_sampling random: a cache entry would freeze one random "
+                             "window; use --frame_sampling uniform or start, or --no-precompute_cache")
         which = str(c.resume_from).strip()
         if which and which != "latest" and not which.isdigit():
             raise InputError(f"--resume_from={which!r}: use 'latest', a step number, or leave it empty")
@@ -252,6 +278,58 @@ class Trainer(abc.ABC):
         self.spec = CogVideoXSpec.from_bundle(bundle, self.device)
         return self.spec
 
+    # ---------------------------------------------------------------- media and captions (precompute cache)
+    cache = None
+    vae_needed_with_cache = False  # the loss decodes latents (MagicMirror's identity loss)
+
+    def media(self, key: str, path: str, *, num_frames: int, height: int, width: int, sampling: str,
+              generator: torch.Generator, per_frame: bool = False, mode: bool = False) -> dict:
+        """``{key: pixels [F, 3, H, W]}``, or with the cache ``{cached_key(key): latents}``: a posterior draw from
+        ``generator`` (``mode``: the posterior mean), [C, T, h, w] (``per_frame``: [F, C, h, w], every picked
+        frame encoded alone)."""
+        from .data import load_media
+        from .spec import cached_key
+
+        pick = dict(num_frames=num_frames, height=height, width=width, sampling=sampling)
+        if self.cache is None:
+            return {key: load_media(path, generator=generator, **pick)}
+        return {cached_key(key): self.cache.latents(path, generator, per_frame=per_frame, mode=mode, **pick)}
+
+    def caption(self, text: str, tokenizer) -> dict:
+        """``{"input_ids"}`` for the text encoder, or with the cache ``{"prompt_embeds"}``."""
+        from ..models.text import tokenize
+
+        if self.cache is None:
+            return {"input_ids": tokenize(tokenizer, text).input_ids[0]}
+        return {"prompt_embeds": self.cache.text(text)}
+
+    def fill_cache(self) -> None:
+        """Encode what every dataset item reads (main process first, the others read it), then move the text
+        encoder (and the VAE unless the loss decodes) off the device."""
+        from .cache import TrainingCache
+
+        c, bundle, acc = self.config, self.bundle, self.accelerator
+        data = self.dataset()
+        media, captions = [], []
+        for ds in data.values() if isinstance(data, dict) else [data]:
+            for i in range(len(ds)):
+                m, t = ds.cache_specs(i)
+                media += m
+                captions += t
+        media = list({tuple(sorted(m.items())): m for m in media}.values())
+        captions = list(dict.fromkeys(captions))
+        self.cache = TrainingCache(c.cache_dir or os.path.join(c.output_dir, "cache"),
+                                   model_id=os.path.abspath(c.model_path))
+        with acc.main_process_first():
+            self.cache.fill(media, captions, vae=bundle.vae, text_encoder=bundle.text_encoder,
+                            tokenizer=getattr(self, "tokenizer", bundle.tokenizer), progress=acc.is_main_process)
+        self.spec.text_encoder = None
+        bundle.text_encoder.to("cpu")
+        if not self.vae_needed_with_cache:
+            bundle.vae.to("cpu")
+        logger.info("precompute cache: %d media and %d captions in %s", len(media), len(captions),
+                    self.cache.store.root)
+
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
         """Save a resumable checkpoint atomically: written to a temp folder, then renamed."""
@@ -323,6 +401,8 @@ class Trainer(abc.ABC):
                 yaml.safe_dump(dataclasses.asdict(c), f, sort_keys=False)
         torch.manual_seed(c.seed)  # parameter init of new modules is reproducible too
         module = self.build()
+        if c.precompute_cache:
+            self.fill_cache()
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
         scheduler = self._scheduler(optimizer)

@@ -278,6 +278,15 @@ class Trainer(abc.ABC):
         self.spec = CogVideoXSpec.from_bundle(bundle, self.device)
         return self.spec
 
+    def shard_frozen_model(self, module: torch.nn.Module) -> None:
+        """Under FSDP, make the frozen transformer part of the wrapped module, so it is sharded too (each transformer
+        block its own FSDP unit with the accelerate config's TRANSFORMER_BASED_WRAP on CogVideoXBlock); otherwise
+        it stays outside (DDP would only replicate it)."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            module.transformer = self.spec.transformer
+
     # ---------------------------------------------------------------- media and captions (precompute cache)
     cache = None
     vae_needed_with_cache = False  # the loss decodes latents (MagicMirror's identity loss)
@@ -403,6 +412,7 @@ class Trainer(abc.ABC):
         module = self.build()
         if c.precompute_cache:
             self.fill_cache()
+        self.shard_frozen_model(module)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
         scheduler = self._scheduler(optimizer)
@@ -427,7 +437,9 @@ class Trainer(abc.ABC):
             logs_sum: dict = {}
             for micro in range(c.gradient_accumulation_steps):
                 batch = self.next_batch(data, self.step, micro)
-                generator = step_generator(c.seed, self.step, micro, rank)
+                # keyed by the sample's place in the global batch: N processes x 1 micro-step draw what 1 process
+                # x N micro-steps draws, so data-parallel runs reproduce single-process runs
+                generator = step_generator(c.seed, self.step, micro * acc.num_processes + rank)
                 with acc.accumulate(module):
                     loss, logs = self.loss(module, batch, generator)
                     acc.backward(loss)

@@ -154,3 +154,51 @@ def test_every_trainer_trains_from_the_precompute_cache_without_vae_or_text_enco
     assert trainer.spec.text_encoder is None and math.isfinite(trainer.last_logs["loss"])
     trainer_class(dataclasses.replace(config, output_dir=str(tmp_path / "again"))).train()
     assert calls[0] > 0 and calls[1] == 0  # the second run encoded nothing
+
+
+def test_validation_videos_are_scored_and_logged(tiny_configs, variant_folders, tmp_path):
+    """MagicMirror logs the identity similarity of its validation videos to the validation faces (equal to the
+    metrics module on the written frames), subject replay and DualReal their CLIP-I to the reference (TensorBoard
+    scalars + validation/step-N.json)."""
+    pytest.importorskip("tensorboard")
+    import json
+    import os
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from magicmirror_video.models.clip_vision import load_clip_vision
+    from magicmirror_video.models.metrics import clip_similarity_curve
+
+    mm, dr, sr = tiny_configs["magicmirror"], tiny_configs["dualreal"], tiny_configs["subject_replay"]
+    assets = os.path.dirname(os.path.dirname(mm.data))  # tiny-assets
+    faces = os.path.join(os.path.dirname(mm.data), "faces", sorted(os.listdir(os.path.join(os.path.dirname(mm.data),
+                                                                                             "faces")))[0])
+    common = dict(max_steps=1, checkpointing_steps=0, report_to="tensorboard", validation_steps=1,
+                  validation_num_frames=5, validation_steps_sampling=2)
+    clip = dr.clip_vision
+    ref = os.path.join(os.path.dirname(sr.pairs), "0-src.png")
+    runs = {"magicmirror": (mm, dict(validation_prompts=["a person img waves"], validation_faces=faces,
+                                     validation_insightface=os.path.join(assets, "insightface"),
+                                     validation_insightface_pack="antelopev2"), "validation/face_rate"),
+            "dualreal": (dr, dict(validation_prompts=["a dog * runs"]), "validation/clip_i"),
+            "subject_replay": (sr, dict(validation_prompts=["<cls> a teddy bear"], validation_reference=ref,
+                                        validation_clip_vision=clip), "validation/clip_i")}
+    for name, (config, extra, tag) in runs.items():
+        trainer_class, _, _ = trainer_setup(name)
+        out = tmp_path / name
+        trainer_class(dataclasses.replace(config, output_dir=str(out), **common, **extra)).train()
+        report = json.load(open(out / "validation" / "step-00000001.json"))
+        acc = EventAccumulator(str(out / "logs" / trainer_class.method))
+        acc.Reload()
+        assert tag in acc.Tags()["scalars"], acc.Tags()["scalars"]
+        assert acc.Scalars(tag)[0].value == pytest.approx(report["means"][tag], rel=1e-5)
+        if tag == "validation/clip_i":  # independently: CLIP on the written video's frames vs the reference image
+            from magicmirror_video.models.video_io import read_video
+            from magicmirror_video.training.data import first_frame
+            frames, _ = read_video(str(out / "validation" / "step-00000001-0.mp4"))
+            from magicmirror_video.training.data import read_manifest
+            path = extra.get("validation_reference") or read_manifest(config.identity_data)[0].media
+            reference = torch.from_numpy(first_frame(path)).float()[None] / 255
+            curve = clip_similarity_curve(load_clip_vision(clip), frames, reference)
+            # the written mp4 is re-encoded (h264), so allow for compression
+            assert report["videos"][0]["clip_i"] == pytest.approx(float(curve.mean()), abs=2e-2)

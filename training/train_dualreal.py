@@ -166,6 +166,26 @@ class DualRealTrainer(TaskSwitchingTrainer):
     def collate(self, items: list, kind: str = IDENTITY) -> dict:
         return {"kind": kind, **{k: torch.stack([it[k] for it in items]) for k in items[0]}}
 
+    def validate(self, step: int) -> None:
+        """Validation videos with the adapters, conditioned on the reference image; their CLIP-I to it is logged
+        (``validation/clip_i``; the motion condition's CLIP model scores)."""
+        c = self.config
+        if not c.validation_prompts:
+            return
+        from ..models.dualreal import DualRealPatch
+        from .data import first_frame
+        from .train_subject_replay import clip_i_metrics
+
+        adapters = self.accelerator.unwrap_model(self.module).adapters
+        adapters.eval()
+        try:
+            patch = DualRealPatch(adapters, self.reference_condition(self.clip))
+            videos = self.validation_videos(self.bundle.with_patch(patch), step)
+        finally:
+            adapters.train()
+        image = torch.from_numpy(first_frame(c.reference_image or self.inputs["identity"][0].media)).float()[None] / 255
+        self.log_validation_metrics(step, clip_i_metrics(self.clip, videos, image, self))
+
     def before_optimizer_step(self, step: int) -> None:
         """Drop the gradients of the other dimension's adapters: identity steps train the identity
         adapters, motion steps the motion adapters; the controller trains on both."""

@@ -55,6 +55,10 @@ class MagicMirrorTrainConfig(TrainConfig):
     arcface_path: str = doc("", "insightface arcface_torch backbone (.pth, e.g. ms1mv3_arcface_r100) for the "
                                 "identity loss; required when id_loss_weight > 0.")
     validation_faces: str = doc("", "A faces .safetensors (from prepare_magicmirror) for validation videos.")
+    validation_insightface: str = doc("", "insightface root (holding models/<pack>/) to score validation videos: "
+                                          "identity similarity of each frame's face to validation_faces (logged).")
+    validation_insightface_pack: str = doc("antelopev2", "insightface pack name for validation scoring (the pack "
+                                                         "prepare_magicmirror used).")
     # adapter sizes (the face dims come from the data's face files)
     qformer_dim: int = doc(1024, "Face Q-Former width.")
     qformer_depth: int = doc(4, "Face Q-Former layers.")
@@ -187,6 +191,8 @@ class MagicMirrorTrainer(Trainer):
             check_path(c.arcface_path, "--arcface_path", "ArcFace backbone")
         if c.validation_faces:
             check_path(c.validation_faces, "--validation_faces", "faces .safetensors")
+        if c.validation_insightface:
+            check_path(c.validation_insightface, "--validation_insightface", "insightface root", folder=True)
         return {**inputs, "samples": samples}
 
     def build(self) -> torch.nn.Module:
@@ -234,28 +240,31 @@ class MagicMirrorTrainer(Trainer):
         save_magicmirror(path, adapter, {"stage": self.config.stage, "steps": self.step})
 
     def validate(self, step: int) -> None:
+        """Validation videos with ``validation_faces``; with ``validation_insightface`` also the identity similarity
+        of every frame's face to those faces (logged as ``validation/face_sim``, with face rate, decay, dynamics)."""
         c = self.config
         if not (c.validation_prompts and c.validation_faces):
             return
         from ..models.magicmirror import FaceEmbeds, MagicMirrorPatch
-        from ..models.sampler import decode_latents, sample_video
-        from ..models.text import encode_prompt
-        from ..models.video_io import write_video
 
         tensors, _ = read_safetensors(c.validation_faces)
         faces = FaceEmbeds(arcface=tensors["arcface"], x_id=tensors["x_id"], clip_penultimate=tensors["clip_penultimate"])
         adapter = self.accelerator.unwrap_model(self.module).adapter
         adapter.eval()
         try:
-            patched = self.bundle.with_patch(MagicMirrorPatch(adapter, faces))
-            for i, prompt in enumerate(c.validation_prompts):
-                pos = encode_prompt(self.bundle, prompt, trigger=c.trigger_word)
-                latents = sample_video(patched, pos, num_frames=c.validation_num_frames, height=c.height,
-                                       width=c.width, steps=c.validation_steps_sampling, cfg=6.0, seed=c.seed)
-                frames = decode_latents(self.bundle, latents)[0]
-                write_video(os.path.join(c.output_dir, "validation", f"step-{step:08d}-{i}.mp4"), frames)
+            videos = self.validation_videos(self.bundle.with_patch(MagicMirrorPatch(adapter, faces)), step,
+                                            trigger=c.trigger_word)
         finally:
             adapter.train()
+        if c.validation_insightface:
+            from ..models.face_analysis import FaceAnalyzer
+            from ..models.metrics import ReferenceFaces, evaluate_video
+
+            if not hasattr(self, "analyzer"):
+                self.analyzer = FaceAnalyzer(c.validation_insightface, name=c.validation_insightface_pack)
+            references = ReferenceFaces.from_embeddings(faces.arcface)  # the pack's recogniser, as the frames'
+            self.log_validation_metrics(step, [evaluate_video(v, analyzer=self.analyzer, references=references)
+                                               for v in videos])
 
 
 class MagicMirrorDataset(TrainingDataset):

@@ -55,6 +55,10 @@ class SubjectReplayTrainConfig(TrainConfig):
     lora_alpha: float = doc(64.0, "LoRA alpha (scale = alpha / rank).")
     lora_dropout: float = doc(0.1, "LoRA dropout.")
     lora_targets: list = doc(list(LORA_TARGETS), "Module names the LoRA adapts.")
+    validation_reference: str = doc("", "Subject image for validation videos (with validation_prompts starting with "
+                                        "<cls>); on I2V models it is also the first frame.")
+    validation_clip_vision: str = doc("", "CLIP vision model to score validation videos: CLIP-I of every frame to the "
+                                          "validation reference (logged as validation/clip_i).")
     conflict_steps: int = doc(100, "Log cos(g_img, g_vid) every N steps (0 = off).")
     conflict_monitor: str = doc("probes", "probes: the LoRA gradients of a fixed image and a fixed video probe batch "
                                           "(comparable across steps); training: the paper's form, the latest training "
@@ -126,7 +130,7 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
         return self.config.replay_prob
 
     def validate_inputs(self) -> dict:
-        from .inputs import check_manifest, check_media, check_size
+        from .inputs import check_manifest, check_media, check_path, check_size
 
         inputs, c = super().validate_inputs(), self.config
         check_size(1, c.pair_height, c.pair_width, ("", "--pair_height", "--pair_width"))
@@ -135,6 +139,10 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
         check_media(pairs, "--pairs", num_frames=1, keys=("src", "media"))
         videos = check_manifest(c.data, "--data", expected="unpaired videos with captions")
         check_media(videos, "--data", num_frames=c.num_frames, videos_only=True)
+        if c.validation_reference:
+            check_path(c.validation_reference, "--validation_reference", "validation subject image")
+        if c.validation_clip_vision:
+            check_path(c.validation_clip_vision, "--validation_clip_vision", "CLIP vision model", folder=None)
         return {**inputs, "pairs": pairs, "videos": videos}
 
     def build(self) -> torch.nn.Module:
@@ -174,6 +182,27 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
         finally:
             module.train(was_training)
         return torch.nn.functional.cosine_similarity(grads[0].double(), grads[1].double(), dim=0).item()
+
+    def validate(self, step: int) -> None:
+        """Validation videos with the LoRA (its hooks are on the transformer) and the validation reference; with
+        ``validation_clip_vision`` also their CLIP-I to the reference."""
+        c = self.config
+        if not (c.validation_prompts and c.validation_reference):
+            return
+        from ..models.subject import SubjectReferencePatch, encode_reference
+        from .data import first_frame
+
+        image = torch.from_numpy(first_frame(c.validation_reference)).float()[None] / 255.0  # IMAGE [1, H, W, 3]
+        module = self.accelerator.unwrap_model(self.module)
+        module.eval()  # no LoRA dropout
+        try:
+            patched = self.bundle.with_patch(SubjectReferencePatch(encode_reference(self.bundle, image),
+                                                                   vae_scale=self.spec.vae_scale))
+            videos = self.validation_videos(patched, step, image=image if self.spec.i2v else None)
+        finally:
+            module.train()
+        if c.validation_clip_vision:
+            self.log_validation_metrics(step, clip_i_metrics(c.validation_clip_vision, videos, image, self))
 
     def before_optimizer_step(self, step: int) -> None:
         """With ``conflict_monitor=training``: keep this step's (all-reduced, unclipped) LoRA gradient as the
@@ -217,6 +246,19 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
                           title=f"cos(g_img, g_vid) on {source}", ylabel="cosine")
             with open(os.path.join(self.config.output_dir, "grad_conflict.json"), "w") as f:
                 json.dump([{"step": s, "cosine": v} for s, v in self.conflicts], f)
+
+
+def clip_i_metrics(clip_vision, videos: list, reference: torch.Tensor, owner) -> list:
+    """``VideoMetrics`` with the CLIP-I of each video to ``reference`` (IMAGE [1, H, W, 3]) and its dynamics; the
+    CLIP model (a path, loaded once and kept on ``owner``, or a loaded model)."""
+    from ..models.clip_vision import load_clip_vision
+    from ..models.metrics import evaluate_video
+
+    if isinstance(clip_vision, str):
+        if getattr(owner, "_validation_clip", None) is None:
+            owner._validation_clip = load_clip_vision(clip_vision)
+        clip_vision = owner._validation_clip
+    return [evaluate_video(v, clip_model=clip_vision, clip_references=reference) for v in videos]
 
 
 def random_frame_index(num_frames: int, generator: torch.Generator) -> int:

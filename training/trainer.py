@@ -215,7 +215,40 @@ class Trainer(abc.ABC):
         return f"{self.method}.safetensors"
 
     def validate(self, step: int) -> None:
-        """Optional: validation videos through the nodes' sampler."""
+        """Optional: validation videos through the nodes' sampler (see :meth:`validation_videos`)."""
+
+    def validation_videos(self, model, step: int, *, trigger: str | None = None, image=None) -> list[torch.Tensor]:
+        """Sample every validation prompt with ``model`` (the bundle with the method's patch) through the nodes'
+        sampler, write ``validation/step-<step>-<i>.mp4`` and return the frames [F, H, W, 3] in 0..1."""
+        from ..models.sampler import decode_latents, sample_video
+        from ..models.text import encode_prompt
+        from ..models.video_io import write_video
+
+        c, videos = self.config, []
+        for i, prompt in enumerate(c.validation_prompts):
+            positive = encode_prompt(self.bundle, prompt, trigger=trigger)
+            latents = sample_video(model, positive, num_frames=c.validation_num_frames, height=c.height, width=c.width,
+                                   steps=c.validation_steps_sampling, cfg=6.0, seed=c.seed, image=image)
+            frames = decode_latents(self.bundle, latents)[0]
+            write_video(os.path.join(c.output_dir, "validation", f"step-{step:08d}-{i}.mp4"), frames)
+            videos.append(frames)
+        return videos
+
+    def log_validation_metrics(self, step: int, metrics: list) -> dict:
+        """The mean of each metric (``VideoMetrics.scalars()``) over the validation videos: logged as
+        ``validation/<name>`` (TensorBoard) and written to ``validation/step-<step>.json``; returned."""
+        import json
+
+        names = {k for m in metrics for k in m.scalars()}
+        means = {f"validation/{k}": sum(v) / len(v) for k in sorted(names)
+                 if (v := [m.scalars()[k] for m in metrics if k in m.scalars()])}
+        if self.config.report_to != "none" and means:
+            self.accelerator.log(means, step=step)
+        folder = os.path.join(self.config.output_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"step-{step:08d}.json"), "w") as f:
+            json.dump({"step": step, "means": means, "videos": [m.as_dict() for m in metrics]}, f, indent=2)
+        return means
 
     # ---------------------------------------------------------------- setup
     @property

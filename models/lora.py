@@ -202,9 +202,10 @@ BRANCH_ATTR = "_mmv_branch"
 
 
 def _lora_hook(module: torch.nn.Module, down, up, scale: float, reference_only: bool = False,
-               dropout: torch.nn.Module | None = None, owner=None):
-    """Forward hook adding ``scale * up(down(x))``; ``down``/``up`` may be trainable parameters.
-    With ``owner`` (a :class:`TrainableLora`), the hook does nothing while ``owner.enabled`` is False."""
+               dropout: torch.nn.Module | None = None, owner=None, key: str | None = None):
+    """Forward hook adding ``scale * up(down(x))``. With ``owner`` (a :class:`TrainableLora`) ``down``/``up`` are
+    looked up in it by ``key`` at every call (so wrappers that re-create its parameters, as FSDP does, are
+    followed) and the hook does nothing while ``owner.enabled`` is False."""
     conv = isinstance(module, torch.nn.Conv2d)
 
     def hook(mod, args, output):
@@ -213,7 +214,8 @@ def _lora_hook(module: torch.nn.Module, down, up, scale: float, reference_only: 
         if reference_only and getattr(mod, BRANCH_ATTR, None) != "reference":
             return output
         x = args[0] if dropout is None else dropout(args[0])
-        d, u = down.to(x.dtype), up.to(x.dtype)
+        d, u = (owner.down[key], owner.up[key]) if owner is not None else (down, up)
+        d, u = d.to(x.dtype), u.to(x.dtype)
         if conv:
             return output + F.conv2d(F.conv2d(x, d, stride=mod.stride, padding=mod.padding), u) * scale
         return output + F.linear(F.linear(x, d), u) * scale
@@ -299,9 +301,9 @@ class TrainableLora(torch.nn.Module):
         hooks = []
         for path in self.paths:
             key = path.replace(".", "__")
-            hooks.append((modules[path], _lora_hook(modules[path], self.down[key], self.up[key], self.scale,
+            hooks.append((modules[path], _lora_hook(modules[path], None, None, self.scale,
                                                     _is_reference_only(path, self.reference_only), self.dropout,
-                                                    owner=self)))
+                                                    owner=self, key=key)))
         return forward_hook_patch(hooks)
 
     def layers(self) -> dict[str, LoraLayer]:

@@ -197,8 +197,8 @@ def _project_out(attn, x: torch.Tensor) -> torch.Tensor:
     """The attention's output projection without its bias: ``to_out(a + x) = to_out(a) + this`` (any LoRA on
     ``to_out`` included)."""
     out = attn.to_out[0](x)
-    if attn.to_out[0].bias is not None:
-        out = out - attn.to_out[0].bias
+    if attn.to_out[0].bias is not None:  # (the bias waits on the offload device while the weights stream)
+        out = out - attn.to_out[0].bias.to(out.device)
     return attn.to_out[1](out)
 
 

@@ -183,9 +183,9 @@ class MagicMirrorTrainer(Trainer):
         if c.precompute_cache:
             self.cache_keys = self._precompute(bundle)
             frozen["text_encoder"] = None  # prompts come from the cache; T5 leaves memory
-            bundle.text_encoder.to("cpu")
+            bundle.placement.offload(bundle.text_encoder)  # on the CPU; validation brings it in for its prompts
             if c.id_loss_weight == 0:
-                bundle.vae.to("cpu")  # the identity loss still decodes x̂0, otherwise the VAE is not needed
+                bundle.placement.offload(bundle.vae)  # the identity loss still decodes x̂0, else the VAE is not needed
         if c.id_loss_weight > 0:
             if not c.arcface_path:
                 raise SystemExit("id_loss_weight > 0 needs --arcface_path (an insightface arcface_torch backbone "

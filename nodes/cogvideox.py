@@ -30,10 +30,10 @@ class CogVideoXModelLoader:
                 "precision": (list(DTYPES), {"default": "bf16", "tooltip": "Weight dtype. bf16 for Ampere+ GPUs, "
                                               "fp16 for older GPUs, fp32 on the CPU or for exact comparisons."}),
                 "offload": (list(OFFLOAD_MODES), {"default": "auto", "tooltip": "Where the weights wait between "
-                            "stages (CogVideoX-5B, bf16). auto: picked from free VRAM and the model's size. none: "
-                            "transformer + T5 + VAE stay on the GPU (~20 GiB of weights, 24 GB+ cards). model: each "
-                            "component on the GPU only while it runs (~13 GiB peak while sampling). sequential: "
-                            "weights stream layer by layer (~3 GiB peak, slowest)."}),
+                            "stages. Peak GPU memory for CogVideoX-5B at 49x480x720, bf16: none: transformer + T5 + "
+                            "VAE stay on the GPU (~23.5 GiB, 32 GB cards). model: each component on the GPU only "
+                            "while it runs (~13-14 GiB while sampling). sequential: weights stream layer by layer "
+                            "(~4 GiB, slowest). auto: picked from the free VRAM and the model's size."}),
             },
             "optional": {
                 "transformer_file": ([NONE] + host.list_model_files("diffusion_models"), {

@@ -43,7 +43,7 @@ class DualRealStageBlender:
     def apply(self, model, adapter, clip_vision, reference_image, mode, fixed_alpha):
         adapters = load_dualreal(host.resolve_model_file("dualreal", adapter)).to(model.dtype)  # waits on the CPU
         adapters.check_compatible(model.transformer)
-        clip = load_clip_vision(host.resolve_model_file("clip_vision", clip_vision))
+        clip = load_clip_vision(host.resolve_model_file("clip_vision", clip_vision)).to(model.dtype)
         with model.placement.run(clip):
             embeds = image_embeds(clip, reference_image[:1], device=model.device)  # [1, C]
         if embeds.shape[-1] != adapters.config.condition_dim:

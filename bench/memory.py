@@ -18,13 +18,15 @@ perceiver) and DualReal's CLIP ViT-H/14. Activations come from token counts and 
 * not counted: the CUDA context (~0.3-0.5 GiB), the caching allocator's slack, latents and prompt embeddings (MBs).
 
 ``--measure`` (CUDA): the same configs with random bf16 weights run for real, every mode x method x stage, and
-``torch.cuda.max_memory_allocated`` of each stage is printed beside the estimate (~22 GB of host RAM) (``--steps`` sampling steps; the
-peak of a step does not depend on how many run). ``--tiny`` runs the measuring code on tiny models (any device).
+``torch.cuda.max_memory_allocated`` of each stage is printed beside the estimate (``--steps`` sampling steps; the
+peak of a step does not depend on how many run; ~22 GB of host RAM hold the random weights). ``--tiny`` runs the
+measuring code on tiny models (any device).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 
 import torch
@@ -172,7 +174,8 @@ def print_estimate(m: dict) -> None:
     s = a["sampling"]
     print(f"activations (models/memory.py): T5 {gib(a['t5'])}, sampling base {gib(s['base'])} / MagicMirror "
           f"{gib(s['magicmirror'])} / DualReal {gib(s['dualreal'])} / subject {gib(s['subject'])}, decode tiled "
-          f"{gib(a['decode'])} (untiled {gib(a['decode_untiled'])}), subject reference encode {gib(a['prep']['subject'])} GiB")
+          f"{gib(a['decode'])} (untiled {gib(a['decode_untiled'])}), subject reference encode "
+          f"{gib(a['prep']['subject'])} GiB")
     print()
     print("GiB on the execution device at each stage's peak: weights / weights + activations")
     header = f"{'mode':<11}{'method':<12}" + "".join(f"{s:>16}" for s in ("prep", "T5 encode", "sampling", "decode"))
@@ -194,88 +197,91 @@ def print_estimate(m: dict) -> None:
 # ---------------------------------------------------------------------------------------------------- measuring
 
 
-def measure(args) -> None:
+@contextlib.contextmanager
+def stage_peak(row: dict, stage: str, cuda: bool):
+    """``row[stage]`` = ``torch.cuda.max_memory_allocated`` over the block (None on the CPU: nothing measured)."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    yield
+    if cuda:
+        torch.cuda.synchronize()
+    row[stage] = torch.cuda.max_memory_allocated() if cuda else None
+
+
+def measure_method(bundle, m: dict, method: str, side, cuda: bool, size: tuple, steps: int) -> dict:
+    """Peak per stage of one method's run: its encoder (prep), T5 encode, sampling, decode."""
     from magicmirror_video.models.clip_vision import image_embeds
-    from magicmirror_video.models.cogvideox import CogVideoXBundle
     from magicmirror_video.models.dualreal import DualRealPatch
     from magicmirror_video.models.lora import LoraPatch
     from magicmirror_video.models.magicmirror import FaceEmbeds, MagicMirrorPatch
-    from magicmirror_video.models.placement import Placement
     from magicmirror_video.models.sampler import decode_latents, sample_video
     from magicmirror_video.models.subject import NORM_LORA_MODULES, SubjectReferencePatch, encode_reference
     from magicmirror_video.models.text import encode_prompt
+
+    frames, height, width = size
+    device, dtype, g = bundle.device, bundle.dtype, torch.Generator().manual_seed(0)
+    row, patches = {}, []
+    if method == "magicmirror":  # the face encoder's torch part on a random aligned crop
+        enc = m["face_encoder"]
+        crops = torch.rand(1, 3, enc.image_size, enc.image_size, generator=g).to(device, dtype)
+        arcface = torch.randn(1, 512, generator=g).to(device, dtype)
+        with stage_peak(row, "prep", cuda), side.run(enc):
+            x_id, penultimate = enc(crops, arcface)
+        faces = FaceEmbeds(arcface=arcface.float().cpu(), x_id=x_id.float().cpu(),
+                           clip_penultimate=penultimate.float().cpu())
+        patches = [MagicMirrorPatch(m["magicmirror"], faces)]
+    elif method == "dualreal":
+        with stage_peak(row, "prep", cuda), side.run(m["clip_h"]):
+            embeds = image_embeds(m["clip_h"], torch.rand(1, 224, 224, 3, generator=g), device=device)
+        patches = [DualRealPatch(m["dualreal"], embeds[:, None])]
+    elif method == "subject":
+        with stage_peak(row, "prep", cuda):
+            latents = encode_reference(bundle, torch.rand(1, height, width, 3, generator=g))
+        patches = [LoraPatch(m["subject_lora"], reference_only=NORM_LORA_MODULES),
+                   SubjectReferencePatch(latents, vae_scale=bundle.vae_scale_factor_spatial)]
+    model = bundle
+    for p in patches:
+        model = model.with_patch(p)
+    bundle.text_cache._items.clear()  # encode for real
+    with stage_peak(row, "t5", cuda):
+        conds = encode_prompt(bundle, "a man img is walking", trigger="img"), encode_prompt(bundle, "")
+    with stage_peak(row, "sampling", cuda):
+        out = sample_video(model, *conds, num_frames=frames, height=height, width=width, steps=steps, cfg=6.0, seed=0)
+    with stage_peak(row, "decode", cuda):
+        decode_latents(bundle, out, tiling=True)
+    return row
+
+
+def measure(args) -> None:
+    from magicmirror_video.models.cogvideox import CogVideoXBundle
+    from magicmirror_video.models.placement import Placement
     from magicmirror_video.testing import tiny
 
     cuda = torch.cuda.is_available() and not args.cpu
-    device = "cuda" if cuda else "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    frames, height, width = (9, 32, 32) if args.tiny else (FRAMES, HEIGHT, WIDTH)
+    size = (9, 32, 32) if args.tiny else (FRAMES, HEIGHT, WIDTH)
     tokenizer = tiny.build_tokenizer()  # (no download; the prompts are 226 ids whatever the vocabulary)
-    estimates = estimate(build_models("meta", dtype, args.tiny), frames, height, width)[2]
-    print(f"measured on {torch.cuda.get_device_name() if cuda else 'the CPU (no CUDA: peak = nothing measured)'}; "
-          f"{frames}x{height}x{width}, {args.steps} steps")
+    estimates = estimate(build_models("meta", dtype, args.tiny), *size)[2]
+    print(f"measured on {torch.cuda.get_device_name() if cuda else 'the CPU (no CUDA: nothing measured)'}; "
+          f"{'x'.join(map(str, size))}, {args.steps} steps")
     print(f"{'mode':<11}{'method':<12}" + "".join(f"{s:>20}" for s in STAGES) + "   (GiB: measured / estimate)")
-
-    def peak(fn):
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        return None  # (the CPU: the code ran, nothing to measure)
-
     for mode in MODES:
         m = build_models("cpu", dtype, args.tiny)  # random weights on the CPU; the placements move them
         bundle = CogVideoXBundle(transformer=m["transformer"], vae=m["vae"], text_encoder=m["t5"], tokenizer=tokenizer,
                                  scheduler_config=load_reference_config("scheduler_config_5b.json"), dtype=dtype,
-                                 device=torch.device(device), offload=mode)
-        side = Placement(device, "cpu", "model")  # the encoders outside the bundle, as the nodes place them
-        g = torch.Generator().manual_seed(0)
+                                 device=device, offload=mode)
+        side = Placement(device, "cpu", "model")  # the encoders outside the bundle, placed as the nodes place them
         for method in METHODS:
-            row, model, patches = {}, bundle, []
-            bundle.text_cache._items.clear()
-            if method == "magicmirror":
-                enc = m["face_encoder"]
-                crops = torch.rand(1, 3, enc.image_size, enc.image_size, generator=g).to(device, dtype)
-                arc = torch.randn(1, 512, generator=g).to(device, dtype)
-
-                def prep():
-                    with side.run(enc):
-                        x_id, pen = enc(crops, arc)
-                    return FaceEmbeds(arcface=arc.float().cpu(), x_id=x_id.float().cpu(), clip_penultimate=pen.float().cpu())
-                box = []
-                row["prep"] = peak(lambda: box.append(prep()))
-                patches = [MagicMirrorPatch(m["magicmirror"], box[0])]
-            elif method == "dualreal":
-                box = []
-
-                def prep():
-                    with side.run(m["clip_h"]):
-                        box.append(image_embeds(m["clip_h"], torch.rand(1, 224, 224, 3, generator=g), device=device))
-                row["prep"] = peak(prep)
-                patches = [DualRealPatch(m["dualreal"], box[0][:, None])]
-            elif method == "subject":
-                box = []
-                row["prep"] = peak(lambda: box.append(encode_reference(bundle, torch.rand(1, height, width, 3))))
-                patches = [LoraPatch(m["subject_lora"], reference_only=NORM_LORA_MODULES),
-                           SubjectReferencePatch(box[0], vae_scale=bundle.vae_scale_factor_spatial)]
-            for p in patches:
-                model = model.with_patch(p)
-            conds = []
-            row["t5"] = peak(lambda: conds.extend([encode_prompt(bundle, "a man img is walking", trigger="img"),
-                                                   encode_prompt(bundle, "")]))
-            out = []
-            row["sampling"] = peak(lambda: out.append(sample_video(model, *conds, num_frames=frames, height=height,
-                                                                   width=width, steps=args.steps, cfg=6.0, seed=0)))
-            row["decode"] = peak(lambda: decode_latents(bundle, out[0], tiling=True))
+            row = measure_method(bundle, m, method, side, cuda, size, args.steps)
             cells = ""
             for stage in STAGES:
-                got, est = row.get(stage, "-"), estimates[mode][method][stage][1]
-                cells += ("-" if got == "-" else f"{'n/a' if got is None else gib(got)} / {gib(est)}").rjust(20)
+                est = gib(estimates[mode][method][stage][1])
+                got = "-" if stage not in row else "n/a" if row[stage] is None else gib(row[stage])
+                cells += ("-" if got == "-" else f"{got} / {est}").rjust(20)
             print(f"{mode:<11}{method:<12}{cells}", flush=True)
-        del bundle, m
+        del bundle, m, side
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

@@ -160,7 +160,8 @@ def resolve_offload(mode: str, device: torch.device, bundle, manager=None) -> st
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {mode!r}")
     if mode != "auto":
         return mode
-    chosen, reason = choose_offload(free_memory(device, manager), component_bytes(bundle), stage_activation_bytes(bundle))
+    chosen, reason = choose_offload(free_memory(device, manager), component_bytes(bundle),
+                                    stage_activation_bytes(bundle))
     logger.info("offload=auto on %s chose %r: %s", device, chosen, reason)
     return chosen
 

@@ -204,14 +204,15 @@ class Placement:
         Offloaded modules are moved in and moved back afterwards — on exit, on errors and on interrupts alike;
         resident ones stay, streamed ones bring their leaves themselves. ``memory_required``: the stage's activation
         estimate (:mod:`.memory`), which a host manager frees room for. Nested runs of a module move it once.
-        Modules that are not components (:meth:`add`) and have trainable parameters are left where they are:
-        training code places them (an optimizer holds their parameters).
+        Modules that are not components (:meth:`add`) and have trainable parameters are brought in but never taken
+        back: training code places them (an optimizer holds their parameters).
         """
-        unique = list({id(m): m for m in modules if m is not None and (m in self._homes or not trainable(m))}.values())
+        unique = list({id(m): m for m in modules if m is not None}.values())
         whole = [m for m in unique if self.home(m) != "streamed"]
         streamed = [m for m in unique if self.home(m) == "streamed"]
         entering = [m for m in whole if not self._depth.get(id(m))]
-        brought = [m for m in entering if self.home(m) == "offloaded"]
+        incoming = [m for m in entering if self.home(m) == "offloaded"]
+        brought = [m for m in incoming if m in self._homes or not trainable(m)]  # and taken back after the block
         for m in whole:
             self._depth[id(m)] = self._depth.get(id(m), 0) + 1
         try:
@@ -221,7 +222,7 @@ class Placement:
                 if streamed:
                     self.manager.free(memory_required + 2 * max(self._leaf.get(m, 0) for m in streamed), self.device)
             else:
-                self._move(brought, onload=True)
+                self._move(incoming, onload=True)
             yield
         finally:
             for m in whole:

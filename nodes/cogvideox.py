@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..models.cogvideox import DTYPES, find_model_folder, load_cogvideox
-from ..models.placement import OFFLOAD_MODES
 from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
+from ..models.placement import OFFLOAD_MODES
 from ..models.sampler import decode_latents, sample_video
 from ..models.text import DEFAULT_TRIGGER, encode_prompt
 from . import host

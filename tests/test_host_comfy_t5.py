@@ -1,9 +1,9 @@
 """ComfyUI's own T5 gives the pack's conditioning: the same prompts through the CogVideoX folder's T5
 (transformers) and through a ComfyUI CLIP built on ``comfy.text_encoders.t5.T5`` — the class core's Load CLIP
-uses for t5xxl_fp16.safetensors — with a tiny config and the same weights agree to 1e-5 (absolute + relative: |a − b| ≤ 1e-5 + 1e-5·|b|; ComfyUI's
-T5 attention scales the keys instead of the scores, so float32 rounding differs), with the same token ids
-and identity masks, also for prompts with ``<cls>`` and with parentheses (which ComfyUI's own tokenizer would read
-as weights). Runs in ComfyUI's Python (``COMFYUI_PYTHON``); skipped without ``COMFYUI_PATH``.
+uses for t5xxl_fp16.safetensors — with a tiny config and the same weights agree to 1e-5 (absolute + relative:
+|a − b| ≤ 1e-5 + 1e-5·|b|; ComfyUI's T5 attention scales the keys instead of the scores, so float32 rounding
+differs), with the same token ids and identity masks, also for prompts with ``<cls>`` and with parentheses (which
+ComfyUI's own tokenizer would read as weights). Runs in ComfyUI's Python (``COMFYUI_PYTHON``); skipped without ``COMFYUI_PATH``.
 """
 
 from __future__ import annotations

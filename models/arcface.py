@@ -404,6 +404,12 @@ def embed_faces(model: nn.Module, frames: torch.Tensor, kps) -> torch.Tensor:
     return model(aligned.to(_model_dtype(model)))
 
 
+def embed_aligned(model: nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    """Raw ArcFace embeddings [N, F] of already aligned RGB crops [N, 3, 112, 112] in [-1, 1] (e.g. the
+    reference crops ``norm_crop`` made): the same network and input scaling as :func:`embed_faces`."""
+    return model(crops.to(_model_dtype(model)))
+
+
 def identity_cosine(model: nn.Module, ref_embed: torch.Tensor, frames: torch.Tensor, kps) -> torch.Tensor:
     """Cosine similarity [B] between ``ref_embed`` [B, F] (or [F]) and the ArcFace embeddings of
     ``frames`` [B, 3, H, W] (RGB in [-1, 1]) aligned at ``kps`` [B, 5, 2]; differentiable w.r.t.

@@ -152,26 +152,42 @@ class ForwardState:
 
 
 def _runner_hook(runner: "BlockRunner", index: int):
-    """A diffusers ``ModelHook`` whose ``new_forward`` replaces block ``index``'s forward by the runner."""
+    """A diffusers ``ModelHook`` whose ``new_forward`` replaces block ``index``'s forward by the runner (state in
+    attributes, so a deep copy of the transformer gets hooks bound to its own runner)."""
     from diffusers.hooks import ModelHook
 
     class BlockRunnerHook(ModelHook):
+        def __init__(self):
+            super().__init__()
+            self.runner, self.index = runner, index
+
         def new_forward(self, module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                         attention_kwargs=None):
-            return runner.run_block(module, index, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
-                                    attention_kwargs)
+            return self.runner.run_block(module, self.index, hidden_states, encoder_hidden_states, temb,
+                                         image_rotary_emb, attention_kwargs)
 
     return BlockRunnerHook()
 
 
-class _Taps:
-    """Forward hooks that keep the outputs of an attention's ``to_q``/``to_k``/``to_v`` (after any LoRA)
-    while its processor runs, for extra attention paths that reuse them."""
+class _AttentionTaps:
+    """Hooks on one attention module for the duration of its processor's call.
 
-    def __init__(self, attn, names):
+    * ``values``: the outputs of ``to_q``, ``to_v`` and of ``norm_k`` (``to_k`` without qk-norm), after any LoRA.
+      diffusers' CogVideoX processor applies RoPE to the key *in place*, so after the call the kept key holds
+      the rotated keys the softmax used (checked by :meth:`BlockRunner._rotated_keys`).
+    * ``before_out``: a function of the attention output ``[B, text + hidden, D]`` applied just before the
+      output projection ``to_out[0]`` (a forward pre-hook), where the extra attentions are added as
+      IP-Adapter adds its cross-attention: ``to_out(attn + extra)``.
+    """
+
+    def __init__(self, attn, names, before_out=None):
         self.values, self.handles = {}, []
         for name in names:
-            self.handles.append(getattr(attn, name).register_forward_hook(self._keep(name)))
+            module = getattr(attn, name) if name != "key" else (attn.norm_k or attn.to_k)
+            self.handles.append(module.register_forward_hook(self._keep(name)))
+        if before_out is not None:
+            self.handles.append(attn.to_out[0].register_forward_pre_hook(lambda m, args: (before_out(args[0]),)
+                                                                           + tuple(args[1:])))
 
     def _keep(self, name):
         def hook(module, args, output):
@@ -191,15 +207,6 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def _merge(x: torch.Tensor) -> torch.Tensor:
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
-
-
-def _project_out(attn, x: torch.Tensor) -> torch.Tensor:
-    """The attention's output projection without its bias: ``to_out(a + x) = to_out(a) + this`` (any LoRA on
-    ``to_out`` included)."""
-    out = attn.to_out[0](x)
-    if attn.to_out[0].bias is not None:  # (the bias waits on the offload device while the weights stream)
-        out = out - attn.to_out[0].bias.to(out.device)
-    return attn.to_out[1](out)
 
 
 class BlockRunner:
@@ -323,7 +330,19 @@ class BlockRunner:
         want_query = any(ext.needs_query(index) for ext in exts)
         taps = None
         if want_query or query_only:
-            taps = _Taps(block.attn1, ("to_q", "to_k", "to_v") if query_only else ("to_q",))
+            video_at = text_len + sum(p[1].shape[1] for p in joint[:joint.index(video_part)])
+            n_video = video_part[1].shape[1]
+
+            def before_out(x):  # [B, text + hidden, D]: add the extensions' extra attention of text and video
+                if x.shape[1] != text_len + attn_in.shape[1]:
+                    raise RuntimeError(f"the attention processor {type(block.attn1.processor).__name__} does not feed "
+                                       "its output projection with [text; video] tokens; extra attention cannot attach")
+                extra = self._extra_attention(block.attn1, index, state, exts, taps.values["to_q"], text_len,
+                                              video_at, n_video)
+                return x if extra is None else extra(x)
+
+            taps = _AttentionTaps(block.attn1, ("to_q",) + (("key", "to_v") if query_only else ()),
+                                  before_out if want_query else None)
         try:
             attn_hidden, attn_text = block.attn1(hidden_states=attn_in, encoder_hidden_states=norm_text,
                                                  image_rotary_emb=rotary, **attention_kwargs)
@@ -336,12 +355,11 @@ class BlockRunner:
             n = p[1].shape[1]
             outs[id(p)] = attn_hidden[:, start:start + n] if len(joint) > 1 else attn_hidden
             start += n
-        for p in query_only:
-            outs[id(p)] = self._query_only_attention(block.attn1, gates[id(p)][0], taps.values, text_len, rotary)
+        if query_only:
+            key = self._rotated_keys(block.attn1, taps.values, torch.cat([norm_text, attn_in], dim=1), text_len, rotary)
+            for p in query_only:
+                outs[id(p)] = self._query_only_attention(block.attn1, gates[id(p)][0], key, taps.values["to_v"])
         attn_video = outs[id(video_part)]
-        if want_query:
-            attn_text, attn_video = self._extra_attention(block.attn1, index, state, exts, taps.values["to_q"],
-                                                          joint, video_part, text_len, attn_text, attn_video)
         for ext in exts:
             attn_text, attn_video = ext.attention_residual(state, index, norm_text, norm_video, attn_text, attn_video)
         outs[id(video_part)] = attn_video
@@ -389,16 +407,31 @@ class BlockRunner:
         return norm_text, norm_video, gates
 
     @staticmethod
-    def _query_only_attention(attn, normed, taps, text_len, rotary):
-        """A stream whose queries see every key of the joint attention and its own, while no other token
-        sees its keys: softmax over the two key sets written out (few queries; no copy of the long K/V)."""
+    def _rotated_keys(attn, taps, attn_input, text_len, rotary):
+        """The keys [B, H, S, d] the joint attention's softmax used: the kept ``norm_k`` output, which the
+        processor rotated in place, checked on one video token against RoPE computed here; recomputed in full
+        (normalised and rotated here) for a processor that does not rotate in place."""
         from diffusers.models.embeddings import apply_rotary_emb
 
-        key, value = _heads(taps["to_k"], attn.heads), _heads(taps["to_v"], attn.heads)
+        key = taps["key"] if attn.norm_k is not None else _heads(taps["key"], attn.heads)  # [B, H, S, d]
+        if rotary is None:
+            return key
+        probe = _heads(attn.to_k(attn_input[:, text_len:text_len + 1]), attn.heads)
+        if attn.norm_k is not None:
+            probe = attn.norm_k(probe)
+        probe = apply_rotary_emb(probe, (rotary[0][:1], rotary[1][:1]))
+        if torch.allclose(probe, key[:, :, text_len:text_len + 1], rtol=1e-3, atol=1e-4):
+            return key
+        key = _heads(attn.to_k(attn_input), attn.heads)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if rotary is not None:
-            key = torch.cat([key[:, :, :text_len], apply_rotary_emb(key[:, :, text_len:], rotary)], dim=2)
+        return torch.cat([key[:, :, :text_len], apply_rotary_emb(key[:, :, text_len:], rotary)], dim=2)
+
+    @staticmethod
+    def _query_only_attention(attn, normed, key, value_lin):
+        """A stream whose queries see every key of the joint attention and its own, while no other token
+        sees its keys: softmax over the two key sets written out (few queries; no copy of the long K/V)."""
+        value = _heads(value_lin, attn.heads)
         q, k, v = (_heads(proj(normed), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
@@ -409,30 +442,32 @@ class BlockRunner:
         return attn.to_out[1](attn.to_out[0](_merge(out)))
 
     @staticmethod
-    def _extra_attention(attn, index, state, exts, q_lin, joint, video_part, text_len, attn_text, attn_video):
-        """Extensions' extra attention of the text and video queries, added before the output projection."""
+    def _extra_attention(attn, index, state, exts, q_lin, text_len, video_at, n_video):
+        """The extensions' extra attention of the text and video queries (normalised, before RoPE), as a function
+        adding it to the attention output before the output projection; None if no extension adds any."""
         query = _heads(q_lin, attn.heads)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        if len(joint) > 1:  # keep the text and video queries only
-            start = text_len
-            for p in joint:
-                n = p[1].shape[1]
-                if p is video_part:
-                    query = torch.cat([query[:, :, :text_len], query[:, :, start:start + n]], dim=2)
-                    break
-                start += n
-        for ext in exts:
-            if not ext.needs_query(index):
-                continue
-            extra = ext.attention_extra(state, index, attn, query)
-            if extra is None:
-                continue
-            rows, out = extra
-            delta = _project_out(attn, _merge(out))  # [R, L + N, D]
-            attn_text = attn_text.index_add(0, rows, delta[:, :text_len])
-            attn_video = attn_video.index_add(0, rows, delta[:, text_len:])
-        return attn_text, attn_video
+        if query.shape[2] != text_len + n_video:  # keep the text and video queries only (not the streams')
+            query = torch.cat([query[:, :, :text_len], query[:, :, video_at:video_at + n_video]], dim=2)
+        extras = [e for e in (ext.attention_extra(state, index, attn, query) for ext in exts if ext.needs_query(index))
+                  if e is not None]
+        if not extras:
+            return None
+
+        positions = torch.cat([torch.arange(text_len), torch.arange(video_at, video_at + n_video)]).to(query.device)
+
+        def add(x):  # x [B, text + hidden, D]
+            delta = None
+            for rows, out in extras:
+                if delta is None and out.shape[0] == query.shape[0]:
+                    delta = out.to(query.dtype)  # every row (rows are 0..B-1 in order)
+                else:
+                    delta = (query.new_zeros(query.shape) if delta is None else delta).index_add(0, rows,
+                                                                                                 out.to(query.dtype))
+            return x.index_add(1, positions, _merge(delta).to(x.dtype))
+
+        return add
 
 
 def block_runner(transformer) -> BlockRunner:

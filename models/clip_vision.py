@@ -63,9 +63,15 @@ def load_clip_vision(path: str):
 
 
 def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
-    """IMAGE [N, H, W, 3] 0..1 -> CLIP input [N, 3, size, size] (plain resize, as DualReal's reference code)."""
+    """IMAGE [N, H, W, 3] 0..1 -> CLIP input [N, 3, size, size]: centre crop to a square, bicubic resize
+    (antialiased), CLIP normalisation -- OpenCLIP's preprocessing (resize the short side, centre crop).
+    The DualReal trainer and the StageBlender node both embed their reference image through this."""
     x = images.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = x[..., top:top + side, left:left + side]
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 

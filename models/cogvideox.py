@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-REQUIRED_SUBFOLDERS = ("transformer", "vae", "scheduler")  # text_encoder/ + tokenizer/ may come from ComfyUI's CLIP
+TEXT_COMPONENTS = ("text_encoder", "tokenizer")  # optional for the nodes: a ComfyUI T5-XXL CLIP may encode instead
 
 
 class ModelFolderError(FileNotFoundError):
@@ -195,6 +195,14 @@ def _missing(path: str, what: str, searched: list[str]) -> ModelFolderError:
     return ModelFolderError(f"{what} not found: {path!r}. Paths searched:\n  {lines}")
 
 
+def missing_components(folder: str, *, text_encoder: bool = True) -> list[str]:
+    """The sub-folders of a diffusers CogVideoX folder that ``folder`` lacks (empty when complete). With
+    ``text_encoder=False`` a folder may lack ``text_encoder/`` and ``tokenizer/`` together (a ComfyUI CLIP then
+    encodes its prompts)."""
+    optional = () if text_encoder or os.path.isdir(os.path.join(folder, "text_encoder")) else TEXT_COMPONENTS
+    return [p for p in COMPONENTS if p not in optional and not os.path.isdir(os.path.join(folder, p))]
+
+
 def find_model_folder(name: str, roots: list[str]) -> str:
     """Resolve ``name`` (a folder name or an absolute path) against ``roots``.
 
@@ -204,9 +212,7 @@ def find_model_folder(name: str, roots: list[str]) -> str:
     candidates = [name] if os.path.isabs(name) else [os.path.join(r, name) for r in roots]
     for c in candidates:
         if os.path.isdir(c):
-            missing = [p for p in REQUIRED_SUBFOLDERS if not os.path.isdir(os.path.join(c, p))]
-            if os.path.isdir(os.path.join(c, "text_encoder")) and not os.path.isdir(os.path.join(c, "tokenizer")):
-                missing.append("tokenizer")
+            missing = missing_components(c, text_encoder=False)
             if missing:
                 raise ModelFolderError(
                     f"CogVideoX folder {c!r} is incomplete: missing subfolder(s) {', '.join(missing)}. "

@@ -41,6 +41,20 @@ METHOD = "dualreal"
 BLEND_SCALE = 0.2
 
 
+def check_groups(num_layers: int, n_groups: int) -> None:
+    """StageBlender groups must split the blocks evenly (block i is in group i // (num_layers // n_groups))."""
+    if not 1 <= n_groups <= num_layers or num_layers % n_groups:
+        divisors = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+        raise ValueError(f"n_groups={n_groups} does not divide the model's {num_layers} transformer blocks into equal "
+                         f"groups; use one of {', '.join(map(str, divisors))}")
+
+
+def default_groups(num_layers: int) -> int:
+    """Groups of 6 blocks as the official 5B adapter (42 -> 7); otherwise the largest divisor of
+    ``num_layers`` not above ``num_layers // 6`` (at least 1)."""
+    return max(d for d in range(1, max(1, num_layers // 6) + 1) if num_layers % d == 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class DualRealConfig:
     width: int = 3072
@@ -53,13 +67,16 @@ class DualRealConfig:
     condition_lambda: float = 1.0
     base_model: str = "CogVideoX-5B"
 
+    def __post_init__(self):
+        check_groups(self.num_layers, self.n_groups)
+
     def group_of(self, block: int) -> int:
         return block // (self.num_layers // self.n_groups)
 
     @classmethod
     def for_transformer(cls, transformer, **kwargs) -> "DualRealConfig":
         c = transformer.config
-        n_groups = kwargs.pop("n_groups", None) or max(1, c.num_layers // 6)
+        n_groups = kwargs.pop("n_groups", None) or default_groups(c.num_layers)
         return cls(width=c.num_attention_heads * c.attention_head_dim, num_layers=c.num_layers,
                    time_embed_dim=c.time_embed_dim, n_groups=n_groups,
                    base_model=str(variant_of(c)).rsplit(" ", 1)[0], **kwargs)
@@ -131,7 +148,7 @@ class DualRealAdapters(nn.Module):
         return [p for n, p in self.named_parameters() if f".{kind}_" in n]
 
     def check_compatible(self, transformer) -> None:
-        mine, theirs = self.config, DualRealConfig.for_transformer(transformer, n_groups=self.config.n_groups)
+        mine, theirs = self.config, DualRealConfig.for_transformer(transformer)
         if (mine.width, mine.num_layers, mine.time_embed_dim) != (theirs.width, theirs.num_layers, theirs.time_embed_dim):
             raise ValueError(f"This DualReal adapter was made for {mine.base_model} (width {mine.width}, "
                              f"{mine.num_layers} layers) but the loaded model is {theirs.base_model} (width "
@@ -175,19 +192,28 @@ class DualRealExtension(BlockExtension):
         if self._record_row is not None and not self.alpha.is_meta:  # (FLOP counting runs on the meta device)
             self.history.append(self.alpha[self._record_row].detach().float().cpu())
 
-    def _blend(self, index: int, like: torch.Tensor):
-        alpha = self.alpha[:, self.adapters.config.group_of(index)].to(like.dtype).view(-1, 1, 1)  # [B, 1, 1]
-        cond = None if self.condition is None else self.condition.to(like.dtype)
-        return alpha, BLEND_SCALE - alpha, cond
-
     def _residual(self, index, kind, norm_text, norm_video, out_text, out_video):
-        ad = self.adapters.transformer_blocks[index]
-        alpha, beta, cond = self._blend(index, norm_video)
-        joint = torch.cat([norm_text, norm_video], dim=1)
-        lam, n = self.adapters.config.condition_lambda, norm_text.shape[1]
-        id_out = getattr(ad, f"id_{kind}_adapter")(joint) * alpha
-        motion_out = getattr(ad, f"motion_{kind}_adapter")(joint, cond, lam) * beta
-        return out_text + id_out[:, :n] + motion_out[:, :n], out_video + id_out[:, n:] + motion_out[:, n:]
+        """``α·id(x) + (0.2 − α)·motion(x, c)`` on ``x = [text; video]``, added to the outputs. The two adapters run
+        as one: their down projections stacked (x read once), the blend weights folded into the stacked up
+        projection, and their skip terms summed to ``0.2·x``: the same as the official sum of the two adapters'
+        outputs (x + up(GELU(down(x + λ·W_c·c)))), to rounding (tested)."""
+        ident = getattr(self.adapters.transformer_blocks[index], f"id_{kind}_adapter")
+        motion = getattr(self.adapters.transformer_blocks[index], f"motion_{kind}_adapter")
+        x = torch.cat([norm_text, norm_video], dim=1)  # [B, S, W]
+        alpha = self.alpha[:, self.adapters.config.group_of(index)].to(x.dtype).view(-1, 1, 1)  # [B, 1, 1]
+        beta = BLEND_SCALE - alpha
+        hidden = F.linear(x, torch.cat([ident.down_linear.weight, motion.down_linear.weight]),
+                          torch.cat([ident.down_linear.bias, motion.down_linear.bias]))  # [B, S, 2h]
+        width = ident.down_linear.out_features
+        if self.condition is not None and motion.condition_linear is not None:  # down(x + λ·W_c·c), linear in c
+            c = self.adapters.config.condition_lambda * motion.condition_linear(self.condition.to(x.dtype))
+            hidden = hidden + F.pad(F.linear(c, motion.down_linear.weight), (width, 0))  # [B or 1, 1, 2h]
+        hidden = F.gelu(hidden)
+        hidden = torch.cat([hidden[..., :width] * alpha, hidden[..., width:] * beta], dim=-1)
+        add = F.linear(hidden, torch.cat([ident.up_linear.weight, motion.up_linear.weight], dim=1))
+        add = add + (alpha * ident.up_linear.bias + beta * motion.up_linear.bias) + BLEND_SCALE * x
+        n = norm_text.shape[1]
+        return out_text + add[:, :n], out_video + add[:, n:]
 
     def attention_residual(self, state, index, norm_text, norm_video, out_text, out_video):
         return self._residual(index, "attn", norm_text, norm_video, out_text, out_video)
@@ -259,13 +285,17 @@ def load_dualreal(path: str) -> DualRealAdapters:
     """Load the pack's ``.safetensors`` or the official ``adapter.pth`` (weights_only pickle)."""
     if path.endswith((".safetensors", ".sft")):
         tensors, metadata = read_safetensors(path)
-        config = DualRealConfig(**json.loads(metadata["config"])) if "config" in metadata else \
-            config_from_state_dict(tensors)
     else:
-        tensors = read_torch_pickle(path)
+        tensors, metadata = read_torch_pickle(path), {}
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise WeightsFileError(f"{path!r}: expected a {{name: tensor}} DualReal adapter checkpoint")
-        config = config_from_state_dict(tensors)
+    try:
+        config = DualRealConfig(**json.loads(metadata["config"])) if "config" in metadata else \
+            config_from_state_dict(tensors)
+    except WeightsFileError:
+        raise
+    except ValueError as e:  # e.g. a controller whose group count does not split the blocks
+        raise WeightsFileError(f"{path!r} is not a usable DualReal adapter: {e}") from None
     adapters = DualRealAdapters(config)
     missing, unexpected = adapters.load_state_dict(tensors, strict=False)
     if missing or unexpected:

@@ -4,7 +4,10 @@ Key formats understood (all normalised to a module path of ``CogVideoXTransforme
 
 * diffusers / PEFT: ``transformer.<path>.lora_A.weight`` / ``lora_B.weight``; the scale comes
   from the ``lora_adapter_metadata`` safetensors entry (``lora_alpha / r``, with
-  ``rank_pattern``/``alpha_pattern``/``use_rslora``) when present, else 1 (diffusers' rule).
+  ``rank_pattern``/``alpha_pattern``/``use_rslora``) when present, else ``alpha / rank`` when the
+  caller knows the alpha the file was trained with (``alpha=``; e.g. the subject LoRA loader's 64),
+  else 1 (diffusers' rule). Files this pack exports have the scale baked into ``lora_B`` (metadata
+  ``lora_scale: baked``) and always load at scale 1.
   ``base_model.model.`` (PEFT ``save_pretrained``) and bare paths are accepted too.
 * kohya: ``lora_unet_<path with _>.lora_down.weight`` / ``lora_up.weight`` / ``.alpha``
   (scale ``alpha / rank``; rank when no alpha).
@@ -87,8 +90,20 @@ def _pattern_value(pattern: dict, module: str, default):
     return default
 
 
-def parse_lora_state_dict(state_dict: dict, metadata: dict | None = None, name: str = "lora") -> LoraWeights:
-    """Normalise a LoRA state dict of any supported format into :class:`LoraWeights`."""
+def scale_is_baked(metadata: dict) -> bool:
+    """True for LoRAs exported by this pack (alpha / rank already multiplied into ``lora_B``); files from
+    before the ``lora_scale`` marker are recognised by their pack metadata (method + alpha)."""
+    return metadata.get("lora_scale") == "baked" or ("method" in metadata and "alpha" in metadata)
+
+
+def parse_lora_state_dict(state_dict: dict, metadata: dict | None = None, name: str = "lora",
+                          alpha: float | None = None) -> LoraWeights:
+    """Normalise a LoRA state dict of any supported format into :class:`LoraWeights`.
+
+    ``alpha``: the alpha the LoRA was trained with, for files that do not record one (no ``.alpha``
+    keys, no ``lora_adapter_metadata``, scale not baked): their scale becomes ``alpha / rank`` instead
+    of diffusers' 1. Files that record their scale ignore it.
+    """
     metadata = metadata or {}
     if any(".lora_magnitude_vector" in k or k.endswith(".dora_scale") for k in state_dict):
         raise LoraMismatchError(f"{name}: DoRA LoRAs are not supported; export a plain LoRA.")
@@ -114,7 +129,7 @@ def parse_lora_state_dict(state_dict: dict, metadata: dict | None = None, name: 
         raise LoraMismatchError(
             f"{name}: no LoRA weights found (expected keys ending in lora_A/lora_B or lora_down/lora_up; "
             f"first keys: {list(state_dict)[:5]}).")
-    alpha, r, alpha_pattern, rank_pattern, rslora = _peft_scales(metadata)
+    peft_alpha, r, alpha_pattern, rank_pattern, rslora = _peft_scales(metadata)
     layers = {}
     for module, parts in groups.items():
         if "down" not in parts or "up" not in parts:
@@ -123,23 +138,26 @@ def parse_lora_state_dict(state_dict: dict, metadata: dict | None = None, name: 
         rank = down.shape[0]
         if "alpha" in parts:
             scale = float(parts["alpha"]) / rank
-        elif alpha is not None:
-            a = _pattern_value(alpha_pattern, module, alpha)
+        elif peft_alpha is not None:
+            a = _pattern_value(alpha_pattern, module, peft_alpha)
             rr = _pattern_value(rank_pattern, module, r or rank)
             scale = a / (rr ** 0.5 if rslora else rr)
+        elif alpha is not None and not scale_is_baked(metadata):
+            scale = float(alpha) / rank
         else:
             scale = 1.0
         layers[module] = LoraLayer(down=down, up=up, scale=scale)
     return LoraWeights(name=name, layers=layers, kohya=kohya, metadata=metadata)
 
 
-def load_lora_file(path: str) -> LoraWeights:
-    """Read a LoRA file (.safetensors preferred; .bin/.pt/.pth only via weights_only pickle)."""
+def load_lora_file(path: str, alpha: float | None = None) -> LoraWeights:
+    """Read a LoRA file (.safetensors preferred; .bin/.pt/.pth only via weights_only pickle); ``alpha`` as
+    in :func:`parse_lora_state_dict`."""
     if path.endswith(".safetensors"):
         state_dict, metadata = read_safetensors(path)
     else:
         state_dict, metadata = read_torch_pickle(path), {}
-    return parse_lora_state_dict(state_dict, metadata, name=os.path.basename(path))
+    return parse_lora_state_dict(state_dict, metadata, name=os.path.basename(path), alpha=alpha)
 
 
 def resolve_lora_targets(lora: LoraWeights, transformer: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, LoraLayer]]:
@@ -332,12 +350,13 @@ def find_lora_targets(transformer: torch.nn.Module, names: list[str]) -> list[st
 
 def save_lora(path: str, layers: dict[str, LoraLayer], metadata: dict | None = None) -> None:
     """Write a diffusers-format LoRA (``transformer.<path>.lora_A/B.weight``) with the scale baked
-    into ``lora_B``, atomically (temp file + rename) so a crash never leaves a half-written file."""
+    into ``lora_B`` (metadata ``lora_scale: baked``), atomically (temp file + rename) so a crash never
+    leaves a half-written file."""
     tensors = {}
     for module, layer in layers.items():
         tensors[f"transformer.{module}.lora_A.weight"] = layer.down
         tensors[f"transformer.{module}.lora_B.weight"] = (layer.up.detach().float() * layer.scale).to(layer.up.dtype)
-    write_safetensors(path, tensors, metadata)
+    write_safetensors(path, tensors, {**(metadata or {}), "lora_scale": "baked"})
 
 
 __all__ = ["LoraLayer", "LoraWeights", "LoraPatch", "LoraMismatchError", "TrainableLora", "WeightsFileError",

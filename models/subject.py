@@ -57,12 +57,15 @@ def encode_reference(bundle, images: torch.Tensor, max_side: int = 720) -> torch
 
 def reference_tokens(transformer, latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reference latents [N, C, h, w] -> tokens [1, N * h/p * w/p, width] via the model's patch_embed, on the
-    device and in the dtype of ``like`` (the forward's video latents)."""
+    device and in the dtype of ``like`` (the forward's video latents; on I2V models the image-condition channels of
+    the reference frame are zero)."""
     cfg = transformer.config
     if not cfg.use_rotary_positional_embeddings:
         raise ValueError("subject reference tokens need a CogVideoX with 3D RoPE (5B or 1.5); CogVideoX-2B uses "
                          "absolute positions")
     frames = latents.to(like.device, like.dtype)[None]  # [1, N, C, h, w]: one frame per reference
+    if cfg.in_channels == 2 * cfg.out_channels:  # I2V models: a clean frame with no image condition (zeros)
+        frames = torch.cat([frames, torch.zeros_like(frames)], dim=2)
     if cfg.patch_size_t is not None:  # CogVideoX 1.5 patches pairs of frames: repeat each reference
         frames = frames.repeat_interleave(cfg.patch_size_t, dim=1)
     empty_text = frames.new_zeros(1, 0, cfg.text_embed_dim)

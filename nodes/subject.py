@@ -10,6 +10,7 @@ from .cogvideox import MENU, MODEL
 CATEGORY = f"{MENU}/Subject Reference"
 
 SCOPES = ("auto", "reference", "all")
+LORA_ALPHA = 64.0  # the subject method's LoRA alpha (rank 128, alpha 64: the released v1 checkpoint ran at 0.5)
 
 
 def lora_scope(metadata: dict, requested: str) -> str:
@@ -23,7 +24,9 @@ def lora_scope(metadata: dict, requested: str) -> str:
 class SubjectReferenceLoraLoader:
     DESCRIPTION = ("Loads a subject-reference LoRA. Its norm1/norm2 LoRA acts on the reference tokens only "
                    "('reference' scope, recorded by the pack's trainer) or on all tokens ('all', as the released "
-                   "v1 checkpoint was run). Use with Subject Reference.")
+                   "v1 checkpoint was run). Files that record no alpha (such as the v1 checkpoint) get scale "
+                   "alpha / rank with the alpha input (64, the method's), as their authors ran them. Use with "
+                   "Subject Reference.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -36,6 +39,11 @@ class SubjectReferenceLoraLoader:
             "norm_scope": (list(SCOPES), {"default": "auto", "tooltip": "auto: from the file's metadata (pack-"
                            "trained files: reference; others: all). reference: norm LoRA on reference tokens only. "
                            "all: on every token."}),
+        }, "optional": {
+            "alpha": ("FLOAT", {"default": LORA_ALPHA, "min": 0.0, "max": 4096.0, "step": 1.0,
+                                "tooltip": "LoRA alpha for files that record none (no alpha keys or adapter "
+                                "metadata, e.g. the released v1 checkpoint: r=128 trained with alpha 64, so scale "
+                                "0.5). Pack-trained files and files with alpha metadata ignore it."}),
         }}
 
     RETURN_TYPES = (MODEL,)
@@ -44,8 +52,8 @@ class SubjectReferenceLoraLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, model, lora_name, strength, norm_scope="auto"):
-        lora = load_lora_file(host.resolve_model_file("loras", lora_name))
+    def load(self, model, lora_name, strength, norm_scope="auto", alpha=LORA_ALPHA):
+        lora = load_lora_file(host.resolve_model_file("loras", lora_name), alpha=alpha)
         resolve_lora_targets(lora, model.transformer)  # fail now if it does not fit
         scope = lora_scope(lora.metadata, norm_scope)
         patch = LoraPatch(lora, strength, reference_only=NORM_LORA_MODULES if scope == "reference" else ())

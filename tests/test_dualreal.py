@@ -245,3 +245,114 @@ def test_training_resumes_exactly_and_the_adapter_drives_the_nodes(tiny_dualreal
     with pytest.raises(ValueError, match="no DualReal blend"):
         m["MMV_DualRealBlendPlot"]().plot(lat_base)
     assert isinstance(fixed.patches[-1], DualRealPatch)
+
+
+def test_n_groups_must_split_the_blocks_evenly(tmp_path):
+    from magicmirror_video.models.cogvideox import WeightsFileError, write_safetensors
+    from magicmirror_video.models.dualreal import default_groups
+    with pytest.raises(ValueError, match=r"n_groups=5 does not divide the model's 42 transformer blocks into equal "
+                                         r"groups; use one of 1, 2, 3, 6, 7, 14, 21, 42"):
+        DualRealConfig(num_layers=42, n_groups=5)  # block 41 would fall in a 6th group (41 // 8)
+    for bad in (0, 43):
+        with pytest.raises(ValueError, match=f"n_groups={bad} does not divide"):
+            DualRealConfig(num_layers=42, n_groups=bad)
+    assert [default_groups(n) for n in (2, 4, 20, 30, 42)] == [1, 1, 2, 5, 7]
+    t = tiny.build_components(num_layers=4)["transformer"]
+    adapters = DualRealAdapters(DualRealConfig.for_transformer(t, condition_dim=16, hidden_dim=8, n_groups=2))
+    sd = dict(adapters.state_dict())
+    sd["controller.fusion_net.3.weight"] = torch.zeros(3, sd["controller.fusion_net.3.weight"].shape[1])
+    sd["controller.fusion_net.3.bias"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "odd.pth")  # an official-format file whose controller has 3 groups for 4 blocks
+    with pytest.raises(WeightsFileError, match=r"odd\.pth.*n_groups=3 does not divide the model's 4"):
+        load_dualreal(str(tmp_path / "odd.pth"))
+    four = DualRealAdapters(DualRealConfig.for_transformer(t, condition_dim=16, hidden_dim=8, n_groups=4))
+    with pytest.raises(ValueError, match="made for .* 4 layers.* 3 layers"):  # not an n_groups error
+        four.check_compatible(tiny.build_components(num_layers=3)["transformer"])
+    config = {**dataclasses.asdict(adapters.config), "n_groups": 3}
+    write_safetensors(str(tmp_path / "odd.safetensors"), adapters.state_dict(), {"config": config})
+    with pytest.raises(WeightsFileError, match=r"odd\.safetensors.*n_groups=3"):
+        load_dualreal(str(tmp_path / "odd.safetensors"))
+
+
+def test_node_and_trainer_embed_a_non_square_reference_identically(tiny_dualreal, tmp_path, monkeypatch):
+    """One preprocessing (centre crop to a square, then resize, as OpenCLIP) for the StageBlender node and the
+    trainer: same CLIP embedding for the same 64x40 image, equal to an independent PIL crop + resize and far
+    from a stretched image's."""
+    import numpy as np
+    from PIL import Image
+
+    from magicmirror_video.models.clip_vision import CLIP_MEAN, CLIP_STD, load_clip_vision
+    img = np.zeros((40, 64, 3), np.uint8)
+    img[:, :12] = (230, 30, 30)  # red and blue side bands: cropped away by a centre crop, kept by a stretch
+    img[:, 52:] = (30, 30, 230)
+    img[:, 12:52, 1] = np.linspace(40, 220, 40).astype(np.uint8)[None, :]
+    img[10:30, 20:44, 2] = 180
+    Image.fromarray(img).save(tmp_path / "ref.png")
+    trainer = DualRealTrainer(dataclasses.replace(tiny_dualreal, output_dir=str(tmp_path / "run"),
+                                                  reference_image=str(tmp_path / "ref.png")))
+    trained = trainer.reference_condition(load_clip_vision(tiny_dualreal.clip_vision))
+
+    models = tmp_path / "models"
+    for sub in ("dualreal", "clip_vision"):
+        (models / sub).mkdir(parents=True)
+    shutil.copy(tiny_dualreal.clip_vision, models / "clip_vision" / "clip.safetensors")
+    os.symlink(os.path.dirname(tiny_dualreal.model_path), models / "CogVideo")
+    monkeypatch.setenv("MAGICMIRROR_MODELS_DIR", str(models))
+    from magicmirror_video import nodes
+    m = nodes.NODE_CLASS_MAPPINGS
+    (model,) = m["MMV_CogVideoXModelLoader"]().load("tiny-t2v", "fp32", "none")
+    save_dualreal(str(models / "dualreal" / "a.safetensors"),
+                  DualRealAdapters(DualRealConfig.for_transformer(model.transformer, condition_dim=16, hidden_dim=8)))
+    image = torch.from_numpy(np.array(Image.open(tmp_path / "ref.png").convert("RGB"))).float()[None] / 255.0
+    (patched,) = m["MMV_DualRealStageBlender"]().apply(model, "a.safetensors", "clip.safetensors", image, "dynamic",
+                                                       0.1)
+    assert torch.equal(patched.patches[-1].condition, trained)
+
+    clip = load_clip_vision(tiny_dualreal.clip_vision)
+    size = clip.config.image_size
+
+    def embed(pil):
+        x = torch.from_numpy(np.array(pil.resize((size, size), Image.BICUBIC))).float().permute(2, 0, 1) / 255.0
+        x = (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+        with torch.no_grad():
+            return clip(pixel_values=x[None]).image_embeds
+    reference = embed(Image.fromarray(img).crop((12, 0, 52, 40)))
+    stretched = embed(Image.fromarray(img))
+    gap = (trained[0] - reference).abs().max().item()
+    assert gap < 0.01 * (stretched - reference).abs().max().item(), (gap, (stretched - reference).abs().max())
+
+
+def test_official_recipe_conditions_per_step_kind(tiny_dualreal, tmp_path, monkeypatch):
+    """Identity steps pass no motion condition; a motion step's condition is, per clip, the CLIP embedding of one
+    of that clip's own frames (checked against CLIP applied to every loaded frame)."""
+    from accelerate import Accelerator
+
+    from magicmirror_video.models.clip_vision import image_embeds, load_clip_vision
+    from magicmirror_video.training import train_dualreal
+
+    trainer = DualRealTrainer(dataclasses.replace(tiny_dualreal, output_dir=str(tmp_path)))
+    trainer.accelerator = Accelerator(cpu=True)
+    module = trainer.build()
+    data = trainer.dataset()
+    conditions = []
+    original = train_dualreal.inject_dualreal
+    monkeypatch.setattr(train_dualreal, "inject_dualreal",
+                        lambda t, a, c, **k: conditions.append(c) or original(t, a, c, **k))
+    identity = trainer.collate([data["identity"][0]], "identity")
+    motion = trainer.collate([data["motion"][0], data["motion"][1]], "motion")
+    module(identity, torch.Generator().manual_seed(0))
+    module(motion, torch.Generator().manual_seed(0))
+    assert conditions[0] is None
+    assert conditions[1].shape == (2, 1, 16)
+    clip = load_clip_vision(tiny_dualreal.clip_vision)
+    for row in range(2):
+        frames = motion["pixels"][row].permute(0, 2, 3, 1) * 0.5 + 0.5  # every frame of that clip, as IMAGEs
+        per_frame = image_embeds(clip, frames)
+        distance = (per_frame - conditions[1][row, 0]).abs().amax(dim=-1)
+        assert distance.min() < 1e-5, distance  # it is one of the clip's own frames
+    c = trainer.config
+    assert (c.frame_sampling, c.lr_scheduler, c.lr_warmup_steps, c.identity_batch_size) == \
+        ("start", "constant", 0, 1)  # (tiny preset); the defaults are the official recipe:
+    defaults = DualRealTrainConfig()
+    assert (defaults.frame_sampling, defaults.lr_scheduler, defaults.lr_warmup_steps, defaults.motion_batch_size,
+            defaults.identity_batch_size) == ("start", "cosine_with_restarts", 200, 3, 1)

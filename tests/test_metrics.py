@@ -261,8 +261,8 @@ def test_clip_i_is_the_mean_cosine_of_clip_image_embeddings(clip_model):
     # independent: transformers' forward on hand-normalised pixels, torch cosine
     mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
 
-    def embed(x):
-        x = torch.nn.functional.interpolate(x.permute(0, 3, 1, 2), size=(56, 56), mode="bilinear",
+    def embed(x):  # square frames: OpenCLIP's centre crop is the whole frame, then a bicubic resize
+        x = torch.nn.functional.interpolate(x.permute(0, 3, 1, 2), size=(56, 56), mode="bicubic",
                                             align_corners=False, antialias=True).clamp(0, 1)
         with torch.no_grad():
             return clip_model(pixel_values=(x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).image_embeds

@@ -147,6 +147,38 @@ def test_conflict_monitor_equals_direct_gradient_cosine(tiny_subject, tmp_path):
     assert -1 <= monitored <= 1
 
 
+def test_conflict_monitor_on_training_gradients(tiny_subject, tmp_path, monkeypatch):
+    """The paper's form: at each logged step, the cosine of the latest image step's and the latest video step's
+    training gradients (recorded here independently from the parameters' .grad before each optimizer step)."""
+    import json
+
+    recorded, steps = [], {}
+    original = SubjectReplayTrainer.before_optimizer_step
+
+    def record(self, step):
+        grads = [p.grad.flatten() for p in self.accelerator.unwrap_model(self.module).lora.parameters()
+                 if p.requires_grad and p.grad is not None]
+        recorded.append((step, self.task_of(step), torch.cat(grads).clone()))
+        return original(self, step)
+
+    monkeypatch.setattr(SubjectReplayTrainer, "before_optimizer_step", record)
+    config = dataclasses.replace(tiny_subject, output_dir=str(tmp_path), max_steps=8, checkpointing_steps=0,
+                                 conflict_steps=1, conflict_monitor="training")
+    SubjectReplayTrainer(config).train()
+    logged = json.load(open(tmp_path / "grad_conflict.json"))
+    assert logged, "no conflict logged"
+    for entry in logged:
+        latest = {}
+        for step, task, grad in recorded:
+            if step < entry["step"]:
+                latest[task] = grad
+        expected = torch.nn.functional.cosine_similarity(latest["image"].double(), latest["video"].double(), dim=0)
+        assert entry["cosine"] == pytest.approx(expected.item(), abs=1e-6)
+    tasks = [task for _, task, _ in recorded]
+    first_both = max(tasks.index("image"), tasks.index("video")) + 1
+    assert logged[0]["step"] == first_both  # nothing is logged before both tasks have had a step
+
+
 def test_training_resumes_exactly_and_exports_a_lora_the_node_loads(tiny_subject, tmp_path, monkeypatch):
     from conftest import assert_same_weights, straight_and_resumed
     a, b, straight = straight_and_resumed(SubjectReplayTrainer, tiny_subject, tmp_path, 4, max_steps=8,
@@ -214,3 +246,74 @@ def test_files_without_scope_metadata_default_to_all_tokens():
     assert lora_scope({}, "auto") == "all"  # e.g. the released v1 checkpoint (its toggle was a no-op)
     assert lora_scope({"subject_lora_scope": "reference"}, "auto") == "reference"
     assert lora_scope({"subject_lora_scope": "reference"}, "all") == "all"
+
+
+def test_each_task_has_its_own_batch_size_and_walks_its_own_stream():
+    """Pair steps draw pair_batch_size samples, video steps video_batch_size; over all ranks and micro-steps,
+    each task's draws, in stream order, visit every sample once per epoch."""
+    from types import SimpleNamespace
+    config = load_config(SubjectReplayTrainConfig, ["--replay_prob", "0.3", "--pair_batch_size", "3",
+                                                    "--video_batch_size", "2", "--gradient_accumulation_steps", "2"])
+    data = {"image": list(range(7)), "video": list(range(5))}
+    sizes, draws = {"image": 3, "video": 2}, {"image": [], "video": []}
+    for rank in (0, 1):
+        trainer = SubjectReplayTrainer(config)
+        trainer.accelerator = SimpleNamespace(num_processes=2, process_index=rank)
+        trainer.collate = lambda items, kind: (kind, items)
+        for step in range(60):
+            for micro in range(2):
+                kind, items = trainer.next_batch(data, step, micro)
+                assert kind == trainer.task_of(step) and len(items) == sizes[kind]
+                draws[kind].append(((step, micro, rank), items))
+    for kind, n in (("image", 7), ("video", 5)):
+        stream = [i for _, items in sorted(draws[kind]) for i in items]
+        epochs = len(stream) // n
+        assert epochs >= 4 and all(sorted(stream[e * n:(e + 1) * n]) == list(range(n)) for e in range(epochs)), kind
+    assert trainer.effective_batch() == "pair_batch_size 12, video_batch_size 8"
+
+
+def test_v1_lora_without_metadata_loads_like_peft_at_default_settings(tmp_path, monkeypatch):
+    """The released v1 checkpoint (diffusers keys, r=128, no adapter metadata) was trained and run by PEFT
+    with lora_alpha 64: the Subject Reference LoRA Loader at its defaults must give PEFT's model."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from magicmirror_video.models.lora import parse_lora_state_dict, save_lora
+    from magicmirror_video.models.patches import applied_patches
+    from magicmirror_video.nodes.subject import SubjectReferenceLoraLoader
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "norm1.linear", "norm2.linear", "ff.net.2", "proj", "text_proj"]
+    peft_model = tiny.build_components()["transformer"]
+    peft_model.add_adapter(LoraConfig(r=128, lora_alpha=64, target_modules=targets))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    state = {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    assert len(state) > 2 * 10 and all(v.shape[0] == 128 or v.shape[1] == 128 for v in state.values())
+    (tmp_path / "loras").mkdir()
+    save_file(state, str(tmp_path / "loras" / "v1.safetensors"))  # no metadata, as the released file
+    monkeypatch.setenv("MAGICMIRROR_MODELS_DIR", str(tmp_path))
+
+    g = torch.Generator().manual_seed(1)
+    video, text = torch.randn(1, 3, 4, 4, 6, generator=g), torch.randn(1, 9, 32, generator=g)
+    base = bundle_from_components(tiny.build_components())
+    rope = rotary_embeddings(base.transformer, 32, 48, 3, 8, "cpu")
+    expected = forward(peft_model, video, text, rope)
+    outputs = {}
+    for alpha in (None, 128.0):  # the node's default, then an explicit alpha = rank (diffusers' scale 1)
+        kwargs = {} if alpha is None else {"alpha": alpha}
+        (patched,) = SubjectReferenceLoraLoader().load(base, "v1.safetensors", 1.0, "auto", **kwargs)
+        assert patched.patches[-1].reference_only == ()  # no scope metadata: the norm LoRA on every token
+        with applied_patches(base.transformer, patched.patches):
+            outputs[alpha] = forward(base.transformer, video, text, rope)
+    torch.testing.assert_close(outputs[None], expected, atol=1e-5, rtol=0)
+    assert (outputs[128.0] - expected).abs().max() > 1e-3  # scale 1 is not the authors' model
+    assert (expected - forward(base.transformer, video, text, rope)).abs().max() > 1e-3  # the LoRA does something
+    # Files that record their scale ignore alpha: PEFT metadata, and the pack's exports (scale baked in).
+    layers = parse_lora_state_dict(state, {"lora_adapter_metadata": '{"r": 128, "lora_alpha": 32}'}, alpha=64).layers
+    assert {layer.scale for layer in layers.values()} == {0.25}
+    save_lora(str(tmp_path / "pack.safetensors"), {"to_q": next(iter(layers.values()))}, {"method": "subject_replay"})
+    assert load_lora_file(str(tmp_path / "pack.safetensors"), alpha=64).layers["to_q"].scale == 1.0

@@ -199,11 +199,14 @@ def test_start_and_random_sampling(clip):
         frame_indices(T, 5, "random", torch.Generator().manual_seed(1))
 
 
-def test_header_frame_count_overstated(clip, monkeypatch):
-    """A container header that over-counts frames falls back to the decoded count."""
-    from magicmirror_video.training import data
+def test_more_packets_than_decodable_frames(clip, monkeypatch):
+    """An index that over-counts frames (packets that decode to nothing) falls back to the decoded count."""
+    from magicmirror_video.models import video_io
 
-    monkeypatch.setattr(data, "_count_frames", lambda path: 25)
+    real = video_io.index_video(clip)
+    over = video_io.VideoIndex(pts=real.pts + tuple(range(10**6, 10**6 + 8)), keyframes=real.keyframes,
+                               fps=real.fps, seekable=False)
+    monkeypatch.setattr(video_io, "index_video", lambda path: over)
     assert picked_frames(load_media(clip, num_frames=5, height=16, width=16)) == [0, 4, 8, 12, 16]
     with pytest.raises(MediaError, match="has 17 frames"):
         load_media(clip, num_frames=21, height=16, width=16)

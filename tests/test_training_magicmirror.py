@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from magicmirror_video.testing import tiny
 from magicmirror_video.training import losses
-from magicmirror_video.training.config import load_config
+from magicmirror_video.training.config import InputError, load_config
 from magicmirror_video.training.train_magicmirror import (
     PRESETS,
     MagicMirrorTrainConfig,
@@ -80,11 +81,15 @@ def test_config_precedence_file_flags_and_errors(tmp_path):
     c = load_config(MagicMirrorTrainConfig, ["--preset", "tiny", "--config", str(tmp_path / "c.yaml"),
                                              "--max_steps", "9", "--no-gradient_checkpointing"], PRESETS)
     assert (c.learning_rate, c.max_steps, c.height, c.validation_prompts) == (0.002, 9, 64, ["a", "b"])
-    assert c.gradient_checkpointing is False and c.num_frames == 1  # stage image forces single frames
+    assert c.gradient_checkpointing is False and c.num_frames == 1  # stage image: single frames (the default)
     c = load_config(MagicMirrorTrainConfig, ["--config", str(tmp_path / "c.toml")])
     assert (c.stage, c.num_frames) == ("video", 9)
+    with pytest.raises(InputError, match="stage=image trains on single frames but num_frames=9"):
+        load_config(MagicMirrorTrainConfig, ["--config", str(tmp_path / "c.toml"), "--stage", "image"])
+    with pytest.raises(InputError, match="stage=video trains on clips but num_frames=1"):
+        load_config(MagicMirrorTrainConfig, ["--stage", "video"])
     (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
-    with pytest.raises(SystemExit, match="unknown config field.*learning_rat"):
+    with pytest.raises(InputError, match="unknown config field 'learning_rat' .did you mean 'learning_rate'"):
         load_config(MagicMirrorTrainConfig, ["--config", str(tmp_path / "bad.yaml")])
 
 
@@ -206,14 +211,102 @@ def test_prepare_pairs_filters_and_reports(tiny_run, tmp_path):
             Image.fromarray(tiny_faces.synthetic_face_image(128, 128, center=(60 + 4 * k, 64), radius=28 + 3 * k,
                                                             seed=seed)).save(people / ident / f"{k}.png")
     Image.fromarray(tiny_faces.synthetic_face_image(128, 128, radius=None)).save(people / "carol" / "dark.png")
+    (people / "carol" / "broken.png").write_bytes(b"not an image")
     encoder = FaceEncoder(FaceAnalyzer(os.path.join(assets, "insightface")),
                           load_photomaker_id_encoder(os.path.join(assets, "photomaker-v2.bin")))
     stats = prepare(str(people), str(tmp_path / "data"), encoder, min_similarity=0.65)
     assert stats["targets"] == 2 and stats["single_file"] == ["dave"]
     assert [os.path.basename(p) for p in stats["no_face"]] == ["dark.png"]
+    assert [os.path.basename(p) for p, _ in stats["unreadable"]] == ["broken.png"]
     from magicmirror_video.training.data import read_manifest
     rows = read_manifest(str(tmp_path / "data" / "metadata.jsonl"))
     assert len(rows) == 2 and all(r.extra["similarity"] > 0.65 for r in rows)
     assert all(" img" in r.caption for r in rows) and all(os.path.isfile(r.extra["faces"]) for r in rows)
     strict = prepare(str(people), str(tmp_path / "strict"), encoder, min_similarity=0.9999999)
     assert strict["targets"] == 0 and strict["below_threshold"] == 2
+
+
+def built(tiny_run, out, **kw):
+    trainer = MagicMirrorTrainer(configured(tiny_run, out, **kw))
+    from accelerate import Accelerator
+    trainer.accelerator = Accelerator(cpu=True)
+    return trainer, trainer.build()
+
+
+def test_identity_loss_embeds_the_references_with_its_own_network(tiny_run, tmp_path, monkeypatch):
+    """The reference side of the identity loss is the loss network (arcface_path) applied to the stored aligned
+    reference crops — the same network as the generated side, never insightface's ONNX embedding."""
+    from PIL import Image
+
+    from magicmirror_video.models import arcface
+    from magicmirror_video.models.cogvideox import read_safetensors
+
+    trainer, module = built(tiny_run, tmp_path)
+    data = trainer.dataset()
+    batch = trainer.collate([data[0]])
+    seen = {}
+    original = arcface.identity_cosine
+
+    def spy(model, ref, frames, kps):
+        seen["ref"] = ref
+        return original(model, ref, frames, kps)
+
+    monkeypatch.setattr(arcface, "identity_cosine", spy)
+    module(batch, torch.Generator().manual_seed(0))
+    # independently: the loss network on the crop files prepare_magicmirror wrote, resized to 112 (PIL)
+    net = arcface.load_arcface_torch(tiny_run.arcface_path)
+    faces_path = trainer.samples[0].extra["faces"]
+    n = read_safetensors(faces_path)[0]["x_id"].shape[0]
+    stem = os.path.splitext(os.path.basename(faces_path))[0]
+    crops = [Image.open(os.path.join(os.path.dirname(os.path.dirname(faces_path)), "crops", f"{stem}-ref{k}.png"))
+             for k in range(n)]
+    x = torch.stack([torch.from_numpy(np.array(c.convert("RGB"))) for c in crops])
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.nn.functional.interpolate(x, size=(112, 112), mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(net(x).float(), dim=-1).mean(0)
+    expected = torch.nn.functional.normalize(emb, dim=-1)
+    torch.testing.assert_close(seen["ref"][0], expected, atol=1e-5, rtol=1e-5)
+    onnx_ref = torch.nn.functional.normalize(read_safetensors(faces_path)[0]["arcface"].float(), dim=-1).mean(0)
+    assert not torch.allclose(seen["ref"][0], torch.nn.functional.normalize(onnx_ref, dim=-1), atol=1e-2)
+
+
+def test_batches_with_different_reference_counts(tiny_run, tmp_path):
+    """prepare_magicmirror --max_refs k gives rows with 1..k references; such rows share a batch (grouped by
+    count inside the forward), and each row's prediction equals the one it gets alone."""
+    from magicmirror_video.training.train_magicmirror import reference_groups
+
+    trainer, module = built(tiny_run, tmp_path, id_loss_weight=0.0)
+    data = trainer.dataset()
+    one, other = data[0], dict(data[1])
+    for key in ("x_id", "clip_penultimate"):  # the second sample gets two references
+        other[key] = torch.cat([other[key], other[key].flip(0) * 0.5])
+    assert reference_groups([one["x_id"], other["x_id"], one["x_id"]]) == [[0, 2], [1]]
+    batch = trainer.collate([one, other])
+    captured = []
+    spec = module.spec
+    original = spec.predict
+    spec.predict = lambda *a, **k: captured.append(original(*a, **k)) or captured[-1]
+    try:
+        loss, _ = module(batch, torch.Generator().manual_seed(0))
+        assert torch.isfinite(loss)
+        assert [c.shape[0] for c in captured] == [1, 1]  # one forward per reference count
+        g = torch.Generator().manual_seed(0)
+        latents = spec.pad_frames(spec.video_latents(batch, g))
+        _, t, noisy = spec.add_noise(latents, g)
+        alone = []
+        for i, item in enumerate((one, other)):
+            single = trainer.collate([item])
+            from magicmirror_video.models.magicmirror import inject_magicmirror
+            adapter = module.adapter
+            undo = inject_magicmirror(spec.transformer, adapter,
+                                      face_tokens=adapter.face_tokens(single["clip_penultimate"][0]),
+                                      id_vec=adapter.id_vector(single["x_id"][0]), identity_mask=single["identity_mask"])
+            try:
+                alone.append(original(noisy[i:i + 1], spec.text_embeds(single), t[i:i + 1]))
+            finally:
+                undo()
+    finally:
+        spec.predict = original
+    for got, want in zip(captured, alone):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -57,16 +57,20 @@ def _digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def key_for_media(path: str, *, height: int, width: int, num_frames: int, sampling: str, model_id: str) -> str:
-    """Cache key of a clip's VAE posterior. Images ignore ``num_frames`` / ``sampling`` (always F=1)."""
+def key_for_media(path: str, *, height: int, width: int, num_frames: int, sampling: str, model_id: str,
+                  per_frame: bool = False) -> str:
+    """Cache key of a clip's VAE posterior (``per_frame``: of each picked frame encoded alone, as an image).
+    Images ignore ``num_frames`` / ``sampling`` (always F=1)."""
     if is_image(path):
         num_frames, sampling = 1, "image"
     elif sampling == "random":
         raise ValueError("sampling='random' draws a new window every epoch, a cache entry would freeze one; "
                          "precompute with sampling='uniform' or 'start', or train without the cache")
-    return _digest({"kind": "latents", "v": CACHE_FORMAT, "media": content_hash(path), "height": int(height),
-                    "width": int(width), "num_frames": int(num_frames), "sampling": sampling,
-                    "model_id": str(model_id)})
+    payload = {"kind": "latents", "v": CACHE_FORMAT, "media": content_hash(path), "height": int(height),
+               "width": int(width), "num_frames": int(num_frames), "sampling": sampling, "model_id": str(model_id)}
+    if per_frame:
+        payload["per_frame"] = True
+    return _digest(payload)
 
 
 def key_for_text(caption: str, *, model_id: str, max_length: int = 226) -> str:
@@ -192,13 +196,26 @@ def encode_latents(vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"mean": dist.mean[0], "logvar": dist.logvar[0]}
 
 
+def encode_frames(vae, pixels: torch.Tensor, chunk: int = 8) -> dict[str, torch.Tensor]:
+    """``pixels`` [F, 3, H, W] -> ``{"mean", "logvar"}`` [F, C, h, w]: each frame encoded alone, as an image."""
+    param = next(vae.parameters())
+    means, logvars = [], []
+    for start in range(0, pixels.shape[0], chunk):
+        x = pixels[start:start + chunk, :, None].to(param.device, param.dtype)  # [n, 3, 1, H, W]
+        dist = vae.encode(x).latent_dist
+        means.append(dist.mean[:, :, 0])
+        logvars.append(dist.logvar[:, :, 0])
+    return {"mean": torch.cat(means), "logvar": torch.cat(logvars)}
+
+
 @torch.no_grad()
 def encode_text(text_encoder, tokenizer, caption: str, max_length: int = 226) -> dict[str, torch.Tensor]:
-    """``caption`` -> ``{"prompt_embeds"}`` [L, D], tokenized and encoded exactly as diffusers' CogVideoX."""
-    from ..models.text import tokenize
+    """``caption`` -> ``{"prompt_embeds"}`` [L, D], tokenized and encoded exactly as diffusers' CogVideoX (ids
+    past the table, as a tokenizer copy's extra tokens, embed as :func:`~..models.text.t5_encode` does)."""
+    from ..models.text import t5_encode, tokenize
 
     ids = tokenize(tokenizer, caption, max_length).input_ids.to(next(text_encoder.parameters()).device)
-    return {"prompt_embeds": text_encoder(ids)[0][0]}
+    return {"prompt_embeds": t5_encode(text_encoder, ids)[0]}
 
 
 def precompute(samples: Sequence[Sample], *, vae=None, text_encoder=None, tokenizer=None, cache: PrecomputeCache,
@@ -285,3 +302,62 @@ class CachedDataset(Dataset):
         if "text" in keys:
             item["prompt_embeds"] = self._entry(index, "text")["prompt_embeds"]
         return item
+
+
+class TrainingCache:
+    """The precompute cache as the trainers use it: :meth:`fill` encodes what a trainer asks for once (VAE
+    posteriors of media at a size and frame pick, T5 embeddings of captions), then items read it back, so the
+    VAE and the text encoder can leave memory while the transformer trains."""
+
+    def __init__(self, root: str, *, model_id: str, max_length: int = 226):
+        self.store, self.model_id, self.max_length = PrecomputeCache(root), model_id, max_length
+
+    def media_key(self, path: str, *, num_frames: int, height: int, width: int, sampling: str,
+                  per_frame: bool = False) -> str:
+        return key_for_media(path, height=height, width=width, num_frames=num_frames, sampling=sampling,
+                             model_id=self.model_id, per_frame=per_frame)
+
+    def fill(self, media: Sequence[dict], captions: Sequence[str], *, vae, text_encoder, tokenizer,
+             progress: bool = True) -> None:
+        """``media``: dicts of :meth:`media_key`'s arguments (path, num_frames, height, width, sampling[,
+        per_frame]); existing entries are kept."""
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm ships with diffusers / transformers
+            def tqdm(it, **_):
+                return it
+
+        for spec in tqdm(media, desc="cache media", unit="item", disable=not progress):
+            pick = dict(num_frames=spec["num_frames"], height=spec["height"], width=spec["width"],
+                        sampling=spec["sampling"])
+            encode = encode_frames if spec.get("per_frame") else (lambda v, x: encode_latents(v, x))
+            self.store.get_or_compute(self.media_key(spec["path"], per_frame=spec.get("per_frame", False), **pick),
+                                      lambda s=spec: _no_grad(encode)(vae, load_media(s["path"], **pick)),
+                                      {"kind": "latents", "media": spec["path"], **pick})
+        for caption in tqdm(captions, desc="cache captions", unit="caption", disable=not progress):
+            self.store.get_or_compute(key_for_text(caption, model_id=self.model_id, max_length=self.max_length),
+                                      lambda c=caption: encode_text(text_encoder, tokenizer, c, self.max_length),
+                                      {"kind": "text", "caption": caption, "model_id": self.model_id})
+
+    def _get(self, key: str, what: str) -> dict:
+        entry = self.store.get(key)
+        if entry is None:
+            raise KeyError(f"no cached {what} in {self.store.root}; fill the cache with the same settings first")
+        return entry
+
+    def latents(self, path: str, generator: torch.Generator, *, per_frame: bool = False, mode: bool = False,
+                **pick) -> torch.Tensor:
+        """A posterior draw (unscaled; ``mode``: the mean) [C, T, h, w], or [F, C, h, w] per frame."""
+        entry = self._get(self.media_key(path, per_frame=per_frame, **pick), path)
+        return entry["mean"] if mode else sample_latents(entry, generator)
+
+    def text(self, caption: str) -> torch.Tensor:
+        key = key_for_text(caption, model_id=self.model_id, max_length=self.max_length)
+        return self._get(key, f"embedding of {caption!r}")["prompt_embeds"]
+
+
+def _no_grad(fn):
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
+    return run

@@ -5,18 +5,30 @@ text in ``metadata["help"]``. The command line is generated from the fields::
 
     python -m training.train_magicmirror --config my.yaml --learning_rate 2e-5 --no-gradient_checkpointing
 
-Precedence: dataclass defaults < preset < ``--config`` file < command-line flags.
-``python -m training.<trainer> --help`` lists every field with its help and default, and
-``--print_config`` prints the resolved configuration as YAML.
+Precedence, for every field: the trainer's dataclass defaults < ``--preset`` < ``--config`` file <
+command-line flags. Nothing rewrites a value afterwards: a trainer whose defaults differ from the
+shared ones overrides the field default in its own dataclass, and a combination that makes no sense
+is an error, never silently replaced. ``python -m training.<trainer> --help`` lists every field with
+the trainer's own default, and ``--print_config`` prints the resolved configuration as YAML.
+
+Bad input (an unknown field, a value of the wrong type, an invalid combination) raises
+:class:`InputError`: one line saying what, where and how to fix it; the command line prints it and
+exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import typing
 from dataclasses import dataclass, field
+
+
+class InputError(ValueError):
+    """Bad input found before training (config, data, media, model paths): the message is one line
+    saying what, where and how to fix it. ``cli_main`` prints it and exits with status 2."""
 
 
 def doc(default, help: str, **kwargs):  # noqa: A002 - "help" mirrors argparse
@@ -43,9 +55,8 @@ class TrainConfig:
     # --- optimisation
     seed: int = doc(42, "Seed for data order, noise and timesteps (every step is reproducible).")
     max_steps: int = doc(1000, "Optimizer steps to train for.")
-    batch_size: int = doc(1, "Samples per device per micro-step.")
-    gradient_accumulation_steps: int = doc(1, "Micro-steps per optimizer step (effective batch = batch_size x "
-                                              "accumulation x processes).")
+    gradient_accumulation_steps: int = doc(1, "Micro-steps per optimizer step (effective batch = the batch size "
+                                              "x accumulation x processes).")
     learning_rate: float = doc(1e-5, "Peak learning rate.")
     lr_scheduler: str = doc("cosine", "constant | constant_with_warmup | linear | cosine | cosine_with_restarts.",
                             choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"))
@@ -88,19 +99,60 @@ def _parse_bool(value: str) -> bool:
 def read_config_file(path: str) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) file into a dict."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    if path.endswith(".toml"):
-        import tomllib
+        raise InputError(f"config file not found: {path} (pass an existing .yaml/.yml/.toml file to --config)")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
 
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    import yaml
+            with open(path, "rb") as f:
+                return tomllib.load(f)
+        import yaml
 
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except Exception as e:  # yaml.YAMLError / tomllib.TOMLDecodeError / UnicodeDecodeError
+        raise InputError(f"{path}: not valid {'TOML' if path.endswith('.toml') else 'YAML'} "
+                         f"({' '.join(str(e).split())}); fix the file") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of field: value")
+        raise InputError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
     return data
+
+
+def coerce(kind, value, name: str, source: str):
+    """``value`` (from a preset or a config file) as the field's type; YAML reads ``1e-5`` as a string,
+    so numbers in strings are accepted. Raises :class:`InputError` naming the field and its source."""
+    def bad():
+        return InputError(f"{source}: {name}={value!r} is not a valid {kind.__name__}; write e.g. "
+                          f"{name}: {_EXAMPLES.get(kind, '...')}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        try:
+            return _parse_bool(str(value))
+        except argparse.ArgumentTypeError:
+            raise bad() from None
+    if kind is list:
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    if kind is str:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad()
+    if kind is int and isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise bad() from None
+    if kind is float:
+        return number
+    if not number.is_integer():
+        raise bad()
+    return int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdigit() else int(number)
+
+
+_EXAMPLES = {bool: "true", int: "100", float: "0.0001", str: "some-text"}
 
 
 def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
@@ -127,25 +179,19 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
 
 
 def load_config(cls, argv=None, presets: dict | None = None, description: str = ""):
-    """Resolve a ``cls`` config from defaults, ``--preset``, ``--config`` and flags."""
+    """Resolve a ``cls`` config: defaults < ``--preset`` < ``--config`` file < flags, for every field."""
     parser = build_parser(cls, description)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), help="A named set of defaults.")
     args = vars(parser.parse_args(argv))
-    values: dict = {}
     preset = args.pop("preset", None)
-    if preset:
-        values.update(presets[preset])
     config_file = args.pop("config", None)
     print_config = args.pop("print_config", False)
+    layers = [(f"--preset {preset}", presets[preset])] if preset else []
     if config_file:
-        values.update(read_config_file(config_file))
-    values.update(args)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise SystemExit(f"unknown config field(s): {', '.join(unknown)} (see --help for the fields)")
-    config = cls(**values)
+        layers.append((config_file, read_config_file(config_file)))
+    layers.append(("the command line", args))
+    config = resolve_config(cls, layers)
     if print_config:
         import yaml
 
@@ -154,10 +200,36 @@ def load_config(cls, argv=None, presets: dict | None = None, description: str = 
     return config
 
 
-def config_help_markdown(cls) -> str:
-    """A Markdown table of the fields (README / docs generation)."""
+def resolve_config(cls, layers: list[tuple[str, dict]]):
+    """Build ``cls`` from ``(source, values)`` layers, later ones winning; every value is checked
+    (known field, type, choices) with its source named in the error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict = {}
+    for source, layer in layers:
+        for name, value in layer.items():
+            if name not in fields:
+                close = difflib.get_close_matches(name, list(fields), n=1)
+                raise InputError(f"{source}: unknown config field {name!r}"
+                                 f"{f' (did you mean {close[0]!r}?)' if close else ''}; see --help for the fields")
+            value = coerce(hints[name], value, name, source)
+            choices = fields[name].metadata.get("choices")
+            if choices and value not in choices:
+                raise InputError(f"{source}: {name}={value!r} is not one of {', '.join(map(str, choices))}")
+            values[name] = value
+    return cls(**values)
+
+
+def config_help_markdown(cls, base=None) -> str:
+    """A Markdown table of the fields (README / docs generation). With ``base`` (e.g. :class:`TrainConfig`),
+    only the fields ``cls`` adds or whose default it changes."""
+    def default_of(f):
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+    inherited = {f.name: default_of(f) for f in dataclasses.fields(base)} if base else {}
     rows = ["| field | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata.get('help', '')} |")
+        default = default_of(f)
+        if f.name not in inherited or inherited[f.name] != default:
+            rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata.get('help', '')} |")
     return "\n".join(rows)

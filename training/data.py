@@ -12,6 +12,10 @@ Manifest layouts (see :func:`read_manifest`):
 
 Pixels come out as ``[F, 3, H, W]`` float in ``[-1, 1]``: frames are resized (aspect kept) to cover
 ``H x W`` and centre-cropped; ``F = num_frames`` for videos (``4k + 1``) and ``F = 1`` for images.
+Only the picked frames are decoded into memory (``models/video_io.read_frames``).
+
+Errors are :class:`~training.config.InputError` subclasses with one-line messages naming the file
+and manifest line.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import InputError
+
 MEDIA_KEYS = ("media", "video", "image", "file_name", "path", "tgt", "winner")  # tgt: S2I pair; winner: GT-Pair
 CAPTION_KEYS = ("caption", "prompt", "text")
 # Extra keys whose values (a path or a list of paths) are resolved and checked like the media.
@@ -34,20 +40,31 @@ PATH_KEYS = frozenset({"media", "video", "image", "file_name", "path", "ref_imag
                        "faces", "src", "tgt", "mask", "first_frame", "winner", "loser"})
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 SAMPLING_MODES = ("uniform", "start", "random")
-MAX_REPORTED = 10  # missing files listed in one error before "... and K more"
+MAX_REPORTED = 5  # missing files named in one error before "and K more"
 
 
-class MediaError(ValueError):
+class MediaError(InputError):
     """A media file that cannot be used as asked (undecodable, too short, ...). Names the file."""
+
+
+class ManifestError(InputError):
+    """A manifest that cannot be read (format, missing keys)."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A manifest, media or model path that does not exist."""
 
 
 @dataclasses.dataclass
 class Sample:
-    """One manifest row: absolute media path, caption, and every other manifest key in ``extra``."""
+    """One manifest row: absolute media path, caption, and every other manifest key in ``extra``;
+    ``where`` names the row (``<manifest>, line N``) and ``media_key`` the key the media came from."""
 
     media: str
     caption: str
     extra: dict = dataclasses.field(default_factory=dict)
+    where: str = ""
+    media_key: str = "media"
 
 
 # --------------------------------------------------------------------------------------------- manifests
@@ -84,7 +101,8 @@ def read_manifest(path: str, *, check_files: bool = True, max_reported: int = MA
     """
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"dataset manifest not found: {path}")
+        raise MissingInputError(f"dataset manifest not found: {path} (pass a metadata.jsonl file or a folder "
+                                "holding metadata.jsonl or prompts.txt + videos.txt/images.txt)")
     if os.path.isfile(path) and os.path.basename(path) in ("prompts.txt", "videos.txt", "images.txt"):
         path = os.path.dirname(path)
     if os.path.isdir(path):
@@ -94,14 +112,14 @@ def read_manifest(path: str, *, check_files: bool = True, max_reported: int = MA
         elif os.path.isfile(os.path.join(path, "prompts.txt")):
             samples, refs = _read_txt_layout(path)
         else:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no manifest in {path}: expected metadata.jsonl, or prompts.txt with videos.txt and/or images.txt")
         manifest = jsonl if os.path.isfile(jsonl) else os.path.join(path, "prompts.txt")
     else:
         samples, refs = _read_jsonl(path)
         manifest = path
     if not samples:
-        raise ValueError(f"dataset manifest {manifest} has no entries")
+        raise ManifestError(f"dataset manifest {manifest} has no entries; add one row per sample")
     if check_files:
         _check_files(refs, manifest, max_reported)
     return samples
@@ -119,23 +137,24 @@ def _read_jsonl(path: str) -> tuple[list[Sample], list[tuple[str, int, str, str]
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno}): "
-                                 f"{line[:80]!r}") from None
+                raise ManifestError(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno}): "
+                                    f"{line[:80]!r}") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+                raise ManifestError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             media_key = next((k for k in MEDIA_KEYS if k in row), None)
             caption_key = next((k for k in CAPTION_KEYS if k in row), None)
             if media_key is None:
-                raise ValueError(f"{path}, line {lineno}: no media path; expected one of the keys "
-                                 f"{', '.join(MEDIA_KEYS)} (found: {', '.join(row) or 'none'})")
+                raise ManifestError(f"{path}, line {lineno}: no media path; expected one of the keys "
+                                    f"{', '.join(MEDIA_KEYS)} (found: {', '.join(row) or 'none'})")
             if caption_key is None:
-                raise ValueError(f"{path}, line {lineno}: no caption; expected one of the keys "
-                                 f"{', '.join(CAPTION_KEYS)} (found: {', '.join(row)})")
+                raise ManifestError(f"{path}, line {lineno}: no caption; expected one of the keys "
+                                    f"{', '.join(CAPTION_KEYS)} (found: {', '.join(row)})")
             media, caption = row.pop(media_key), row.pop(caption_key)
             if not isinstance(media, str) or not media.strip():
-                raise ValueError(f"{path}, line {lineno}: {media_key!r} must be a non-empty path string, got {media!r}")
+                raise ManifestError(f"{path}, line {lineno}: {media_key!r} must be a non-empty path string, "
+                                    f"got {media!r}")
             if not isinstance(caption, str):
-                raise ValueError(f"{path}, line {lineno}: {caption_key!r} must be a string, got {caption!r}")
+                raise ManifestError(f"{path}, line {lineno}: {caption_key!r} must be a string, got {caption!r}")
             media = resolve_path(media, base)
             refs.append((path, lineno, media_key, media))
             extra = {}
@@ -143,7 +162,8 @@ def _read_jsonl(path: str) -> tuple[list[Sample], list[tuple[str, int, str, str]
                 if key in PATH_KEYS:
                     value = _resolve_extra(value, base, path, lineno, key, refs)
                 extra[key] = value
-            samples.append(Sample(media=media, caption=caption, extra=extra))
+            samples.append(Sample(media=media, caption=caption, extra=extra, where=f"{path}, line {lineno}",
+                                  media_key=media_key))
     return samples, refs
 
 
@@ -177,10 +197,11 @@ def _read_txt_layout(folder: str) -> tuple[list[Sample], list[tuple[str, int, st
         if os.path.isfile(file):
             columns[name] = _read_lines(file)
             if len(columns[name]) != len(prompts):
-                raise ValueError(f"{prompts_file} has {len(prompts)} entries but {file} has {len(columns[name])} "
+                raise ManifestError(f"{prompts_file} has {len(prompts)} entries but {file} has {len(columns[name])} "
                                  "(blank lines ignored); the files must be line-aligned, one entry per line")
     if not columns:
-        raise FileNotFoundError(f"{folder} has prompts.txt but neither videos.txt nor images.txt")
+        raise MissingInputError(f"{folder} has prompts.txt but neither videos.txt nor images.txt; add the media "
+                                "list, one path per line")
     media_name = "videos.txt" if "videos.txt" in columns else "images.txt"
     samples, refs = [], []
     for i, (_, caption) in enumerate(prompts):
@@ -192,7 +213,9 @@ def _read_txt_layout(folder: str) -> tuple[list[Sample], list[tuple[str, int, st
             img_line, image = columns["images.txt"][i]
             extra["image"] = resolve_path(image, folder)
             refs.append((os.path.join(folder, "images.txt"), img_line, "image", extra["image"]))
-        samples.append(Sample(media=media, caption=caption, extra=extra))
+        samples.append(Sample(media=media, caption=caption, extra=extra,
+                              where=f"{os.path.join(folder, media_name)}, line {lineno}",
+                              media_key="video" if media_name == "videos.txt" else "image"))
     return samples, refs
 
 
@@ -200,12 +223,12 @@ def _check_files(refs: Sequence[tuple[str, int, str, str]], manifest: str, max_r
     missing = [r for r in refs if not os.path.isfile(r[3])]
     if not missing:
         return
-    lines = [f"  {os.path.basename(file)} line {lineno} ({field}): {p}"
+    named = [f"{os.path.basename(file)} line {lineno} ({field}) {p}"
              for file, lineno, field, p in missing[:max_reported]]
-    if len(missing) > max_reported:
-        lines.append(f"  ... and {len(missing) - max_reported} more")
-    raise FileNotFoundError(f"{len(missing)} of {len(refs)} files referenced by {manifest} are missing "
-                            "(relative paths resolve against the manifest's folder):\n" + "\n".join(lines))
+    more = f" and {len(missing) - max_reported} more" if len(missing) > max_reported else ""
+    raise MissingInputError(f"{len(missing)} of {len(refs)} files referenced by {manifest} are missing: "
+                            f"{'; '.join(named)}{more} (fix the paths or drop those rows; relative paths resolve "
+                            "against the manifest's folder)")
 
 
 # --------------------------------------------------------------------------------------------- media
@@ -216,7 +239,7 @@ def check_num_frames(num_frames: int) -> None:
     is_int = isinstance(num_frames, numbers.Integral) and not isinstance(num_frames, bool)
     if not is_int or num_frames < 1 or (num_frames - 1) % 4:
         lo = (int(num_frames) - 1) // 4 * 4 + 1 if is_int and num_frames > 0 else 1
-        raise ValueError(f"num_frames={num_frames!r} is not of the form 4k+1 (CogVideoX's VAE compresses time 4x "
+        raise InputError(f"num_frames={num_frames!r} is not of the form 4k+1 (CogVideoX's VAE compresses time 4x "
                          f"after the first frame); use e.g. {lo} or {lo + 4} (1, 5, 9, ..., 49)")
 
 
@@ -237,7 +260,7 @@ def frame_indices(total: int, num_frames: int, sampling: str = "uniform",
     return list(range(start, start + num_frames))
 
 
-def _load_image(path: str) -> np.ndarray:
+def load_image(path: str) -> np.ndarray:
     """``[1, H, W, 3]`` uint8; EXIF rotation applied, transparency composited on white."""
     from PIL import Image, ImageOps
 
@@ -250,63 +273,57 @@ def _load_image(path: str) -> np.ndarray:
                 im = Image.alpha_composite(bg, im)
             return np.array(im.convert("RGB"))[None]
     except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise MediaError(f"cannot decode image {path}: {e}") from e
+        raise MediaError(f"cannot decode image {path}: {e}; re-save or drop it") from e
 
 
-def _count_frames(path: str) -> int:
-    """Frame count from the container header, or by demuxing (no decoding) when the header has none."""
-    import av
+def first_frame(path: str) -> np.ndarray:
+    """``[H, W, 3]`` uint8 of an image (as :func:`load_image`) or of a video's first frame (only that one is
+    decoded)."""
+    if is_image(path):
+        return load_image(path)[0]
+    from ..models.video_io import read_frames
 
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for p in container.demux(stream) if p.size)
-
-
-def _decode_frames(path: str, indices: Sequence[int]) -> tuple[list[np.ndarray], int]:
-    """Decode the frames at ``indices`` (stops after the last one); returns them and how many frames
-    were decoded (the true count when the clip ended early)."""
-    import av
-
-    wanted: dict[int, list[int]] = {}
-    for pos, idx in enumerate(indices):
-        wanted.setdefault(idx, []).append(pos)
-    out: list[np.ndarray | None] = [None] * len(indices)
-    last, seen = max(indices), 0
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-            seen = i + 1
-            if i in wanted:
-                arr = frame.to_ndarray(format="rgb24")
-                for pos in wanted[i]:
-                    out[pos] = arr
-            if i >= last:
-                break
-    return out, seen  # type: ignore[return-value]
+    try:
+        return read_frames(path, [0])[0]
+    except Exception as e:  # av.FFmpegError, VideoDecodeError, IndexError (no video stream)
+        raise MediaError(f"cannot decode video {path}: {' '.join(str(e).split())}; re-encode or drop it") from e
 
 
 def _load_video(path: str, num_frames: int, sampling: str, generator: torch.Generator | None) -> np.ndarray:
-    """``[F, H, W, 3]`` uint8 with the frames chosen by :func:`frame_indices`."""
+    """``[F, H, W, 3]`` uint8 with the frames chosen by :func:`frame_indices`; only those are decoded into
+    memory (:func:`~models.video_io.read_frames` seeks to them)."""
     import av
 
+    from ..models.video_io import VideoDecodeError, index_video, read_frames
+
     try:
-        total = _count_frames(path)
+        index = index_video(path)
         state = generator.get_state() if generator is not None else None
-        indices = frame_indices(total, num_frames, sampling, generator, path)
-        frames, seen = _decode_frames(path, indices)
-        if any(f is None for f in frames):  # the header over-counted: redo with the decoded count
+        indices = frame_indices(index.frames, num_frames, sampling, generator, path)
+        try:
+            return read_frames(path, indices, index)
+        except VideoDecodeError as e:  # fewer decodable frames than packets: pick again from what decodes
+            if not e.decoded:
+                raise
             if generator is not None:
                 generator.set_state(state)
-            indices = frame_indices(seen, num_frames, sampling, generator, path)
-            frames, _ = _decode_frames(path, indices)
-    except (av.FFmpegError, IndexError, UnicodeDecodeError) as e:  # IndexError: no video stream
-        raise MediaError(f"cannot decode video {path}: {e}") from e
-    if any(f is None for f in frames):
-        raise MediaError(f"cannot decode video {path}: frames {indices} could not all be decoded")
-    return np.stack(frames)
+            return read_frames(path, frame_indices(e.decoded, num_frames, sampling, generator, path))
+    except (av.FFmpegError, IndexError, UnicodeDecodeError, VideoDecodeError) as e:  # IndexError: no video stream
+        raise MediaError(f"cannot decode video {path}: {' '.join(str(e).split())}; re-encode or drop it") from e
+
+
+def load_frame(path: str, *, num_frames: int, height: int, width: int, sampling: str, position: int) -> torch.Tensor:
+    """Frame ``position`` of the ``num_frames`` that :func:`load_media` picks (``uniform``/``start``), as
+    ``[3, height, width]`` in ``[-1, 1]``; only that frame is decoded."""
+    if is_image(path):
+        frames = load_image(path)
+    else:
+        from ..models.video_io import index_video, read_frames
+
+        index = index_video(path)
+        frames = read_frames(path, [frame_indices(index.frames, num_frames, sampling, None, path)[position]], index)
+    x = resize_crop(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), height, width)
+    return (x[0] / 127.5 - 1.0).clamp_(-1.0, 1.0).contiguous()
 
 
 def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -334,9 +351,9 @@ def load_media(path: str, *, num_frames: int, height: int, width: int, sampling:
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling={sampling!r}; expected one of {', '.join(SAMPLING_MODES)}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"media file not found: {path}")
+        raise MissingInputError(f"media file not found: {path}")
     if is_image(path):
-        frames = _load_image(path)
+        frames = load_image(path)
     else:
         check_num_frames(num_frames)
         frames = _load_video(path, num_frames, sampling, generator)

@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.metrics import FLOW_SHORT_SIDE, METRICS, NO_FACE, evaluate_video, reference_faces, summarise
-from .data import IMAGE_EXTS, MEDIA_KEYS, is_image, resolve_path
-from .prepare_magicmirror import VIDEO_EXT, first_frame
+from .data import IMAGE_EXTS, MEDIA_KEYS, first_frame, is_image, resolve_path
+from .prepare_magicmirror import VIDEO_EXT
 
 REFERENCE_KEYS = ("ref_images", "ref_image", "reference", "references")
 # Table 1 of MagicMirror: the columns computable here, in the paper's order, then this pack's extras.

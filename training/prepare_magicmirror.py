@@ -12,8 +12,10 @@ training target whose references are the *other* files of the same identity whos
 similarity to it exceeds ``--min_similarity`` (0.65, as the paper). The references' face-encoder
 outputs (ArcFace, PhotoMaker-V2 ID tokens, CLIP penultimate features) are stored in
 ``faces/*.safetensors`` and the aligned crops in ``crops/``; ``metadata.jsonl`` lists
-``media, caption, faces, face_box, face_kps, size, similarity`` per target. Files without a face,
-identities with a single file and pairs below the threshold are reported and skipped.
+``media, caption, faces, face_box, face_kps, size, similarity`` per target. Unreadable files, files
+without a face, identities with a single file and pairs below the threshold are reported and skipped.
+Only a video's first frame is decoded; images are read as the trainer reads them (EXIF rotation
+applied), so boxes and keypoints are in the trainer's pixel coordinates.
 """
 
 from __future__ import annotations
@@ -30,26 +32,11 @@ from tqdm.auto import tqdm
 from ..models.face_analysis import FaceAnalyzer
 from ..models.face_encoder import FaceEncoder
 from ..models.id_encoder import load_photomaker_id_encoder
-from .data import write_jsonl
+from .data import MediaError, first_frame, write_jsonl
 
 logger = logging.getLogger(__name__)
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXT = (".mp4", ".mov", ".mkv", ".webm", ".avi")
-
-
-def first_frame(path: str) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of an image or of a video's first frame."""
-    if path.lower().endswith(VIDEO_EXT):
-        import av
-
-        with av.open(path) as container:
-            for frame in container.decode(video=0):
-                return frame.to_ndarray(format="rgb24")
-        raise ValueError(f"{path}: no decodable video frame")
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))  # writable (torch.from_numpy needs it)
 
 
 def caption_for(path: str, class_word: str, trigger: str) -> str:
@@ -71,14 +58,18 @@ def prepare(input_dir: str, output_dir: str, encoder: FaceEncoder, *, min_simila
     identities = sorted(d for d in os.listdir(input_dir) if os.path.isdir(os.path.join(input_dir, d)))
     if not identities:
         raise SystemExit(f"{input_dir}: expected one sub-folder per identity (see --help)")
-    stats = {"targets": 0, "no_face": [], "single_file": [], "below_threshold": 0}
+    stats = {"targets": 0, "unreadable": [], "no_face": [], "single_file": [], "below_threshold": 0}
     rows = []
     for ident in tqdm(identities, desc="identities"):
         folder = os.path.join(input_dir, ident)
         files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXT + VIDEO_EXT))
         found = []  # (path, rgb, face)
         for path in files:
-            rgb = first_frame(path)
+            try:
+                rgb = first_frame(path)
+            except MediaError as e:
+                stats["unreadable"].append((path, str(e)))
+                continue
             face = encoder.analyzer.detect_largest(rgb)
             if face is None:
                 stats["no_face"].append(path)
@@ -98,6 +89,7 @@ def prepare(input_dir: str, output_dir: str, encoder: FaceEncoder, *, min_simila
             parts = [encoder.encode(torch.from_numpy(found[j][1]).float()[None] / 255.0) for j in refs]
             tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k in ("arcface", "x_id", "clip_penultimate")}
             crops = torch.cat([p.crops for p in parts])
+            tensors["crops"] = (crops * 255).round().to(torch.uint8)  # [N, 112, 112, 3]: the identity loss embeds them
             stem = f"{ident}-{os.path.splitext(os.path.basename(path))[0]}"
             save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(output_dir, "faces", f"{stem}.safetensors"))
             for k, crop in enumerate(crops):
@@ -133,9 +125,12 @@ def main(argv=None) -> int:
     stats = prepare(args.input, args.output, encoder, min_similarity=args.min_similarity, max_refs=args.max_refs,
                     class_word=args.class_word, trigger=args.trigger)
     print(f"{stats['targets']} training targets written to {os.path.join(args.output, 'metadata.jsonl')}; "
-          f"skipped: {len(stats['no_face'])} files without a face, {len(stats['single_file'])} identities with "
+          f"skipped: {len(stats['unreadable'])} unreadable files, {len(stats['no_face'])} files without a face, "
+          f"{len(stats['single_file'])} identities with "
           f"fewer than 2 usable files, {stats['below_threshold']} targets without a reference above "
           f"{args.min_similarity}")
+    for path, reason in stats["unreadable"][:20]:
+        print(f"  unreadable: {reason}")
     for path in stats["no_face"][:20]:
         print(f"  no face: {path}")
     return 0

@@ -13,79 +13,90 @@ lr 1e-3, 1000 steps, bf16. Export: ``dualreal.safetensors`` for the DualReal Sta
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 
 from ..models.clip_vision import image_embeds, load_clip_vision
-from ..models.dualreal import DualRealAdapters, DualRealConfig, inject_dualreal, load_dualreal, save_dualreal
-from ..models.sampler import rotary_embeddings
-from ..models.text import tokenize
-from .config import TrainConfig, doc
-from .data import item_generator, load_media, read_manifest
-from .losses import loss_weights, v_prediction_loss, x0_from_v
-from .trainer import TaskSwitchingTrainer, cli_main
+from ..models.dualreal import (
+    DualRealAdapters,
+    DualRealConfig,
+    check_groups,
+    inject_dualreal,
+    load_dualreal,
+    save_dualreal,
+)
+from .config import InputError, TrainConfig, doc
+from .data import first_frame, load_frame
+from .losses import v_prediction_loss
+from .trainer import TaskSwitchingTrainer, TrainingDataset, TrainingModule, cli_main
 
 IDENTITY, MOTION = "identity", "motion"
 
 
 @dataclass
 class DualRealTrainConfig(TrainConfig):
+    learning_rate: float = doc(1e-3, "Peak learning rate (the paper's 1e-3).")
     identity_data: str = doc("", "Subject images with prompts (metadata.jsonl or images.txt + prompts.txt), "
                                  "e.g. 'a dog *'.")
     motion_prob: float = doc(0.5, "γ: probability that a step is a motion step.")
-    reference_image: str = doc("", "Image of the subject whose CLIP embedding conditions the motion adapters "
-                                   "(default: the first identity image).")
+    identity_batch_size: int = doc(1, "Subject images per device per micro-step of an identity step (official "
+                                      "recipe: 1).")
+    motion_batch_size: int = doc(3, "Clips per device per micro-step of a motion step (official recipe: 3).")
+    reference_image: str = doc("", "Image of the subject whose CLIP embedding conditions the motion adapters of "
+                                   "validation videos (default: the first identity image). Training conditions "
+                                   "each motion step on a random frame of its clip, identity steps on nothing.")
+    frame_sampling: str = doc("start", "How frames are picked from longer videos: start (the official recipe: the "
+                                       "first num_frames contiguous frames) | uniform | random.",
+                              choices=("uniform", "start", "random"))
+    lr_scheduler: str = doc("cosine_with_restarts", "constant | constant_with_warmup | linear | cosine | "
+                            "cosine_with_restarts (the official recipe).",
+                            choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"))
+    lr_warmup_steps: int = doc(200, "Linear warm-up steps (the official recipe: 200).")
+    use_8bit_adam: bool = doc(importlib.util.find_spec("bitsandbytes") is not None,
+                              "8-bit AdamW from bitsandbytes, as the official recipe (CUDA only); the default is on "
+                              "when bitsandbytes is installed.")
     clip_vision: str = doc("", "CLIP vision model file/folder for the motion condition (OpenCLIP ViT-H/14).")
     hidden_dim: int = doc(64, "Adapter bottleneck width.")
-    n_groups: int = doc(0, "StageBlender block groups (0 = num_layers // 6, i.e. 7 for the 5B).")
+    n_groups: int = doc(0, "StageBlender block groups; must divide the block count (0 = groups of 6 blocks, i.e. 7 "
+                           "for the 5B; else the largest divisor up to num_layers // 6).")
     init_from: str = doc("", "Start from a DualReal adapter (.safetensors or the official adapter.pth).")
     tiny_demo: bool = doc(False, "Generate tiny random models and synthetic data under output_dir and train on "
                                  "them (set by --preset tiny).")
 
-    def __post_init__(self):
-        if self.learning_rate == 1e-5 and self.max_steps == 1000:  # shared defaults: use the paper's lr
-            self.learning_rate = 1e-3
-
 
 PRESETS = {
-    "paper": dict(learning_rate=1e-3, max_steps=1000, mixed_precision="bf16", num_frames=49, height=480, width=720),
-    "tiny": dict(max_steps=10, learning_rate=1e-3, lr_scheduler="constant", height=32, width=32, num_frames=9,
-                 mixed_precision="no", gradient_checkpointing=False, checkpointing_steps=5, report_to="none",
-                 output_dir="runs/dualreal-tiny", tiny_demo=True),
+    "paper": dict(learning_rate=1e-3, max_steps=1000, mixed_precision="bf16", num_frames=49, height=480, width=720,
+                  identity_batch_size=1, motion_batch_size=3),
+    "tiny": dict(max_steps=10, learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, height=32, width=32,
+                 num_frames=9, motion_batch_size=2, mixed_precision="no", gradient_checkpointing=False,
+                 checkpointing_steps=5, report_to="none", output_dir="runs/dualreal-tiny", tiny_demo=True),
 }
 
 
-class DualRealTrainingModule(torch.nn.Module):
-    def __init__(self, adapters: DualRealAdapters, frozen: dict, condition: torch.Tensor):
-        super().__init__()
-        self.adapters, self.frozen = adapters, frozen
-        self.register_buffer("condition", condition, persistent=False)  # [1, 1, C]
+class DualRealTrainingModule(TrainingModule):
+    """The adapters; ``frozen["clip"]`` embeds the motion condition."""
+
+    def __init__(self, adapters: DualRealAdapters, spec, config, **frozen):
+        super().__init__(spec, config, **frozen)
+        self.adapters = adapters
 
     def forward(self, batch: dict, generator: torch.Generator):
-        f = self.frozen
-        transformer, vae, scheduler = f["transformer"], f["vae"], f["scheduler"]
-        device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
-        with torch.no_grad():
-            pixels = batch["pixels"].to(device, vae.dtype)  # [B, F, 3, H, W]
-            post = vae.encode(pixels.permute(0, 2, 1, 3, 4)).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator).to(device)
-            latents = (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)
-            text = f["text_encoder"](batch["input_ids"].to(device))[0].to(dtype)
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        h, w = latents.shape[-2:]
-        rope = rotary_embeddings(transformer, h * 8, w * 8, latents.shape[1], 8, device)
-        undo, state = inject_dualreal(transformer, self.adapters, self.condition.to(dtype), record=False)
+        spec = self.spec
+        latents = spec.pad_frames(spec.video_latents(batch, generator))
+        text = spec.text_embeds(batch)
+        noise, t, noisy = spec.add_noise(latents, generator)
+        condition = None  # identity steps: no motion condition (as the official recipe)
+        if "condition_image" in batch:  # motion steps: the CLIP embedding of a random frame of each clip
+            with torch.no_grad():
+                condition = image_embeds(self.frozen["clip"], batch["condition_image"])[:, None].to(spec.dtype)
+        undo, state = inject_dualreal(spec.transformer, self.adapters, condition, record=False)
         try:
-            v = transformer(hidden_states=noisy, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
-                            return_dict=False)[0]
+            v = spec.predict(noisy, text, t)
         finally:
             undo()
-        x0 = x0_from_v(scheduler, noisy, v.float(), t)
-        loss = v_prediction_loss(x0, latents, loss_weights(scheduler, t)).mean()
+        loss = v_prediction_loss(spec.x0(noisy, v, t), latents, spec.loss_weights(t)).mean()
         return loss, {f"loss_{batch['kind']}": loss.detach(), "alpha_mean": state.alpha.mean().detach()}
 
 
@@ -93,39 +104,87 @@ class DualRealTrainer(TaskSwitchingTrainer):
     config_class = DualRealTrainConfig
     method = "dualreal"
     tasks = (IDENTITY, MOTION)
+    task_batch_sizes = {IDENTITY: "identity_batch_size", MOTION: "motion_batch_size"}
+    required_inputs = {"model_path": "a diffusers CogVideoX folder", "identity_data": "subject images",
+                       "data": "motion clips", "clip_vision": "CLIP ViT-H/14 vision model"}
 
     @property
     def switch_prob(self) -> float:
         return self.config.motion_prob
 
+    def validate_inputs(self) -> dict:
+        from .inputs import check_manifest, check_media, check_path, check_text_to_video
+
+        inputs, c = super().validate_inputs(), self.config
+        check_text_to_video(inputs["transformer_config"], "DualReal")
+        identity = check_manifest(c.identity_data, "--identity_data", expected="subject images with prompts")
+        check_media(identity, "--identity_data", num_frames=1)
+        motion = check_manifest(c.data, "--data", expected="motion clips with prompts")
+        check_media(motion, "--data", num_frames=c.num_frames, videos_only=True)
+        check_path(c.clip_vision, "--clip_vision", "CLIP vision model", folder=None)
+        if c.reference_image:
+            check_path(c.reference_image, "--reference_image", "reference image")
+        if c.init_from:
+            check_path(c.init_from, "--init_from", "DualReal adapter")
+        if c.n_groups:
+            try:
+                check_groups(inputs["transformer_config"]["num_layers"], c.n_groups)
+            except ValueError as e:
+                raise InputError(f"--n_groups: {e}") from None
+        return {**inputs, "identity": identity, "motion": motion}
+
+    def reference_condition(self, clip) -> torch.Tensor:
+        """The CLIP image embedding [1, 1, C] of the reference image (validation videos), preprocessed by the same
+        function as the StageBlender node (``clip_vision.clip_pixels``: centre crop, resize)."""
+        c = self.config
+        image = first_frame(c.reference_image or self.inputs["identity"][0].media)
+        image = torch.from_numpy(image).float()[None] / 255.0  # a ComfyUI IMAGE [1, H, W, 3] in 0..1
+        return image_embeds(clip, image)[:, None]
+
     def build(self) -> torch.nn.Module:
         c = self.config
-        frozen = self.load_base()
+        self.identity, self.motion = self.inputs["identity"], self.inputs["motion"]
+        spec = self.load_base()
         bundle = self.bundle
-        self.identity = read_manifest(c.identity_data)
-        self.motion = read_manifest(c.data)
-        if not c.clip_vision:
-            raise SystemExit("--clip_vision is required (the CLIP ViT-H/14 that embeds the reference image)")
-        reference = c.reference_image or self.identity[0].media
-        image = load_media(reference, num_frames=1, height=224, width=224)[0].permute(1, 2, 0)[None] * 0.5 + 0.5
-        condition = image_embeds(load_clip_vision(c.clip_vision), image)[:, None]  # [1, 1, C]
+        clip = load_clip_vision(c.clip_vision).to(self.device).eval().requires_grad_(False)
+        condition_dim = clip.config.projection_dim
         if c.init_from:
             adapters = load_dualreal(c.init_from).requires_grad_(True)
         else:
             adapters = DualRealAdapters(DualRealConfig.for_transformer(
-                bundle.transformer, hidden_dim=c.hidden_dim, condition_dim=condition.shape[-1],
+                bundle.transformer, hidden_dim=c.hidden_dim, condition_dim=condition_dim,
                 n_groups=c.n_groups or None))
         adapters.check_compatible(bundle.transformer)
         self.adapters = adapters.train()
-        return DualRealTrainingModule(adapters, frozen, condition)
+        self.clip = clip
+        return DualRealTrainingModule(adapters, spec, c, clip=clip)
 
     def dataset(self):
         return {IDENTITY: FramesDataset(self, self.identity, 1), MOTION: FramesDataset(self, self.motion,
                                                                                        self.config.num_frames)}
 
     def collate(self, items: list, kind: str = IDENTITY) -> dict:
-        return {"kind": kind, "pixels": torch.stack([it["pixels"] for it in items]),
-                "input_ids": torch.stack([it["input_ids"] for it in items])}
+        return {"kind": kind, **{k: torch.stack([it[k] for it in items]) for k in items[0]}}
+
+    def validate(self, step: int) -> None:
+        """Validation videos with the adapters, conditioned on the reference image; their CLIP-I to it is logged
+        (``validation/clip_i``; the motion condition's CLIP model scores)."""
+        c = self.config
+        if not c.validation_prompts:
+            return
+        from ..models.dualreal import DualRealPatch
+        from .data import first_frame
+        from .train_subject_replay import clip_i_metrics
+
+        adapters = self.accelerator.unwrap_model(self.module).adapters
+        adapters.eval()
+        try:
+            patch = DualRealPatch(adapters, self.reference_condition(self.clip))
+            videos = self.validation_videos(self.bundle.with_patch(patch), step)
+        finally:
+            adapters.train()
+        image = torch.from_numpy(first_frame(c.reference_image or self.inputs["identity"][0].media)).float()[None] / 255
+        self.log_validation_metrics(step, clip_i_metrics(self.clip, videos, image, self))
 
     def before_optimizer_step(self, step: int) -> None:
         """Drop the gradients of the other dimension's adapters: identity steps train the identity
@@ -139,30 +198,37 @@ class DualRealTrainer(TaskSwitchingTrainer):
         save_dualreal(path, self.accelerator.unwrap_model(self.module).adapters, {"steps": self.step})
 
 
-class FramesDataset(torch.utils.data.Dataset):
+class FramesDataset(TrainingDataset):
+    """Identity images (1 frame) or motion clips (``num_frames``), the caption, and for clips one of their frames
+    (an IMAGE [H, W, 3] in 0..1) whose CLIP embedding conditions the motion adapters."""
+
     def __init__(self, trainer, samples, num_frames: int):
-        self.trainer, self.samples, self.num_frames = trainer, samples, num_frames
-        self.config, self.tokenizer, self.epoch = trainer.config, trainer.bundle.tokenizer, 0
+        super().__init__(trainer, samples)
+        self.num_frames, self.tokenizer = num_frames, trainer.bundle.tokenizer
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def pick(self) -> dict:
+        c = self.config
+        return dict(num_frames=self.num_frames, height=c.height, width=c.width, sampling=c.frame_sampling)
 
-    def __len__(self):
-        return len(self.samples)
+    def cache_specs(self, index: int):
+        s = self.samples[index]
+        return [dict(path=s.media, **self.pick())], [s.caption]
 
     def __getitem__(self, index):
-        c, s = self.config, self.samples[index]
-        pixels = load_media(s.media, num_frames=self.num_frames, height=c.height, width=c.width,
-                            sampling=c.frame_sampling, generator=item_generator(c.seed, self.epoch, index))
-        return {"pixels": pixels, "input_ids": tokenize(self.tokenizer, s.caption).input_ids[0]}
+        s, g = self.samples[index], self.generator(index)
+        item = {**self.trainer.media("pixels", s.media, generator=g, **self.pick()),
+                **self.trainer.caption(s.caption, self.tokenizer)}
+        if self.num_frames > 1:  # a motion clip: one of its frames for the condition
+            frame = int(torch.randint(0, self.num_frames, (1,), generator=g))
+            pixels = item["pixels"][frame] if "pixels" in item else load_frame(s.media, position=frame, **self.pick())
+            item["condition_image"] = pixels.permute(1, 2, 0) * 0.5 + 0.5
+        return item
 
 
 def main(argv=None) -> int:
     from .presets import build_tiny_dualreal
 
     return cli_main(DualRealTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_dualreal,
-                    required={"model_path": "a diffusers CogVideoX folder", "identity_data": "subject images",
-                              "data": "motion clips", "clip_vision": "CLIP ViT-H/14 vision model"},
                     use_hint="copy it to ComfyUI/models/dualreal/ and load it with 'DualReal StageBlender'")
 
 

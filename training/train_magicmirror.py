@@ -36,18 +36,18 @@ from ..models.magicmirror import (
     load_magicmirror,
     save_magicmirror,
 )
-from ..models.sampler import rotary_embeddings
-from ..models.text import identity_token_mask, split_trigger, tokenize
-from .config import TrainConfig, doc
-from .data import item_generator, load_media, read_manifest
-from .losses import box_to_latent_mask, identity_loss, loss_weights, v_prediction_loss, x0_from_v
-from .trainer import Trainer, cli_main
+from ..models.text import identity_token_mask, split_trigger
+from .config import InputError, TrainConfig, doc
+from .losses import box_to_latent_mask, identity_loss, v_prediction_loss
+from .trainer import Trainer, TrainingDataset, TrainingModule, cli_main
 
 
 @dataclass
 class MagicMirrorTrainConfig(TrainConfig):
-    stage: str = doc("image", "image: stage 1 on image pairs (num_frames forced to 1); video: stage 2 on videos.",
-                     choices=("image", "video"))
+    num_frames: int = doc(1, "Frames per sample (4k+1): 1 for stage=image, e.g. 49 for stage=video.")
+    batch_size: int = doc(1, "Samples per device per micro-step.")
+    stage: str = doc("image", "image: stage 1 on single frames (num_frames 1); video: stage 2 on clips of "
+                              "num_frames > 1.", choices=("image", "video"))
     init_from: str = doc("", "Adapter .safetensors to start from (stage 2 starts from the stage-1 export).")
     trigger_word: str = doc("img", "Trigger word after the class word in captions ('a man img ...').")
     id_loss_weight: float = doc(0.1, "λ of the identity loss (0 = off; the paper does not give its value).")
@@ -55,6 +55,10 @@ class MagicMirrorTrainConfig(TrainConfig):
     arcface_path: str = doc("", "insightface arcface_torch backbone (.pth, e.g. ms1mv3_arcface_r100) for the "
                                 "identity loss; required when id_loss_weight > 0.")
     validation_faces: str = doc("", "A faces .safetensors (from prepare_magicmirror) for validation videos.")
+    validation_insightface: str = doc("", "insightface root (holding models/<pack>/) to score validation videos: "
+                                          "identity similarity of each frame's face to validation_faces (logged).")
+    validation_insightface_pack: str = doc("antelopev2", "insightface pack name for validation scoring (the pack "
+                                                         "prepare_magicmirror used).")
     # adapter sizes (the face dims come from the data's face files)
     qformer_dim: int = doc(1024, "Face Q-Former width.")
     qformer_depth: int = doc(4, "Face Q-Former layers.")
@@ -65,8 +69,12 @@ class MagicMirrorTrainConfig(TrainConfig):
                                  "on them (set by --preset tiny; model_path/data are filled in).")
 
     def __post_init__(self):
-        if self.stage == "image":
-            self.num_frames = 1
+        if self.stage == "image" and self.num_frames != 1:
+            raise InputError(f"stage=image trains on single frames but num_frames={self.num_frames}: leave "
+                             "num_frames at 1 for stage=image, or set --stage video to train on clips")
+        if self.stage == "video" and self.num_frames == 1:
+            raise InputError("stage=video trains on clips but num_frames=1: set --num_frames (4k+1, e.g. 49), "
+                             "or use --stage image for single frames")
 
 
 PRESETS = {
@@ -94,80 +102,104 @@ def fit_points(points: torch.Tensor, src_w: int, src_h: int, width: int, height:
     return out
 
 
-class MagicMirrorTrainingModule(torch.nn.Module):
-    """The trainable adapter; its forward computes the loss of one micro-batch (DDP-friendly).
+class MagicMirrorTrainingModule(TrainingModule):
+    """The trainable adapter (``frozen``: the ArcFace loss network when the identity loss is on)."""
 
-    Frozen models are kept in a plain dict so they are neither parameters of this module (not in
-    checkpoints, not synchronised by DDP) nor moved by ``accelerate.prepare``.
-    """
-
-    def __init__(self, adapter: MagicMirrorAdapter, frozen: dict, config: MagicMirrorTrainConfig):
-        super().__init__()
+    def __init__(self, adapter: MagicMirrorAdapter, spec, config: MagicMirrorTrainConfig, **frozen):
+        super().__init__(spec, config, **frozen)
         self.adapter = adapter
-        self.frozen = frozen
-        self.config = config
 
     def forward(self, batch: dict, generator: torch.Generator):
-        c, f = self.config, self.frozen
-        transformer, vae, scheduler = f["transformer"], f["vae"], f["scheduler"]
-        device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
-        with torch.no_grad():
-            if "latents" in batch:  # precompute cache: a posterior draw made by the dataset
-                latents = batch["latents"].to(device)  # [B, C, T, h, w], unscaled
-            else:
-                pixels = batch["pixels"].to(device, vae.dtype)  # [B, F, 3, H, W] in [-1, 1]
-                posterior = vae.encode(pixels.permute(0, 2, 1, 3, 4)).latent_dist
-                noise_z = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
-                latents = posterior.mean + posterior.std * noise_z
-            latents = (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)  # [B, T, C, h, w]
-            if "prompt_embeds" in batch:
-                text = batch["prompt_embeds"].to(device, dtype)
-            else:
-                text = f["text_encoder"](batch["input_ids"].to(device))[0].to(dtype)
+        c, spec = self.config, self.spec
+        latents = spec.pad_frames(spec.video_latents(batch, generator))  # [B, T, C, h, w]
+        text = spec.text_embeds(batch)
+        noise, t, noisy = spec.add_noise(latents, generator)
+        v = torch.empty_like(noisy)
+        for rows in reference_groups(batch["x_id"]):  # samples with as many reference photos run together
+            adapter = self.adapter
+            face_tokens = torch.cat([adapter.face_tokens(batch["clip_penultimate"][i].to(spec.device, spec.dtype))
+                                     for i in rows])
+            id_vec = torch.cat([adapter.id_vector(batch["x_id"][i].to(spec.device, spec.dtype)) for i in rows])
+            index = torch.tensor(rows, device=noisy.device)
+            undo = inject_magicmirror(spec.transformer, adapter, face_tokens=face_tokens, id_vec=id_vec,
+                                      identity_mask=batch["identity_mask"][rows])
+            try:
+                v[index] = spec.predict(noisy[index], text[index], t[index])
+            finally:
+                undo()
+        x0_pred = spec.x0(noisy, v, t)
         b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        rope = rotary_embeddings(transformer, c.height, c.width, latents.shape[1], 8, device)
-
-        adapter = self.adapter
-        face_tokens = torch.cat([adapter.face_tokens(x.to(device, dtype)) for x in batch["clip_penultimate"]])
-        id_vec = torch.cat([adapter.id_vector(x.to(device, dtype)) for x in batch["x_id"]])
-        undo = inject_magicmirror(transformer, adapter, face_tokens=face_tokens, id_vec=id_vec,
-                                  identity_mask=batch["identity_mask"])
-        try:
-            v = transformer(hidden_states=noisy, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
-                            return_dict=False)[0]
-        finally:
-            undo()
-        x0_pred = x0_from_v(scheduler, noisy, v.float(), t)
-        weights = loss_weights(scheduler, t)
         in_face = torch.rand(b, generator=generator) < c.face_region_prob
-        mask = box_to_latent_mask(batch["face_box"], c.height, c.width, 8).to(device)
-        mask = torch.where(in_face.to(device)[:, None, None, None, None], mask, torch.ones_like(mask))
-        noise_loss = v_prediction_loss(x0_pred, latents, weights, mask)
+        mask = box_to_latent_mask(batch["face_box"], c.height, c.width, spec.vae_scale).to(noisy.device)
+        mask = torch.where(in_face.to(noisy.device)[:, None, None, None, None], mask, torch.ones_like(mask))
+        noise_loss = v_prediction_loss(x0_pred, latents, spec.loss_weights(t), mask)
         logs = {"loss_noise": noise_loss.mean().detach(), "face_region_share": in_face.float().mean()}
         loss = noise_loss
         if c.id_loss_weight > 0:
-            from ..models.arcface import identity_cosine
+            from ..models.arcface import embed_aligned, identity_cosine
 
-            first = x0_pred[:, :1].permute(0, 2, 1, 3, 4) / vae.config.scaling_factor  # [B, C, 1, h, w]
-            frames = vae.decode(first.to(vae.dtype)).sample[:, :, 0].float()  # [B, 3, H, W] in ~[-1, 1]
-            cos = identity_cosine(f["arcface"], batch["ref_arcface"].to(device), frames, batch["face_kps"].to(device))
+            arcface, vae = self.frozen["arcface"], spec.vae
+            with torch.no_grad():  # the references through the loss network itself (one network on both sides)
+                ref = torch.stack([F.normalize(F.normalize(embed_aligned(arcface, crops.to(noisy.device)).float(),
+                                                           dim=-1).mean(0), dim=-1) for crops in batch["ref_crops"]])
+            first = x0_pred[:, :1]  # frame 0 (CogVideoX 1.5's padding repeats it in front)
+            frames = vae.decode((first.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor).to(vae.dtype)).sample
+            cos = identity_cosine(arcface, ref, frames[:, :, 0].float(), batch["face_kps"].to(noisy.device))
             loss = loss + c.id_loss_weight * identity_loss(cos)
             logs["id_cosine"] = cos.mean().detach()
         return loss.mean(), logs
+
+
+def reference_groups(x_ids: list) -> list[list[int]]:
+    """Batch rows grouped by their number of reference photos (each photo adds 32 face tokens, so a group
+    shares one face-token length): ``[[rows with N refs], [rows with M refs], ...]`` in first-seen order."""
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(x_ids):
+        groups.setdefault(x.shape[0], []).append(i)
+    return list(groups.values())
 
 
 class MagicMirrorTrainer(Trainer):
     config_class = MagicMirrorTrainConfig
     method = "magicmirror"
 
+    @property
+    def vae_needed_with_cache(self) -> bool:
+        return self.config.id_loss_weight > 0  # the identity loss decodes x̂0
+    required_inputs = {"model_path": "a diffusers CogVideoX folder", "data": "metadata.jsonl"}
+
+    def validate_inputs(self) -> dict:
+        from .inputs import check_manifest, check_media, check_numbers, check_path, check_text_to_video
+
+        inputs, c = super().validate_inputs(), self.config
+        check_text_to_video(inputs["transformer_config"], "MagicMirror")
+        samples = check_manifest(c.data, "--data", columns=("faces", "face_box", "face_kps", "size"),
+                                 expected="the metadata.jsonl of python -m training.prepare_magicmirror (rows {media, "
+                                          "caption, faces, face_box, face_kps, size})")
+        check_numbers(samples, "--data", {"face_box": (4,), "face_kps": (5, 2), "size": (2,)})
+        bad = next((s for s in samples if min(s.extra["size"]) <= 0), None)
+        if bad is not None:
+            raise InputError(f"--data: {bad.where}: size={bad.extra['size']} must be [width, height] > 0; rebuild "
+                             "the manifest with python -m training.prepare_magicmirror")
+        check_media(samples, "--data", num_frames=c.num_frames, videos_only=c.stage == "video")
+        if c.init_from:
+            check_path(c.init_from, "--init_from", "MagicMirror adapter")
+        if c.id_loss_weight > 0:
+            if not c.arcface_path:
+                raise InputError("id_loss_weight > 0 needs --arcface_path (an insightface arcface_torch backbone "
+                                 ".pth); or pass --id_loss_weight 0")
+            check_path(c.arcface_path, "--arcface_path", "ArcFace backbone")
+        if c.validation_faces:
+            check_path(c.validation_faces, "--validation_faces", "faces .safetensors")
+        if c.validation_insightface:
+            check_path(c.validation_insightface, "--validation_insightface", "insightface root", folder=True)
+        return {**inputs, "samples": samples}
+
     def build(self) -> torch.nn.Module:
         c = self.config
-        frozen = self.load_base()
-        bundle = self.bundle
-        self.samples = read_manifest(c.data)
+        self.samples = self.inputs["samples"]
+        spec = self.load_base()
+        bundle, frozen = self.bundle, {}
         first = read_safetensors(self._faces_path(self.samples[0]))[0]
         if c.init_from:
             adapter = load_magicmirror(c.init_from).requires_grad_(True)
@@ -179,33 +211,11 @@ class MagicMirrorTrainer(Trainer):
                 qformer_depth=c.qformer_depth, qformer_dim_head=c.qformer_dim_head, cond_dim=c.cond_dim,
                 fuse_hidden=c.fuse_hidden))
         self.adapter = adapter.train()
-        self.cache_keys = None
-        if c.precompute_cache:
-            self.cache_keys = self._precompute(bundle)
-            frozen["text_encoder"] = None  # prompts come from the cache; T5 leaves memory
-            bundle.placement.offload(bundle.text_encoder)  # on the CPU; validation brings it in for its prompts
-            if c.id_loss_weight == 0:
-                bundle.placement.offload(bundle.vae)  # the identity loss still decodes x̂0, else the VAE is not needed
         if c.id_loss_weight > 0:
-            if not c.arcface_path:
-                raise SystemExit("id_loss_weight > 0 needs --arcface_path (an insightface arcface_torch backbone "
-                                 ".pth); or pass --id_loss_weight 0")
             from ..models.arcface import load_arcface_torch
 
             frozen["arcface"] = load_arcface_torch(c.arcface_path).to(self.device)
-        return MagicMirrorTrainingModule(self.adapter, frozen, c)
-
-    def _precompute(self, bundle) -> list[dict]:
-        from .cache import PrecomputeCache, precompute
-
-        c = self.config
-        cache = PrecomputeCache(c.cache_dir or os.path.join(c.output_dir, "cache"))
-        with self.accelerator.main_process_first():
-            return precompute(self.samples, vae=bundle.vae, text_encoder=bundle.text_encoder,
-                              tokenizer=bundle.tokenizer, cache=cache, height=c.height, width=c.width,
-                              num_frames=c.num_frames, sampling=c.frame_sampling, model_id=os.path.abspath(c.model_path),
-                              caption_transform=lambda caption: split_trigger(caption, c.trigger_word)[0],
-                              progress=self.accelerator.is_main_process)
+        return MagicMirrorTrainingModule(self.adapter, spec, c, **frozen)
 
     def _faces_path(self, sample) -> str:
         path = sample.extra.get("faces")  # resolved against the manifest folder by read_manifest
@@ -218,11 +228,11 @@ class MagicMirrorTrainer(Trainer):
         return MagicMirrorDataset(self)
 
     def collate(self, items: list) -> dict:
-        keys = ("pixels", "input_ids", "latents", "prompt_embeds", "identity_mask", "face_box", "face_kps",
-                "ref_arcface")
+        keys = ("pixels", "input_ids", "latents", "prompt_embeds", "identity_mask", "face_box", "face_kps")
         out = {k: torch.stack([it[k] for it in items]) for k in keys if k in items[0]}
-        out["x_id"] = [it["x_id"] for it in items]
-        out["clip_penultimate"] = [it["clip_penultimate"] for it in items]
+        for key in ("x_id", "clip_penultimate", "ref_crops"):  # per sample: reference counts may differ
+            if key in items[0]:
+                out[key] = [it[key] for it in items]
         return out
 
     def export(self, path: str) -> None:
@@ -230,86 +240,97 @@ class MagicMirrorTrainer(Trainer):
         save_magicmirror(path, adapter, {"stage": self.config.stage, "steps": self.step})
 
     def validate(self, step: int) -> None:
+        """Validation videos with ``validation_faces``; with ``validation_insightface`` also the identity similarity
+        of every frame's face to those faces (logged as ``validation/face_sim``, with face rate, decay, dynamics)."""
         c = self.config
         if not (c.validation_prompts and c.validation_faces):
             return
         from ..models.magicmirror import FaceEmbeds, MagicMirrorPatch
-        from ..models.sampler import decode_latents, sample_video
-        from ..models.text import encode_prompt
-        from ..models.video_io import write_video
 
         tensors, _ = read_safetensors(c.validation_faces)
         faces = FaceEmbeds(arcface=tensors["arcface"], x_id=tensors["x_id"], clip_penultimate=tensors["clip_penultimate"])
         adapter = self.accelerator.unwrap_model(self.module).adapter
         adapter.eval()
         try:
-            patched = self.bundle.with_patch(MagicMirrorPatch(adapter, faces))
-            for i, prompt in enumerate(c.validation_prompts):
-                pos = encode_prompt(self.bundle, prompt, trigger=c.trigger_word)
-                latents = sample_video(patched, pos, num_frames=c.validation_num_frames, height=c.height,
-                                       width=c.width, steps=c.validation_steps_sampling, cfg=6.0, seed=c.seed)
-                frames = decode_latents(self.bundle, latents)[0]
-                write_video(os.path.join(c.output_dir, "validation", f"step-{step:08d}-{i}.mp4"), frames)
+            videos = self.validation_videos(self.bundle.with_patch(MagicMirrorPatch(adapter, faces)), step,
+                                            trigger=c.trigger_word)
         finally:
             adapter.train()
+        if c.validation_insightface:
+            from ..models.face_analysis import FaceAnalyzer
+            from ..models.metrics import ReferenceFaces, evaluate_video
+
+            if not hasattr(self, "analyzer"):
+                self.analyzer = FaceAnalyzer(c.validation_insightface, name=c.validation_insightface_pack)
+            references = ReferenceFaces.from_embeddings(faces.arcface)  # the pack's recogniser, as the frames'
+            self.log_validation_metrics(step, [evaluate_video(v, analyzer=self.analyzer, references=references)
+                                               for v in videos])
 
 
-class MagicMirrorDataset(torch.utils.data.Dataset):
-    """Target media (or its cached latents), tokenised caption, identity mask, face box/keypoints
-    mapped to the training resolution, and the references' frozen face-encoder outputs."""
+class MagicMirrorDataset(TrainingDataset):
+    """Target media (or its cached latents), the caption (trigger word removed), identity mask, face box/keypoints
+    mapped to the training resolution, and the references' frozen face-encoder outputs (+ crops for the loss)."""
 
     def __init__(self, trainer: MagicMirrorTrainer):
-        self.trainer, self.config, self.samples = trainer, trainer.config, trainer.samples
+        super().__init__(trainer, trainer.samples)
         self.tokenizer = trainer.bundle.tokenizer
-        self.epoch = 0
-        self.cached = None
-        if trainer.cache_keys is not None:
-            from .cache import CachedDataset, PrecomputeCache
 
-            c = self.config
-            cache = PrecomputeCache(c.cache_dir or os.path.join(c.output_dir, "cache"))
-            self.cached = CachedDataset(self.samples, cache, trainer.cache_keys, seed=c.seed)
+    def pick(self) -> dict:
+        c = self.config
+        return dict(num_frames=c.num_frames, height=c.height, width=c.width, sampling=c.frame_sampling)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.cached is not None:
-            self.cached.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.samples)
+    def cache_specs(self, index: int):
+        s = self.samples[index]
+        return [dict(path=s.media, **self.pick())], [split_trigger(s.caption, self.config.trigger_word)[0]]
 
     def __getitem__(self, index: int) -> dict:
         c, sample = self.config, self.samples[index]
         text, spans = split_trigger(sample.caption, c.trigger_word)
-        if self.cached is not None:
-            cached = self.cached[index]
-            item = {"latents": cached["latents"], "prompt_embeds": cached["prompt_embeds"]}
-        else:
-            item = {"pixels": load_media(sample.media, num_frames=c.num_frames, height=c.height, width=c.width,
-                                         sampling=c.frame_sampling,
-                                         generator=item_generator(c.seed, self.epoch, index)),
-                    "input_ids": tokenize(self.tokenizer, text).input_ids[0]}
-        faces = read_safetensors(self.trainer._faces_path(sample))[0]
+        item = {**self.trainer.media("pixels", sample.media, generator=self.generator(index), **self.pick()),
+                **self.trainer.caption(text, self.tokenizer)}
+        faces_path = self.trainer._faces_path(sample)
+        faces = read_safetensors(faces_path)[0]
         src_w, src_h = sample.extra["size"]
         box = torch.tensor(sample.extra["face_box"], dtype=torch.float32).view(2, 2)
-        ref = F.normalize(faces["arcface"].float(), dim=-1).mean(0)
         item.update({
             "identity_mask": identity_token_mask(self.tokenizer, text, spans)[0],
             "face_box": fit_points(box, src_w, src_h, c.width, c.height).flatten(),
             "face_kps": fit_points(torch.tensor(sample.extra["face_kps"], dtype=torch.float32), src_w, src_h,
                                    c.width, c.height),
-            "ref_arcface": F.normalize(ref, dim=-1),
             "x_id": faces["x_id"].float(),
             "clip_penultimate": faces["clip_penultimate"].float(),
         })
+        if c.id_loss_weight > 0:
+            item["ref_crops"] = reference_crops(faces, faces_path)
         return item
+
+
+def reference_crops(faces: dict, faces_path: str) -> torch.Tensor:
+    """The aligned reference face crops [N, 3, 112, 112] in [-1, 1] that the identity loss embeds with its own
+    network: the ``crops`` tensor of the faces file, or (datasets made before it was stored there) the
+    ``crops/<stem>-ref<k>.png`` files that ``prepare_magicmirror`` writes beside ``faces/``. The face encoder
+    aligns at 224 px (``norm_crop``'s template scaled by 2), so the crops are resized to ArcFace's 112."""
+    if "crops" in faces:
+        crops = faces["crops"]  # [N, 112, 112, 3] uint8
+    else:
+        import numpy as np
+        from PIL import Image
+
+        root, name = os.path.split(faces_path)
+        stem = os.path.splitext(name)[0]
+        n = faces["x_id"].shape[0]
+        crops = torch.from_numpy(np.stack([np.asarray(Image.open(os.path.join(
+            os.path.dirname(root), "crops", f"{stem}-ref{k}.png")).convert("RGB")) for k in range(n)]))
+    x = crops.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if x.shape[-1] != 112:
+        x = F.interpolate(x, size=(112, 112), mode="bilinear", align_corners=False, antialias=True)
+    return x
 
 
 def main(argv=None) -> int:
     from .presets import build_tiny_magicmirror
 
     return cli_main(MagicMirrorTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_magicmirror,
-                    required={"model_path": "a diffusers CogVideoX folder", "data": "metadata.jsonl"},
                     use_hint="copy it to ComfyUI/models/magicmirror/ and pick it in 'MagicMirror Apply'")
 
 

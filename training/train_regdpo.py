@@ -21,18 +21,17 @@ from dataclasses import dataclass
 import torch
 
 from ..models.lora import TrainableLora, find_lora_targets, save_lora
-from ..models.sampler import rotary_embeddings
-from ..models.text import tokenize
 from .config import TrainConfig, doc
-from .data import load_media, read_manifest
 from .losses import per_sample_mse, regdpo_loss
-from .trainer import Trainer, cli_main
+from .trainer import Trainer, TrainingDataset, TrainingModule, cli_main
 
 MODES = ("regdpo", "fixed", "dpo", "sft")
 
 
 @dataclass
 class RegDPOTrainConfig(TrainConfig):
+    learning_rate: float = doc(5e-6, "Peak learning rate (the paper's 5e-6).")
+    batch_size: int = doc(1, "GT-Pairs per device per micro-step.")
     beta: float = doc(500.0, "β; multiplies s directly (no 0.5 factor).")
     mode: str = doc("regdpo", "regdpo: r = DGR (detached, dynamic); fixed: r = --r; dpo: r = 0 (vanilla "
                               "Diffusion-DPO); sft: only the winner's error.", choices=MODES)
@@ -47,10 +46,6 @@ class RegDPOTrainConfig(TrainConfig):
     tiny_demo: bool = doc(False, "Generate a tiny model and synthetic GT-Pairs under output_dir and train on "
                                  "them (set by --preset tiny).")
 
-    def __post_init__(self):
-        if self.learning_rate == 1e-5:  # the shared default: use the paper's
-            self.learning_rate = 5e-6
-
 
 PRESETS = {
     "tiny": dict(max_steps=8, learning_rate=1e-3, lr_scheduler="constant", height=32, width=32, num_frames=9,
@@ -59,26 +54,21 @@ PRESETS = {
 }
 
 
-class RegDPOModule(torch.nn.Module):
-    def __init__(self, lora: TrainableLora, frozen: dict, config: RegDPOTrainConfig):
-        super().__init__()
-        self.lora, self.frozen, self.config = lora, frozen, config
+class RegDPOModule(TrainingModule):
+    """The LoRA; ``frozen["reference"]`` is the frozen copy when ``reference_model=copy``."""
 
-    def predict(self, transformer, noisy, text, t, image_latents, rope):
-        """v-predictions for one batch; I2V models get the first-frame latents on the channel axis."""
-        x = noisy if image_latents is None else torch.cat([noisy, image_latents], dim=2)
-        ofs = noisy.new_full((noisy.shape[0],), 2.0) if transformer.config.ofs_embed_dim else None
-        return transformer(hidden_states=x, encoder_hidden_states=text, timestep=t, ofs=ofs, image_rotary_emb=rope,
-                           return_dict=False)[0]
+    def __init__(self, lora: TrainableLora, spec, config: RegDPOTrainConfig, **frozen):
+        super().__init__(spec, config, **frozen)
+        self.lora = lora
 
-    def pair_predictions(self, transformer, noisy_w, noisy_l, text, t, image_latents, rope):
+    def pair_predictions(self, transformer, noisy_w, noisy_l, text, t, image_latents):
+        predict = self.spec.predict
         if self.config.pair_parallel:
-            both = self.predict(transformer, torch.cat([noisy_w, noisy_l]), torch.cat([text, text]),
-                                torch.cat([t, t]), None if image_latents is None else torch.cat([image_latents] * 2),
-                                rope)
+            both = predict(torch.cat([noisy_w, noisy_l]), torch.cat([text, text]), torch.cat([t, t]),
+                           None if image_latents is None else torch.cat([image_latents] * 2), transformer)
             return both.chunk(2)
-        return (self.predict(transformer, noisy_w, text, t, image_latents, rope),
-                self.predict(transformer, noisy_l, text, t, image_latents, rope))
+        return (predict(noisy_w, text, t, image_latents, transformer),
+                predict(noisy_l, text, t, image_latents, transformer))
 
     def forward(self, batch: dict, generator: torch.Generator):
         c = self.config
@@ -89,39 +79,22 @@ class RegDPOModule(torch.nn.Module):
 
     def outputs(self, batch: dict, generator: torch.Generator) -> dict:
         """v-predictions of the model and the reference for winner and loser, and their targets."""
-        c, f = self.config, self.frozen
-        transformer, vae, scheduler = f["transformer"], f["vae"], f["scheduler"]
-        device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
-
-        def encode(pixels):  # [B, F, 3, H, W] -> scaled latents [B, T, C, h, w]
-            post = vae.encode(pixels.to(device, vae.dtype).permute(0, 2, 1, 3, 4)).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator).to(device)
-            return (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)
-
-        with torch.no_grad():
-            x_w, x_l = encode(batch["winner"]), encode(batch["loser"])
-            text = f["text_encoder"](batch["input_ids"].to(device))[0].to(dtype)
-            image_latents = None
-            if transformer.config.in_channels == 2 * transformer.config.out_channels:
-                first = vae.encode(batch["first_frame"].to(device, vae.dtype)[:, :, None]).latent_dist.mode()
-                first = (first * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)  # [B, 1, C, h, w]
-                image_latents = torch.cat([first, first.new_zeros(first.shape[0], x_w.shape[1] - 1,
-                                                                  *first.shape[2:])], dim=1)
-        b = x_w.shape[0]
-        noise = torch.randn(x_w.shape, generator=generator).to(device, dtype)  # shared by winner and loser
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        noisy_w, noisy_l = scheduler.add_noise(x_w, noise, t), scheduler.add_noise(x_l, noise, t)
-        target_w, target_l = scheduler.get_velocity(x_w, noise, t), scheduler.get_velocity(x_l, noise, t)
-        h, w = x_w.shape[-2:]
-        rope = rotary_embeddings(transformer, h * 8, w * 8, x_w.shape[1], 8, device) \
-            if transformer.config.use_rotary_positional_embeddings else None
-        pred_w, pred_l = self.pair_predictions(transformer, noisy_w, noisy_l, text, t, image_latents, rope)
+        c, spec = self.config, self.spec
+        x_w = spec.pad_frames(spec.video_latents(batch, generator, "winner"))
+        x_l = spec.pad_frames(spec.video_latents(batch, generator, "loser"))
+        text = spec.text_embeds(batch)
+        image_latents = spec.image_condition(batch.get("first_frame"), x_w.shape[1], generator,
+                                             batch.get("first_frame_latents")) if spec.i2v else None
+        noise, t, noisy_w = spec.add_noise(x_w, generator)  # winner and loser share noise and timestep
+        noisy_l = spec.scheduler.add_noise(x_l, noise, t)
+        target_w, target_l = spec.velocity(x_w, noise, t), spec.velocity(x_l, noise, t)
+        pred_w, pred_l = self.pair_predictions(spec.transformer, noisy_w, noisy_l, text, t, image_latents)
         with torch.no_grad():
             if c.reference_model == "copy":
-                ref_w, ref_l = self.pair_predictions(f["reference"], noisy_w, noisy_l, text, t, image_latents, rope)
+                ref_w, ref_l = self.pair_predictions(self.frozen["reference"], noisy_w, noisy_l, text, t, image_latents)
             else:
                 with self.lora.disabled():
-                    ref_w, ref_l = self.pair_predictions(transformer, noisy_w, noisy_l, text, t, image_latents, rope)
+                    ref_w, ref_l = self.pair_predictions(spec.transformer, noisy_w, noisy_l, text, t, image_latents)
         return {"pred_w": pred_w, "pred_l": pred_l, "ref_w": ref_w, "ref_l": ref_l, "target_w": target_w,
                 "target_l": target_l}
 
@@ -129,19 +102,32 @@ class RegDPOModule(torch.nn.Module):
 class RegDPOTrainer(Trainer):
     config_class = RegDPOTrainConfig
     method = "regdpo"
+    required_inputs = {"model_path": "a diffusers CogVideoX folder",
+                       "data": "the GT-Pair manifest from training.build_gt_pairs"}
+
+    def validate_inputs(self) -> dict:
+        from .inputs import check_manifest, check_media
+
+        inputs, c = super().validate_inputs(), self.config
+        pairs = check_manifest(c.data, "--data", columns=("loser",),
+                               expected="the GT-Pair manifest of python -m training.build_gt_pairs (rows {winner, "
+                                        "loser, caption[, first_frame]})")
+        check_media(pairs, "--data", num_frames=c.num_frames, keys=("media", "loser"), videos_only=True)
+        check_media(pairs, "--data", num_frames=1, keys=("first_frame",))
+        return {**inputs, "pairs": pairs}
 
     def build(self) -> torch.nn.Module:
         c = self.config
-        frozen = self.load_base()
-        bundle = self.bundle
-        self.pairs = read_manifest(c.data)
+        self.pairs = self.inputs["pairs"]
+        spec = self.load_base()
+        bundle, frozen = self.bundle, {}
         if c.reference_model == "copy":
             frozen["reference"] = copy.deepcopy(bundle.transformer).requires_grad_(False)
         torch.manual_seed(c.seed)
         lora = TrainableLora(bundle.transformer, find_lora_targets(bundle.transformer, c.lora_targets), c.lora_rank,
                              c.lora_alpha).to(self.device)
         self.undo_lora = lora.apply(bundle.transformer)
-        return RegDPOModule(lora, frozen, c)
+        return RegDPOModule(lora, spec, c, **frozen)
 
     def dataset(self):
         return PairDataset(self)
@@ -152,22 +138,35 @@ class RegDPOTrainer(Trainer):
                                         "rank": lora.rank, "alpha": lora.alpha, "steps": self.step})
 
 
-class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, trainer):
-        self.samples, self.config, self.tokenizer = trainer.pairs, trainer.config, trainer.bundle.tokenizer
+class PairDataset(TrainingDataset):
+    """Winner and loser clips (their first ``num_frames``), the caption, and the first frame (the row's
+    ``first_frame`` image, else the winner's first frame) for I2V models."""
 
-    def __len__(self):
-        return len(self.samples)
+    def __init__(self, trainer):
+        super().__init__(trainer, trainer.pairs)
+        self.tokenizer, self.i2v = trainer.bundle.tokenizer, trainer.spec.i2v
+
+    def picks(self, index: int) -> list[tuple[str, str, int]]:
+        """(batch key, path, frames) of each medium item ``index`` reads."""
+        s, c = self.samples[index], self.config
+        picks = [("winner", s.media, c.num_frames), ("loser", s.extra["loser"], c.num_frames)]
+        if self.i2v:
+            picks.append(("first_frame", s.extra.get("first_frame") or s.media, 1))
+        return picks
+
+    def cache_specs(self, index: int):
+        c = self.config
+        return ([dict(path=path, num_frames=n, height=c.height, width=c.width, sampling="start")
+                 for _, path, n in self.picks(index)], [self.samples[index].caption])
 
     def __getitem__(self, index):
-        c, s = self.config, self.samples[index]
-        load = lambda path: load_media(path, num_frames=c.num_frames, height=c.height, width=c.width,  # noqa: E731
-                                       sampling="start")
-        item = {"winner": load(s.media), "loser": load(s.extra["loser"]),
-                "input_ids": tokenize(self.tokenizer, s.caption).input_ids[0]}
-        first = s.extra.get("first_frame")
-        item["first_frame"] = (load_media(first, num_frames=1, height=c.height, width=c.width)[0] if first
-                               else item["winner"][0])
+        c, s, g = self.config, self.samples[index], self.generator(index)
+        item = self.trainer.caption(s.caption, self.tokenizer)
+        for key, path, n in self.picks(index):
+            item.update(self.trainer.media(key, path, num_frames=n, height=c.height, width=c.width, sampling="start",
+                                           generator=g))
+        if "first_frame" in item:
+            item["first_frame"] = item["first_frame"][0]  # [3, H, W]
         return item
 
 
@@ -175,8 +174,6 @@ def main(argv=None) -> int:
     from .presets import build_tiny_regdpo
 
     return cli_main(RegDPOTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_regdpo,
-                    required={"model_path": "a diffusers CogVideoX folder",
-                              "data": "the GT-Pair manifest from training.build_gt_pairs"},
                     use_hint="copy it to ComfyUI/models/loras/ and load it with 'CogVideoX LoRA Loader'")
 
 

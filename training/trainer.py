@@ -3,6 +3,9 @@
 A method (``train_magicmirror.py`` ...) subclasses :class:`Trainer` and says only what differs:
 
 * ``config_class`` — its config dataclass (extends :class:`~training.config.TrainConfig`);
+* ``required_inputs`` and ``validate_inputs()`` — check the config, data and paths before any model
+  loads and return what was read (``self.inputs``); bad input raises one-line
+  :class:`~training.config.InputError`s, which the command line prints and exits with status 2;
 * ``build()`` — load frozen models, return the trainable :class:`torch.nn.Module`;
 * ``dataset()`` — a map-style dataset; ``collate(items)`` — a batch;
 * ``loss(module, batch, generator) -> (loss, logs)`` — one micro-step (``module`` is the prepared,
@@ -19,16 +22,20 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
 import yaml
 from tqdm.auto import tqdm
+
+from .config import InputError
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
@@ -77,16 +84,98 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+class TrainingModule(torch.nn.Module):
+    """A method's trainable module; its forward computes the loss of one micro-batch (so DDP/FSDP wrappers see
+    the forward). The CogVideoX specification and other frozen models (``frozen``) are plain attributes: not
+    parameters of this module, so not in checkpoints, not synchronised by DDP and not moved by accelerate."""
+
+    def __init__(self, spec, config, **frozen):
+        super().__init__()
+        self.spec, self.config, self.frozen = spec, config, frozen
+
+
+class TrainingDataset(torch.utils.data.Dataset):
+    """A method's dataset over manifest rows. Items read media and captions through the trainer
+    (:meth:`Trainer.media`, :meth:`Trainer.caption`), so with ``precompute_cache`` they come from the cache;
+    :meth:`cache_specs` lists what an item reads (the trainer fills the cache with it first)."""
+
+    def __init__(self, trainer, samples):
+        self.trainer, self.samples, self.config, self.epoch = trainer, samples, trainer.config, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def generator(self, index: int) -> torch.Generator:
+        from .data import item_generator
+
+        return item_generator(self.config.seed, self.epoch, index)
+
+    # Subclasses define ``cache_specs(index) -> (media, captions)``: what item ``index`` reads, the media as
+    # dicts of path, num_frames, height, width, sampling (and per_frame), the captions as encoded.
+
+
 class Trainer(abc.ABC):
     config_class = None
     method = "base"
+    required_inputs: dict = {"model_path": "a diffusers CogVideoX folder"}  # field -> what to pass
 
     def __init__(self, config):
         self.config = config
         self.accelerator = None
         self.step = 0
+        self._inputs = None
 
     # ---------------------------------------------------------------- method hooks
+    def validate_inputs(self) -> dict:
+        """Check the config, model folder, data and media before anything loads or is written; return
+        what was read (manifests, the transformer config) for :meth:`build`. Methods extend it (call
+        ``super()``). Raises :class:`~training.config.InputError` (one line) on bad input."""
+        from .inputs import check_model_folder, check_required, check_size
+
+        c = self.config
+        check_required(c, self.required_inputs)
+        check_size(c.num_frames, c.height, c.width)
+        if c.validation_prompts:
+            check_size(c.validation_num_frames, c.height, c.width, ("--validation_num_frames", "--height", "--width"))
+        for name in self.batch_size_fields():
+            if getattr(c, name) < 1:
+                raise InputError(f"--{name}={getattr(c, name)}: must be at least 1")
+        if c.gradient_accumulation_steps < 1 or c.max_steps < 1:
+            raise InputError("--gradient_accumulation_steps and --max_steps must be at least 1")
+        if c.precompute_cache and c.frame_sampling == "random":
+            raise InputError("--precompute_cache with --frame_sampling random: a cache entry would freeze one random "
+                             "window; use --frame_sampling uniform or start, or --no-precompute_cache")
+        which = str(c.resume_from).strip()
+        if which and which != "latest" and not which.isdigit():
+            raise InputError(f"--resume_from={which!r}: use 'latest', a step number, or leave it empty")
+        if os.path.isfile(c.output_dir):
+            raise InputError(f"--output_dir {c.output_dir} is a file; pass a folder (it is created if missing)")
+        needs = {"tensorboard": (c.report_to == "tensorboard", "--report_to tensorboard", "or pass --report_to none"),
+                 "bitsandbytes": (c.use_8bit_adam, "--use_8bit_adam", "CUDA only; or pass --no-use_8bit_adam")}
+        for package, (wanted, option, hint) in needs.items():
+            if wanted and importlib.util.find_spec(package) is None:
+                raise InputError(f"{option} needs the {package} package: pip install {package} ({hint})")
+        return {"transformer_config": check_model_folder(c.model_path)}
+
+    @property
+    def inputs(self) -> dict:
+        """What :meth:`validate_inputs` read (validated on first use)."""
+        if self._inputs is None:
+            self._inputs = self.validate_inputs()
+        return self._inputs
+
+    def batch_size_fields(self) -> tuple:
+        """Config fields holding batch sizes (samples per device per micro-step)."""
+        return ("batch_size",)
+
+    def effective_batch(self) -> str:
+        c, n = self.config, self.accelerator.num_processes if self.accelerator else 1
+        return ", ".join(f"{name} {getattr(c, name) * c.gradient_accumulation_steps * n}"
+                         for name in self.batch_size_fields())
+
     @abc.abstractmethod
     def build(self) -> torch.nn.Module:
         """Load the frozen models and return the trainable module (its forward computes the loss)."""
@@ -126,7 +215,40 @@ class Trainer(abc.ABC):
         return f"{self.method}.safetensors"
 
     def validate(self, step: int) -> None:
-        """Optional: validation videos through the nodes' sampler."""
+        """Optional: validation videos through the nodes' sampler (see :meth:`validation_videos`)."""
+
+    def validation_videos(self, model, step: int, *, trigger: str | None = None, image=None) -> list[torch.Tensor]:
+        """Sample every validation prompt with ``model`` (the bundle with the method's patch) through the nodes'
+        sampler, write ``validation/step-<step>-<i>.mp4`` and return the frames [F, H, W, 3] in 0..1."""
+        from ..models.sampler import decode_latents, sample_video
+        from ..models.text import encode_prompt
+        from ..models.video_io import write_video
+
+        c, videos = self.config, []
+        for i, prompt in enumerate(c.validation_prompts):
+            positive = encode_prompt(self.bundle, prompt, trigger=trigger)
+            latents = sample_video(model, positive, num_frames=c.validation_num_frames, height=c.height, width=c.width,
+                                   steps=c.validation_steps_sampling, cfg=6.0, seed=c.seed, image=image)
+            frames = decode_latents(self.bundle, latents)[0]
+            write_video(os.path.join(c.output_dir, "validation", f"step-{step:08d}-{i}.mp4"), frames)
+            videos.append(frames)
+        return videos
+
+    def log_validation_metrics(self, step: int, metrics: list) -> dict:
+        """The mean of each metric (``VideoMetrics.scalars()``) over the validation videos: logged as
+        ``validation/<name>`` (TensorBoard) and written to ``validation/step-<step>.json``; returned."""
+        import json
+
+        names = {k for m in metrics for k in m.scalars()}
+        means = {f"validation/{k}": sum(v) / len(v) for k in sorted(names)
+                 if (v := [m.scalars()[k] for m in metrics if k in m.scalars()])}
+        if self.config.report_to != "none" and means:
+            self.accelerator.log(means, step=step)
+        folder = os.path.join(self.config.output_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"step-{step:08d}.json"), "w") as f:
+            json.dump({"step": step, "means": means, "videos": [m.as_dict() for m in metrics]}, f, indent=2)
+        return means
 
     # ---------------------------------------------------------------- setup
     @property
@@ -146,14 +268,7 @@ class Trainer(abc.ABC):
         from accelerate.utils import ProjectConfiguration
 
         c = self.config
-        log_with = None
-        if c.report_to == "tensorboard":
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError as e:
-                raise SystemExit("report_to=tensorboard needs the tensorboard package: pip install tensorboard "
-                                 "(or pass --report_to none)") from e
-            log_with = "tensorboard"
+        log_with = "tensorboard" if c.report_to == "tensorboard" else None  # installed: see validate_inputs
         from accelerate.utils import DistributedDataParallelKwargs
 
         # Some adapter parts (e.g. identity-token fusion) are unused by samples without a trigger word.
@@ -168,10 +283,8 @@ class Trainer(abc.ABC):
         kwargs = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay,
                       eps=c.adam_epsilon)
         if c.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError as e:
-                raise SystemExit("use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)") from e
+            import bitsandbytes as bnb  # installed: see validate_inputs
+
             return bnb.optim.AdamW8bit(params, **kwargs)
         return torch.optim.AdamW(params, **kwargs)
 
@@ -183,23 +296,81 @@ class Trainer(abc.ABC):
         return get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps * n,
                              num_training_steps=c.max_steps * n, num_cycles=c.lr_num_cycles)
 
-    def load_base(self) -> dict:
-        """Load the frozen CogVideoX from ``model_path`` (weights in the mixed-precision dtype, the VAE in
-        fp32 when that is fp16) and return ``{transformer, vae, text_encoder, scheduler}`` for training."""
-        from diffusers import CogVideoXDDIMScheduler
-
+    def load_base(self):
+        """Load the frozen CogVideoX from ``model_path`` (weights in the mixed-precision dtype, the VAE in fp32
+        when that is fp16) as ``self.bundle`` and return its training specification (:class:`~.spec.CogVideoXSpec`)."""
         from ..models.cogvideox import load_cogvideox
-        from ..models.sampler import check_video_size
+        from .spec import CogVideoXSpec
 
         c = self.config
-        check_video_size(c.num_frames, c.height, c.width)
         vae_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype
         self.bundle = bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
                                               vae_dtype=vae_dtype)
         if c.gradient_checkpointing:
             bundle.transformer.enable_gradient_checkpointing()
-        return {"transformer": bundle.transformer, "vae": bundle.vae, "text_encoder": bundle.text_encoder,
-                "scheduler": CogVideoXDDIMScheduler.from_config(bundle.scheduler_config)}
+        self.spec = CogVideoXSpec.from_bundle(bundle, self.device)
+        return self.spec
+
+    def shard_frozen_model(self, module: torch.nn.Module) -> None:
+        """Under FSDP, make the frozen transformer part of the wrapped module, so it is sharded too (each transformer
+        block its own FSDP unit with the accelerate config's TRANSFORMER_BASED_WRAP on CogVideoXBlock); otherwise
+        it stays outside (DDP would only replicate it)."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            module.transformer = self.spec.transformer
+
+    # ---------------------------------------------------------------- media and captions (precompute cache)
+    cache = None
+    vae_needed_with_cache = False  # the loss decodes latents (MagicMirror's identity loss)
+
+    def media(self, key: str, path: str, *, num_frames: int, height: int, width: int, sampling: str,
+              generator: torch.Generator, per_frame: bool = False, mode: bool = False) -> dict:
+        """``{key: pixels [F, 3, H, W]}``, or with the cache ``{cached_key(key): latents}``: a posterior draw from
+        ``generator`` (``mode``: the posterior mean), [C, T, h, w] (``per_frame``: [F, C, h, w], every picked
+        frame encoded alone)."""
+        from .data import load_media
+        from .spec import cached_key
+
+        pick = dict(num_frames=num_frames, height=height, width=width, sampling=sampling)
+        if self.cache is None:
+            return {key: load_media(path, generator=generator, **pick)}
+        return {cached_key(key): self.cache.latents(path, generator, per_frame=per_frame, mode=mode, **pick)}
+
+    def caption(self, text: str, tokenizer) -> dict:
+        """``{"input_ids"}`` for the text encoder, or with the cache ``{"prompt_embeds"}``."""
+        from ..models.text import tokenize
+
+        if self.cache is None:
+            return {"input_ids": tokenize(tokenizer, text).input_ids[0]}
+        return {"prompt_embeds": self.cache.text(text)}
+
+    def fill_cache(self) -> None:
+        """Encode what every dataset item reads (main process first, the others read it), then move the text
+        encoder (and the VAE unless the loss decodes) off the device."""
+        from .cache import TrainingCache
+
+        c, bundle, acc = self.config, self.bundle, self.accelerator
+        data = self.dataset()
+        media, captions = [], []
+        for ds in data.values() if isinstance(data, dict) else [data]:
+            for i in range(len(ds)):
+                m, t = ds.cache_specs(i)
+                media += m
+                captions += t
+        media = list({tuple(sorted(m.items())): m for m in media}.values())
+        captions = list(dict.fromkeys(captions))
+        self.cache = TrainingCache(c.cache_dir or os.path.join(c.output_dir, "cache"),
+                                   model_id=os.path.abspath(c.model_path))
+        with acc.main_process_first():
+            self.cache.fill(media, captions, vae=bundle.vae, text_encoder=bundle.text_encoder,
+                            tokenizer=getattr(self, "tokenizer", bundle.tokenizer), progress=acc.is_main_process)
+        self.spec.text_encoder = None
+        bundle.placement.offload(bundle.text_encoder)  # on the CPU; validation brings it in for its prompts
+        if not self.vae_needed_with_cache:
+            bundle.placement.offload(bundle.vae)
+        logger.info("precompute cache: %d media and %d captions in %s", len(media), len(captions),
+                    self.cache.store.root)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
@@ -262,6 +433,7 @@ class Trainer(abc.ABC):
     # ---------------------------------------------------------------- loop
     def train(self) -> str:
         c = self.config
+        self.inputs  # noqa: B018 - bad input stops here: before any model loads or anything is written
         self.accelerator = acc = self._make_accelerator()
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -271,6 +443,9 @@ class Trainer(abc.ABC):
                 yaml.safe_dump(dataclasses.asdict(c), f, sort_keys=False)
         torch.manual_seed(c.seed)  # parameter init of new modules is reproducible too
         module = self.build()
+        if c.precompute_cache:
+            self.fill_cache()
+        self.shard_frozen_model(module)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
         scheduler = self._scheduler(optimizer)
@@ -285,8 +460,8 @@ class Trainer(abc.ABC):
             acc.init_trackers(self.method, config={k: v for k, v in dataclasses.asdict(c).items()
                                                    if isinstance(v, (int, float, str, bool))})
         n_params = sum(p.numel() for p in params)
-        logger.info("%s: %d trainable parameters, %d samples, %d steps (effective batch %d)", self.method, n_params,
-                    n_samples, c.max_steps, c.batch_size * c.gradient_accumulation_steps * acc.num_processes)
+        logger.info("%s: %d trainable parameters, %d samples, %d steps (effective batch: %s)", self.method, n_params,
+                    n_samples, c.max_steps, self.effective_batch())
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_main_process, desc=self.method)
         module.train()
         rank = acc.process_index
@@ -295,7 +470,9 @@ class Trainer(abc.ABC):
             logs_sum: dict = {}
             for micro in range(c.gradient_accumulation_steps):
                 batch = self.next_batch(data, self.step, micro)
-                generator = step_generator(c.seed, self.step, micro, rank)
+                # keyed by the sample's place in the global batch: N processes x 1 micro-step draw what 1 process
+                # x N micro-steps draws, so data-parallel runs reproduce single-process runs
+                generator = step_generator(c.seed, self.step, micro * acc.num_processes + rank)
                 with acc.accumulate(module):
                     loss, logs = self.loss(module, batch, generator)
                     acc.backward(loss)
@@ -312,6 +489,7 @@ class Trainer(abc.ABC):
             bar.update(1)
             logs_sum["lr"] = scheduler.get_last_lr()[0]
             self.after_step(self.step, logs_sum)
+            self.last_logs = logs_sum
             if not math.isfinite(logs_sum["loss"]):
                 raise SystemExit(f"loss became {logs_sum['loss']} at step {self.step}; lower the learning rate")
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs_sum.items() if k in ("loss", "lr")})
@@ -335,20 +513,20 @@ class Trainer(abc.ABC):
         return out
 
 
-def cli_main(trainer_class, argv, presets: dict, *, description: str, required: dict, build_tiny=None,
-             use_hint: str = "") -> int:
-    """The command line of a trainer: resolve the config, build the tiny demo data when asked, check
-    the ``required`` fields (name -> what to pass), train, and say where the export goes. Returns the
-    process exit code (console entry points pass it to ``sys.exit``)."""
+def cli_main(trainer_class, argv, presets: dict, *, description: str, build_tiny=None, use_hint: str = "") -> int:
+    """The command line of a trainer: resolve the config, build the tiny demo data when asked, train
+    (inputs are validated first), and say where the export goes. Bad input prints one line to stderr
+    and returns 2. Returns the process exit code (console entry points pass it to ``sys.exit``)."""
     from .config import load_config
 
-    config = load_config(trainer_class.config_class, argv, presets, description=description)
-    if getattr(config, "tiny_demo", False) and build_tiny is not None:
-        config = build_tiny(config)
-    missing = [f"--{name} ({what})" for name, what in required.items() if not getattr(config, name)]
-    if missing:
-        raise SystemExit(f"set {', '.join(missing)}, or run --preset tiny for a self-contained demo")
-    out = trainer_class(config).train()
+    try:
+        config = load_config(trainer_class.config_class, argv, presets, description=description)
+        if getattr(config, "tiny_demo", False) and build_tiny is not None:
+            config = build_tiny(config)
+        out = trainer_class(config).train()
+    except InputError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(f"exported {out}{': ' + use_hint if use_hint else ''}")
     return 0
 
@@ -357,14 +535,19 @@ class TaskSwitchingTrainer(Trainer):
     """Two datasets, one task per optimizer step: ``second`` with probability ``switch_prob``.
 
     ``dataset()`` returns ``{first: ds, second: ds}``; the task of a step comes from (seed, step),
-    so every rank and every resumed run agree, and each task walks its own shuffled stream.
+    so every rank and every resumed run agree, and each task walks its own shuffled stream with its
+    own batch size (``task_batch_sizes``: task -> config field).
     """
 
     tasks: tuple = ("first", "second")
+    task_batch_sizes: dict = {}
 
     @property
     def switch_prob(self) -> float:
         raise AttributeError  # pragma: no cover - subclasses define it
+
+    def batch_size_fields(self) -> tuple:
+        return tuple(self.task_batch_sizes[t] for t in self.tasks)
 
     def task_of(self, step: int) -> str:
         u = torch.rand(1, generator=step_generator(self.config.seed, step, -1)).item()
@@ -373,12 +556,13 @@ class TaskSwitchingTrainer(Trainer):
     def next_batch(self, data, step: int, micro: int) -> dict:
         c, acc = self.config, self.accelerator
         kind = self.task_of(step)
+        size = getattr(c, self.task_batch_sizes[kind])
         if not hasattr(self, "_task_counts"):
             self._task_counts = [0]  # _task_counts[s] = earlier steps of task tasks[1] before step s
         while len(self._task_counts) <= step:
             s = len(self._task_counts) - 1
             self._task_counts.append(self._task_counts[-1] + (self.task_of(s) == self.tasks[1]))
         done = self._task_counts[step] if kind == self.tasks[1] else step - self._task_counts[step]
-        position = ((done * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * c.batch_size
-        items = [fetch(data[kind], e, i) for e, i in sample_indices(len(data[kind]), c.seed, position, c.batch_size)]
+        position = ((done * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * size
+        items = [fetch(data[kind], e, i) for e, i in sample_indices(len(data[kind]), c.seed, position, size)]
         return self.collate(items, kind)

@@ -68,10 +68,12 @@ def load_reference_config(name: str) -> dict:
 def flops_5b(make_patches, context=None) -> tuple[float, float]:
     """FLOPs of one CFG forward (batch 2) of the CogVideoX-5B transformer at 49x480x720, without and
     with the patches ``make_patches(transformer)`` returns; everything on the meta device."""
+    import dataclasses
+
     from diffusers import CogVideoXTransformer3DModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from magicmirror_video.models.patches import applied_patches
+    from magicmirror_video.models.patches import SamplingContext, applied_patches
     from magicmirror_video.models.sampler import rotary_embeddings
 
     with torch.device("meta"):
@@ -79,6 +81,7 @@ def flops_5b(make_patches, context=None) -> tuple[float, float]:
         x, text, timestep = torch.randn(2, 13, 16, 60, 90), torch.randn(2, 226, 4096), torch.tensor([500, 500])
         patches = make_patches(transformer)
     rope = tuple(r.to("meta") for r in rotary_embeddings(transformer, 480, 720, 13, 8, "cpu"))
+    context = dataclasses.replace(context or SamplingContext(), device=torch.device("meta"), dtype=torch.float32)
 
     def forward():
         transformer(hidden_states=x, encoder_hidden_states=text, timestep=timestep, image_rotary_emb=rope,

@@ -77,8 +77,8 @@ def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def image_embeds(model, images: torch.Tensor) -> torch.Tensor:
-    """Projected CLIP image embeddings [N, projection_dim] (OpenCLIP ``encode_image``'s output)."""
-    param = next(model.parameters())
-    pixels = clip_pixels(images, model.config.image_size).to(param.device, param.dtype)
+def image_embeds(model, images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Projected CLIP image embeddings [N, projection_dim] (OpenCLIP ``encode_image``'s output), computed on
+    ``device`` (a placement's execution device; default: where a model that is not offloaded sits)."""
+    pixels = clip_pixels(images, model.config.image_size).to(device or model.device, model.dtype)
     return model(pixel_values=pixels).image_embeds.float().cpu()

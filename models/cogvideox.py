@@ -8,21 +8,22 @@ and the sampler applies the recorded patches only for the duration of one run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
+import types
 from collections import OrderedDict
-from typing import Iterator
 
 import torch
+
+from .placement import OFFLOAD_MODES, PLACEMENT_KEY, Placement, choose_offload, free_memory, module_bytes, placement_of
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OFFLOAD_MODES = ("none", "model", "sequential")
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+TEXT_COMPONENTS = ("text_encoder", "tokenizer")  # optional for the nodes: a ComfyUI T5-XXL CLIP may encode instead
 
 
 class ModelFolderError(FileNotFoundError):
@@ -80,20 +81,27 @@ class TextEmbedCache:
 
 @dataclasses.dataclass(frozen=True)
 class CogVideoXBundle:
-    """Everything the sampler needs, plus the patches to apply for a run."""
+    """Everything the sampler needs, plus the patches to apply for a run.
+
+    ``placement`` (:class:`~.placement.Placement`) is where the components live and run: built from ``device``,
+    ``offload_device`` and ``offload`` when not given (``"auto"`` is resolved here), shared by every bundle
+    ``with_patch`` derives. ``text_encoder``/``tokenizer`` are None for a folder without ``text_encoder/`` (its
+    prompts are encoded by a ComfyUI CLIP).
+    """
 
     transformer: torch.nn.Module  # diffusers CogVideoXTransformer3DModel
     vae: torch.nn.Module  # diffusers AutoencoderKLCogVideoX
-    text_encoder: torch.nn.Module  # transformers T5EncoderModel
+    text_encoder: torch.nn.Module | None  # transformers T5EncoderModel
     tokenizer: object  # T5 tokenizer (slow or fast)
     scheduler_config: dict
     dtype: torch.dtype
     device: torch.device  # execution device
-    offload: str = "none"  # see OFFLOAD_MODES
+    offload: str = "none"  # see OFFLOAD_MODES; "auto" becomes the mode it chose
     offload_device: torch.device = torch.device("cpu")
     name: str = ""
     patches: tuple = ()
     text_cache: TextEmbedCache = dataclasses.field(default_factory=TextEmbedCache, compare=False)
+    placement: Placement | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def variant(self) -> Variant:
@@ -110,7 +118,23 @@ class CogVideoXBundle:
     def __post_init__(self):
         from .block_runner import block_runner
 
-        block_runner(self.transformer)  # before any other diffusers hook on the blocks
+        block_runner(self.transformer)  # before any other diffusers hook on the blocks (group offloading wraps it)
+        device, offload_device = torch.device(self.device), torch.device(self.offload_device)
+        placed = placement_of(self.transformer)
+        placement = self.placement or placed
+        if placement is None:
+            placement = Placement(device, offload_device, resolve_offload(self.offload, device, self))
+        if placed is None:
+            place_components(placement, self)
+        elif placed is not placement or (self.placement is None and (
+                (placed.device, placed.offload_device) != (device, offload_device)
+                or self.offload not in ("auto", placed.mode))):
+            raise ValueError(f"this transformer is already placed by {placed}; another bundle of it must share that "
+                             "placement (derive it with with_patch)")
+        object.__setattr__(self, "placement", placement)
+        object.__setattr__(self, "offload", placement.mode)
+        object.__setattr__(self, "device", placement.device)
+        object.__setattr__(self, "offload_device", placement.offload_device)
 
     def with_patch(self, patch) -> "CogVideoXBundle":
         """A new bundle sharing this one's modules, with ``patch`` recorded last. Raises
@@ -120,17 +144,47 @@ class CogVideoXBundle:
         check_can_add(self.patches, patch)
         return dataclasses.replace(self, patches=self.patches + (patch,))
 
-    @contextlib.contextmanager
-    def on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Have ``module`` on the execution device for the block (model offload moves it back)."""
-        if self.offload != "model" or self.device == self.offload_device:
-            yield module
-            return
-        module.to(self.device)
-        try:
-            yield module
-        finally:
-            module.to(self.offload_device)
+
+def place_components(placement: Placement, bundle) -> None:
+    """Give the bundle's components their homes: the transformer and T5 stream in ``sequential`` mode, the VAE
+    moves whole (its activations, not its weights, dominate the decode). The transformer remembers its placement."""
+    placement.add(bundle.transformer, stream=True)
+    placement.add(bundle.text_encoder, stream=True)
+    placement.add(bundle.vae)
+    bundle.transformer.__dict__[PLACEMENT_KEY] = placement
+
+
+def resolve_offload(mode: str, device: torch.device, bundle, manager=None) -> str:
+    """``mode``, with ``"auto"`` decided from the device's free memory and the components' sizes (logged)."""
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    chosen, reason = choose_offload(free_memory(device, manager), component_bytes(bundle),
+                                    stage_activation_bytes(bundle))
+    logger.info("offload=auto on %s chose %r: %s", device, chosen, reason)
+    return chosen
+
+
+def component_bytes(bundle) -> dict:
+    """Weight bytes of the base components (what ``auto`` weighs against the free memory)."""
+    return {"transformer": module_bytes(bundle.transformer), "text_encoder": module_bytes(bundle.text_encoder),
+            "vae": module_bytes(bundle.vae)}
+
+
+def stage_activation_bytes(bundle) -> dict:
+    """Activation estimates of each component's stage at the model's native size (CFG batch, tiled decode)."""
+    from .memory import t5_activation_bytes, transformer_activation_bytes, vae_decode_activation_bytes
+
+    cfg, vae = bundle.transformer.config, bundle.vae.config
+    height, width, frames = vae.sample_height, vae.sample_width, cfg.sample_frames
+    e = torch.finfo(bundle.dtype).bits // 8
+    out = {"transformer": transformer_activation_bytes(cfg, frames, height, width, element_size=e),
+           "vae": vae_decode_activation_bytes(bundle.vae.config, height, width, tiling=True, element_size=e)}
+    if bundle.text_encoder is not None:
+        t5 = bundle.text_encoder.config
+        out["text_encoder"] = t5_activation_bytes(t5.d_model, t5.d_ff, t5.num_heads, element_size=e)
+    return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -141,24 +195,29 @@ def _missing(path: str, what: str, searched: list[str]) -> ModelFolderError:
     return ModelFolderError(f"{what} not found: {path!r}. Paths searched:\n  {lines}")
 
 
-def missing_components(folder: str) -> list[str]:
-    """The sub-folders of a diffusers CogVideoX folder that ``folder`` lacks (empty when complete)."""
-    return [p for p in COMPONENTS if not os.path.isdir(os.path.join(folder, p))]
+def missing_components(folder: str, *, text_encoder: bool = True) -> list[str]:
+    """The sub-folders of a diffusers CogVideoX folder that ``folder`` lacks (empty when complete). With
+    ``text_encoder=False`` a folder may lack ``text_encoder/`` and ``tokenizer/`` together (a ComfyUI CLIP then
+    encodes its prompts)."""
+    optional = () if text_encoder or os.path.isdir(os.path.join(folder, "text_encoder")) else TEXT_COMPONENTS
+    return [p for p in COMPONENTS if p not in optional and not os.path.isdir(os.path.join(folder, p))]
 
 
 def find_model_folder(name: str, roots: list[str]) -> str:
     """Resolve ``name`` (a folder name or an absolute path) against ``roots``.
 
-    Raises :class:`ModelFolderError` listing every path that was tried.
+    Raises :class:`ModelFolderError` listing every path that was tried. ``text_encoder/`` and ``tokenizer/`` are
+    optional: without them prompts are encoded by a ComfyUI T5-XXL CLIP connected to Text Encode.
     """
     candidates = [name] if os.path.isabs(name) else [os.path.join(r, name) for r in roots]
     for c in candidates:
         if os.path.isdir(c):
-            missing = missing_components(c)
+            missing = missing_components(c, text_encoder=False)
             if missing:
                 raise ModelFolderError(
                     f"CogVideoX folder {c!r} is incomplete: missing subfolder(s) {', '.join(missing)}. "
-                    "A diffusers CogVideoX folder has transformer/, vae/, text_encoder/, tokenizer/ and scheduler/ "
+                    "A diffusers CogVideoX folder has transformer/, vae/, scheduler/ and (unless a T5-XXL CLIP from "
+                    "models/text_encoders/ encodes the prompts) text_encoder/ and tokenizer/ "
                     "(download e.g. THUDM/CogVideoX-5b completely).")
             return c
     raise _missing(name, "CogVideoX model folder", candidates or [f"(no CogVideo model folders registered) {name}"])
@@ -225,11 +284,15 @@ def load_cogvideox(
     transformer_file: str | None = None,
     vae_dtype: torch.dtype | None = None,
     text_encoder_dtype: torch.dtype | None = None,
+    manager=None,
 ) -> CogVideoXBundle:
     """Load a diffusers CogVideoX folder (T2V or I2V, 1.0 or 1.5).
 
     ``transformer_file`` replaces the folder's transformer by a single-file checkpoint
-    (diffusers or ComfyUI key names); its variant is detected from the weights.
+    (diffusers or ComfyUI key names); its variant is detected from the weights. ``offload`` is one of
+    :data:`~.placement.OFFLOAD_MODES` (``"auto"`` decides from the device's free memory); ``manager`` is the host's
+    model manager (ComfyUI's, see ``nodes/host.py``), which then loads and evicts the components. A folder without
+    ``text_encoder/`` loads without T5 (its prompts come from a ComfyUI CLIP).
     """
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer, T5EncoderModel
@@ -250,30 +313,26 @@ def load_cogvideox(
         else:
             transformer = CogVideoXTransformer3DModel.from_pretrained(sub("transformer"), torch_dtype=dtype)
         vae = AutoencoderKLCogVideoX.from_pretrained(sub("vae"), torch_dtype=vae_dtype or dtype)
-        text_encoder = T5EncoderModel.from_pretrained(sub("text_encoder"), dtype=text_encoder_dtype or dtype)
-        tokenizer = AutoTokenizer.from_pretrained(sub("tokenizer"))
+        text_encoder = tokenizer = None
+        if os.path.isdir(sub("text_encoder")):
+            text_encoder = T5EncoderModel.from_pretrained(sub("text_encoder"), dtype=text_encoder_dtype or dtype)
+            tokenizer = AutoTokenizer.from_pretrained(sub("tokenizer"))
         with open(os.path.join(sub("scheduler"), "scheduler_config.json")) as f:
             scheduler_config = json.load(f)
     except (OSError, EnvironmentError) as e:
         raise ModelFolderError(f"Could not load CogVideoX from {folder!r}: {e}") from e
 
     for m in (transformer, vae, text_encoder):
-        m.requires_grad_(False).eval()
-
-    resident = device if offload == "none" else offload_device
-    for m in (transformer, vae, text_encoder):
-        m.to(resident)
-    if offload == "sequential" and device.type != "cpu":
-        from accelerate import cpu_offload
-
-        for m in (transformer, vae, text_encoder):
-            cpu_offload(m, execution_device=device)
-    bundle = CogVideoXBundle(
-        transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler_config=scheduler_config, dtype=dtype, device=device, offload=offload,
-        offload_device=offload_device, name=os.path.basename(os.path.normpath(folder)),
-    )
-    logger.info("Loaded %s from %s (%s, offload=%s)", bundle.variant, folder, dtype, offload)
+        if m is not None:
+            m.requires_grad_(False).eval()
+    parts = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                 scheduler_config=scheduler_config, dtype=dtype)
+    mode = resolve_offload(offload, device, types.SimpleNamespace(**parts), manager)
+    bundle = CogVideoXBundle(**parts, device=device, offload=mode, offload_device=offload_device,
+                             name=os.path.basename(os.path.normpath(folder)),
+                             placement=Placement(device, offload_device, mode, manager))
+    logger.info("Loaded %s from %s (%s, offload=%s%s)", bundle.variant, folder, dtype, mode,
+                "" if text_encoder is not None else ", no text_encoder/: prompts need a T5-XXL CLIP")
     return bundle
 
 

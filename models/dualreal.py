@@ -35,6 +35,7 @@ from torch import nn
 
 from .block_runner import BlockExtension, block_runner
 from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, variant_of, write_safetensors
+from .patches import run_context
 
 METHOD = "dualreal"
 BLEND_SCALE = 0.2
@@ -244,12 +245,16 @@ class DualRealPatch:
     _last: list = dataclasses.field(default_factory=list, repr=False)  # the extension of the last run
 
     def apply(self, transformer, context=None):
-        param = next(transformer.parameters())
-        adapters = self.adapters.to(param.device, param.dtype)
-        cond = None if self.condition is None else self.condition.to(param.device, param.dtype)
+        context = run_context(transformer, context)
+        device, dtype = context.device, context.dtype  # the placement brought the adapters (models()) to device
+        adapters = self.adapters.to(dtype)
+        cond = None if self.condition is None else self.condition.to(device, dtype)
         undo, extension = inject_dualreal(transformer, adapters, cond, fixed_alpha=self.fixed_alpha)
         self._last[:] = [extension]
         return undo
+
+    def models(self) -> list:
+        return [self.adapters]
 
     def outputs(self) -> dict:
         return self._last[0].outputs() if self._last else {}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .clip_vision import CLIP_MEAN, CLIP_STD
 from .id_encoder import IDEncoder
 from .magicmirror import FaceEmbeds
+from .placement import Placement
 
 
 class NoFaceError(ValueError):
@@ -22,11 +23,16 @@ class NoFaceError(ValueError):
 
 
 class FaceEncoder:
+    """``placement`` (default: kept on ``device``) brings the ID encoder to its device for each ``encode``; the
+    face-encoder loader node gives it one that keeps it on the offload device between encodes."""
+
     def __init__(self, analyzer, id_encoder: IDEncoder, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, crop_size: int = 224):
+                 dtype: torch.dtype = torch.float32, crop_size: int = 224, placement: Placement | None = None):
         self.analyzer = analyzer  # models.face_analysis.FaceAnalyzer
-        self.id_encoder = id_encoder.to(device, dtype)
-        self.device, self.dtype, self.crop_size = torch.device(device), dtype, crop_size
+        self.placement = placement or Placement(device)
+        self.id_encoder = id_encoder.to(dtype)
+        self.placement.add(self.id_encoder)
+        self.device, self.dtype, self.crop_size = self.placement.device, dtype, crop_size
 
     def describe(self) -> str:
         return f"{self.analyzer.describe()}; CLIP {self.id_encoder.image_size}px on {self.device}"
@@ -58,6 +64,7 @@ class FaceEncoder:
         crops_np = np.stack(crops)
         arcface_t = torch.stack(arcface)
         pixels = self.clip_pixels(crops_np).to(self.device, self.dtype)
-        x_id, penultimate = self.id_encoder(pixels, arcface_t.to(self.device, self.dtype))
+        with self.placement.run(self.id_encoder):
+            x_id, penultimate = self.id_encoder(pixels, arcface_t.to(self.device, self.dtype))
         return FaceEmbeds(arcface=arcface_t, x_id=x_id.float().cpu(), clip_penultimate=penultimate.float().cpu(),
                           crops=torch.from_numpy(crops_np).float() / 255.0)

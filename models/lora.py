@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, write_safetensors
-from .patches import forward_hook_patch
+from .patches import forward_hook_patch, run_context
 
 logger = logging.getLogger(__name__)
 
@@ -243,15 +243,45 @@ class LoraPatch:
     def name(self) -> str:
         return f"lora:{self.lora.name}@{self.strength:g}"
 
+    _module: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
     def apply(self, transformer, context=None):
+        """Hooks whose down/up live on the run's device in its dtype (``context``; never the weights' device, which
+        is the offload device or meta while weights stream)."""
         targets = resolve_lora_targets(self.lora, transformer)
+        context = run_context(transformer, context)
+        device, dtype = context.device, context.dtype
         hooks = []
         for path, (module, layer) in targets.items():
-            w = module.weight
-            hooks.append((module, _lora_hook(module, layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype),
+            hooks.append((module, _lora_hook(module, layer.down.to(device, dtype), layer.up.to(device, dtype),
                                              layer.scale * self.strength,
                                              _is_reference_only(path, self.reference_only))))
         return forward_hook_patch(hooks)
+
+    def models(self) -> list:
+        if "module" not in self._module:
+            self._module["module"] = LoraModule(self.lora)
+        return [self._module["module"]]
+
+
+class LoraModule(torch.nn.Module):
+    """A LoRA's tensors as one module, so the placement layer moves and counts them like an adapter's weights.
+    The :class:`LoraWeights` layers always refer to the module's tensors: one copy, wherever it is."""
+
+    def __init__(self, lora: LoraWeights):
+        super().__init__()
+        self.lora, self.slots = lora, {}
+        for i, (name, layer) in enumerate(lora.layers.items()):
+            self.register_buffer(f"down_{i}", layer.down)
+            self.register_buffer(f"up_{i}", layer.up)
+            self.slots[name] = i
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        for name, i in self.slots.items():
+            layer = self.lora.layers[name]
+            layer.down, layer.up = self._buffers[f"down_{i}"], self._buffers[f"up_{i}"]
+        return out
 
 
 class TrainableLora(torch.nn.Module):

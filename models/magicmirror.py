@@ -36,6 +36,7 @@ from torch import nn
 
 from .block_runner import BlockExtension, TokenStream, block_runner
 from .cogvideox import WeightsFileError, read_safetensors, variant_of, write_safetensors
+from .patches import run_context
 from .perceiver import PerceiverResampler
 
 METHOD = "magicmirror"
@@ -328,12 +329,16 @@ class MagicMirrorPatch:
                 f"Face embeddings (x_id width {self.faces.x_id.shape[-1]}, CLIP width "
                 f"{self.faces.clip_penultimate.shape[-1]}) do not fit this adapter (x_id {cfg.id_dim}, CLIP "
                 f"{cfg.clip_dim}): encode the faces with the face encoder the adapter was trained with.")
-        param = next(transformer.parameters())
-        adapter = self.adapter.to(param.device) if self.adapter.training else self.adapter.to(param.device, param.dtype)
+        context = run_context(transformer, context)
+        device, dtype = context.device, context.dtype  # the placement brought the adapter (models()) to device
+        adapter = self.adapter if self.adapter.training else self.adapter.to(dtype)
         return inject_magicmirror(
-            transformer, adapter, face_tokens=self.face_tokens(adapter, param.device, param.dtype),
-            id_vec=adapter.id_vector(self.faces.x_id.to(param.device, param.dtype)),
-            identity_mask=getattr(getattr(context, "positive", None), "identity_mask", None), strength=self.strength)
+            transformer, adapter, face_tokens=self.face_tokens(adapter, device, dtype),
+            id_vec=adapter.id_vector(self.faces.x_id.to(device, dtype)),
+            identity_mask=getattr(context.positive, "identity_mask", None), strength=self.strength)
+
+    def models(self) -> list:
+        return [self.adapter]
 
 
 def inject_magicmirror(transformer, adapter: MagicMirrorAdapter, *, face_tokens: torch.Tensor, id_vec: torch.Tensor,

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 import torch
 
 from .block_runner import block_runner
+from .placement import placement_of
 
 Undo = Callable[[], None]
 
@@ -26,10 +27,13 @@ Undo = Callable[[], None]
 @dataclasses.dataclass(frozen=True)
 class SamplingContext:
     """What a patch may need to know about the run it is applied for: the text conditionings
-    (``positive`` carries the identity-token mask MagicMirror fuses)."""
+    (``positive`` carries the identity-token mask MagicMirror fuses) and where the run happens (the execution
+    device and dtype; :func:`applied_patches` fills them from the transformer's placement when not given)."""
 
     positive: object = None
     negative: object = None
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
 
 
 @runtime_checkable
@@ -37,9 +41,12 @@ class ModelPatch(Protocol):
     """A reversible change to a transformer.
 
     ``apply`` installs the change and returns a callable that removes it exactly (hooks removed,
-    extensions unregistered). Optional members: ``method`` (a name shown in messages; at most one patch
+    extensions unregistered); it runs with ``context.device``/``context.dtype`` set, after the modules of
+    ``models()`` were brought there. Optional members: ``method`` (a name shown in messages; at most one patch
     per method unless ``stackable``), ``conditional_only`` (CFG's negative prompt must run as a forward
-    of its own) and ``outputs()`` (results of the last run, merged into the sampler's LATENT).
+    of its own), ``models()`` (the ``nn.Module``s the patch owns, e.g. its adapters: the placement layer moves
+    and counts them with the transformer, like ComfyUI's patch ``models()``) and ``outputs()`` (results of the
+    last run, merged into the sampler's LATENT).
     """
 
     name: str
@@ -49,6 +56,20 @@ class ModelPatch(Protocol):
 
 class PatchConflictError(ValueError):
     """Two patches that cannot act on one model together."""
+
+
+def run_context(transformer, context: SamplingContext | None = None) -> SamplingContext:
+    """``context`` with the execution device and dtype filled in from the transformer's placement (the bundle that
+    loaded it) and dtype, where the caller did not give them."""
+    context = context or SamplingContext()
+    if context.device is not None and context.dtype is not None:
+        return context
+    placement = placement_of(transformer)
+    if placement is None and context.device is None:
+        raise ValueError("no execution device for the patches: pass SamplingContext(device=..., dtype=...) or use a "
+                         "transformer loaded through a CogVideoXBundle")
+    return dataclasses.replace(context, device=context.device or placement.device,
+                               dtype=context.dtype or transformer.dtype)
 
 
 def check_can_add(patches, patch) -> None:
@@ -70,6 +91,16 @@ def conditional_only(patches) -> bool:
     return any(getattr(p, "conditional_only", False) for p in patches)
 
 
+def patch_models(patches) -> list:
+    """The ``nn.Module``s the patches own (each once), to be placed with the transformer for a run."""
+    out = []
+    for patch in patches:
+        for module in (patch.models() if hasattr(patch, "models") else ()):
+            if all(module is not m for m in out):
+                out.append(module)
+    return out
+
+
 def patch_outputs(patches) -> dict:
     """The merged ``outputs()`` of the patches' last run (e.g. DualReal's α history)."""
     out = {}
@@ -82,7 +113,8 @@ def patch_outputs(patches) -> dict:
 @contextlib.contextmanager
 def applied_patches(transformer: torch.nn.Module, patches, context: SamplingContext | None = None
                     ) -> Iterator[torch.nn.Module]:
-    """Apply ``patches`` in order for the duration of the block; undo them in reverse order."""
+    """Apply ``patches`` in order for the duration of the block; undo them in reverse order. Patches that need the
+    execution device and dtype take them from ``context`` or else the transformer's placement (:func:`run_context`)."""
     block_runner(transformer)  # every run goes through the runner (installed once per transformer)
     with contextlib.ExitStack() as stack:
         for patch in patches:

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from .block_runner import block_runner
-from .patches import SamplingContext, applied_patches, conditional_only, patch_outputs
+from .memory import transformer_activation_bytes, vae_decode_activation_bytes, vae_encode_activation_bytes
+from .patches import SamplingContext, applied_patches, conditional_only, patch_models, patch_outputs
 from .text import TextConditioning
 
 SCHEDULERS = ("ddim", "dpm")
@@ -73,9 +74,10 @@ def encode_first_frame(bundle, image: torch.Tensor, height: int, width: int, gen
         x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False,
                                             antialias=True)
     x = (x * 2 - 1).unsqueeze(2)  # [1, 3, 1, H, W]
-    with torch.no_grad(), bundle.on_device(bundle.vae) as vae:
-        x = x.to(next(vae.parameters()).device, vae.dtype)
-        latent = vae.encode(x).latent_dist.sample(generator)
+    vae = bundle.vae
+    need = vae_encode_activation_bytes(vae.config, height, width, element_size=vae.dtype.itemsize)
+    with torch.no_grad(), bundle.placement.run(vae, memory_required=need):
+        latent = vae.encode(x.to(bundle.device, vae.dtype)).latent_dist.sample(generator)
     latent = latent.to(bundle.dtype).permute(0, 2, 1, 3, 4)  # [1, 1, C, h, w]
     scale = bundle.vae.config.scaling_factor
     return latent / scale if bundle.vae.config.invert_scale_latents else latent * scale
@@ -179,9 +181,11 @@ def sample_video(
     step_kwargs = {"eta": eta, "generator": generator}
     is_dpm = scheduler == "dpm"
 
-    context = SamplingContext(positive=positive, negative=negative)
+    context = SamplingContext(positive=positive, negative=negative, device=device, dtype=dtype)
     runner = block_runner(transformer)
     separate = do_cfg and conditional_only(bundle.patches)  # negative prompt as a forward of its own
+    need = transformer_activation_bytes(cfg_t, num_frames, height, width, batch=1 if separate or not do_cfg else 2,
+                                        element_size=dtype.itemsize)
     calls = [(("negative",), slice(0, 1)), (("positive",), slice(1, 2))] if separate else \
         [(("negative", "positive") if do_cfg else ("positive",), slice(None))]
 
@@ -195,7 +199,8 @@ def sample_video(
                                          return_dict=False)[0].float())
         return preds[0] if len(preds) == 1 else torch.cat(preds)
 
-    with torch.no_grad(), bundle.on_device(transformer), applied_patches(transformer, bundle.patches, context):
+    with torch.no_grad(), bundle.placement.run(transformer, *patch_models(bundle.patches), memory_required=need), \
+            applied_patches(transformer, bundle.patches, context):
         old_pred = None
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
@@ -240,9 +245,12 @@ def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slici
             f"expected a CogVideoX latent [B, {vae.config.latent_channels}, T, H, W], got shape {tuple(samples.shape)}")
     saved = (vae.use_tiling, vae.use_slicing)
     vae.use_tiling, vae.use_slicing = tiling, slicing
+    scale = bundle.vae_scale_factor_spatial
+    need = vae_decode_activation_bytes(vae.config, samples.shape[3] * scale, samples.shape[4] * scale, tiling=tiling,
+                                       element_size=vae.dtype.itemsize)
     try:
-        with torch.no_grad(), bundle.on_device(vae):
-            z = samples.to(next(vae.parameters()).device, vae.dtype) / vae.config.scaling_factor
+        with torch.no_grad(), bundle.placement.run(vae, memory_required=need):
+            z = samples.to(bundle.device, vae.dtype) / vae.config.scaling_factor
             video = vae.decode(z).sample  # [B, 3, F, H, W] in -1..1
     finally:
         vae.use_tiling, vae.use_slicing = saved

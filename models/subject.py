@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .block_runner import BlockExtension, TokenStream, block_runner
 from .lora import BRANCH_ATTR
+from .memory import vae_encode_activation_bytes
 from .sampler import rotary_embeddings
 from .text import EXTRA_TOKENS
 
@@ -48,20 +49,21 @@ def encode_reference(bundle, images: torch.Tensor, max_side: int = 720) -> torch
         top, left = (sh - nh) // 2, (sw - nw) // 2
         x = x[..., top:top + nh, left:left + nw]
     vae = bundle.vae
-    with torch.no_grad(), bundle.on_device(vae):
-        z = vae.encode((x * 2 - 1).unsqueeze(2).to(next(vae.parameters()).device, vae.dtype)).latent_dist.mode()
+    need = vae_encode_activation_bytes(vae.config, nh, nw, images=x.shape[0], element_size=vae.dtype.itemsize)
+    with torch.no_grad(), bundle.placement.run(vae, memory_required=need):
+        z = vae.encode((x * 2 - 1).unsqueeze(2).to(bundle.device, vae.dtype)).latent_dist.mode()
     return (z[:, :, 0] * vae.config.scaling_factor).float().cpu()  # [N, C, h, w]
 
 
-def reference_tokens(transformer, latents: torch.Tensor) -> torch.Tensor:
-    """Reference latents [N, C, h, w] -> tokens [1, N * h/p * w/p, width] via the model's patch_embed (on I2V
-    models the image-condition channels of the reference frame are zero)."""
+def reference_tokens(transformer, latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reference latents [N, C, h, w] -> tokens [1, N * h/p * w/p, width] via the model's patch_embed, on the
+    device and in the dtype of ``like`` (the forward's video latents; on I2V models the image-condition channels of
+    the reference frame are zero)."""
     cfg = transformer.config
     if not cfg.use_rotary_positional_embeddings:
         raise ValueError("subject reference tokens need a CogVideoX with 3D RoPE (5B or 1.5); CogVideoX-2B uses "
                          "absolute positions")
-    param = next(transformer.patch_embed.parameters())
-    frames = latents.to(param.device, param.dtype)[None]  # [1, N, C, h, w]: one frame per reference
+    frames = latents.to(like.device, like.dtype)[None]  # [1, N, C, h, w]: one frame per reference
     if cfg.in_channels == 2 * cfg.out_channels:  # I2V models: a clean frame with no image condition (zeros)
         frames = torch.cat([frames, torch.zeros_like(frames)], dim=2)
     if cfg.patch_size_t is not None:  # CogVideoX 1.5 patches pairs of frames: repeat each reference
@@ -118,7 +120,7 @@ class SubjectReferenceExtension(BlockExtension):
 
     def begin(self, state, kwargs):
         hidden = kwargs["hidden_states"]  # [B, F, C, H, W]
-        tokens = reference_tokens(self.transformer, self.latents)  # [1, R, D]
+        tokens = reference_tokens(self.transformer, self.latents, hidden)  # [1, R, D]
         cos, sin = reference_rotary(self.transformer, self.latents, (hidden.shape[1], hidden.shape[3], hidden.shape[4]),
                                     self.vae_scale, hidden.device)
         n = tokens.shape[1]

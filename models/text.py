@@ -8,6 +8,8 @@ import re
 
 import torch
 
+from .cogvideox import TextEmbedCache
+
 logger = logging.getLogger(__name__)
 
 MAX_TEXT_TOKENS = 226  # CogVideoX was trained with exactly this many T5 tokens
@@ -82,14 +84,50 @@ def with_extra_tokens(tokenizer):
     return extended
 
 
-def prompt_tokenizer(bundle, prompt: str):
-    """The tokenizer for ``prompt``: the model's own, or (cached per text encoder) its copy with the extra
-    tokens when the prompt uses one."""
+class PromptEncoder:
+    """A T5 encoder as prompts see it: its tokenizer, its embedding cache and ``encode(input_ids)``.
+
+    :class:`BundleT5` is the CogVideoX folder's own T5; ``nodes/host.py`` adapts a ComfyUI CLIP (core's Load CLIP
+    with ``t5xxl_fp16.safetensors``) to the same interface, so both give identical conditionings.
+    """
+
+    tokenizer = None
+    cache: TextEmbedCache
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [1, L] -> T5 output [1, L, D] (float32, CPU)."""
+        raise NotImplementedError
+
+
+class BundleT5(PromptEncoder):
+    """The bundle's ``text_encoder``, run through its placement (cached per bundle)."""
+
+    def __init__(self, bundle):
+        if bundle.text_encoder is None:
+            raise ValueError(
+                f"{bundle.name or 'This CogVideoX model'} was loaded without text_encoder/: connect a T5-XXL CLIP "
+                "to Text Encode's 'clip' input (core's Load CLIP, type sd3, t5xxl_fp16.safetensors or "
+                "t5xxl_fp8_e4m3fn.safetensors from models/text_encoders/).")
+        self.bundle, self.tokenizer, self.cache = bundle, bundle.tokenizer, bundle.text_cache
+
+    def encode(self, input_ids):
+        from .memory import t5_activation_bytes
+
+        b, te = self.bundle, self.bundle.text_encoder
+        need = t5_activation_bytes(te.config.d_model, te.config.d_ff, te.config.num_heads, input_ids.shape[1],
+                                   element_size=te.dtype.itemsize)
+        with torch.no_grad(), b.placement.run(te, memory_required=need):
+            return t5_encode(te, input_ids.to(b.device)).float().cpu()
+
+
+def prompt_tokenizer(encoder: PromptEncoder, prompt: str):
+    """The tokenizer for ``prompt``: the encoder's own, or (cached per encoder) its copy with the extra tokens when
+    the prompt uses one."""
     if not any(t in prompt for t in EXTRA_TOKENS):
-        return bundle.tokenizer
-    derived = bundle.text_cache.derived
+        return encoder.tokenizer
+    derived = encoder.cache.derived
     if "extended_tokenizer" not in derived:
-        derived["extended_tokenizer"] = with_extra_tokens(bundle.tokenizer)
+        derived["extended_tokenizer"] = with_extra_tokens(encoder.tokenizer)
     return derived["extended_tokenizer"]
 
 
@@ -107,13 +145,14 @@ def t5_encode(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
     if not beyond.any():
         return text_encoder(input_ids)[0]
     embeds = emb(input_ids.clamp(max=rows - 1))
-    embeds[beyond] = emb.weight.float().mean(0).to(embeds.dtype)
+    embeds[beyond] = emb.weight.float().mean(0).to(embeds.device, embeds.dtype)  # (a streamed table waits off-device)
     return text_encoder(inputs_embeds=embeds)[0]
 
 
-def encode_prompt(bundle, prompt: str, max_length: int = MAX_TEXT_TOKENS,
-                  trigger: str | None = None) -> TextConditioning:
-    """Encode ``prompt`` with the bundle's T5; repeated prompts come from the bundle's cache.
+def encode_prompt(bundle, prompt: str, max_length: int = MAX_TEXT_TOKENS, trigger: str | None = None,
+                  encoder: PromptEncoder | None = None) -> TextConditioning:
+    """Encode ``prompt`` with the bundle's T5 or ``encoder`` (a ComfyUI CLIP); repeated prompts come from the
+    encoder's cache.
 
     With ``trigger`` (e.g. ``"img"``), every stand-alone trigger word is removed and the class
     word before it is marked in ``identity_mask`` (used by identity adapters such as MagicMirror).
@@ -121,22 +160,25 @@ def encode_prompt(bundle, prompt: str, max_length: int = MAX_TEXT_TOKENS,
     """
     if max_length > MAX_TEXT_TOKENS:
         raise ValueError(f"max_length={max_length}: CogVideoX accepts at most {MAX_TEXT_TOKENS} T5 tokens")
+    encoder = encoder or BundleT5(bundle)
     key = (prompt, max_length, trigger)
-    cached = bundle.text_cache.get(key)
+    cached = encoder.cache.get(key)
     if cached is not None:
         return cached
     text, spans = split_trigger(prompt, trigger)
-    tokenizer = prompt_tokenizer(bundle, text)
+    tokenizer = prompt_tokenizer(encoder, text)
     tokens = tokenize(tokenizer, text, max_length)
     full_len = len(tokenizer(text, add_special_tokens=True).input_ids)
     truncated = full_len > max_length
     if truncated:
         logger.warning("Prompt is %d T5 tokens; CogVideoX keeps the first %d: %r", full_len, max_length, prompt)
-    with torch.no_grad(), bundle.on_device(bundle.text_encoder) as te:
-        device = next(te.parameters()).device
-        embeds = t5_encode(te, tokens.input_ids.to(device))
-    cond = TextConditioning(prompt=prompt, embeds=embeds.float().cpu(), input_ids=tokens.input_ids,
+    embeds = encoder.encode(tokens.input_ids)
+    width = bundle.transformer.config.text_embed_dim
+    if embeds.shape[-1] != width:
+        raise ValueError(f"the text encoder gives {embeds.shape[-1]}-d embeddings but {bundle.variant} reads "
+                         f"{width}-d T5 embeddings: use a T5-XXL text encoder (t5xxl_fp16.safetensors).")
+    cond = TextConditioning(prompt=prompt, embeds=embeds, input_ids=tokens.input_ids,
                             attention_mask=tokens.attention_mask, truncated=truncated, encoded_prompt=text,
                             identity_mask=identity_token_mask(tokenizer, text, spans, max_length))
-    bundle.text_cache.put(key, cond)
+    encoder.cache.put(key, cond)
     return cond

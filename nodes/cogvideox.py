@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..models.cogvideox import DTYPES, OFFLOAD_MODES, find_model_folder, load_cogvideox
+from ..models.cogvideox import DTYPES, find_model_folder, load_cogvideox
 from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
+from ..models.placement import OFFLOAD_MODES
 from ..models.sampler import decode_latents, sample_video
 from ..models.text import DEFAULT_TRIGGER, encode_prompt
 from . import host
@@ -17,7 +18,8 @@ NONE = "none"
 
 class CogVideoXModelLoader:
     DESCRIPTION = ("Loads a CogVideoX model (T2V or I2V, 1.0 or 1.5) from a diffusers folder in "
-                   "models/CogVideo/<name>/ (transformer, vae, text_encoder, tokenizer, scheduler).")
+                   "models/CogVideo/<name>/ (transformer, vae, scheduler, and text_encoder + tokenizer unless a "
+                   "T5-XXL CLIP feeds Text Encode). ComfyUI's model manager loads and unloads its parts.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -27,9 +29,11 @@ class CogVideoXModelLoader:
                     "tooltip": "A diffusers CogVideoX folder under models/CogVideo/ (e.g. CogVideoX-5b, CogVideoX-5b-I2V)."}),
                 "precision": (list(DTYPES), {"default": "bf16", "tooltip": "Weight dtype. bf16 for Ampere+ GPUs, "
                                               "fp16 for older GPUs, fp32 on the CPU or for exact comparisons."}),
-                "offload": (list(OFFLOAD_MODES), {"default": "none", "tooltip": "none: everything on the GPU. model: "
-                            "each component moves to the GPU only while used (~12 GB for 5B). sequential: layer by "
-                            "layer via accelerate (slowest, least VRAM)."}),
+                "offload": (list(OFFLOAD_MODES), {"default": "auto", "tooltip": "Where the weights wait between "
+                            "stages. Peak GPU memory for CogVideoX-5B at 49x480x720, bf16: none: transformer + T5 + "
+                            "VAE stay on the GPU (~23.5 GiB, 32 GB cards). model: each component on the GPU only "
+                            "while it runs (~13-14 GiB while sampling). sequential: weights stream layer by layer "
+                            "(~4 GiB, slowest). auto: picked from the free VRAM and the model's size."}),
             },
             "optional": {
                 "transformer_file": ([NONE] + host.list_model_files("diffusion_models"), {
@@ -48,13 +52,15 @@ class CogVideoXModelLoader:
         folder = find_model_folder(model, host.model_roots("CogVideo"))
         tfile = None if transformer_file in (None, NONE) else host.resolve_model_file("diffusion_models", transformer_file)
         bundle = load_cogvideox(folder, dtype=DTYPES[precision], device=host.torch_device(), offload=offload,
-                                offload_device=host.offload_device(), transformer_file=tfile)
+                                offload_device=host.offload_device(), transformer_file=tfile,
+                                manager=host.model_manager())
         return (bundle,)
 
 
 class CogVideoXTextEncode:
-    DESCRIPTION = ("Encodes a prompt with the model's T5 (at most 226 tokens, as CogVideoX was trained). Cached. "
-                   "For identity adapters write the trigger word after the class word: 'a man img is walking'.")
+    DESCRIPTION = ("Encodes a prompt with the model's T5, or with a T5-XXL CLIP from core's Load CLIP (at most 226 "
+                   "tokens, as CogVideoX was trained). Cached. For identity adapters write the trigger word after "
+                   "the class word: 'a man img is walking'.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -68,6 +74,9 @@ class CogVideoXTextEncode:
                 "trigger_word": ("STRING", {"default": DEFAULT_TRIGGER, "tooltip": "Identity trigger (MagicMirror): "
                                  "removed from the prompt; the word before it ('man' in 'a man img') becomes the "
                                  "identity token. Empty = encode the prompt verbatim."}),
+                "clip": ("CLIP", {"tooltip": "Optional T5-XXL from core's Load CLIP (type sd3, t5xxl_fp16 or "
+                         "t5xxl_fp8_e4m3fn from models/text_encoders/): encodes instead of the model folder's "
+                         "text_encoder/, which may then be left out (~9.5 GB)."}),
             },
         }
 
@@ -77,8 +86,9 @@ class CogVideoXTextEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, model, text, trigger_word=DEFAULT_TRIGGER):
-        return (encode_prompt(model, text, trigger=trigger_word.strip() or None),)
+    def encode(self, model, text, trigger_word=DEFAULT_TRIGGER, clip=None):
+        encoder = None if clip is None else host.ClipT5(clip)
+        return (encode_prompt(model, text, trigger=trigger_word.strip() or None, encoder=encoder),)
 
 
 class CogVideoXLoraLoader:

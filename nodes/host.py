@@ -1,16 +1,25 @@
 """The few ComfyUI services the nodes use, imported lazily.
 
-Inside ComfyUI these are ``folder_paths``, ``comfy.utils.ProgressBar`` and
-``comfy.model_management``. Outside it (unit tests, ``make demo``) the same calls work
-headless: model folders come from ``$MAGICMIRROR_MODELS_DIR`` (default ``./models``),
-progress is a no-op and the device is the CPU (or CUDA when available).
+Inside ComfyUI these are ``folder_paths``, ``comfy.utils.ProgressBar``,
+``comfy.model_management`` (devices, interrupts, and the model manager every placement
+reports to) and core's CLIP objects (a T5-XXL from ``models/text_encoders/`` encoding prompts).
+Outside it (unit tests, ``make demo``) the same calls work headless: model folders come from
+``$MAGICMIRROR_MODELS_DIR`` (default ``./models``), progress is a no-op, the device is the CPU
+(or CUDA when available) and placements move modules themselves.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+from ..models.cogvideox import TextEmbedCache
+from ..models.placement import Placement, module_bytes
+from ..models.text import PromptEncoder
+
+logger = logging.getLogger(__name__)
 
 # Our model folder names -> default sub-folder of ComfyUI's models/ directory.
 MODEL_FOLDERS = {
@@ -129,3 +138,136 @@ class ProgressBar:
     def update_absolute(self, value: int, total: int | None = None) -> None:
         if self._bar is not None:
             self._bar.update_absolute(value, total)
+
+
+# ----------------------------------------------------------------------------- ComfyUI's model manager
+
+_PATCHER_KEY = "_mmv_model_patcher"  # a module's ModelPatcher, kept on the module (dies with it)
+_HOLDERS: dict = {}
+
+
+def _model_management():
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return None
+    return mm
+
+
+def _holder(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` inside a plain ``nn.Module`` named after it: ComfyUI's ModelPatcher writes attributes such as
+    ``device`` on its model, which diffusers and transformers models define as read-only properties."""
+    name = f"MMV_{type(module).__name__}"  # what ComfyUI's log and its list of loaded models show
+    if name not in _HOLDERS:
+        _HOLDERS[name] = type(name, (torch.nn.Module,), {"__doc__": f"A {type(module).__name__} of MagicMirror Video."})
+    holder = _HOLDERS[name]()
+    holder.module = module
+    return holder
+
+
+class ComfyModelManager:
+    """``comfy.model_management`` as the placements' model manager (:class:`~..models.placement.ModelManager`).
+
+    Each module a stage needs becomes a ``comfy.model_patcher.ModelPatcher`` loaded with ``load_models_gpu`` (the
+    transformer together with the run's adapters, so the estimate includes them): ComfyUI counts its memory,
+    evicts other models to make room, evicts ours when another model needs the memory, and "Unload models" /
+    ``POST /free`` unloads them. Models are loaded whole (``force_full_load``): ComfyUI's partial loading only knows
+    its own layer types; the ``sequential`` mode is the pack's way to run with little memory.
+    """
+
+    @staticmethod
+    def patcher(module: torch.nn.Module, placement: Placement):
+        patcher = module.__dict__.get(_PATCHER_KEY)
+        if patcher is None or (patcher.load_device, patcher.offload_device) != (placement.device,
+                                                                             placement.offload_device):
+            import comfy.model_patcher
+
+            patcher = comfy.model_patcher.ModelPatcher(_holder(module), load_device=placement.device,
+                                                       offload_device=placement.offload_device,
+                                                       size=module_bytes(module))
+            module.__dict__[_PATCHER_KEY] = patcher
+        return patcher
+
+    def load(self, modules, placement, memory_required):
+        mm = _model_management()
+        if mm.vram_state == mm.VRAMState.NO_VRAM and not mm.is_device_cpu(placement.device):
+            raise RuntimeError("ComfyUI runs with --novram, which loads no model whole: set the CogVideoX loader's "
+                               "offload to 'sequential' (or 'auto').")
+        mm.load_models_gpu([self.patcher(m, placement) for m in modules], memory_required=memory_required,
+                           force_full_load=True)
+
+    def unload(self, modules):
+        mm = _model_management()
+        patchers = [m.__dict__.get(_PATCHER_KEY) for m in modules]
+        for i in reversed(range(len(mm.current_loaded_models))):
+            loaded = mm.current_loaded_models[i]
+            if any(loaded.model is p for p in patchers if p is not None):
+                loaded.model_unload()
+                mm.current_loaded_models.pop(i)
+
+    def free(self, memory_required, device):
+        _model_management().free_memory(memory_required, device)
+
+    def empty_cache(self):
+        _model_management().soft_empty_cache()
+
+    def available(self, device):
+        mm = _model_management()
+        if mm.is_device_cpu(device):
+            return None
+        if mm.vram_state == mm.VRAMState.NO_VRAM:
+            return 0
+        evictable = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
+        return mm.get_free_memory(device) + evictable
+
+
+def model_manager() -> ComfyModelManager | None:
+    """ComfyUI's model manager inside ComfyUI; None headless (placements then move modules themselves)."""
+    return ComfyModelManager() if _model_management() is not None else None
+
+
+def placement(mode: str = "model") -> Placement:
+    """A placement on ComfyUI's (or the headless) devices for a model outside a CogVideoX bundle (face encoder,
+    CLIP vision): by default it waits on the offload device and comes in for each use."""
+    return Placement(torch_device(), offload_device(), mode, model_manager())
+
+
+# ----------------------------------------------------------------------------- T5 from a ComfyUI CLIP
+
+T5_V1_1_VOCAB = 32100  # google/t5-v1_1-xxl's tokenizer (CogVideoX's)
+
+
+def clip_t5_part(clip) -> tuple[str, object]:
+    """(key in the CLIP's tokens, its Hugging Face T5 tokenizer) of a ComfyUI CLIP with a T5 encoder."""
+    tokens = clip.tokenize("")
+    for key in tokens:
+        sub = getattr(clip.tokenizer, key, None) or getattr(clip.tokenizer, f"clip_{key}", None)
+        inner = getattr(sub, "tokenizer", None)
+        if inner is not None and type(inner).__name__.startswith("T5Tokenizer"):
+            return key, inner
+    raise ValueError(f"this CLIP ({', '.join(tokens)}) has no T5 encoder. Load t5xxl_fp16.safetensors (or "
+                     "t5xxl_fp8_e4m3fn.safetensors) from models/text_encoders/ with core's Load CLIP, type sd3.")
+
+
+class ClipT5(PromptEncoder):
+    """The T5 of a ComfyUI CLIP as the pack's prompt encoder.
+
+    The prompt is tokenized by CogVideoX's rule (226 tokens, padded and truncated like diffusers) with the CLIP's
+    own Hugging Face T5 tokenizer — not ComfyUI's word-splitting tokenizer, whose ``(word:1.2)`` weighting would
+    change the ids — and those ids run through the CLIP's T5 with weight 1 (``encode_from_tokens``, so ComfyUI
+    loads the CLIP as usual). The other encoders of a multi-encoder CLIP get no tokens. Embeddings are cached on
+    the CLIP object.
+    """
+
+    def __init__(self, clip):
+        self.clip = clip
+        self.key, self.tokenizer = clip_t5_part(clip)
+        if self.tokenizer.vocab_size != T5_V1_1_VOCAB:
+            logger.warning("this CLIP's T5 tokenizer has %d tokens; CogVideoX was trained with T5 v1.1's %d (use "
+                           "t5xxl_fp16.safetensors, type sd3)", self.tokenizer.vocab_size, T5_V1_1_VOCAB)
+        self.cache = clip.__dict__.setdefault("_mmv_text_cache", TextEmbedCache())
+
+    def encode(self, input_ids):
+        tokens = {key: [] for key in self.clip.tokenize("")}
+        tokens[self.key] = [[(int(i), 1.0) for i in input_ids[0].tolist()]]
+        return self.clip.encode_from_tokens(tokens).float().cpu()

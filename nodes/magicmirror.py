@@ -76,7 +76,7 @@ class MagicMirrorFaceEncoderLoader:
         id_encoder = load_photomaker_id_encoder(host.resolve_model_file("photomaker", photomaker))
         device = host.torch_device()
         dtype = torch.float32 if device.type == "cpu" else DTYPES[precision]
-        encoder = FaceEncoder(analyzer, id_encoder, device=device, dtype=dtype)
+        encoder = FaceEncoder(analyzer, id_encoder, device=device, dtype=dtype, placement=host.placement())
         logger.info("MagicMirror face encoder: %s", encoder.describe())
         return (encoder,)
 
@@ -127,7 +127,7 @@ class MagicMirrorApply:
     CATEGORY = CATEGORY
 
     def apply(self, model, adapter, face_embeds, strength):
-        mm = load_magicmirror(host.resolve_model_file("magicmirror", adapter))
+        mm = load_magicmirror(host.resolve_model_file("magicmirror", adapter)).to(model.dtype)  # waits on the CPU
         mm.check_compatible(model.transformer)
         return (model.with_patch(MagicMirrorPatch(mm, face_embeds, strength, name=f"magicmirror:{adapter}")),)
 

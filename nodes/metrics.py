@@ -12,7 +12,7 @@ from .cogvideox import MENU, NONE
 from .magicmirror import FACE_ENCODER
 
 METRICS_CATEGORY = f"{MENU}/Metrics"
-_CLIP_CACHE: dict = {}  # the last CLIP vision tower loaded: {(path, mtime, device): model}
+_CLIP_CACHE: dict = {}  # the last CLIP vision tower loaded (on the CPU; each measurement brings it in): {key: model}
 
 
 def _clip_model(name: str):
@@ -22,7 +22,7 @@ def _clip_model(name: str):
     key = (path, os.path.getmtime(path), str(host.torch_device()))
     if key not in _CLIP_CACHE:
         _CLIP_CACHE.clear()
-        _CLIP_CACHE[key] = load_clip_vision(path).to(host.torch_device())
+        _CLIP_CACHE[key] = load_clip_vision(path)
     return _CLIP_CACHE[key]
 
 
@@ -115,9 +115,11 @@ class VideoMetrics:
         references: ReferenceFaces | None = None
         if analyzer is not None and reference is not None:
             references = reference_faces(analyzer, reference)
-        metrics = evaluate_video(frames, analyzer=analyzer, references=references,
-                                 clip_model=_clip_model(clip_vision) if use_clip else None,
-                                 clip_references=reference if use_clip else None, progress=_progress(2 * len(frames)))
+        clip = _clip_model(clip_vision) if use_clip else None
+        with host.placement().run(clip):
+            metrics = evaluate_video(frames, analyzer=analyzer, references=references, clip_model=clip,
+                                     clip_references=reference if use_clip else None,
+                                     progress=_progress(2 * len(frames)))
         report = metrics.report()
         plot = to_image_tensor(render_panels(metric_panels(metrics), footer=report.splitlines()))
         return _output(report, (report, plot))

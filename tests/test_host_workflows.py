@@ -47,6 +47,8 @@ IDENTITY_SCORE = "MMV_IdentityScore"
 BAD_LORA = "bad.safetensors"
 BAD_TRANSFORMER = "truncated_transformer.safetensors"
 BROKEN_FOLDER = "broken"
+NO_T5 = "tiny-t2v-no-t5"
+COMFY_T5 = "t5_test.safetensors"
 
 
 def _build_model_root(root: Path) -> None:
@@ -102,6 +104,8 @@ def _build_model_root(root: Path) -> None:
     torch.save(adapters.state_dict(), root / "dualreal" / "adapter.pth")
     (root / "clip_vision").mkdir()
     build_clip_vision_checkpoint(str(root / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"))
+    # A folder without text_encoder/ (its prompts come from core's Load CLIP) and a T5 file for models/text_encoders/.
+    _build_comfy_t5(root, cog / NO_T5)
     # A folder that the loader's combo lists (it has transformer/) but that is incomplete.
     shutil.copytree(cog / "tiny-t2v" / "transformer", cog / BROKEN_FOLDER / "transformer")
     # A LoRA "downloaded" as an HTML error page.
@@ -110,6 +114,67 @@ def _build_model_root(root: Path) -> None:
     (root / "diffusion_models").mkdir()
     good = (cog / "tiny-t2v" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
     (root / "diffusion_models" / BAD_TRANSFORMER).write_bytes(good[: int(len(good) * 0.6)])
+
+
+def _build_comfy_t5(root: Path, folder: Path) -> None:
+    """``text_encoders/`` with a random T5 that core's Load CLIP loads, and a tiny CogVideoX without text_encoder/.
+
+    ComfyUI builds its T5 from a fixed config picked by the file's layout: a file with 24 blocks of width 4096 is a
+    T5-XXL (9.5 GB); a smaller one is read as T5-base (768 wide, 12 blocks), which is what this test file is
+    (~220 MB in fp16). The pack's code path is the same for both: the CLIP's own T5 tokenizer and T5 model.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import T5Config, T5EncoderModel
+
+    from magicmirror_video.testing import tiny
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12,
+                                 feed_forward_proj="relu", is_encoder_decoder=False, use_cache=False))
+    (root / "text_encoders").mkdir()
+    save_file({k: v.half().contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              str(root / "text_encoders" / COMFY_T5))
+    tiny.build_model_folder(str(folder), text_dim=768)
+    shutil.rmtree(folder / "text_encoder")
+    shutil.rmtree(folder / "tokenizer")
+
+
+def _write_probe_pack(custom_nodes: Path) -> None:
+    """A test-only custom node pack: ``GET /mmv_test/models`` answers what ``comfy.model_management`` holds
+    (``current_loaded_models``) and which models each ``load_models_gpu`` call was given (``?reset=1`` clears)."""
+    probe = custom_nodes / "mmv_test_probe"
+    probe.mkdir(parents=True)
+    (probe / "__init__.py").write_text('''
+import comfy.model_management as mm
+from aiohttp import web
+from server import PromptServer
+
+LOADS = []
+_load_models_gpu = mm.load_models_gpu
+
+
+def load_models_gpu(models, *args, **kwargs):
+    LOADS.append([type(getattr(m, "model", m)).__name__ for m in models])
+    return _load_models_gpu(models, *args, **kwargs)
+
+
+mm.load_models_gpu = load_models_gpu
+
+
+@PromptServer.instance.routes.get("/mmv_test/models")
+async def models(request):
+    loaded = [type(m.model.model).__name__ for m in mm.current_loaded_models if m.model is not None]
+    answer = {"loaded": loaded, "loads": list(LOADS)}
+    if request.query.get("reset"):
+        LOADS.clear()
+    return web.json_response(answer)
+
+
+NODE_CLASS_MAPPINGS = {}
+''', encoding="utf-8")
 
 
 def _write_face_pngs(input_dir: Path) -> None:
@@ -143,6 +208,7 @@ def server(tmp_path_factory):
     models = tmp / "models"
     _build_model_root(models)
     srv = comfy_host.ComfyServer(*paths, pack_dir=PACK_DIR, model_root=models, tmp_dir=tmp / "comfy")
+    _write_probe_pack(srv.base_dir / "custom_nodes")
     _write_example_png(srv.input_dir / "example.png")
     _write_face_pngs(srv.input_dir)
     with srv:
@@ -164,9 +230,13 @@ def _shipped_api(srv: comfy_host.ComfyServer, path: Path) -> tuple[dict, dict]:
     loaders = _nodes_of(api, LOADER)
     samplers = _nodes_of(api, SAMPLER)
     assert loaders and samplers, f"{path.name}: no {LOADER} / {SAMPLER}"
+    clip_loaders = _nodes_of(api, "CLIPLoader")
     for node in loaders:
         original = node["inputs"]["model"]
-        node["inputs"].update(model="tiny-i2v" if "I2V" in original else "tiny-t2v", precision="fp32", offload="none")
+        tiny_model = NO_T5 if clip_loaders else "tiny-i2v" if "I2V" in original else "tiny-t2v"
+        node["inputs"].update(model=tiny_model, precision="fp32", offload="none")
+    for node in clip_loaders:
+        node["inputs"].update(clip_name=COMFY_T5)
     for node in samplers:
         node["inputs"].update(width=WIDTH, height=HEIGHT, num_frames=FRAMES, steps=STEPS)
     for node in _nodes_of(api, FACE_LOADER):
@@ -359,3 +429,81 @@ def test_host_bad_input_errors_and_server_keeps_serving(server):
 
     # The server survived all of that and still runs a valid prompt.
     _run_and_check_video(server, valid)
+
+
+# ------------------------------------------------------------------------ ComfyUI's model manager
+
+TRANSFORMER, T5, VAE = "MMV_CogVideoXTransformer3DModel", "MMV_T5EncoderModel", "MMV_AutoencoderKLCogVideoX"
+
+
+def _models(srv: comfy_host.ComfyServer, reset: bool = False) -> dict:
+    """The probe's answer: the pack's entries in ``current_loaded_models`` and the ``load_models_gpu`` calls."""
+    answer = srv.get_json("/mmv_test/models" + ("?reset=1" if reset else ""))
+    return {"loaded": sorted(c for c in answer["loaded"] if c.startswith("MMV_")),
+            "loads": [[c for c in call if c.startswith("MMV_")] for call in answer["loads"]]}
+
+
+def _free(srv: comfy_host.ComfyServer, **flags) -> None:
+    """``POST /free`` and wait until the prompt worker has unloaded the pack's models."""
+    import time
+
+    srv.post_json("/free", flags)
+    deadline = time.monotonic() + 60
+    while _models(srv)["loaded"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _with_seed(api: dict, seed: int) -> dict:
+    api = copy.deepcopy(api)
+    for node in _nodes_of(api, SAMPLER):
+        node["inputs"]["seed"] = seed
+    return api
+
+
+def test_host_models_are_registered_with_comfy_model_management(server):
+    """After a run the transformer, T5 and VAE are among ComfyUI's loaded models (offload auto: on this CPU it keeps
+    them, like none); POST /free {"unload_models": true} unloads them; the next run loads them again and succeeds;
+    {"unload_models": true, "free_memory": true} too (the whole workflow reloads)."""
+    api = _t2v_api(server)
+    for node in _nodes_of(api, LOADER):
+        node["inputs"]["offload"] = "auto"
+    _free(server, unload_models=True)  # (what the tests before left loaded)
+    _models(server, reset=True)
+    _run_and_check_video(server, _with_seed(api, 11))
+    assert _models(server)["loaded"] == sorted([TRANSFORMER, T5, VAE])
+    _free(server, unload_models=True)
+    assert _models(server, reset=True)["loaded"] == []
+    _run_and_check_video(server, _with_seed(api, 12))  # the prompts are cached: sampler and decode run again
+    state = _models(server, reset=True)
+    assert state["loaded"] == sorted([TRANSFORMER, VAE]) and state["loads"] == [[TRANSFORMER], [VAE]]
+    _free(server, unload_models=True, free_memory=True)
+    assert _models(server)["loaded"] == []
+    _run_and_check_video(server, _with_seed(api, 12))  # nothing cached any more
+    assert _models(server)["loaded"] == sorted([TRANSFORMER, T5, VAE])
+    _free(server, unload_models=True)
+
+
+def test_host_adapters_load_with_the_transformer_and_leave_after_the_run(server):
+    """MagicMirror (model offload): the adapter is loaded in the same load_models_gpu call as the transformer, so
+    ComfyUI's estimate counts it, and nothing of the pack stays loaded after the run."""
+    _, api = _shipped_api(server, PACK_DIR / "workflows" / "magicmirror_id_video.json")
+    for node in _nodes_of(api, LOADER):
+        node["inputs"]["offload"] = "model"
+    _free(server, unload_models=True)
+    _models(server, reset=True)
+    server.run_prompt(_with_seed(api, 21), timeout=PROMPT_TIMEOUT)
+    state = _models(server, reset=True)
+    assert {TRANSFORMER, "MMV_MagicMirrorAdapter"} in [set(call) for call in state["loads"]], state
+    assert ["MMV_IDEncoder"] in state["loads"], state  # the face encoder's ID encoder too
+    assert state["loaded"] == [], state
+
+
+def test_host_folder_without_text_encoder_asks_for_a_clip(server):
+    api = copy.deepcopy(_t2v_api(server))
+    for node in _nodes_of(api, LOADER):
+        node["inputs"]["model"] = NO_T5
+    with pytest.raises(comfy_host.PromptFailed) as err:
+        server.run_prompt(api, timeout=PROMPT_TIMEOUT)
+    error = _execution_error(err.value.details)
+    assert error.get("node_type") == ENCODE
+    assert "without text_encoder/" in error["exception_message"] and "Load CLIP" in error["exception_message"]

@@ -20,6 +20,8 @@ CORE_WIDGETS = {
     "LoadImage": [("image", (None, {})), ("upload", (None, {}))],
     "PreviewImage": [],
     "PreviewAny": [],  # shows a STRING (e.g. the Identity Score report) on the node; its input type is "*"
+    "CLIPLoader": [("clip_name", (None, {})), ("type", (["stable_diffusion", "stable_cascade", "sd3"], {})),
+                   ("device", (["default", "cpu"], {}))],  # (type lists more; the workflows use sd3)
 }
 DYNAMIC_COMBOS = {"model", "lora_name", "transformer_file", "insightface", "photomaker", "adapter", "clip_vision"}  # lists of files on the user's disk
 
@@ -62,7 +64,7 @@ def test_node_definition_is_valid_for_comfyui(node_id):
 # Node ids and input names shipped so far: they never change (saved workflows refer to them).
 SHIPPED_INPUTS = {
     "MMV_CogVideoXModelLoader": ["model", "precision", "offload", "transformer_file"],
-    "MMV_CogVideoXTextEncode": ["model", "text", "trigger_word"],
+    "MMV_CogVideoXTextEncode": ["model", "text", "trigger_word", "clip"],
     "MMV_CogVideoXLoraLoader": ["model", "lora_name", "strength"],
     "MMV_CogVideoXSampler": ["model", "positive", "negative", "width", "height", "num_frames", "steps", "cfg", "seed",
                              "scheduler", "image", "dynamic_cfg"],

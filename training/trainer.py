@@ -366,9 +366,9 @@ class Trainer(abc.ABC):
             self.cache.fill(media, captions, vae=bundle.vae, text_encoder=bundle.text_encoder,
                             tokenizer=getattr(self, "tokenizer", bundle.tokenizer), progress=acc.is_main_process)
         self.spec.text_encoder = None
-        bundle.text_encoder.to("cpu")
+        bundle.placement.offload(bundle.text_encoder)  # on the CPU; validation brings it in for its prompts
         if not self.vae_needed_with_cache:
-            bundle.vae.to("cpu")
+            bundle.placement.offload(bundle.vae)
         logger.info("precompute cache: %d media and %d captions in %s", len(media), len(captions),
                     self.cache.store.root)
 

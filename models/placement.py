@@ -1,0 +1,236 @@
+"""Where a model's modules live and where they run: one placement layer for every stage.
+
+A :class:`Placement` owns the execution device (where forwards run), the offload device (where weights wait,
+normally the CPU) and the offload mode. Every stage brings the modules it uses to the execution device through
+:meth:`Placement.run` and gets them back afterwards, also when the stage raises or is interrupted:
+
+============  ====================================================  =====================================
+mode          base components (transformer, T5, VAE)                between runs on the execution device
+============  ====================================================  =====================================
+``none``      on the execution device from load                      transformer + T5 + VAE
+``model``     moved there for their stage, moved back after it       nothing
+``sequential`` transformer and T5 stream their weights leaf by leaf   nothing (one leaf at a time while
+              (diffusers group offloading, ``leaf_level``, CUDA      running, the next one prefetched)
+              streams when available); the VAE moves as in model
+============  ====================================================  =====================================
+
+Modules that are not base components — patch adapters (:meth:`~.patches.ModelPatch.models`), CLIP vision towers,
+the face encoder — are moved in for the stage that uses them and moved back after it, in every mode. ``auto`` is
+resolved once, at load, by :func:`choose_offload` from the free memory of the execution device and the components'
+sizes.
+
+Nothing reads a device off a module's parameters: the execution device is :attr:`Placement.device`, and the
+inputs of a stage go there. A host with a model manager (ComfyUI, through ``nodes/host.py``) plugs in as a
+:class:`ModelManager`: it then does the moves, so it can count the memory, evict other models to make room and
+evict ours when another model needs the memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from typing import Iterator, Protocol, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+OFFLOAD_MODES = ("auto", "none", "model", "sequential")
+PLACEMENT_KEY = "_mmv_placement"  # a transformer's placement, kept on it (patches applied outside a sampler find it)
+GIB = 2**30
+# Room kept free beyond the weights and activation estimates when ``auto`` decides: the allocator's slack plus the
+# largest patch adapter a run may add (MagicMirror: 746M parameters, 1.39 GiB in bf16).
+AUTO_HEADROOM = int(2.0 * GIB)
+
+
+class ModelManager(Protocol):
+    """A host's memory manager (ComfyUI's ``comfy.model_management``, wrapped in ``nodes/host.py``)."""
+
+    def load(self, modules: Sequence[torch.nn.Module], placement: "Placement", memory_required: int) -> None:
+        """Bring ``modules`` wholly to ``placement.device``, evicting other models as needed."""
+
+    def unload(self, modules: Sequence[torch.nn.Module]) -> None:
+        """Give ``modules`` back to the offload device and forget them."""
+
+    def free(self, memory_required: int, device: torch.device) -> None:
+        """Make ``memory_required`` bytes free on ``device`` (for a stage whose weights stream)."""
+
+    def empty_cache(self) -> None:
+        """Return cached, unused memory to the device (between stages)."""
+
+    def available(self, device: torch.device) -> int | None:
+        """Bytes this pack's models may use on ``device`` (free memory plus what the host can evict)."""
+
+
+def module_bytes(module: torch.nn.Module | None) -> int:
+    """Bytes of a module's parameters and buffers (each tensor once; works on the meta device)."""
+    if module is None:
+        return 0
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def largest_leaf_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the largest leaf module's own tensors: what a leaf-level stream holds at a time."""
+    return max((module_bytes(m) for m in module.modules() if not list(m.children())), default=0)
+
+
+def trainable(module: torch.nn.Module) -> bool:
+    """Whether some parameter of ``module`` requires grad (an optimizer's, not the placement's to move)."""
+    return any(p.requires_grad for p in module.parameters())
+
+
+def choose_offload(available: int | None, weights: dict, stage_activations: dict, *,
+                   headroom: int = AUTO_HEADROOM) -> tuple[str, str]:
+    """Pick the offload mode the way ComfyUI picks full / partial loading, from byte counts.
+
+    ``available``: bytes free for the model on the execution device (None: no accelerator memory to manage, e.g.
+    the CPU). ``weights``: bytes per component, e.g. ``{"transformer": ..., "text_encoder": ..., "vae": ...}``.
+    ``stage_activations``: ``{component: activation bytes of the stage that runs it}``. Returns ``(mode, reason)``:
+
+    * ``none`` when all the weights, the largest stage's activations and ``headroom`` fit;
+    * ``model`` when the largest single stage (its weights + activations) and ``headroom`` fit;
+    * ``sequential`` otherwise (weights stream; only activations and one leaf need the device).
+    """
+    if available is None:
+        return "none", "the execution device has no separate memory to manage"
+    total = sum(weights.values())
+    act = max(stage_activations.values(), default=0)
+    stage = max((weights[k] + stage_activations.get(k, 0) for k in weights), default=0)
+    gib = {"available": available / GIB, "all": (total + act + headroom) / GIB, "stage": (stage + headroom) / GIB}
+    if total + act + headroom <= available:
+        return "none", "all components fit: {all:.1f} GiB needed, {available:.1f} GiB available".format(**gib)
+    if stage + headroom <= available:
+        return "model", ("the largest stage fits ({stage:.1f} GiB) but not all components at once ({all:.1f} GiB); "
+                         "{available:.1f} GiB available").format(**gib)
+    return "sequential", ("even the largest stage alone ({stage:.1f} GiB) does not fit in {available:.1f} GiB: "
+                          "weights stream").format(**gib)
+
+
+def free_memory(device: torch.device, manager: ModelManager | None = None) -> int | None:
+    """Bytes available for models on ``device``: the host's count, else CUDA's free memory; None on the CPU."""
+    device = torch.device(device)
+    if manager is not None:
+        return manager.available(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+def placement_of(module: torch.nn.Module) -> "Placement | None":
+    """The placement a bundle gave ``module`` (its transformer), if any."""
+    return module.__dict__.get(PLACEMENT_KEY)
+
+
+class Placement:
+    """The execution device, the offload device and the offload mode of a set of modules (see the module doc).
+
+    ``add`` gives a base component its home for the mode (once, at load); ``run`` brings the modules of a stage to
+    the execution device for the duration of a ``with`` block. Modules never added are moved in and out by every
+    ``run`` (adapters, CLIP, face encoder).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", offload_device: torch.device | str = "cpu",
+                 mode: str = "none", manager: ModelManager | None = None):
+        if mode not in OFFLOAD_MODES[1:]:
+            raise ValueError(f"offload mode must be one of {OFFLOAD_MODES[1:]} (resolve 'auto' with choose_offload), "
+                             f"got {mode!r}")
+        self.device, self.offload_device = torch.device(device), torch.device(offload_device)
+        self.mode, self.manager = mode, manager
+        self._homes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> "resident" | "streamed"
+        self._leaf: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # streamed module -> largest leaf bytes
+        self._depth: dict[int, int] = {}  # id(module) -> how many enclosing runs brought it in
+
+    def __repr__(self) -> str:
+        host = "" if self.manager is None else f", manager={type(self.manager).__name__}"
+        return f"Placement(device={self.device}, offload_device={self.offload_device}, mode={self.mode!r}{host})"
+
+    # ------------------------------------------------------------------ homes
+    def add(self, module: torch.nn.Module | None, *, stream: bool = False) -> None:
+        """Give a base component its home for the mode: resident on the execution device (``none``; with a
+        manager it loads at first use), streamed (``sequential`` and ``stream``), or on the offload device."""
+        if module is None or module in self._homes:
+            return
+        if self.mode == "none":
+            self._homes[module] = "resident"
+            self._move([module], onload=self.manager is None)
+        elif self.mode == "sequential" and stream:
+            self._stream(module)
+        else:
+            self._homes[module] = "offloaded"
+            self._move([module], onload=False)
+
+    def offload(self, module: torch.nn.Module) -> None:
+        """Keep a component on the offload device between stages from now on (e.g. a T5 a trainer no longer needs
+        resident); stages still bring it in and take it back."""
+        if self.home(module) == "streamed":
+            raise ValueError("a streamed module already waits on the offload device")
+        self._homes[module] = "offloaded"
+        self._move([module], onload=False)
+
+    def home(self, module: torch.nn.Module) -> str:
+        """``"resident"``, ``"streamed"`` or ``"offloaded"`` (moved in for each stage)."""
+        return self._homes.get(module, "offloaded")
+
+    def _stream(self, module: torch.nn.Module) -> None:
+        """diffusers' group offloading at leaf level: each leaf's weights come to the execution device when it runs
+        and go back after it (with CUDA streams the next leaf is prefetched while the current one runs)."""
+        from diffusers.hooks import apply_group_offloading
+
+        self._move([module], onload=False)
+        streams = self.device.type == "cuda" and torch.cuda.is_available()
+        apply_group_offloading(module, onload_device=self.device, offload_device=self.offload_device,
+                               offload_type="leaf_level", use_stream=streams, record_stream=streams,
+                               non_blocking=streams)
+        self._homes[module] = "streamed"
+        self._leaf[module] = largest_leaf_bytes(module)
+
+    def _move(self, modules: Sequence[torch.nn.Module], onload: bool) -> None:
+        """The one place that moves whole modules (to the execution device, or back to the offload device)."""
+        target = self.device if onload else self.offload_device
+        for module in modules:
+            module.to(target)
+
+    # ------------------------------------------------------------------ stages
+    @contextlib.contextmanager
+    def run(self, *modules: torch.nn.Module | None, memory_required: int = 0) -> Iterator[None]:
+        """Have ``modules`` usable on :attr:`device` for the block.
+
+        Offloaded modules are moved in and moved back afterwards — on exit, on errors and on interrupts alike;
+        resident ones stay, streamed ones bring their leaves themselves. ``memory_required``: the stage's activation
+        estimate (:mod:`.memory`), which a host manager frees room for. Nested runs of a module move it once.
+        Modules that are not components (:meth:`add`) and have trainable parameters are brought in but never taken
+        back: training code places them (an optimizer holds their parameters).
+        """
+        unique = list({id(m): m for m in modules if m is not None}.values())
+        whole = [m for m in unique if self.home(m) != "streamed"]
+        streamed = [m for m in unique if self.home(m) == "streamed"]
+        entering = [m for m in whole if not self._depth.get(id(m))]
+        incoming = [m for m in entering if self.home(m) == "offloaded"]
+        brought = [m for m in incoming if m in self._homes or not trainable(m)]  # and taken back after the block
+        for m in whole:
+            self._depth[id(m)] = self._depth.get(id(m), 0) + 1
+        try:
+            if self.manager is not None:
+                if entering:
+                    self.manager.load(entering, self, memory_required)
+                if streamed:
+                    self.manager.free(memory_required + 2 * max(self._leaf.get(m, 0) for m in streamed), self.device)
+            else:
+                self._move(incoming, onload=True)
+            yield
+        finally:
+            for m in whole:
+                self._depth[id(m)] -= 1
+                if not self._depth[id(m)]:
+                    del self._depth[id(m)]
+            if self.manager is not None:
+                self.manager.unload(brought)
+                self.manager.empty_cache()
+            else:
+                self._move(brought[::-1], onload=False)

@@ -17,7 +17,10 @@ runner is bit-identical to the unmodified transformer), with named places where 
 The runner is installed on each ``transformer_blocks[i]`` as the innermost diffusers hook (a
 ``ModelHook`` with ``new_forward``), so the blocks stay the units diffusers' own hooks attach to: group
 offloading onloads per block, layerwise casting per leaf layer, caches per block, and they wrap the
-runner. Every leaf module (``norm1.linear``, ``attn1``, ``ff`` ...) is called as a module, so their hooks
+runner. Its per-forward start (:meth:`BlockRunner._begin`) is likewise the innermost diffusers hook on the
+transformer itself, so transformer-level hooks (FasterCache's denoiser hook, which may drop CFG's negative rows;
+block-level group offloading, which onloads the embeddings) run before it and it sees the batch the blocks get.
+Every leaf module (``norm1.linear``, ``attn1``, ``ff`` ...) is called as a module, so their hooks
 (LoRA, casting, offloading) fire, and the attention goes through the model's own attention processor.
 
 Streams ride inside ``hidden_states``: a forward hook on ``patch_embed`` puts them there
@@ -37,6 +40,7 @@ import torch
 
 STATE_KEY = "_mmv_forward"
 HOOK_NAME = "magicmirror_video.block_runner"
+FORWARD_HOOK_NAME = "magicmirror_video.block_runner.forward"
 ROLES = ("positive", "negative")
 
 
@@ -151,22 +155,43 @@ class ForwardState:
         return self._rotary_cache[key]
 
 
-def _runner_hook(runner: "BlockRunner", index: int):
-    """A diffusers ``ModelHook`` whose ``new_forward`` replaces block ``index``'s forward by the runner (state in
-    attributes, so a deep copy of the transformer gets hooks bound to its own runner)."""
-    from diffusers.hooks import ModelHook
+_HOOK_CLASSES: dict = {}
 
-    class BlockRunnerHook(ModelHook):
-        def __init__(self):
-            super().__init__()
-            self.runner, self.index = runner, index
 
-        def new_forward(self, module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
-                        attention_kwargs=None):
-            return self.runner.run_block(module, self.index, hidden_states, encoder_hidden_states, temb,
-                                         image_rotary_emb, attention_kwargs)
+def _hook_classes() -> tuple:
+    """The runner's two diffusers ``ModelHook`` classes, made once (diffusers is imported on first use): one class for
+    every block, so ``torch.compile`` of the blocks (regional compile) shares one graph between them."""
+    if not _HOOK_CLASSES:
+        from diffusers.hooks import ModelHook
 
-    return BlockRunnerHook()
+        class BlockRunnerHook(ModelHook):
+            """Replaces block ``index``'s forward by the runner (state in attributes, so a deep copy of the transformer
+            gets hooks bound to its own runner)."""
+
+            def __init__(self, runner, index):
+                super().__init__()
+                self.runner, self.index = runner, index
+
+            def new_forward(self, module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                            attention_kwargs=None):
+                return self.runner.run_block(module, self.index, hidden_states, encoder_hidden_states, temb,
+                                             image_rotary_emb, attention_kwargs)
+
+        class BlockRunnerForwardHook(ModelHook):
+            """On the transformer itself: starts each forward's state (with extensions registered)."""
+
+            def __init__(self, runner):
+                super().__init__()
+                self.runner = runner
+
+            def pre_forward(self, module, *args, **kwargs):
+                return self.runner._begin(module, args, kwargs)
+
+            def post_forward(self, module, output):
+                return self.runner._end(module, (), output)
+
+        _HOOK_CLASSES.update(block=BlockRunnerHook, forward=BlockRunnerForwardHook)
+    return _HOOK_CLASSES["block"], _HOOK_CLASSES["forward"]
 
 
 class _AttentionTaps:
@@ -220,22 +245,24 @@ class BlockRunner:
         self.call_roles: tuple | None = None
         self.current: ForwardState | None = None
         self._handles: list = []
-        for index, block in enumerate(transformer.transformer_blocks):
-            registry = HookRegistry.check_if_exists_or_initialize(block)
+        for index, module in [("", transformer)] + list(enumerate(transformer.transformer_blocks)):
+            registry = HookRegistry.check_if_exists_or_initialize(module)
             if registry.hooks:
+                where = "the transformer" if index == "" else f"transformer block {index}"
                 raise RuntimeError(
-                    f"transformer block {index} already has diffusers hooks ({', '.join(registry.hooks)}): the block "
-                    "runner must be installed first (load the model through load_cogvideox / CogVideoXBundle).")
-            registry.register_hook(_runner_hook(self, index), HOOK_NAME)
+                    f"{where} already has diffusers hooks ({', '.join(registry.hooks)}): the block runner must be "
+                    "installed first (load the model through load_cogvideox / CogVideoXBundle).")
+        block_hook, forward_hook = _hook_classes()
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(forward_hook(self), FORWARD_HOOK_NAME)
+        for index, block in enumerate(transformer.transformer_blocks):
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(block_hook(self, index), HOOK_NAME)
 
     # ------------------------------------------------------------------ registration
     def add(self, extension: BlockExtension) -> Callable[[], None]:
         """Register ``extension`` until the returned undo is called."""
         if not self.extensions:
             t = self.transformer
-            self._handles = [t.register_forward_pre_hook(self._begin, with_kwargs=True),
-                             t.register_forward_hook(self._end),
-                             t.patch_embed.register_forward_hook(self._insert_streams),
+            self._handles = [t.patch_embed.register_forward_hook(self._insert_streams),
                              t.norm_final.register_forward_pre_hook(self._remove_streams)]
         self.extensions.append(extension)
 
@@ -260,6 +287,8 @@ class BlockRunner:
 
     # ------------------------------------------------------------------ transformer-level hooks
     def _begin(self, module, args, kwargs):
+        if not self.extensions:
+            return args, kwargs
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         batch = hidden.shape[0]
         roles = self.call_roles if self.call_roles is not None and len(self.call_roles) == batch else ("positive",) * batch
@@ -307,16 +336,18 @@ class BlockRunner:
         text_len = text.size(1)
 
         # split hidden_states into [lead streams; video; trailing streams]
-        parts: list = []  # [stream or None (video), tokens]
+        parts: list = []  # [stream or None (video), tokens, position] (keys are positions: compile-friendly)
         if state is not None and state.streams:
             start = 0
             for s in state.ordered:
                 n = state.video_tokens if s is None else s.count
-                parts.append([s, hidden_states[:, start:start + n]])
+                parts.append([s, hidden_states[:, start:start + n], len(parts)])
                 start += n
         else:
-            parts.append([None, hidden_states])
-        active = [p for p in parts if p[0] is None or p[0].active(index)]
+            parts.append([None, hidden_states, 0])
+        # (no comprehension over ``index`` without streams or extensions: torch.compile would guard on the block
+        # index it captures and compile one graph per block)
+        active = parts if len(parts) == 1 else [p for p in parts if p[0] is None or p[0].active(index)]
         video_part = next(p for p in parts if p[0] is None)
         for ext in exts:
             ext.before_block(state, index, video_part[1], text, temb)
@@ -325,9 +356,9 @@ class BlockRunner:
         norm_text, norm_video, gates = self._modulate(block, 1, index, state, exts, active, text, temb)
         joint = [p for p in active if p[0] is None or p[0].joint]
         query_only = [p for p in active if p[0] is not None and not p[0].joint]
-        attn_in = torch.cat([gates[id(p)][0] for p in joint], dim=1) if len(joint) > 1 else norm_video
+        attn_in = torch.cat([gates[p[2]][0] for p in joint], dim=1) if len(joint) > 1 else norm_video
         rotary = image_rotary_emb if state is None else state.rotary_for(tuple(p[0] for p in joint if p[0] is not None))
-        want_query = any(ext.needs_query(index) for ext in exts)
+        want_query = bool(exts) and any(ext.needs_query(index) for ext in exts)
         taps = None
         if want_query or query_only:
             video_at = text_len + sum(p[1].shape[1] for p in joint[:joint.index(video_part)])
@@ -353,35 +384,37 @@ class BlockRunner:
         start = 0
         for p in joint:
             n = p[1].shape[1]
-            outs[id(p)] = attn_hidden[:, start:start + n] if len(joint) > 1 else attn_hidden
+            outs[p[2]] = attn_hidden[:, start:start + n] if len(joint) > 1 else attn_hidden
             start += n
-        if query_only:
-            key = self._rotated_keys(block.attn1, taps.values, torch.cat([norm_text, attn_in], dim=1), text_len, rotary)
+        if query_only:  # (an attention cache that returned a cached output ran no processor: no taps, recompute)
+            joint_in = torch.cat([norm_text, attn_in], dim=1)
+            key = self._rotated_keys(block.attn1, taps.values, joint_in, text_len, rotary)
+            value = taps.values["to_v"] if "to_v" in taps.values else block.attn1.to_v(joint_in)
             for p in query_only:
-                outs[id(p)] = self._query_only_attention(block.attn1, gates[id(p)][0], key, taps.values["to_v"])
-        attn_video = outs[id(video_part)]
+                outs[p[2]] = self._query_only_attention(block.attn1, gates[p[2]][0], key, value)
+        attn_video = outs[video_part[2]]
         for ext in exts:
             attn_text, attn_video = ext.attention_residual(state, index, norm_text, norm_video, attn_text, attn_video)
-        outs[id(video_part)] = attn_video
+        outs[video_part[2]] = attn_video
         for p in active:
-            p[1] = p[1] + gates[id(p)][1] * outs[id(p)]
+            p[1] = p[1] + gates[p[2]][1] * outs[p[2]]
         text = text + gates["text"] * attn_text
 
         # norm & modulate, feed-forward
         norm_text, norm_video, gates = self._modulate(block, 2, index, state, exts, active, text, temb)
-        ff_in = [norm_text] + [gates[id(p)][0] for p in active]
+        ff_in = [norm_text] + [gates[p[2]][0] for p in active]
         ff = block.ff(torch.cat(ff_in, dim=1))
         ff_text, start, outs = ff[:, :text_len], text_len, {}
         for p in active:
             n = p[1].shape[1]
-            outs[id(p)] = ff[:, start:start + n]
+            outs[p[2]] = ff[:, start:start + n]
             start += n
-        ff_video = outs[id(video_part)]
+        ff_video = outs[video_part[2]]
         for ext in exts:
             ff_text, ff_video = ext.ff_residual(state, index, norm_text, norm_video, ff_text, ff_video)
-        outs[id(video_part)] = ff_video
+        outs[video_part[2]] = ff_video
         for p in active:
-            p[1] = p[1] + gates[id(p)][1] * outs[id(p)]
+            p[1] = p[1] + gates[p[2]][1] * outs[p[2]]
         text = text + gates["text"] * ff_text
         hidden = torch.cat([p[1] for p in parts], dim=1) if len(parts) > 1 else parts[0][1]
         return hidden, text
@@ -400,9 +433,9 @@ class BlockRunner:
         for p in active:
             if p[0] is None:
                 norm_video = norm.norm(p[1]) * (1 + scale)[:, None, :] + shift[:, None, :]
-                gates[id(p)] = (norm_video, gate[:, None, :])
+                gates[p[2]] = (norm_video, gate[:, None, :])
             else:
-                gates[id(p)] = p[0].modulate(block, index, which, p[1], temb)
+                gates[p[2]] = p[0].modulate(block, index, which, p[1], temb)
         norm_text = norm.norm(text) * (1 + enc_scale)[:, None, :] + enc_shift[:, None, :]
         return norm_text, norm_video, gates
 
@@ -410,21 +443,25 @@ class BlockRunner:
     def _rotated_keys(attn, taps, attn_input, text_len, rotary):
         """The keys [B, H, S, d] the joint attention's softmax used: the kept ``norm_k`` output, which the
         processor rotated in place, checked on one video token against RoPE computed here; recomputed in full
-        (normalised and rotated here) for a processor that does not rotate in place."""
+        (normalised and rotated here) for a processor that does not rotate in place, or that did not run (an
+        attention cache returned its cached output)."""
         from diffusers.models.embeddings import apply_rotary_emb
 
-        key = taps["key"] if attn.norm_k is not None else _heads(taps["key"], attn.heads)  # [B, H, S, d]
-        if rotary is None:
-            return key
-        probe = _heads(attn.to_k(attn_input[:, text_len:text_len + 1]), attn.heads)
-        if attn.norm_k is not None:
-            probe = attn.norm_k(probe)
-        probe = apply_rotary_emb(probe, (rotary[0][:1], rotary[1][:1]))
-        if torch.allclose(probe, key[:, :, text_len:text_len + 1], rtol=1e-3, atol=1e-4):
-            return key
+        if "key" in taps:
+            key = taps["key"] if attn.norm_k is not None else _heads(taps["key"], attn.heads)  # [B, H, S, d]
+            if rotary is None:
+                return key
+            probe = _heads(attn.to_k(attn_input[:, text_len:text_len + 1]), attn.heads)
+            if attn.norm_k is not None:
+                probe = attn.norm_k(probe)
+            probe = apply_rotary_emb(probe, (rotary[0][:1], rotary[1][:1]))
+            if torch.allclose(probe, key[:, :, text_len:text_len + 1], rtol=1e-3, atol=1e-4):
+                return key
         key = _heads(attn.to_k(attn_input), attn.heads)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        if rotary is None:
+            return key
         return torch.cat([key[:, :, :text_len], apply_rotary_emb(key[:, :, text_len:], rotary)], dim=2)
 
     @staticmethod

@@ -146,10 +146,13 @@ class CogVideoXBundle:
 
 
 def place_components(placement: Placement, bundle) -> None:
-    """Give the bundle's components their homes: the transformer and T5 stream in ``sequential`` mode, the VAE
-    moves whole (its activations, not its weights, dominate the decode). The transformer remembers its placement."""
+    """Give the bundle's components their homes: the transformer and T5 stream in ``sequential`` mode (leaf by leaf),
+    in ``block`` mode the transformer block by block and T5 leaf by leaf (its blocks sit inside ``encoder`` beside a
+    tied embedding; it runs once per prompt), the VAE moves whole (its activations, not its weights, dominate the
+    decode). The transformer remembers its placement."""
     placement.add(bundle.transformer, stream=True)
-    placement.add(bundle.text_encoder, stream=True)
+    placement.add(bundle.text_encoder, stream="leaf")
+    placement.add(bundle.vae)
     placement.add(bundle.vae)
     bundle.transformer.__dict__[PLACEMENT_KEY] = placement
 

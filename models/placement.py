@@ -12,12 +12,17 @@ mode          base components (transformer, T5, VAE)                between runs
 ``sequential`` transformer and T5 stream their weights leaf by leaf   nothing (one leaf at a time while
               (diffusers group offloading, ``leaf_level``, CUDA      running, the next one prefetched)
               streams when available); the VAE moves as in model
+``block``     the transformer streams block by block (diffusers     nothing (one transformer block at a
+              group offloading, ``block_level``, one block per       time while running, the next one
+              group, CUDA streams when available), T5 as in          prefetched, plus the embeddings and
+              ``sequential``, the VAE as in ``model``                output layers during a forward)
 ============  ====================================================  =====================================
 
 Modules that are not base components — patch adapters (:meth:`~.patches.ModelPatch.models`), CLIP vision towers,
 the face encoder — are moved in for the stage that uses them and moved back after it, in every mode. ``auto`` is
 resolved once, at load, by :func:`choose_offload` from the free memory of the execution device and the components'
-sizes.
+sizes (it never picks ``block``, which is a choice between ``model`` and ``sequential``: fewer, larger transfers than
+``sequential``, far less memory than ``model``).
 
 Nothing reads a device off a module's parameters: the execution device is :attr:`Placement.device`, and the
 inputs of a stage go there. A host with a model manager (ComfyUI, through ``nodes/host.py``) plugs in as a
@@ -36,7 +41,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-OFFLOAD_MODES = ("auto", "none", "model", "sequential")
+OFFLOAD_MODES = ("auto", "none", "model", "sequential", "block")
+STREAMED_MODES = ("sequential", "block")  # modes whose base components stream their weights
 PLACEMENT_KEY = "_mmv_placement"  # a transformer's placement, kept on it (patches applied outside a sampler find it)
 GIB = 2**30
 # Room kept free beyond the weights and activation estimates when ``auto`` decides: the allocator's slack plus the
@@ -78,6 +84,14 @@ def module_bytes(module: torch.nn.Module | None) -> int:
 def largest_leaf_bytes(module: torch.nn.Module) -> int:
     """Bytes of the largest leaf module's own tensors: what a leaf-level stream holds at a time."""
     return max((module_bytes(m) for m in module.modules() if not list(m.children())), default=0)
+
+
+def largest_block_bytes(module: torch.nn.Module) -> int:
+    """Bytes a block-level stream holds at a time: the largest block of the module's ``ModuleList``s plus every tensor
+    outside them (embeddings, output layers: diffusers keeps them on the device for a whole forward)."""
+    blocks = [b for m in module.modules() if isinstance(m, torch.nn.ModuleList) for b in m]
+    return max((module_bytes(b) for b in blocks), default=0) + module_bytes(module) - sum(module_bytes(b)
+                                                                                             for b in blocks)
 
 
 def trainable(module: torch.nn.Module) -> bool:
@@ -143,7 +157,8 @@ class Placement:
         self.device, self.offload_device = torch.device(device), torch.device(offload_device)
         self.mode, self.manager = mode, manager
         self._homes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> "resident" | "streamed"
-        self._leaf: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # streamed module -> largest leaf bytes
+        self._chunk: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # streamed module -> bytes of its largest
+        # streamed unit (leaf or block)
         self._depth: dict[int, int] = {}  # id(module) -> how many enclosing runs brought it in
 
     def __repr__(self) -> str:
@@ -153,14 +168,15 @@ class Placement:
     # ------------------------------------------------------------------ homes
     def add(self, module: torch.nn.Module | None, *, stream: bool = False) -> None:
         """Give a base component its home for the mode: resident on the execution device (``none``; with a
-        manager it loads at first use), streamed (``sequential`` and ``stream``), or on the offload device."""
+        manager it loads at first use), streamed (``sequential``/``block`` and ``stream``: ``"leaf"`` or ``"block"``,
+        ``True`` = the mode's own level), or on the offload device."""
         if module is None or module in self._homes:
             return
         if self.mode == "none":
             self._homes[module] = "resident"
             self._move([module], onload=self.manager is None)
-        elif self.mode == "sequential" and stream:
-            self._stream(module)
+        elif self.mode in STREAMED_MODES and stream:
+            self._stream(module, stream if isinstance(stream, str) else self.mode)
         else:
             self._homes[module] = "offloaded"
             self._move([module], onload=False)
@@ -177,18 +193,22 @@ class Placement:
         """``"resident"``, ``"streamed"`` or ``"offloaded"`` (moved in for each stage)."""
         return self._homes.get(module, "offloaded")
 
-    def _stream(self, module: torch.nn.Module) -> None:
-        """diffusers' group offloading at leaf level: each leaf's weights come to the execution device when it runs
-        and go back after it (with CUDA streams the next leaf is prefetched while the current one runs)."""
+    def _stream(self, module: torch.nn.Module, level: str = "sequential") -> None:
+        """diffusers' group offloading: at leaf level (``sequential``/``"leaf"``) each leaf's weights come to the
+        execution device when it runs and go back after it; at block level (``"block"``) each block of the module's
+        ``ModuleList`` does (one block per group), the rest for the module's whole forward. With CUDA streams the next
+        leaf / block is prefetched while the current one runs."""
         from diffusers.hooks import apply_group_offloading
 
         self._move([module], onload=False)
         streams = self.device.type == "cuda" and torch.cuda.is_available()
+        block = level == "block"
         apply_group_offloading(module, onload_device=self.device, offload_device=self.offload_device,
-                               offload_type="leaf_level", use_stream=streams, record_stream=streams,
-                               non_blocking=streams)
+                               offload_type="block_level" if block else "leaf_level",
+                               num_blocks_per_group=1 if block else None, use_stream=streams,
+                               record_stream=streams, non_blocking=streams)
         self._homes[module] = "streamed"
-        self._leaf[module] = largest_leaf_bytes(module)
+        self._chunk[module] = largest_block_bytes(module) if block else largest_leaf_bytes(module)
 
     def _move(self, modules: Sequence[torch.nn.Module], onload: bool) -> None:
         """The one place that moves whole modules (to the execution device, or back to the offload device)."""
@@ -220,7 +240,7 @@ class Placement:
                 if entering:
                     self.manager.load(entering, self, memory_required)
                 if streamed:
-                    self.manager.free(memory_required + 2 * max(self._leaf.get(m, 0) for m in streamed), self.device)
+                    self.manager.free(memory_required + 2 * max(self._chunk.get(m, 0) for m in streamed), self.device)
             else:
                 self._move(incoming, onload=True)
             yield

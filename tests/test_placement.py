@@ -35,7 +35,7 @@ from magicmirror_video.models.subject import NORM_LORA_MODULES, SubjectReference
 from magicmirror_video.models.text import encode_prompt
 from magicmirror_video.testing import tiny
 
-MODES = ("none", "model", "sequential")
+MODES = ("none", "model", "sequential", "block")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KW = dict(num_frames=9, height=32, width=32, steps=2, cfg=6.0, seed=1)
 SMALL = dict(id_dim=256, clip_dim=64, qformer_dim=32, qformer_depth=1, qformer_dim_head=16, cond_dim=32, fuse_hidden=32)
@@ -206,7 +206,8 @@ def test_offload_mode_is_bit_identical_and_leaves_nothing_behind(stage, mode, de
     if stage not in ("text_encode", "decode"):  # the prompts are encoded before the sampling stage is observed
         conditionings(b)
         spy.clear()
-    homes = {"none": ["resident"] * 3, "model": ["offloaded"] * 3, "sequential": ["streamed", "streamed", "offloaded"]}
+    homes = {"none": ["resident"] * 3, "model": ["offloaded"] * 3, "sequential": ["streamed", "streamed", "offloaded"],
+             "block": ["streamed", "streamed", "offloaded"]}
     assert [b.placement.home(m) for m in (b.transformer, b.text_encoder, b.vae)] == homes[mode]
     out, patches = run_stage(stage, b)
     assert torch.equal(out, reference)
@@ -223,7 +224,21 @@ def test_sequential_streams_transformer_and_t5_outside_the_block_runner():
         assert leaves and all(m._diffusers_hook.get_hook("group_offloading") is not None for m in leaves)
     for block in b.transformer.transformer_blocks:  # the runner is still the blocks' (innermost, only) hook
         assert block._diffusers_hook._hook_order == ["magicmirror_video.block_runner"]
+    assert b.transformer._diffusers_hook._hook_order == ["magicmirror_video.block_runner.forward"]
     assert b.placement.home(b.vae) == "offloaded" and not groups_of(b.vae)
+
+
+def test_block_mode_streams_transformer_blocks_around_the_block_runner():
+    """``block``: diffusers' block-level group offloading, one group per transformer block, registered after the block
+    runner so it wraps it (the runner stays each block's innermost hook); the embeddings and output layers form the
+    transformer's own group, onloaded around the runner's per-forward hook; T5 streams leaf by leaf."""
+    b = make_bundle("block", "cpu")
+    for block in b.transformer.transformer_blocks:
+        assert block._diffusers_hook._hook_order == ["magicmirror_video.block_runner", "group_offloading"]
+        assert block._diffusers_hook.get_hook("group_offloading").group.modules == [block]
+    assert b.transformer._diffusers_hook._hook_order == ["magicmirror_video.block_runner.forward", "group_offloading"]
+    leaves = [m for m in b.text_encoder.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    assert all(m._diffusers_hook.get_hook("group_offloading") is not None for m in leaves)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -325,14 +340,14 @@ def test_a_host_manager_does_the_moves(mode, monkeypatch):
     kept = mode == "none"
     names = {"transformer": "CogVideoXTransformer3DModel", "t5": "T5EncoderModel"}
     loads = [c for c in manager.calls if c[0] == "load"]
-    if mode == "sequential":
+    if mode in ("sequential", "block"):
         assert [c[1] for c in loads] == [["MagicMirrorAdapter"]]
         assert sum(c[0] == "free" for c in manager.calls) == 3  # two prompts, one sampling run
     else:
         assert [c[1] for c in loads] == [[names["t5"]], [names["t5"]], [names["transformer"], "MagicMirrorAdapter"]]
     assert loads[-1][2] > 0  # the activation estimate goes with the load
     unloads = [c[1] for c in manager.calls if c[0] == "unload"]
-    assert unloads[-1] == ([] if kept else [] if mode == "sequential" else [names["transformer"]]) + \
+    assert unloads[-1] == ([] if kept else [] if mode in ("sequential", "block") else [names["transformer"]]) + \
         ["MagicMirrorAdapter"]
     assert sum(c[0] == "empty_cache" for c in manager.calls) == 3
 

@@ -100,6 +100,7 @@ class CogVideoXBundle:
     offload_device: torch.device = torch.device("cpu")
     name: str = ""
     patches: tuple = ()
+    speed: object = None  # SpeedOptions (models/speed.py) recorded by the Speed node, applied per sampling run
     text_cache: TextEmbedCache = dataclasses.field(default_factory=TextEmbedCache, compare=False)
     placement: Placement | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -140,9 +141,20 @@ class CogVideoXBundle:
         """A new bundle sharing this one's modules, with ``patch`` recorded last. Raises
         :class:`~.patches.PatchConflictError` if the patch cannot join the ones already recorded."""
         from .patches import check_can_add
+        from .speed import check_speed
 
         check_can_add(self.patches, patch)
+        check_speed(self.speed, self.patches + (patch,))
         return dataclasses.replace(self, patches=self.patches + (patch,))
+
+    def with_speed(self, options) -> "CogVideoXBundle":
+        """A new bundle sharing this one's modules, with the speed options ``options`` (:class:`~.speed.SpeedOptions`,
+        replacing any recorded before). Raises :class:`~.speed.SpeedConflictError` if they cannot act with the
+        recorded patches, :class:`~.speed.AttentionBackendError` if the attention backend cannot run here."""
+        from .speed import check_speed
+
+        check_speed(options, self.patches)
+        return dataclasses.replace(self, speed=options)
 
 
 def place_components(placement: Placement, bundle) -> None:
@@ -152,7 +164,6 @@ def place_components(placement: Placement, bundle) -> None:
     decode). The transformer remembers its placement."""
     placement.add(bundle.transformer, stream=True)
     placement.add(bundle.text_encoder, stream="leaf")
-    placement.add(bundle.vae)
     placement.add(bundle.vae)
     bundle.transformer.__dict__[PLACEMENT_KEY] = placement
 
@@ -287,6 +298,7 @@ def load_cogvideox(
     transformer_file: str | None = None,
     vae_dtype: torch.dtype | None = None,
     text_encoder_dtype: torch.dtype | None = None,
+    weight_dtype: torch.dtype | None = None,
     manager=None,
 ) -> CogVideoXBundle:
     """Load a diffusers CogVideoX folder (T2V or I2V, 1.0 or 1.5).
@@ -295,7 +307,9 @@ def load_cogvideox(
     (diffusers or ComfyUI key names); its variant is detected from the weights. ``offload`` is one of
     :data:`~.placement.OFFLOAD_MODES` (``"auto"`` decides from the device's free memory); ``manager`` is the host's
     model manager (ComfyUI's, see ``nodes/host.py``), which then loads and evicts the components. A folder without
-    ``text_encoder/`` loads without T5 (its prompts come from a ComfyUI CLIP).
+    ``text_encoder/`` loads without T5 (its prompts come from a ComfyUI CLIP). ``weight_dtype``: the transformer's
+    weights are stored in it (e.g. ``torch.float8_e4m3fn``) and computed in ``dtype`` (diffusers' layerwise casting,
+    :func:`~.speed.apply_weight_storage`); None or ``dtype``: stored in ``dtype``.
     """
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer, T5EncoderModel
@@ -328,13 +342,20 @@ def load_cogvideox(
     for m in (transformer, vae, text_encoder):
         if m is not None:
             m.requires_grad_(False).eval()
+    if weight_dtype is not None and weight_dtype != dtype:
+        from .block_runner import block_runner
+        from .speed import apply_weight_storage
+
+        block_runner(transformer)  # the runner's hooks first (every diffusers hook wraps them)
+        apply_weight_storage(transformer, weight_dtype, dtype)  # before placement: only the stored bytes move
     parts = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                  scheduler_config=scheduler_config, dtype=dtype)
     mode = resolve_offload(offload, device, types.SimpleNamespace(**parts), manager)
     bundle = CogVideoXBundle(**parts, device=device, offload=mode, offload_device=offload_device,
                              name=os.path.basename(os.path.normpath(folder)),
                              placement=Placement(device, offload_device, mode, manager))
-    logger.info("Loaded %s from %s (%s, offload=%s%s)", bundle.variant, folder, dtype, mode,
+    logger.info("Loaded %s from %s (%s%s, offload=%s%s)", bundle.variant, folder, dtype,
+                "" if weight_dtype in (None, dtype) else f" computed, weights stored in {weight_dtype}", mode,
                 "" if text_encoder is not None else ", no text_encoder/: prompts need a T5-XXL CLIP")
     return bundle
 

@@ -17,6 +17,7 @@ import torch
 from .block_runner import block_runner
 from .memory import transformer_activation_bytes, vae_decode_activation_bytes, vae_encode_activation_bytes
 from .patches import SamplingContext, applied_patches, conditional_only, patch_models, patch_outputs
+from .speed import applied_speed, check_speed
 from .text import TextConditioning
 
 SCHEDULERS = ("ddim", "dpm")
@@ -117,7 +118,12 @@ def sample_video(
     ``image`` (IMAGE ``[1,H,W,3]``, 0..1) is the first frame for I2V models and required by them.
     ``negative`` defaults to the empty prompt, as in diffusers. ``callback`` runs after every step
     and may raise to stop (e.g. ComfyUI's interrupt); patches are removed either way. ``outputs``, if
-    given, receives what the patches report about the run (e.g. ``dualreal_alpha``).
+    given, receives what the patches report about the run (e.g. ``dualreal_alpha``) and what the speed options do
+    (mag cache's calibrated ``mag_ratios``).
+
+    Speed options recorded on the bundle (:class:`~.speed.SpeedOptions`) are applied after the patches and removed
+    with them; with a cache, each transformer call runs in diffusers' ``cache_context`` (``"cond_uncond"`` for the
+    batched call, as diffusers' pipelines; ``"uncond"`` / ``"cond"`` when CFG runs as two forwards).
 
     With CFG the negative and positive prompts run as one batch ``[negative, positive]``, as diffusers
     does, unless a patch acts on the positive prompt only and needs the negative one as a forward of its
@@ -186,13 +192,14 @@ def sample_video(
     separate = do_cfg and conditional_only(bundle.patches)  # negative prompt as a forward of its own
     need = transformer_activation_bytes(cfg_t, num_frames, height, width, batch=1 if separate or not do_cfg else 2,
                                         element_size=dtype.itemsize)
-    calls = [(("negative",), slice(0, 1)), (("positive",), slice(1, 2))] if separate else \
-        [(("negative", "positive") if do_cfg else ("positive",), slice(None))]
+    calls = [(("negative",), slice(0, 1), "uncond"), (("positive",), slice(1, 2), "cond")] if separate else \
+        [(("negative", "positive") if do_cfg else ("positive",), slice(None), "cond_uncond")]
+    check_speed(bundle.speed, bundle.patches)
 
-    def predict(model_in, t):
+    def predict(model_in, t, speed):
         preds = []
-        for roles, rows in calls:
-            with runner.roles(roles):
+        for roles, rows, cache_context in calls:
+            with runner.roles(roles), speed.context(cache_context):
                 x = model_in[rows]
                 preds.append(transformer(hidden_states=x, encoder_hidden_states=prompt_embeds[rows],
                                          timestep=t.expand(x.shape[0]), ofs=ofs, image_rotary_emb=rope,
@@ -200,15 +207,17 @@ def sample_video(
         return preds[0] if len(preds) == 1 else torch.cat(preds)
 
     with torch.no_grad(), bundle.placement.run(transformer, *patch_models(bundle.patches), memory_required=need), \
-            applied_patches(transformer, bundle.patches, context):
+            applied_patches(transformer, bundle.patches, context), \
+            applied_speed(transformer, bundle.speed, timesteps, dtype=dtype, guidance=do_cfg and not separate) as speed:
         old_pred = None
         for i, t in enumerate(timesteps):
+            speed.step(t)
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = sched.scale_model_input(model_in, t)
             if image_latents is not None:
                 img_in = torch.cat([image_latents] * 2) if do_cfg else image_latents
                 model_in = torch.cat([model_in, img_in], dim=2)
-            noise_pred = predict(model_in, t)
+            noise_pred = predict(model_in, t, speed)
             scale = cfg
             if use_dynamic_cfg:
                 scale = 1 + cfg * ((1 - math.cos(math.pi * ((steps - t.item()) / steps) ** 5.0)) / 2)
@@ -227,6 +236,7 @@ def sample_video(
 
         if outputs is not None:
             outputs.update(patch_outputs(bundle.patches))
+            outputs.update(speed.outputs())
     latents = latents[:, extra:]  # drop CogVideoX 1.5 padding frames, as diffusers does
     return latents.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, H, W]
 

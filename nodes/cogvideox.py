@@ -6,6 +6,7 @@ from ..models.cogvideox import DTYPES, find_model_folder, load_cogvideox
 from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
 from ..models.placement import OFFLOAD_MODES
 from ..models.sampler import decode_latents, sample_video
+from ..models.speed import ATTENTION_BACKENDS, CACHE_METHODS, WEIGHT_STORAGE, SpeedOptions, parse_ratios
 from ..models.text import DEFAULT_TRIGGER, encode_prompt
 from . import host
 
@@ -33,12 +34,20 @@ class CogVideoXModelLoader:
                             "stages. Peak GPU memory for CogVideoX-5B at 49x480x720, bf16: none: transformer + T5 + "
                             "VAE stay on the GPU (~23.5 GiB, 32 GB cards). model: each component on the GPU only "
                             "while it runs (~13-14 GiB while sampling). sequential: weights stream layer by layer "
-                            "(~4 GiB, slowest). auto: picked from the free VRAM and the model's size."}),
+                            "(~4 GiB, slowest). block: the transformer streams block by block (~3.5 GiB, fewer and "
+                            "larger transfers than sequential). auto: picked from the free VRAM and the model's size "
+                            "(none, model or sequential)."}),
             },
             "optional": {
                 "transformer_file": ([NONE] + host.list_model_files("diffusion_models"), {
                     "default": NONE, "tooltip": "Optional single-file transformer from models/diffusion_models/ that "
                     "replaces the folder's transformer; its variant (2B/5B, T2V/I2V, 1.0/1.5) is read from the weights."}),
+                "weight_storage": (["precision"] + list(WEIGHT_STORAGE), {
+                    "default": "precision", "tooltip": "How the transformer's weights are stored; they are computed "
+                    "in 'precision'. fp8_e4m3fn / fp8_e5m2: half the memory of bf16 (CogVideoX-5B transformer "
+                    "10.4 -> 5.3 GiB; patch embedding, norms/modulation and output layer stay in 'precision'), "
+                    "each layer upcast while it runs (diffusers' layerwise casting), slightly different video. "
+                    "precision: stored as computed."}),
             },
         }
 
@@ -48,11 +57,12 @@ class CogVideoXModelLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, model, precision, offload, transformer_file=NONE):
+    def load(self, model, precision, offload, transformer_file=NONE, weight_storage="precision"):
         folder = find_model_folder(model, host.model_roots("CogVideo"))
         tfile = None if transformer_file in (None, NONE) else host.resolve_model_file("diffusion_models", transformer_file)
+        storage = None if weight_storage == "precision" else WEIGHT_STORAGE[weight_storage]
         bundle = load_cogvideox(folder, dtype=DTYPES[precision], device=host.torch_device(), offload=offload,
-                                offload_device=host.offload_device(), transformer_file=tfile,
+                                offload_device=host.offload_device(), transformer_file=tfile, weight_dtype=storage,
                                 manager=host.model_manager())
         return (bundle,)
 
@@ -115,6 +125,68 @@ class CogVideoXLoraLoader:
         patch = LoraPatch(load_lora_file(host.resolve_model_file("loras", lora_name)), strength)
         resolve_lora_targets(patch.lora, model.transformer)  # fail now (wrong model, no matching keys), not mid-run
         return (model.with_patch(patch),)
+
+
+class CogVideoXSpeed:
+    DESCRIPTION = ("Speed options for the sampler, all from diffusers: a cache that reuses work between steps, "
+                   "torch.compile of the transformer blocks and the attention backend. Returns a new model; the input "
+                   "model is left unchanged. Combinations that cannot work with the model's patches are refused here.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "From the loader or a patch node (before or after this node)."}),
+                "cache": (list(CACHE_METHODS), {"default": "none", "tooltip": "Reuse work between denoising steps "
+                          "(diffusers' caches): first_block_cache skips blocks 1..N while block 0's change stays under "
+                          "threshold; pyramid_attention_broadcast / faster_cache reuse attention every other step "
+                          "(faster_cache also approximates the negative prompt); taylorseer predicts attention and "
+                          "feed-forward between full steps; mag_cache skips whole steps (needs mag_ratios). Not with "
+                          "MagicMirror two-way: pyramid_attention_broadcast, faster_cache; not with DualReal: "
+                          "mag_cache."}),
+                "threshold": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 10.0, "step": 0.01, "tooltip":
+                              "first_block_cache / mag_cache: larger = more skipped, faster, further from the "
+                              "uncached video (0 = nothing skipped by first_block_cache). -1: diffusers' default "
+                              "(0.05 / 0.06)."}),
+                "interval": ("INT", {"default": -1, "min": -1, "max": 100, "tooltip": "pyramid_attention_broadcast "
+                             "/ faster_cache: attention computed every interval-th step; taylorseer: a full step "
+                             "every interval steps; mag_cache: at most interval skipped steps in a row. -1: diffusers' "
+                             "default (2, 2, 5, 3)."}),
+                "start_step": ("INT", {"default": -1, "min": -1, "max": 1000, "tooltip": "First step that may "
+                               "reuse a cache (earlier steps are computed in full). -1: diffusers' default (pyramid: "
+                               "timesteps below 800, faster_cache: below 681, taylorseer: step 3, mag_cache: the "
+                               "first 20% of the steps in full). first_block_cache ignores it."}),
+                "end_step": ("INT", {"default": -1, "min": -1, "max": 1000, "tooltip": "Steps from this one on are "
+                             "computed in full. -1: diffusers' default (pyramid: timesteps above 100, the others to "
+                             "the last step). first_block_cache and mag_cache ignore it."}),
+                "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the transformer blocks "
+                            "(diffusers' regional compile): the first run compiles (minutes), later runs are faster. "
+                            "Needs a working compiler toolchain (Triton on GPUs). Not with MagicMirror or the subject "
+                            "reference."}),
+                "attention": (list(ATTENTION_BACKENDS), {"default": "native", "tooltip": "Attention kernel "
+                              "(diffusers' attention dispatcher): native = PyTorch SDPA; flash = flash-attn, sage = "
+                              "sageattention, xformers = xformers (each needs its package installed)."}),
+            },
+            "optional": {
+                "mag_ratios": ("STRING", {"default": "", "tooltip": "mag_cache only: the model's per-step magnitude "
+                               "ratios, comma-separated. Empty: this run calibrates (computes every block) and logs "
+                               "the ratios to paste here."}),
+            },
+        }
+
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the speed options recorded; they act only while sampling.",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, cache, threshold, interval, start_step, end_step, compile, attention, mag_ratios=""):
+        options = SpeedOptions(cache=cache, threshold=None if threshold < 0 else threshold,
+                               interval=None if interval < 0 else interval,
+                               start_step=None if start_step < 0 else start_step,
+                               end_step=None if end_step < 0 else end_step,
+                               mag_ratios=parse_ratios(mag_ratios or ""), compile=compile, attention=attention)
+        return (model.with_speed(options),)
 
 
 class CogVideoXSampler:
@@ -201,6 +273,7 @@ NODE_CLASS_MAPPINGS = {
     "MMV_CogVideoXLoraLoader": CogVideoXLoraLoader,
     "MMV_CogVideoXSampler": CogVideoXSampler,
     "MMV_CogVideoXDecode": CogVideoXDecode,
+    "MMV_CogVideoXSpeed": CogVideoXSpeed,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MMV_CogVideoXModelLoader": "CogVideoX Model Loader (MMV)",
@@ -208,4 +281,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MMV_CogVideoXLoraLoader": "CogVideoX LoRA Loader (MMV)",
     "MMV_CogVideoXSampler": "CogVideoX Sampler (MMV)",
     "MMV_CogVideoXDecode": "CogVideoX Decode (MMV)",
+    "MMV_CogVideoXSpeed": "CogVideoX Speed (MMV)",
 }

@@ -1,0 +1,471 @@
+"""Speed and memory options for CogVideoX, all of them diffusers features: weight storage, block caches, regional
+compile and attention backends.
+
+=====================  ===============================================================================================
+option                 diffusers feature
+=====================  ===============================================================================================
+weight storage         ``ModelMixin.enable_layerwise_casting(storage_dtype, compute_dtype)``: weights stored in fp8 (or
+                       bf16/fp16), upcast per layer for its forward; CogVideoX's ``_skip_layerwise_casting_patterns``
+                       (``patch_embed``, ``norm`` — the modulation linears ``norm1/norm2.linear`` too) and the default
+                       ``proj_out`` stay in the compute dtype. Applied once, at load (:func:`apply_weight_storage`).
+``first_block_cache``  ``FirstBlockCacheConfig(threshold)``: block 0 always runs; when its output residual changed by
+                       less than ``threshold`` (relative mean absolute difference) the other blocks are skipped and
+                       their cached residual is added.
+``pyramid_attention    ``PyramidAttentionBroadcastConfig``: each block's attention output is computed every
+_broadcast``           ``interval``-th call and reused in between, inside a timestep range.
+``faster_cache``       ``FasterCacheConfig``: attention reused and extrapolated every other call, and CFG's negative
+                       rows skipped (approximated in frequency space from the positive ones) inside a timestep range.
+``taylorseer``         ``TaylorSeerCacheConfig``: each block's attention and feed-forward outputs are computed every
+                       ``interval`` steps and predicted in between by a first-order Taylor expansion.
+``mag_cache``          ``MagCacheConfig``: whole block stack skipped while the accumulated magnitude-ratio error stays
+                       under ``threshold`` (at most ``interval`` steps in a row); needs the model's per-step ratios —
+                       a run without them calibrates (computes everything) and reports them.
+compile                ``ModelMixin.compile_repeated_blocks`` (``torch.compile`` of each ``CogVideoXBlock``).
+attention backend      diffusers' attention dispatcher (``dispatch_attention_fn``): ``native`` (SDPA), ``flash``
+                       (flash-attn), ``sage`` (sageattention), ``xformers``. CogVideoX's own processor calls SDPA
+                       directly (``set_attention_backend`` does not reach it), so
+                       :class:`CogVideoXDispatchAttnProcessor` is its copy with that one call routed through the
+                       dispatcher.
+=====================  ===============================================================================================
+
+Every option but weight storage is recorded on the bundle (:class:`SpeedOptions`, like a patch) and applied for one
+sampling run by :func:`applied_speed`, after the patches, and removed after it — on errors and interrupts too — so
+the base model and the next run are untouched and no cache state outlives its run. Caches are diffusers hooks
+registered after the block runner's, so they wrap it: a block a cache skips is a block the runner never computes.
+
+What each cache does to each method (see :func:`check_speed` for what is refused):
+
+* **LoRA** — acts inside the layers; computed wherever a layer runs, cached with the outputs it produced.
+* **MagicMirror** (face tokens, CAN, decoupled cross-attention), **subject reference** (reference tokens) — the
+  streams ride in ``hidden_states``: block caches (first-block, mag) skip them with every other token and add the
+  cached residual of all of them; attention caches reuse attention outputs that already contain the face
+  tokens' joint attention and the cross-attention of the step that computed them. MagicMirror's one-way face
+  tokens, which only query the joint attention, are still computed every step (their keys and values are
+  recomputed when the cache skipped the processor).
+* **DualReal** — the StageBlender runs in block 0 before every computed step (first-block cache always computes
+  block 0, attention caches and TaylorSeer never skip blocks): one α per step. Its adapters add to the attention and
+  feed-forward outputs after the caches' reuse. MagCache skips block 0 on cached steps: refused with DualReal.
+* **compile** — one compiled graph serves every block (and every later run) for the base model, LoRAs and the caches;
+  MagicMirror, DualReal and the subject reference pick per-block adapters by index or carry token streams, which
+  makes torch.compile recompile per block: refused with them.
+* **CFG as two forwards** (MagicMirror's two-way form): the negative and positive passes run in diffusers'
+  ``cache_context("uncond")`` / ``("cond")``, as diffusers pipelines with separate CFG passes do, so the caches
+  that key their state on the context (first-block, TaylorSeer, mag) keep one state per pass. Pyramid attention
+  broadcast keeps one state per attention layer and FasterCache expects a batched ``[uncond, cond]`` forward: both
+  are refused with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import re
+from typing import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+CACHE_METHODS = ("none", "first_block_cache", "pyramid_attention_broadcast", "faster_cache", "taylorseer",
+                 "mag_cache")
+# backend -> (diffusers AttentionBackendName, the pip package it needs or None)
+ATTENTION_BACKENDS = {"native": ("native", None), "flash": ("flash", "flash-attn"),
+                      "sage": ("sage", "sageattention"), "xformers": ("xformers", "xformers")}
+_MODULES = {"flash-attn": "flash_attn", "sageattention": "sageattention", "xformers": "xformers"}
+
+# diffusers' documented settings (the method's config defaults; the CogVideoX examples of the PAB and FasterCache
+# docs), used for every setting a SpeedOptions leaves at None
+DEFAULTS = {
+    "first_block_cache": dict(threshold=0.05),
+    "pyramid_attention_broadcast": dict(interval=2, timesteps=(100, 800)),
+    "faster_cache": dict(interval=2, timesteps=(-1, 681), uncond_timesteps=(-1, 641)),
+    "taylorseer": dict(interval=5, start_step=3),
+    "mag_cache": dict(threshold=0.06, interval=3, retention=0.2),
+}
+# FasterCache's remaining parameters, as in diffusers' CogVideoX example (low/high-frequency weight update ranges,
+# attention weight) and its config defaults (the negative rows are recomputed every 5th call)
+FASTER_CACHE_FIXED = dict(low_frequency_weight_update_timestep_range=(99, 641),
+                          high_frequency_weight_update_timestep_range=(-1, 301), unconditional_batch_skip_range=5,
+                          tensor_format="BFCHW")
+FASTER_CACHE_ATTENTION_WEIGHT = 0.3
+# TaylorSeer's modules for CogVideoX: each block's attention and feed-forward (diffusers' default patterns,
+# "^transformer_blocks.*attn" fully matched, would match no CogVideoX module: its attention is "attn1")
+TAYLORSEER_MODULES = (r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff")
+# methods whose cached steps skip block 0 (where DualReal's StageBlender runs)
+SKIPS_BLOCK_ZERO = ("mag_cache",)
+# methods whose state is one per layer, not per cache context, or that need a batched [uncond, cond] forward
+NEEDS_BATCHED_CFG = ("pyramid_attention_broadcast", "faster_cache")
+# methods torch.compile keeps recompiling for (measured with torch._dynamo's counters, tests/test_speed.py)
+COMPILE_REFUSED = ("MagicMirror", "subject reference", "DualReal")
+
+
+class SpeedConflictError(ValueError):
+    """A speed option that cannot act together with a patch (or another option) on one model."""
+
+
+class AttentionBackendError(RuntimeError):
+    """An attention backend whose package is not installed or that cannot run here."""
+
+
+def apply_weight_storage(transformer: torch.nn.Module, storage: torch.dtype, compute: torch.dtype) -> None:
+    """Store the transformer's weights in ``storage`` and compute in ``compute`` (diffusers' layerwise casting, with
+    the model's own skip patterns). Nothing to do when they are the same dtype. Irreversible (as diffusers': casting
+    back would not restore the lost bits) — the loader applies it to a freshly loaded model."""
+    if storage == compute:
+        return
+    transformer.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+
+
+def storage_dtype(transformer: torch.nn.Module) -> torch.dtype | None:
+    """The storage dtype of a transformer with layerwise casting, else None."""
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        if hook is not None:
+            return hook.storage_dtype
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedOptions:
+    """Speed options recorded on a bundle; ``None`` settings take diffusers' documented value for the method
+    (:data:`DEFAULTS`).
+
+    * ``threshold`` — first-block and mag cache: how much change is still "the same" (0: nothing is skipped by
+      first-block cache).
+    * ``interval`` — pyramid attention broadcast / FasterCache: attention computed every ``interval``-th call;
+      TaylorSeer: a full step every ``interval`` steps; mag cache: at most ``interval`` skipped steps in a row.
+    * ``start_step`` / ``end_step`` — the steps ``start_step <= i < end_step`` may reuse a cache (``end_step`` None:
+      the method's default, for PAB/FasterCache its timestep range; -1: to the last step). First-block cache has no
+      step range; mag cache only a start (its retention).
+    * ``mag_ratios`` — mag cache's per-step magnitude ratios for this model (interpolated to the step count); None:
+      the run calibrates them (computes every block) and reports them in the sampler's outputs.
+    * ``compile`` — ``torch.compile`` the transformer blocks (regional compile); ``attention`` — the backend.
+    """
+
+    cache: str = "none"
+    threshold: float | None = None
+    interval: int | None = None
+    start_step: int | None = None
+    end_step: int | None = None
+    mag_ratios: tuple | None = None
+    compile: bool = False
+    attention: str = "native"
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager" / "aot_eager" check tracing without codegen)
+
+    def __post_init__(self):
+        if self.cache not in CACHE_METHODS:
+            raise ValueError(f"cache must be one of {CACHE_METHODS}, got {self.cache!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {tuple(ATTENTION_BACKENDS)}, got {self.attention!r}")
+        if self.threshold is not None and self.threshold < 0:
+            raise ValueError(f"threshold must be at least 0, got {self.threshold}")
+        if self.interval is not None and self.interval < 1:
+            raise ValueError(f"interval must be at least 1, got {self.interval}")
+        if self.start_step is not None and self.start_step < 0:
+            raise ValueError(f"start_step must be at least 0, got {self.start_step}")
+        if self.cache == "taylorseer" and self.start_step == 0:
+            raise ValueError("taylorseer predicts from computed steps: start_step must be at least 1")
+        if self.mag_ratios is not None:
+            object.__setattr__(self, "mag_ratios", tuple(float(r) for r in self.mag_ratios))
+
+    @property
+    def active(self) -> bool:
+        return self.cache != "none" or self.compile or self.attention != "native"
+
+    def setting(self, name: str):
+        """A setting, or the method's documented default."""
+        value = getattr(self, name)
+        return DEFAULTS.get(self.cache, {}).get(name) if value is None else value
+
+
+def parse_ratios(text: str) -> tuple | None:
+    """``"1.0, 1.02, 0.98"`` (or a Python list as diffusers logs it) -> a tuple of floats; empty -> None."""
+    text = text.strip().strip("[]()")
+    if not text:
+        return None
+    try:
+        return tuple(float(x) for x in re.split(r"[,\s]+", text) if x)
+    except ValueError:
+        raise ValueError(f"mag_ratios must be numbers separated by commas (as the calibration run logs them), got "
+                         f"{text[:60]!r}") from None
+
+
+def check_attention_backend(name: str) -> None:
+    """Raise :class:`AttentionBackendError` naming the package to install when ``name`` cannot run here (checked at
+    the node, before any model runs)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    backend, package = ATTENTION_BACKENDS[name]
+    if package is not None and importlib.util.find_spec(_MODULES[package]) is None:
+        raise AttentionBackendError(f"attention backend {name!r} needs the {package} package, which is not installed: "
+                                    f"pip install {package} (in ComfyUI's Python), then restart; or use 'native'.")
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(backend))
+    except RuntimeError as e:
+        raise AttentionBackendError(f"attention backend {name!r}: {e}") from None
+
+
+def check_speed(options: SpeedOptions | None, patches) -> None:
+    """Raise :class:`SpeedConflictError` if ``options`` cannot act with ``patches``, :class:`AttentionBackendError` if
+    its attention backend cannot run here (checked where either is recorded and before a run moves any weights)."""
+    if options is None or not options.active:
+        return
+    from .patches import conditional_only
+
+    check_attention_backend(options.attention)
+    methods = {getattr(p, "method", None) for p in patches} - {None}
+    streams = sorted(m for m in methods if m in COMPILE_REFUSED)
+    if options.cache in NEEDS_BATCHED_CFG and conditional_only(patches):
+        name = options.cache.replace("_", " ")
+        raise SpeedConflictError(
+            f"{name} cannot act on this model: MagicMirror's two-way face attention runs CFG's negative prompt as a "
+            "forward of its own, and " + ("pyramid attention broadcast keeps one cached attention per layer (the "
+                                          "positive pass would reuse the negative pass's attention)"
+                                          if options.cache == "pyramid_attention_broadcast" else
+                                          "FasterCache approximates the negative rows of a batched [negative, "
+                                          "positive] forward") +
+            ". Use first_block_cache, taylorseer or mag_cache (they keep one state per CFG pass).")
+    if options.cache in SKIPS_BLOCK_ZERO and "DualReal" in methods:
+        raise SpeedConflictError(
+            f"{options.cache} cannot act with DualReal: it skips block 0 on cached steps, where DualReal's "
+            "StageBlender computes the blend of each step, so the blend would not follow the denoising stage. Use "
+            "first_block_cache (block 0 always runs), taylorseer, pyramid_attention_broadcast or faster_cache.")
+    if options.compile and streams:
+        raise SpeedConflictError(
+            f"compile cannot act with {' and '.join(streams)}: its per-block adapters are picked by block index and "
+            "its token streams change the layout of the blocks' inputs, so torch.compile compiles the blocks again "
+            "and again (one graph per block; CogVideoX-5B's 42 blocks are beyond torch's recompile limit of 8, after "
+            "which it falls back to eager). Turn compile off for this model; compile works with LoRAs and the caches.")
+
+
+# ----------------------------------------------------------------------------------------------------- one run
+
+
+def _timestep_range(timesteps, start: int | None, end: int | None, default: tuple) -> tuple:
+    """diffusers' ``(low, high)`` timestep range (open) in which the steps ``start <= i < end`` fall."""
+    ts = [float(t) for t in timesteps]
+    low, high = default
+    if start is not None:
+        high = float("inf") if start <= 0 else (ts[start - 1] + ts[start]) / 2 if start < len(ts) else -float("inf")
+    if end is not None:
+        low = -float("inf") if end < 0 or end >= len(ts) else (ts[end - 1] + ts[end]) / 2 if end > 0 else float("inf")
+    return low, high
+
+
+def diffusers_cache_config(options: SpeedOptions, timesteps, timestep_fn, *, dtype: torch.dtype = torch.float32,
+                           guidance: bool = True):
+    """The diffusers cache config for ``options`` on a run with ``timesteps``; ``timestep_fn()`` returns the current
+    timestep (PAB and FasterCache read it). ``guidance``: the forwards carry CFG's batched ``[negative, positive]``
+    rows (without, FasterCache only reuses attention, as for a guidance-distilled model)."""
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
+
+    method, steps = options.cache, len(timesteps)
+    if method == "first_block_cache":
+        return FirstBlockCacheConfig(threshold=options.setting("threshold"))
+    if method == "pyramid_attention_broadcast":
+        return PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=options.setting("interval"),
+            spatial_attention_timestep_skip_range=_timestep_range(timesteps, options.start_step, options.end_step,
+                                                                  DEFAULTS[method]["timesteps"]),
+            current_timestep_callback=timestep_fn)
+    if method == "faster_cache":
+        d = DEFAULTS[method]
+        return FasterCacheConfig(
+            spatial_attention_block_skip_range=options.setting("interval"),
+            spatial_attention_timestep_skip_range=_timestep_range(timesteps, options.start_step, options.end_step,
+                                                                  d["timesteps"]),
+            unconditional_batch_timestep_skip_range=_timestep_range(timesteps, options.start_step, options.end_step,
+                                                                    d["uncond_timesteps"]),
+            spatial_attention_block_identifiers=("transformer_blocks",),
+            attention_weight_callback=lambda _: FASTER_CACHE_ATTENTION_WEIGHT, current_timestep_callback=timestep_fn,
+            is_guidance_distilled=not guidance, **FASTER_CACHE_FIXED)
+    if method == "taylorseer":
+        end = options.end_step
+        return TaylorSeerCacheConfig(cache_interval=options.setting("interval"),
+                                     disable_cache_before_step=options.setting("start_step"),
+                                     disable_cache_after_step=None if end is None or end < 0 else end,
+                                     max_order=1, taylor_factors_dtype=dtype,
+                                     cache_identifiers=list(TAYLORSEER_MODULES))
+    if method == "mag_cache":
+        start = options.start_step
+        retention = DEFAULTS[method]["retention"] if start is None else start / steps
+        ratios = options.mag_ratios
+        return MagCacheConfig(threshold=options.setting("threshold"), max_skip_steps=options.setting("interval"),
+                              retention_ratio=retention, num_inference_steps=steps,
+                              mag_ratios=None if ratios is None else list(ratios), calibrate=ratios is None)
+    raise ValueError(f"no diffusers cache for {method!r}")
+
+
+class CogVideoXDispatchAttnProcessor:
+    """diffusers' ``CogVideoXAttnProcessor2_0`` with its ``F.scaled_dot_product_attention`` call routed through
+    diffusers' attention dispatcher (``_attention_backend`` as ``set_attention_backend`` sets it on dispatcher-based
+    processors). Everything else is the original, op for op (RoPE applied to the key in place, which the block
+    runner's taps rely on); with the ``native`` backend the output is the original's bit for bit (tested)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text_seq_length = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch_size, sequence_length, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+        # the dispatcher takes [B, S, H, d]
+        hidden_states = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                              attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                              backend=self._attention_backend)
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1)
+        return hidden_states, encoder_hidden_states
+
+
+class SpeedRun:
+    """The speed options of one sampling run: the current timestep for the caches and each transformer call's cache
+    context (see :func:`applied_speed`)."""
+
+    def __init__(self, transformer, options: SpeedOptions | None):
+        self.transformer, self.options = transformer, options
+        self.timestep = None
+        self.caching = options is not None and options.cache != "none"
+        self._mag_log: list = []
+
+    def step(self, timestep) -> None:
+        self.timestep = timestep
+
+    def context(self, name: str):
+        """diffusers' ``cache_context`` for one transformer call (``"cond_uncond"`` batched, as diffusers' CogVideoX
+        pipelines; ``"uncond"`` / ``"cond"`` when CFG runs as two forwards)."""
+        return self.transformer.cache_context(name) if self.caching else contextlib.nullcontext()
+
+    def outputs(self) -> dict:
+        """What the run reports: mag cache's calibrated ratios (from diffusers' calibration log, last pass)."""
+        return {"mag_ratios": self._mag_log[-1]} if self._mag_log else {}
+
+
+class _MagCalibrationLog(logging.Handler):
+    def __init__(self, into: list):
+        super().__init__(logging.INFO)
+        self.into = into
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("MagCache Calibration Results:"):
+            self.into.append(tuple(parse_ratios(message.split(":", 1)[1]) or ()))
+
+
+@contextlib.contextmanager
+def applied_speed(transformer, options: SpeedOptions | None, timesteps=(), *, dtype: torch.dtype = torch.float32,
+                  guidance: bool = True) -> Iterator[SpeedRun]:
+    """Apply ``options`` to ``transformer`` for one sampling run over ``timesteps``; everything is removed on exit
+    (errors and interrupts included). Call it after the patches are applied (the caches then wrap the block runner
+    and the patches' hooks); call :meth:`SpeedRun.step` before each step and run each transformer call inside
+    :meth:`SpeedRun.context`. ``guidance``: CFG runs as batched ``[negative, positive]`` forwards."""
+    run = SpeedRun(transformer, options)
+    with contextlib.ExitStack() as stack:
+        if options is not None and options.attention != "native":
+            stack.callback(_use_attention_backend(transformer, options.attention))
+        if options is not None and options.compile:
+            stack.callback(_compile_blocks(transformer, options.compile_backend))
+        if run.caching:
+            config = diffusers_cache_config(options, timesteps, lambda: run.timestep, dtype=dtype, guidance=guidance)
+            if options.cache == "mag_cache" and options.mag_ratios is None:
+                stack.enter_context(_capture_mag_calibration(run._mag_log))
+            transformer.enable_cache(config)
+            stack.callback(transformer.disable_cache)
+        yield run
+
+
+@contextlib.contextmanager
+def _capture_mag_calibration(into: list):
+    log = logging.getLogger("diffusers.hooks.mag_cache")
+    handler, level, propagate = _MagCalibrationLog(into), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # (its other INFO lines stay quiet; the result is logged below)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+        if into:
+            logger.warning("mag_cache calibrated this run (every block computed); for cached runs at this step count "
+                           "set mag_ratios to: %s", ", ".join(f"{r:.5f}" for r in into[-1]))
+
+
+def _use_attention_backend(transformer, name: str):
+    """Route every CogVideoX attention of ``transformer`` through the dispatcher with backend ``name``; returns the
+    undo (the original processors back)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_processor import Attention, CogVideoXAttnProcessor2_0
+
+    saved = {}
+    backend = AttentionBackendName(ATTENTION_BACKENDS[name][0])
+    for module in transformer.modules():
+        if isinstance(module, Attention):
+            if not isinstance(module.processor, CogVideoXAttnProcessor2_0):
+                for m, p in saved.items():
+                    m.processor = p
+                raise AttentionBackendError(
+                    f"attention backend {name!r} replaces CogVideoX's own attention processor, but this model uses "
+                    f"{type(module.processor).__name__}")
+            saved[module] = module.processor
+            processor = CogVideoXDispatchAttnProcessor()
+            processor._attention_backend = backend
+            module.processor = processor
+
+    def undo() -> None:
+        for module, processor in saved.items():
+            module.processor = processor
+
+    return undo
+
+
+def _compile_blocks(transformer, backend: str = "inductor"):
+    """diffusers' regional compile of the ``CogVideoXBlock``s; returns the undo (the blocks' eager calls back).
+    Compiled code is cached by torch (per code object and guards), so later runs with the same hooks reuse it."""
+    had = "_repeated_blocks" in transformer.__dict__
+    transformer._repeated_blocks = ("CogVideoXBlock",)  # diffusers does not declare CogVideoX's repeated blocks
+    try:
+        transformer.compile_repeated_blocks(backend=backend)
+    finally:
+        if not had:
+            del transformer._repeated_blocks
+
+    def undo() -> None:
+        for block in transformer.transformer_blocks:
+            block._compiled_call_impl = None
+
+    return undo

@@ -17,6 +17,12 @@ perceiver) and DualReal's CLIP ViT-H/14. Activations come from token counts and 
   reference 1350 reference tokens); the VAE decode with tiling (the Decode node's default; untiled in a note);
 * not counted: the CUDA context (~0.3-0.5 GiB), the caching allocator's slack, latents and prompt embeddings (MBs).
 
+Each mode comes three times: transformer weights stored in bf16, in fp8 (``weight_storage`` fp8_e4m3fn: diffusers'
+layerwise casting, computed in bf16; its skip patterns keep the patch embedding, norms/AdaLN modulation and output
+layer in bf16) and in fp8 with the modulation too (``fp8_e4m3fn_all``), counted exactly on the meta device. ``block``
+streams the transformer block by block (two blocks at a time, plus the layers outside the blocks during a forward)
+and T5 leaf by leaf.
+
 ``--measure`` (CUDA): the same configs with random bf16 weights run for real, every mode x method x stage, and
 ``torch.cuda.max_memory_allocated`` of each stage is printed beside the estimate (``--steps`` sampling steps; the
 peak of a step does not depend on how many run; ~22 GB of host RAM hold the random weights). ``--tiny`` runs the
@@ -40,10 +46,12 @@ from magicmirror_video.models.memory import (
     video_tokens,
 )
 from magicmirror_video.models.placement import largest_leaf_bytes, module_bytes
+from magicmirror_video.models.speed import apply_weight_storage, storage_skip_patterns
 
 GIB = 2**30
 FRAMES, HEIGHT, WIDTH = 49, 480, 720
-MODES = ("none", "model", "sequential")
+MODES = ("none", "model", "sequential", "block")
+STORAGES = ("bf16", "fp8", "fp8_all")  # transformer weights (fp8: diffusers' layerwise casting, computed in bf16)
 METHODS = ("base", "magicmirror", "dualreal", "subject")
 STAGES = ("prep", "t5", "sampling", "decode")
 # google/t5-v1_1-xxl (transformers' T5Config): CogVideoX's text encoder, of which only the encoder is loaded
@@ -88,6 +96,8 @@ def build_models(device="meta", dtype=torch.bfloat16, tiny_models=False) -> dict
     try:
         with torch.device(device):
             m = {"transformer": CogVideoXTransformer3DModel.from_config(tcfg),
+                 "transformer_fp8": CogVideoXTransformer3DModel.from_config(tcfg),
+                 "transformer_fp8_all": CogVideoXTransformer3DModel.from_config(tcfg),
                  "vae": AutoencoderKLCogVideoX.from_config(vcfg),
                  "t5": T5EncoderModel(T5Config(**t5cfg))}
             m["magicmirror"] = MagicMirrorAdapter(MagicMirrorConfig.for_transformer(m["transformer"], **mm_kw))
@@ -106,7 +116,18 @@ def build_models(device="meta", dtype=torch.bfloat16, tiny_models=False) -> dict
     for module in m.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
+    for storage in ("fp8", "fp8_all"):  # the loader's weight_storage fp8_e4m3fn, fp8_e4m3fn_all
+        apply_weight_storage(m[f"transformer_{storage}"], torch.float8_e4m3fn, dtype,
+                             storage_skip_patterns(f"fp8_e4m3fn{storage[3:]}"))
     return m
+
+
+def block_stream_bytes(transformer) -> int:
+    """Bytes a block-level stream holds during a forward: the layers outside the blocks and two blocks (the running
+    one and the prefetched one)."""
+    blocks = list(transformer.transformer_blocks)
+    rest = module_bytes(transformer) - sum(module_bytes(b) for b in blocks)
+    return rest + 2 * max(module_bytes(b) for b in blocks)
 
 
 def lora_bytes(lora) -> int:
@@ -114,13 +135,15 @@ def lora_bytes(lora) -> int:
 
 
 def estimate(m: dict, frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH) -> tuple[dict, dict, dict]:
-    """(weights, activations, table): table[mode][method][stage] = (weights resident, total) in bytes."""
+    """(weights, activations, table): table[(mode, storage)][method][stage] = (weights resident, total) in bytes."""
     tcfg, vcfg, t5 = m["transformer"].config, m["vae"].config, m["t5"].config
-    w = {"transformer": module_bytes(m["transformer"]), "t5": module_bytes(m["t5"]), "vae": module_bytes(m["vae"]),
+    transformers = ("transformer", "transformer_fp8", "transformer_fp8_all")
+    w = {**{t: module_bytes(m[t]) for t in transformers}, "t5": module_bytes(m["t5"]), "vae": module_bytes(m["vae"]),
          "magicmirror": module_bytes(m["magicmirror"]), "dualreal": module_bytes(m["dualreal"]),
          "subject": lora_bytes(m["subject_lora"]), "face_encoder": module_bytes(m["face_encoder"]),
          "clip_h": module_bytes(m["clip_h"])}
-    stream = {"transformer": 2 * largest_leaf_bytes(m["transformer"]), "t5": 2 * largest_leaf_bytes(m["t5"])}
+    leaf = {k: 2 * largest_leaf_bytes(m[k]) for k in (*transformers, "t5")}
+    stream = {"sequential": leaf, "block": {**leaf, **{t: block_stream_bytes(m[t]) for t in transformers}}}
     vae_scale = 2 ** (len(vcfg.block_out_channels) - 1)
     reference_tokens = video_tokens(dict(tcfg), 1, height, width, vae_scale)  # one reference image, the video's size
     vit = lambda cfg: 14 * 257 * cfg.hidden_size * 2  # noqa: E731 (BLOCK_UNITS x 257 tokens x width, one image)
@@ -139,20 +162,23 @@ def estimate(m: dict, frames: int = FRAMES, height: int = HEIGHT, width: int = W
                     "subject": {"vae": w["vae"]}}
     stage_component = {"t5": "t5", "sampling": "transformer", "decode": "vae"}
     table = {}
-    for mode in MODES:
-        for method in METHODS:
-            for stage in STAGES:
-                held = {k: w[k] for k in ("transformer", "t5", "vae")} if mode == "none" else {}
-                comp = stage_component.get(stage)
-                if comp and mode != "none":
-                    held[comp] = stream[comp] if mode == "sequential" and comp in stream else w[comp]
-                if stage == "sampling" and method != "base":
-                    held[method] = w[method]
-                if stage == "prep":
-                    held.update(prep_weights[method])
-                act = a[stage] if stage in ("t5", "decode") else a[stage][method]
-                weights = sum(held.values())
-                table.setdefault(mode, {}).setdefault(method, {})[stage] = (weights, weights + act)
+    for storage in STORAGES:
+        transformer = "transformer" if storage == "bf16" else f"transformer_{storage}"
+        for mode in MODES:
+            for method in METHODS:
+                for stage in STAGES:
+                    held = {k: w[k] for k in (transformer, "t5", "vae")} if mode == "none" else {}
+                    comp = stage_component.get(stage)
+                    comp = transformer if comp == "transformer" else comp
+                    if comp and mode != "none":
+                        held[comp] = stream[mode][comp] if mode in stream and comp in stream[mode] else w[comp]
+                    if stage == "sampling" and method != "base":
+                        held[method] = w[method]
+                    if stage == "prep":
+                        held.update(prep_weights[method])
+                    act = a[stage] if stage in ("t5", "decode") else a[stage][method]
+                    weights = sum(held.values())
+                    table.setdefault((mode, storage), {}).setdefault(method, {})[stage] = (weights, weights + act)
     return w, a, table
 
 
@@ -164,8 +190,10 @@ def print_estimate(m: dict) -> None:
     w, a, table = estimate(m)
     count = lambda module: sum(p.numel() for p in module.parameters()) / 1e9  # noqa: E731
     print(f"CogVideoX-5B, {FRAMES}x{HEIGHT}x{WIDTH}, bf16, CFG 6, tiled decode (the Decode node's default)")
-    print(f"weights (exact): transformer {count(m['transformer']):.2f}B = {gib(w['transformer'])} GiB, T5-XXL encoder "
-          f"{count(m['t5']):.2f}B = {gib(w['t5'])} GiB, VAE {count(m['vae']):.3f}B = {gib(w['vae'])} GiB")
+    print(f"weights (exact): transformer {count(m['transformer']):.2f}B = {gib(w['transformer'])} GiB (fp8 storage: "
+          f"{gib(w['transformer_fp8'])} GiB, modulation in fp8 too: {gib(w['transformer_fp8_all'])} GiB), T5-XXL "
+          f"encoder {count(m['t5']):.2f}B = {gib(w['t5'])} GiB, VAE "
+          f"{count(m['vae']):.3f}B = {gib(w['vae'])} GiB")
     print(f"  adapters: MagicMirror {count(m['magicmirror']):.3f}B = {gib(w['magicmirror'])} GiB, DualReal "
           f"{count(m['dualreal']):.3f}B = {gib(w['dualreal'])} GiB, subject LoRA rank {SUBJECT_LORA_RANK} "
           f"{w['subject'] / 2e9:.3f}B = {gib(w['subject'])} GiB")
@@ -178,18 +206,22 @@ def print_estimate(m: dict) -> None:
           f"{gib(a['prep']['subject'])} GiB")
     print()
     print("GiB on the execution device at each stage's peak: weights / weights + activations")
-    header = f"{'mode':<11}{'method':<12}" + "".join(f"{s:>16}" for s in ("prep", "T5 encode", "sampling", "decode"))
+    header = f"{'mode':<11}{'weights':<9}{'method':<12}" + "".join(f"{s:>16}" for s in ("prep", "T5 encode",
+                                                                                           "sampling", "decode"))
     print(header + f"{'peak':>8}{'paper':>8}")
-    for mode in MODES:
-        for method in METHODS:
-            row = table[mode][method]
-            cells = "".join(f"{gib(wt)} / {gib(tot)}" .rjust(16) for wt, tot in (row[s] for s in STAGES))
-            peak = max(tot for _, tot in row.values())
-            paper = f"{PAPER_GIB[method]:8.1f}" if mode == "none" and method in PAPER_GIB else ""
-            print(f"{mode:<11}{method:<12}{cells}{gib(peak):>8}{paper}")
-    mm = {mode: table[mode]["magicmirror"]["sampling"][0] for mode in MODES}
-    print(f"\ngoal, MagicMirror sampling weights resident: model {gib(mm['model'])} GiB (<= 12), sequential "
-          f"{gib(mm['sequential'])} GiB (<= 4)")
+    for storage in STORAGES:
+        for mode in MODES:
+            for method in METHODS:
+                row = table[(mode, storage)][method]
+                cells = "".join(f"{gib(wt)} / {gib(tot)}" .rjust(16) for wt, tot in (row[s] for s in STAGES))
+                peak = max(tot for _, tot in row.values())
+                paper = f"{PAPER_GIB[method]:8.1f}" if (mode, storage) == ("none", "bf16") and method in PAPER_GIB \
+                    else ""
+                print(f"{mode:<11}{storage:<9}{method:<12}{cells}{gib(peak):>8}{paper}")
+    mm = {key: table[key]["magicmirror"]["sampling"][0] for key in table}
+    print(f"\ngoal, MagicMirror sampling weights resident: model {gib(mm[('model', 'bf16')])} GiB (<= 12), sequential "
+          f"{gib(mm[('sequential', 'bf16')])} GiB (<= 4), model with fp8 storage {gib(mm[('model', 'fp8')])} GiB, "
+          f"with fp8 storage of the modulation too {gib(mm[('model', 'fp8_all')])} GiB (<= 7)")
     print("paper: the whole run's peak with its own implementation (A800); 'peak' here is this pack's, without the "
           "CUDA context and allocator slack (none mode keeps every component resident, like the paper's pipeline)")
 
@@ -266,10 +298,12 @@ def measure(args) -> None:
     estimates = estimate(build_models("meta", dtype, args.tiny), *size)[2]
     print(f"measured on {torch.cuda.get_device_name() if cuda else 'the CPU (no CUDA: nothing measured)'}; "
           f"{'x'.join(map(str, size))}, {args.steps} steps")
-    print(f"{'mode':<11}{'method':<12}" + "".join(f"{s:>20}" for s in STAGES) + "   (GiB: measured / estimate)")
-    for mode in MODES:
+    print(f"{'mode':<11}{'weights':<9}{'method':<12}" + "".join(f"{s:>20}" for s in STAGES)
+          + "   (GiB: measured / estimate)")
+    for mode, storage in [(mode, storage) for storage in STORAGES for mode in MODES]:
         m = build_models("cpu", dtype, args.tiny)  # random weights on the CPU; the placements move them
-        bundle = CogVideoXBundle(transformer=m["transformer"], vae=m["vae"], text_encoder=m["t5"], tokenizer=tokenizer,
+        transformer = m["transformer" if storage == "bf16" else f"transformer_{storage}"]
+        bundle = CogVideoXBundle(transformer=transformer, vae=m["vae"], text_encoder=m["t5"], tokenizer=tokenizer,
                                  scheduler_config=load_reference_config("scheduler_config_5b.json"), dtype=dtype,
                                  device=device, offload=mode)
         side = Placement(device, "cpu", "model")  # the encoders outside the bundle, placed as the nodes place them
@@ -277,10 +311,10 @@ def measure(args) -> None:
             row = measure_method(bundle, m, method, side, cuda, size, args.steps)
             cells = ""
             for stage in STAGES:
-                est = gib(estimates[mode][method][stage][1])
+                est = gib(estimates[(mode, storage)][method][stage][1])
                 got = "-" if stage not in row else "n/a" if row[stage] is None else gib(row[stage])
                 cells += ("-" if got == "-" else f"{got} / {est}").rjust(20)
-            print(f"{mode:<11}{method:<12}{cells}", flush=True)
+            print(f"{mode:<11}{storage:<9}{method:<12}{cells}", flush=True)
         del bundle, m, side
         gc.collect()
         if cuda:

@@ -299,6 +299,7 @@ def load_cogvideox(
     vae_dtype: torch.dtype | None = None,
     text_encoder_dtype: torch.dtype | None = None,
     weight_dtype: torch.dtype | None = None,
+    weight_skip_patterns: tuple | None = None,
     manager=None,
 ) -> CogVideoXBundle:
     """Load a diffusers CogVideoX folder (T2V or I2V, 1.0 or 1.5).
@@ -309,7 +310,8 @@ def load_cogvideox(
     model manager (ComfyUI's, see ``nodes/host.py``), which then loads and evicts the components. A folder without
     ``text_encoder/`` loads without T5 (its prompts come from a ComfyUI CLIP). ``weight_dtype``: the transformer's
     weights are stored in it (e.g. ``torch.float8_e4m3fn``) and computed in ``dtype`` (diffusers' layerwise casting,
-    :func:`~.speed.apply_weight_storage`); None or ``dtype``: stored in ``dtype``.
+    :func:`~.speed.apply_weight_storage`; ``weight_skip_patterns``: the layers kept in ``dtype``, default the model's
+    own); None or ``dtype``: stored in ``dtype``.
     """
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer, T5EncoderModel
@@ -347,7 +349,8 @@ def load_cogvideox(
         from .speed import apply_weight_storage
 
         block_runner(transformer)  # the runner's hooks first (every diffusers hook wraps them)
-        apply_weight_storage(transformer, weight_dtype, dtype)  # before placement: only the stored bytes move
+        apply_weight_storage(transformer, weight_dtype, dtype, weight_skip_patterns)  # before placement: only the
+        # stored bytes move
     parts = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                  scheduler_config=scheduler_config, dtype=dtype)
     mode = resolve_offload(offload, device, types.SimpleNamespace(**parts), manager)

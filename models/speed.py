@@ -7,7 +7,9 @@ option                 diffusers feature
 weight storage         ``ModelMixin.enable_layerwise_casting(storage_dtype, compute_dtype)``: weights stored in fp8 (or
                        bf16/fp16), upcast per layer for its forward; CogVideoX's ``_skip_layerwise_casting_patterns``
                        (``patch_embed``, ``norm`` — the modulation linears ``norm1/norm2.linear`` too) and the default
-                       ``proj_out`` stay in the compute dtype. Applied once, at load (:func:`apply_weight_storage`).
+                       ``proj_out`` stay in the compute dtype; the ``_all`` storages cast the modulation too
+                       (``diffusers.hooks.apply_layerwise_casting`` with :data:`ALL_LINEAR_SKIP_PATTERNS`). Applied
+                       once, at load (:func:`apply_weight_storage`).
 ``first_block_cache``  ``FirstBlockCacheConfig(threshold)``: block 0 always runs; when its output residual changed by
                        less than ``threshold`` (relative mean absolute difference) the other blocks are skipped and
                        their cached residual is added.
@@ -69,7 +71,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 WEIGHT_STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+                  "fp8_e4m3fn_all": torch.float8_e4m3fn, "fp8_e5m2_all": torch.float8_e5m2}
+# "_all" storages: diffusers' layerwise casting with every linear layer of the blocks in fp8, the AdaLN modulation
+# (norm1/norm2.linear) included, as kijai's wrapper stores CogVideoX 1.0 (diffusers' CogVideoX default keeps the
+# modulation in the compute dtype as precision-critical: "norm" is in its _skip_layerwise_casting_patterns); the patch
+# embedding, time/output layers' norms and proj_out stay in the compute dtype either way
+ALL_LINEAR_SKIP_PATTERNS = ("pos_embed", "patch_embed", "^proj_in$", "^proj_out$", "^norm_out", "^norm_final")
 CACHE_METHODS = ("none", "first_block_cache", "pyramid_attention_broadcast", "faster_cache", "taylorseer",
                  "mag_cache")
 # backend -> (diffusers AttentionBackendName, the pip package it needs or None)
@@ -111,13 +119,25 @@ class AttentionBackendError(RuntimeError):
     """An attention backend whose package is not installed or that cannot run here."""
 
 
-def apply_weight_storage(transformer: torch.nn.Module, storage: torch.dtype, compute: torch.dtype) -> None:
+def storage_skip_patterns(name: str) -> tuple | None:
+    """The layerwise-casting skip patterns of a :data:`WEIGHT_STORAGE` name (None: the model's own, diffusers')."""
+    return ALL_LINEAR_SKIP_PATTERNS if name.endswith("_all") else None
+
+
+def apply_weight_storage(transformer: torch.nn.Module, storage: torch.dtype, compute: torch.dtype,
+                         skip_modules_pattern: tuple | None = None) -> None:
     """Store the transformer's weights in ``storage`` and compute in ``compute`` (diffusers' layerwise casting, with
-    the model's own skip patterns). Nothing to do when they are the same dtype. Irreversible (as diffusers': casting
-    back would not restore the lost bits) — the loader applies it to a freshly loaded model."""
+    the model's own skip patterns unless ``skip_modules_pattern`` is given). Nothing to do when they are the same dtype.
+    Irreversible (as diffusers': casting back would not restore the lost bits) — the loader applies it to a freshly
+    loaded model."""
     if storage == compute:
         return
-    transformer.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+    if skip_modules_pattern is None:
+        transformer.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+    else:  # (the model method always adds the model's own skip patterns; the hook function takes ours as they are)
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(transformer, storage, compute, skip_modules_pattern=skip_modules_pattern)
 
 
 def storage_dtype(transformer: torch.nn.Module) -> torch.dtype | None:
@@ -393,6 +413,8 @@ def applied_speed(transformer, options: SpeedOptions | None, timesteps=(), *, dt
     and the patches' hooks); call :meth:`SpeedRun.step` before each step and run each transformer call inside
     :meth:`SpeedRun.context`. ``guidance``: CFG runs as batched ``[negative, positive]`` forwards."""
     run = SpeedRun(transformer, options)
+    if options is not None and options.active:
+        logger.info("Sampling with %s", options)
     with contextlib.ExitStack() as stack:
         if options is not None and options.attention != "native":
             stack.callback(_use_attention_backend(transformer, options.attention))

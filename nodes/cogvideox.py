@@ -6,7 +6,14 @@ from ..models.cogvideox import DTYPES, find_model_folder, load_cogvideox
 from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
 from ..models.placement import OFFLOAD_MODES
 from ..models.sampler import decode_latents, sample_video
-from ..models.speed import ATTENTION_BACKENDS, CACHE_METHODS, WEIGHT_STORAGE, SpeedOptions, parse_ratios
+from ..models.speed import (
+    ATTENTION_BACKENDS,
+    CACHE_METHODS,
+    WEIGHT_STORAGE,
+    SpeedOptions,
+    parse_ratios,
+    storage_skip_patterns,
+)
 from ..models.text import DEFAULT_TRIGGER, encode_prompt
 from . import host
 
@@ -44,10 +51,11 @@ class CogVideoXModelLoader:
                     "replaces the folder's transformer; its variant (2B/5B, T2V/I2V, 1.0/1.5) is read from the weights."}),
                 "weight_storage": (["precision"] + list(WEIGHT_STORAGE), {
                     "default": "precision", "tooltip": "How the transformer's weights are stored; they are computed "
-                    "in 'precision'. fp8_e4m3fn / fp8_e5m2: half the memory of bf16 (CogVideoX-5B transformer "
-                    "10.4 -> 5.3 GiB; patch embedding, norms/modulation and output layer stay in 'precision'), "
-                    "each layer upcast while it runs (diffusers' layerwise casting), slightly different video. "
-                    "precision: stored as computed."}),
+                    "in 'precision', each layer upcast while it runs (diffusers' layerwise casting; slightly different "
+                    "video). fp8_e4m3fn / fp8_e5m2: CogVideoX-5B transformer 10.4 -> 5.9 GiB (patch embedding, "
+                    "AdaLN modulation and output layer stay in 'precision', diffusers' default); fp8_*_all: the "
+                    "modulation in fp8 too, 5.2 GiB (as kijai's wrapper for CogVideoX 1.0). precision: stored as "
+                    "computed."}),
             },
         }
 
@@ -63,6 +71,7 @@ class CogVideoXModelLoader:
         storage = None if weight_storage == "precision" else WEIGHT_STORAGE[weight_storage]
         bundle = load_cogvideox(folder, dtype=DTYPES[precision], device=host.torch_device(), offload=offload,
                                 offload_device=host.offload_device(), transformer_file=tfile, weight_dtype=storage,
+                                weight_skip_patterns=storage_skip_patterns(weight_storage),
                                 manager=host.model_manager())
         return (bundle,)
 

@@ -507,3 +507,39 @@ def test_host_folder_without_text_encoder_asks_for_a_clip(server):
     error = _execution_error(err.value.details)
     assert error.get("node_type") == ENCODE
     assert "without text_encoder/" in error["exception_message"] and "Load CLIP" in error["exception_message"]
+
+
+SPEED = "MMV_CogVideoXSpeed"
+
+
+def test_host_speed_workflow_runs_fp8_weights_and_a_cache(server):
+    """The shipped speed workflow in real ComfyUI: the loader stores the transformer in fp8 (layerwise casting) and the
+    Speed node's first-block cache acts in the sampler; the video is saved."""
+    workflow, api = _shipped_api(server, PACK_DIR / "workflows" / "cogvideox_speed.json")
+    (loader,), (speed,), (sampler,) = _nodes_of(api, LOADER), _nodes_of(api, SPEED), _nodes_of(api, SAMPLER)
+    assert loader["inputs"]["weight_storage"] == "fp8_e4m3fn" and speed["inputs"]["cache"] == "first_block_cache"
+    assert api[sampler["inputs"]["model"][0]]["class_type"] == SPEED
+    speed["inputs"]["threshold"] = 0.3  # (the tiny random model changes too much between steps for 0.05 to skip)
+    loader["inputs"]["offload"] = "model"  # the goal's fp8 + model mode (and a load of its own: ComfyUI caches nodes)
+    mark = len(server.log_path.read_text(encoding="utf-8", errors="replace"))
+    _run_and_check_video(server, api, workflow)
+    log = server.log_path.read_text(encoding="utf-8", errors="replace")[mark:]
+    assert "weights stored in torch.float8_e4m3fn" in log, log[-3000:]
+    assert "Sampling with SpeedOptions(cache='first_block_cache', threshold=0.3" in log, log[-3000:]
+
+
+def test_host_speed_conflict_is_refused_at_the_speed_node(server):
+    """Pyramid attention broadcast on a MagicMirror (two-way) model fails at the Speed node, before sampling, with the
+    conflict named; the server keeps serving."""
+    _, api = _shipped_api(server, PACK_DIR / "workflows" / "magicmirror_id_video.json")
+    (sampler,) = _nodes_of(api, SAMPLER)
+    api["900"] = {"class_type": SPEED, "inputs": {
+        "model": sampler["inputs"]["model"], "cache": "pyramid_attention_broadcast", "threshold": -1.0, "interval": -1,
+        "start_step": -1, "end_step": -1, "compile": False, "attention": "native", "mag_ratios": ""}}
+    sampler["inputs"]["model"] = ["900", 0]
+    with pytest.raises(comfy_host.PromptFailed) as err:
+        server.run_prompt(api, timeout=PROMPT_TIMEOUT)
+    error = _execution_error(err.value.details)
+    assert error.get("node_type") == SPEED, error
+    assert "MagicMirror's two-way face attention" in error.get("exception_message", ""), error
+    assert LOADER in server.object_info()

@@ -189,20 +189,35 @@ def folder_pipeline(folder, prepare, pos, neg):
                 output_type="latent").frames.permute(0, 2, 1, 3, 4)
 
 
-@pytest.mark.parametrize("storage", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
-def test_fp8_storage_equals_diffusers_layerwise_casting(folder, storage):
-    b = load_cogvideox(folder, dtype=torch.float32, weight_dtype=storage)
+@pytest.mark.parametrize("name", ["fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_all"])
+def test_fp8_storage_equals_diffusers_layerwise_casting(folder, name):
+    """The loader's weight_storage (what the node passes) against diffusers' own layerwise casting of the pipeline's
+    transformer: the model method with CogVideoX's skip patterns, or for "_all" the hook function with ours."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    from magicmirror_video.models.speed import ALL_LINEAR_SKIP_PATTERNS, WEIGHT_STORAGE, storage_skip_patterns
+
+    storage = WEIGHT_STORAGE[name]
+    b = load_cogvideox(folder, dtype=torch.float32, weight_dtype=storage,
+                       weight_skip_patterns=storage_skip_patterns(name))
     t = b.transformer
     assert t.transformer_blocks[0].attn1.to_q.weight.dtype == storage and t.dtype == torch.float32
-    for kept in (t.transformer_blocks[0].norm1.linear, t.patch_embed.proj, t.proj_out):  # diffusers' skip patterns
+    for kept in (t.patch_embed.proj, t.proj_out):  # skipped by both
         assert kept.weight.dtype == torch.float32
+    modulation = t.transformer_blocks[0].norm1.linear.weight.dtype  # CogVideoX's "norm" pattern, or fp8 too
+    assert modulation == (storage if name.endswith("_all") else torch.float32)
     full = load_cogvideox(folder, dtype=torch.float32)
     assert module_bytes(t) < 0.5 * module_bytes(full.transformer)  # (a tiny model's norms weigh more)
     pos, neg = encode_prompt(b, PROMPT, trigger="img"), encode_prompt(b, NEGATIVE)
     ours = sample_video(b, pos, neg, **KW)
-    ref = folder_pipeline(folder, lambda tr: tr.enable_layerwise_casting(storage_dtype=storage,
-                                                                         compute_dtype=torch.float32), pos, neg)
-    assert torch.equal(ours, ref)
+
+    def cast(tr):
+        if name.endswith("_all"):
+            apply_layerwise_casting(tr, storage, torch.float32, skip_modules_pattern=ALL_LINEAR_SKIP_PATTERNS)
+        else:
+            tr.enable_layerwise_casting(storage_dtype=storage, compute_dtype=torch.float32)
+
+    assert torch.equal(ours, folder_pipeline(folder, cast, pos, neg))
     assert (ours - sample_video(full, pos, neg, **KW)).abs().max() > 1e-4  # fp8 is not fp32
 
 

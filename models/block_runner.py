@@ -392,13 +392,8 @@ class BlockRunner:
             value = taps.values["to_v"] if "to_v" in taps.values else block.attn1.to_v(joint_in)
             for p in query_only:
                 outs[p[2]] = self._query_only_attention(block.attn1, gates[p[2]][0], key, value)
-        attn_video = outs[video_part[2]]
-        for ext in exts:
-            attn_text, attn_video = ext.attention_residual(state, index, norm_text, norm_video, attn_text, attn_video)
-        outs[video_part[2]] = attn_video
-        for p in active:
-            p[1] = p[1] + gates[p[2]][1] * outs[p[2]]
-        text = text + gates["text"] * attn_text
+        text = self._add_gated("attention_residual", state, exts, index, active, video_part, gates, outs, text,
+                               norm_text, norm_video, attn_text)
 
         # norm & modulate, feed-forward
         norm_text, norm_video, gates = self._modulate(block, 2, index, state, exts, active, text, temb)
@@ -409,15 +404,22 @@ class BlockRunner:
             n = p[1].shape[1]
             outs[p[2]] = ff[:, start:start + n]
             start += n
-        ff_video = outs[video_part[2]]
-        for ext in exts:
-            ff_text, ff_video = ext.ff_residual(state, index, norm_text, norm_video, ff_text, ff_video)
-        outs[video_part[2]] = ff_video
-        for p in active:
-            p[1] = p[1] + gates[p[2]][1] * outs[p[2]]
-        text = text + gates["text"] * ff_text
+        text = self._add_gated("ff_residual", state, exts, index, active, video_part, gates, outs, text, norm_text,
+                               norm_video, ff_text)
         hidden = torch.cat([p[1] for p in parts], dim=1) if len(parts) > 1 else parts[0][1]
         return hidden, text
+
+    @staticmethod
+    def _add_gated(residual, state, exts, index, active, video_part, gates, outs, text, norm_text, norm_video, out_text):
+        """The extensions' ``residual`` (``attention_residual`` / ``ff_residual``) on the text and video outputs, then
+        each active part's and the text's gated residual add; returns the new text tokens (the parts in place)."""
+        out_video = outs[video_part[2]]
+        for ext in exts:
+            out_text, out_video = getattr(ext, residual)(state, index, norm_text, norm_video, out_text, out_video)
+        outs[video_part[2]] = out_video
+        for p in active:
+            p[1] = p[1] + gates[p[2]][1] * outs[p[2]]
+        return text + gates["text"] * out_text
 
     @staticmethod
     def _modulate(block, which, index, state, exts, active, text, temb):

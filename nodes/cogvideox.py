@@ -41,8 +41,8 @@ class CogVideoXModelLoader:
                             "stages. Peak GPU memory for CogVideoX-5B at 49x480x720, bf16: none: transformer + T5 + "
                             "VAE stay on the GPU (~23.5 GiB, 32 GB cards). model: each component on the GPU only "
                             "while it runs (~13-14 GiB while sampling). sequential: weights stream layer by layer "
-                            "(~4 GiB, slowest). block: the transformer streams block by block (~3.5 GiB, fewer and "
-                            "larger transfers than sequential). auto: picked from the free VRAM and the model's size "
+                            "(~4 GiB, slowest). block: the transformer streams block by block (~4 GiB as well, fewer "
+                            "and larger transfers than sequential). auto: picked from the free VRAM and the model's size "
                             "(none, model or sequential)."}),
             },
             "optional": {

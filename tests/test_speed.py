@@ -36,7 +36,7 @@ from diffusers.hooks import (
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from test_composition import MAKERS, lora_patch, mm_patch
 
-from magicmirror_video.models.cogvideox import load_cogvideox
+from magicmirror_video.models.cogvideox import CogVideoXBundle, load_cogvideox
 from magicmirror_video.models.placement import module_bytes
 from magicmirror_video.models.sampler import sample_video
 from magicmirror_video.models.speed import (
@@ -242,6 +242,24 @@ def test_fp8_storage_with_block_offload_and_a_cache_equals_diffusers(folder):
         tr.enable_cache(config_of(None))
 
     assert torch.equal(sample_video(b.with_speed(options), pos, neg, **KW), folder_pipeline(folder, prepare, pos, neg))
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential", "block"])
+def test_cached_fp8_run_with_methods_is_the_same_in_every_offload_mode(mode):
+    """fp8 storage + a cache + DualReal and a LoRA: every offload mode (its real machinery on the CPU) gives the video
+    of offload "none" bit for bit."""
+    out = []
+    for offload in ("none", mode):
+        c = tiny.build_components(num_layers=3)
+        c["transformer"].enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        b = CogVideoXBundle(transformer=c["transformer"], vae=c["vae"], text_encoder=c["text_encoder"],
+                            tokenizer=c["tokenizer"], scheduler_config=dict(c["scheduler"].config),
+                            dtype=torch.float32, device=torch.device("cpu"), offload=offload)
+        pos, neg = encode_prompt(b, PROMPT, trigger="img"), encode_prompt(b, NEGATIVE)
+        model = b.with_patch(MAKERS["dualreal"](b)).with_patch(MAKERS["lora"](b))
+        out.append(sample_video(model.with_speed(METHOD_CACHES["first_block"]), pos, neg, **KW))
+        assert b.placement.mode == offload
+    assert torch.equal(out[0], out[1])
 
 
 def test_lora_on_fp8_weights_adds_exactly_its_delta():

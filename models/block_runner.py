@@ -359,32 +359,35 @@ class BlockRunner:
             key = self._rotated_keys(block.attn1, taps.values, torch.cat([norm_text, attn_in], dim=1), text_len, rotary)
             for p in query_only:
                 outs[id(p)] = self._query_only_attention(block.attn1, gates[id(p)][0], key, taps.values["to_v"])
-        attn_video = outs[id(video_part)]
-        for ext in exts:
-            attn_text, attn_video = ext.attention_residual(state, index, norm_text, norm_video, attn_text, attn_video)
-        outs[id(video_part)] = attn_video
-        for p in active:
-            p[1] = p[1] + gates[id(p)][1] * outs[id(p)]
-        text = text + gates["text"] * attn_text
+        text = self._add_gated(state, index, exts, "attention_residual", active, gates, outs, video_part,
+                               norm_text, norm_video, attn_text, text)
 
         # norm & modulate, feed-forward
         norm_text, norm_video, gates = self._modulate(block, 2, index, state, exts, active, text, temb)
         ff_in = [norm_text] + [gates[id(p)][0] for p in active]
         ff = block.ff(torch.cat(ff_in, dim=1))
-        ff_text, start, outs = ff[:, :text_len], text_len, {}
+        start, outs = text_len, {}
         for p in active:
             n = p[1].shape[1]
             outs[id(p)] = ff[:, start:start + n]
             start += n
-        ff_video = outs[id(video_part)]
-        for ext in exts:
-            ff_text, ff_video = ext.ff_residual(state, index, norm_text, norm_video, ff_text, ff_video)
-        outs[id(video_part)] = ff_video
-        for p in active:
-            p[1] = p[1] + gates[id(p)][1] * outs[id(p)]
-        text = text + gates["text"] * ff_text
+        text = self._add_gated(state, index, exts, "ff_residual", active, gates, outs, video_part,
+                               norm_text, norm_video, ff[:, :text_len], text)
         hidden = torch.cat([p[1] for p in parts], dim=1) if len(parts) > 1 else parts[0][1]
         return hidden, text
+
+    @staticmethod
+    def _add_gated(state, index, exts, residual, active, gates, outs, video_part, norm_text, norm_video, out_text,
+                   text):
+        """The extensions' residuals (``attention_residual`` / ``ff_residual``) on the text and video outputs, then
+        every active part plus its gate times its output (diffusers' ``x + gate * out``); returns the new text."""
+        out_video = outs[id(video_part)]
+        for ext in exts:
+            out_text, out_video = getattr(ext, residual)(state, index, norm_text, norm_video, out_text, out_video)
+        outs[id(video_part)] = out_video
+        for p in active:
+            p[1] = p[1] + gates[id(p)][1] * outs[id(p)]
+        return text + gates["text"] * out_text
 
     @staticmethod
     def _modulate(block, which, index, state, exts, active, text, temb):

@@ -236,6 +236,13 @@ class Trainer(abc.ABC):
             videos.append(frames)
         return videos
 
+    @staticmethod
+    def clip_i_metrics(clip_model, videos: list, reference: torch.Tensor) -> list:
+        """``VideoMetrics`` of each video: its CLIP-I to ``reference`` (IMAGE [1, H, W, 3]) and its dynamics."""
+        from ..models.metrics import evaluate_video
+
+        return [evaluate_video(v, clip_model=clip_model, clip_references=reference) for v in videos]
+
     def log_validation_metrics(self, step: int, metrics: list) -> dict:
         """The mean of each metric (``VideoMetrics.scalars()``) over the validation videos: logged as
         ``validation/<name>`` (TensorBoard) and written to ``validation/step-<step>.json``; returned."""

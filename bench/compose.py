@@ -79,11 +79,12 @@ def main() -> None:
     print(f"mid config (4 layers, width 256), 49 frames 128x128, 10 steps, CFG 6, fp32, CPU, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved rounds")
     base = statistics.median(times["base"])
+    print("ratio = median over rounds of (run / the same round's base run): robust to a busy machine's spikes")
     for name, t in times.items():
-        ratio = statistics.median(t) / base
+        ratio = statistics.median(r / b for r, b in zip(t, times["base"]))
         goal = GOALS.get(name.split("_")[0] if name != "magicmirror_one_way" else "magicmirror")
         note = f"   goal <= {goal:.2f}" if goal else ""
-        print(f"{name:>20}: {summary(t)}   x{ratio:.3f} of base{note}")
+        print(f"{name:>20}: {summary(t)}   x{ratio:.3f} of base (medians x{statistics.median(t) / base:.3f}){note}")
     pairs = [b / d for b, d in zip(times["base"], times["diffusers"])]
     print(f"base / diffusers per round: {min(pairs):.3f}..{max(pairs):.3f} (median {statistics.median(pairs):.3f})")
 

@@ -392,27 +392,28 @@ class BlockRunner:
             value = taps.values["to_v"] if "to_v" in taps.values else block.attn1.to_v(joint_in)
             for p in query_only:
                 outs[p[2]] = self._query_only_attention(block.attn1, gates[p[2]][0], key, value)
-        text = self._add_gated("attention_residual", state, exts, index, active, video_part, gates, outs, text,
-                               norm_text, norm_video, attn_text)
+        text = self._add_gated(state, index, exts, "attention_residual", active, gates, outs, video_part,
+                               norm_text, norm_video, attn_text, text)
 
         # norm & modulate, feed-forward
         norm_text, norm_video, gates = self._modulate(block, 2, index, state, exts, active, text, temb)
         ff_in = [norm_text] + [gates[p[2]][0] for p in active]
         ff = block.ff(torch.cat(ff_in, dim=1))
-        ff_text, start, outs = ff[:, :text_len], text_len, {}
+        start, outs = text_len, {}
         for p in active:
             n = p[1].shape[1]
             outs[p[2]] = ff[:, start:start + n]
             start += n
-        text = self._add_gated("ff_residual", state, exts, index, active, video_part, gates, outs, text, norm_text,
-                               norm_video, ff_text)
+        text = self._add_gated(state, index, exts, "ff_residual", active, gates, outs, video_part,
+                               norm_text, norm_video, ff[:, :text_len], text)
         hidden = torch.cat([p[1] for p in parts], dim=1) if len(parts) > 1 else parts[0][1]
         return hidden, text
 
     @staticmethod
-    def _add_gated(residual, state, exts, index, active, video_part, gates, outs, text, norm_text, norm_video, out_text):
-        """The extensions' ``residual`` (``attention_residual`` / ``ff_residual``) on the text and video outputs, then
-        each active part's and the text's gated residual add; returns the new text tokens (the parts in place)."""
+    def _add_gated(state, index, exts, residual, active, gates, outs, video_part, norm_text, norm_video, out_text,
+                   text):
+        """The extensions' residuals (``attention_residual`` / ``ff_residual``) on the text and video outputs, then
+        every active part plus its gate times its output (diffusers' ``x + gate * out``); returns the new text."""
         out_video = outs[video_part[2]]
         for ext in exts:
             out_text, out_video = getattr(ext, residual)(state, index, norm_text, norm_video, out_text, out_video)

@@ -35,7 +35,7 @@ from torch import nn
 
 from .block_runner import BlockExtension, block_runner
 from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, variant_of, write_safetensors
-from .patches import run_context
+from .patches import in_dtype, run_context
 
 METHOD = "dualreal"
 BLEND_SCALE = 0.2
@@ -247,7 +247,7 @@ class DualRealPatch:
     def apply(self, transformer, context=None):
         context = run_context(transformer, context)
         device, dtype = context.device, context.dtype  # the placement brought the adapters (models()) to device
-        adapters = self.adapters.to(dtype)
+        adapters = in_dtype(self.adapters, dtype)
         cond = None if self.condition is None else self.condition.to(device, dtype)
         undo, extension = inject_dualreal(transformer, adapters, cond, fixed_alpha=self.fixed_alpha)
         self._last[:] = [extension]

@@ -36,7 +36,7 @@ from torch import nn
 
 from .block_runner import BlockExtension, TokenStream, block_runner
 from .cogvideox import WeightsFileError, read_safetensors, variant_of, write_safetensors
-from .patches import run_context
+from .patches import in_dtype, run_context
 from .perceiver import PerceiverResampler
 
 METHOD = "magicmirror"
@@ -331,7 +331,7 @@ class MagicMirrorPatch:
                 f"{cfg.clip_dim}): encode the faces with the face encoder the adapter was trained with.")
         context = run_context(transformer, context)
         device, dtype = context.device, context.dtype  # the placement brought the adapter (models()) to device
-        adapter = self.adapter if self.adapter.training else self.adapter.to(dtype)
+        adapter = self.adapter if self.adapter.training else in_dtype(self.adapter, dtype)
         return inject_magicmirror(
             transformer, adapter, face_tokens=self.face_tokens(adapter, device, dtype),
             id_vec=adapter.id_vector(self.faces.x_id.to(device, dtype)),

@@ -122,6 +122,19 @@ def applied_patches(transformer: torch.nn.Module, patches, context: SamplingCont
         yield transformer
 
 
+def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` in the run's compute ``dtype``: cast in place when frozen; a cast copy when it has trainable
+    parameters (a trainer's validation run must not turn its fp32 weights into bf16)."""
+    params = list(module.parameters())
+    if all(p.dtype == dtype for p in params):
+        return module
+    if any(p.requires_grad for p in params):
+        import copy
+
+        return copy.deepcopy(module).requires_grad_(False).to(dtype)
+    return module.to(dtype)
+
+
 def forward_hook_patch(modules_and_hooks) -> Undo:
     """Register forward hooks ``[(module, hook), ...]``; return the undo that removes them all."""
     handles = [module.register_forward_hook(hook) for module, hook in modules_and_hooks]

@@ -211,3 +211,17 @@ def test_a_method_applied_twice_is_refused_at_the_patch_node(world, name):
     with pytest.raises(PatchConflictError, match="already applied to this model"):
         once.with_patch(MAKERS[name](b))
     once.with_patch(MAKERS["lora"](b)).with_patch(MAKERS["regdpo_lora"](b))  # LoRAs stack freely
+
+
+def test_patches_never_cast_trainable_weights_in_place():
+    """A trainer validates with its trainable (fp32) adapter in a bf16 model: the run uses a bf16 copy and the
+    trainer's weights stay fp32; frozen adapters are cast in place (no copy)."""
+    from magicmirror_video.models.patches import in_dtype
+
+    trainable = torch.nn.Linear(4, 4)
+    used = in_dtype(trainable, torch.bfloat16)
+    assert used is not trainable and used.weight.dtype == torch.bfloat16 and trainable.weight.dtype == torch.float32
+    assert torch.equal(used.weight, trainable.weight.to(torch.bfloat16)) and not used.weight.requires_grad
+    frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+    assert in_dtype(frozen, torch.bfloat16) is frozen and frozen.weight.dtype == torch.bfloat16
+    assert in_dtype(trainable, torch.float32) is trainable

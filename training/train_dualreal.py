@@ -174,7 +174,6 @@ class DualRealTrainer(TaskSwitchingTrainer):
             return
         from ..models.dualreal import DualRealPatch
         from .data import first_frame
-        from .train_subject_replay import clip_i_metrics
 
         adapters = self.accelerator.unwrap_model(self.module).adapters
         adapters.eval()
@@ -184,7 +183,7 @@ class DualRealTrainer(TaskSwitchingTrainer):
         finally:
             adapters.train()
         image = torch.from_numpy(first_frame(c.reference_image or self.inputs["identity"][0].media)).float()[None] / 255
-        self.log_validation_metrics(step, clip_i_metrics(self.clip, videos, image, self))
+        self.log_validation_metrics(step, self.clip_i_metrics(self.clip, videos, image))
 
     def before_optimizer_step(self, step: int) -> None:
         """Drop the gradients of the other dimension's adapters: identity steps train the identity

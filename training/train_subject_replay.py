@@ -120,6 +120,7 @@ class SubjectReplayModule(TrainingModule):
 class SubjectReplayTrainer(TaskSwitchingTrainer):
     config_class = SubjectReplayTrainConfig
     method = "subject_replay"
+    fsdp_supported = False  # see Trainer.shard_frozen_model
     tasks = (IMAGE, VIDEO)
     task_batch_sizes = {IMAGE: "pair_batch_size", VIDEO: "video_batch_size"}
     required_inputs = {"model_path": "a diffusers CogVideoX folder", "pairs": "S2I pair manifest",
@@ -202,7 +203,11 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
         finally:
             module.train()
         if c.validation_clip_vision:
-            self.log_validation_metrics(step, clip_i_metrics(c.validation_clip_vision, videos, image, self))
+            if getattr(self, "validation_clip", None) is None:
+                from ..models.clip_vision import load_clip_vision
+
+                self.validation_clip = load_clip_vision(c.validation_clip_vision)
+            self.log_validation_metrics(step, self.clip_i_metrics(self.validation_clip, videos, image))
 
     def before_optimizer_step(self, step: int) -> None:
         """With ``conflict_monitor=training``: keep this step's (all-reduced, unclipped) LoRA gradient as the
@@ -246,19 +251,6 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
                           title=f"cos(g_img, g_vid) on {source}", ylabel="cosine")
             with open(os.path.join(self.config.output_dir, "grad_conflict.json"), "w") as f:
                 json.dump([{"step": s, "cosine": v} for s, v in self.conflicts], f)
-
-
-def clip_i_metrics(clip_vision, videos: list, reference: torch.Tensor, owner) -> list:
-    """``VideoMetrics`` with the CLIP-I of each video to ``reference`` (IMAGE [1, H, W, 3]) and its dynamics; the
-    CLIP model (a path, loaded once and kept on ``owner``, or a loaded model)."""
-    from ..models.clip_vision import load_clip_vision
-    from ..models.metrics import evaluate_video
-
-    if isinstance(clip_vision, str):
-        if getattr(owner, "_validation_clip", None) is None:
-            owner._validation_clip = load_clip_vision(clip_vision)
-        clip_vision = owner._validation_clip
-    return [evaluate_video(v, clip_model=clip_vision, clip_references=reference) for v in videos]
 
 
 def random_frame_index(num_frames: int, generator: torch.Generator) -> int:

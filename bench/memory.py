@@ -46,7 +46,7 @@ from magicmirror_video.models.memory import (
     video_tokens,
 )
 from magicmirror_video.models.placement import largest_leaf_bytes, module_bytes
-from magicmirror_video.models.speed import apply_weight_storage, storage_skip_patterns
+from magicmirror_video.models.speed import apply_weight_storage, storage_skip_patterns, store_adapter_like
 
 GIB = 2**30
 FRAMES, HEIGHT, WIDTH = 49, 480, 720
@@ -100,7 +100,8 @@ def build_models(device="meta", dtype=torch.bfloat16, tiny_models=False) -> dict
                  "transformer_fp8_all": CogVideoXTransformer3DModel.from_config(tcfg),
                  "vae": AutoencoderKLCogVideoX.from_config(vcfg),
                  "t5": T5EncoderModel(T5Config(**t5cfg))}
-            m["magicmirror"] = MagicMirrorAdapter(MagicMirrorConfig.for_transformer(m["transformer"], **mm_kw))
+            for key in ("magicmirror", "magicmirror_fp8", "magicmirror_fp8_all"):
+                m[key] = MagicMirrorAdapter(MagicMirrorConfig.for_transformer(m["transformer"], **mm_kw))
             m["dualreal"] = DualRealAdapters(DualRealConfig.for_transformer(m["transformer"], **dr_kw))
             m["face_encoder"] = IDEncoder(CLIPVisionModel(CLIPVisionConfig(**vit_l)), IDPerceiver(perceiver))
             m["clip_h"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**vit_h))
@@ -119,6 +120,7 @@ def build_models(device="meta", dtype=torch.bfloat16, tiny_models=False) -> dict
     for storage in ("fp8", "fp8_all"):  # the loader's weight_storage fp8_e4m3fn, fp8_e4m3fn_all
         apply_weight_storage(m[f"transformer_{storage}"], torch.float8_e4m3fn, dtype,
                              storage_skip_patterns(f"fp8_e4m3fn{storage[3:]}"))
+        store_adapter_like(m[f"magicmirror_{storage}"], m[f"transformer_{storage}"])  # as MagicMirror Apply does
     return m
 
 
@@ -138,7 +140,8 @@ def estimate(m: dict, frames: int = FRAMES, height: int = HEIGHT, width: int = W
     """(weights, activations, table): table[(mode, storage)][method][stage] = (weights resident, total) in bytes."""
     tcfg, vcfg, t5 = m["transformer"].config, m["vae"].config, m["t5"].config
     transformers = ("transformer", "transformer_fp8", "transformer_fp8_all")
-    w = {**{t: module_bytes(m[t]) for t in transformers}, "t5": module_bytes(m["t5"]), "vae": module_bytes(m["vae"]),
+    adapters = ("magicmirror_fp8", "magicmirror_fp8_all")  # stored as the fp8 transformers (MagicMirror Apply)
+    w = {**{t: module_bytes(m[t]) for t in (*transformers, *adapters)}, "t5": module_bytes(m["t5"]), "vae": module_bytes(m["vae"]),
          "magicmirror": module_bytes(m["magicmirror"]), "dualreal": module_bytes(m["dualreal"]),
          "subject": lora_bytes(m["subject_lora"]), "face_encoder": module_bytes(m["face_encoder"]),
          "clip_h": module_bytes(m["clip_h"])}
@@ -173,7 +176,7 @@ def estimate(m: dict, frames: int = FRAMES, height: int = HEIGHT, width: int = W
                     if comp and mode != "none":
                         held[comp] = stream[mode][comp] if mode in stream and comp in stream[mode] else w[comp]
                     if stage == "sampling" and method != "base":
-                        held[method] = w[method]
+                        held[method] = w.get(f"{method}_{storage}", w[method])
                     if stage == "prep":
                         held.update(prep_weights[method])
                     act = a[stage] if stage in ("t5", "decode") else a[stage][method]
@@ -194,7 +197,8 @@ def print_estimate(m: dict) -> None:
           f"{gib(w['transformer_fp8'])} GiB, modulation in fp8 too: {gib(w['transformer_fp8_all'])} GiB), T5-XXL "
           f"encoder {count(m['t5']):.2f}B = {gib(w['t5'])} GiB, VAE "
           f"{count(m['vae']):.3f}B = {gib(w['vae'])} GiB")
-    print(f"  adapters: MagicMirror {count(m['magicmirror']):.3f}B = {gib(w['magicmirror'])} GiB, DualReal "
+    print(f"  adapters: MagicMirror {count(m['magicmirror']):.3f}B = {gib(w['magicmirror'])} GiB (stored as the fp8 "
+          f"transformer: {gib(w['magicmirror_fp8'])} GiB, modulation too {gib(w['magicmirror_fp8_all'])}), DualReal "
           f"{count(m['dualreal']):.3f}B = {gib(w['dualreal'])} GiB, subject LoRA rank {SUBJECT_LORA_RANK} "
           f"{w['subject'] / 2e9:.3f}B = {gib(w['subject'])} GiB")
     print(f"  encoders: MagicMirror face encoder (CLIP ViT-L/14 + ID perceiver) {count(m['face_encoder']):.3f}B = "
@@ -220,7 +224,8 @@ def print_estimate(m: dict) -> None:
                 print(f"{mode:<11}{storage:<9}{method:<12}{cells}{gib(peak):>8}{paper}")
     mm = {key: table[key]["magicmirror"]["sampling"][0] for key in table}
     print(f"\ngoal, MagicMirror sampling weights resident: model {gib(mm[('model', 'bf16')])} GiB (<= 12), sequential "
-          f"{gib(mm[('sequential', 'bf16')])} GiB (<= 4), model with fp8 storage {gib(mm[('model', 'fp8')])} GiB, "
+          f"{gib(mm[('sequential', 'bf16')])} GiB (<= 4), model with fp8 storage {gib(mm[('model', 'fp8')])} GiB "
+          "(<= 7), "
           f"with fp8 storage of the modulation too {gib(mm[('model', 'fp8_all')])} GiB (<= 7)")
     print("paper: the whole run's peak with its own implementation (A800); 'peak' here is this pack's, without the "
           "CUDA context and allocator slack (none mode keeps every component resident, like the paper's pipeline)")
@@ -241,7 +246,7 @@ def stage_peak(row: dict, stage: str, cuda: bool):
     row[stage] = torch.cuda.max_memory_allocated() if cuda else None
 
 
-def measure_method(bundle, m: dict, method: str, side, cuda: bool, size: tuple, steps: int) -> dict:
+def measure_method(bundle, m: dict, method: str, side, cuda: bool, size: tuple, steps: int, storage: str) -> dict:
     """Peak per stage of one method's run: its encoder (prep), T5 encode, sampling, decode."""
     from magicmirror_video.models.clip_vision import image_embeds
     from magicmirror_video.models.dualreal import DualRealPatch
@@ -262,7 +267,7 @@ def measure_method(bundle, m: dict, method: str, side, cuda: bool, size: tuple, 
             x_id, penultimate = enc(crops, arcface)
         faces = FaceEmbeds(arcface=arcface.float().cpu(), x_id=x_id.float().cpu(),
                            clip_penultimate=penultimate.float().cpu())
-        patches = [MagicMirrorPatch(m["magicmirror"], faces)]
+        patches = [MagicMirrorPatch(m.get(f"magicmirror_{storage}", m["magicmirror"]), faces)]
     elif method == "dualreal":
         with stage_peak(row, "prep", cuda), side.run(m["clip_h"]):
             embeds = image_embeds(m["clip_h"], torch.rand(1, 224, 224, 3, generator=g), device=device)
@@ -308,7 +313,7 @@ def measure(args) -> None:
                                  device=device, offload=mode)
         side = Placement(device, "cpu", "model")  # the encoders outside the bundle, placed as the nodes place them
         for method in METHODS:
-            row = measure_method(bundle, m, method, side, cuda, size, args.steps)
+            row = measure_method(bundle, m, method, side, cuda, size, args.steps, storage)
             cells = ""
             for stage in STAGES:
                 est = gib(estimates[(mode, storage)][method][stage][1])

@@ -121,7 +121,7 @@ class ConditionedAdaptiveNorm(nn.Module):
 
     def forward(self, condition, layer: int, mu_vid):
         # condition [B, cond_dim] from `condition`, mu_vid [B, width] -> [B, 12 * width]
-        h = condition + self.mu_proj(mu_vid) + self.layer_embedding.weight[layer]
+        h = condition + self.mu_proj(mu_vid) + self.layer_embedding(torch.tensor(layer, device=condition.device))
         return self.out(F.silu(h))
 
 
@@ -142,6 +142,10 @@ class FaceBlockAdapter(nn.Module):
 
 class MagicMirrorAdapter(nn.Module):
     """All trainable MagicMirror parameters (Q-Former, fusion, CAN, per-block face adapters)."""
+
+    # the modulation layers (face AdaLN, CAN): kept in the compute dtype under fp8 storage unless the transformer's
+    # own modulation is stored in fp8 too (:func:`~.speed.store_adapter_like`), as diffusers keeps CogVideoX's "norm"
+    _skip_layerwise_casting_patterns = ("face_modulation", r"^can\.")
 
     def __init__(self, config: MagicMirrorConfig):
         super().__init__()

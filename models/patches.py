@@ -20,6 +20,7 @@ import torch
 
 from .block_runner import block_runner
 from .placement import placement_of
+from .speed import casting_hooks
 
 Undo = Callable[[], None]
 
@@ -124,8 +125,10 @@ def applied_patches(transformer: torch.nn.Module, patches, context: SamplingCont
 
 def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``module`` in the run's compute ``dtype``: cast in place when frozen; a cast copy when it has trainable
-    parameters (a trainer's validation run must not turn its fp32 weights into bf16)."""
-    params = list(module.parameters())
+    parameters (a trainer's validation run must not turn its fp32 weights into bf16). Layers stored in another dtype
+    and computed in ``dtype`` (diffusers' layerwise casting, :func:`~.speed.store_adapter_like`) are left as stored."""
+    stored = {id(p) for m, hook in casting_hooks(module) if hook.compute_dtype == dtype for p in m.parameters()}
+    params = [p for p in module.parameters() if id(p) not in stored]
     if all(p.dtype == dtype for p in params):
         return module
     if any(p.requires_grad for p in params):

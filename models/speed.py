@@ -140,14 +140,35 @@ def apply_weight_storage(transformer: torch.nn.Module, storage: torch.dtype, com
         apply_layerwise_casting(transformer, storage, compute, skip_modules_pattern=skip_modules_pattern)
 
 
-def storage_dtype(transformer: torch.nn.Module) -> torch.dtype | None:
-    """The storage dtype of a transformer with layerwise casting, else None."""
-    for module in transformer.modules():
+def store_adapter_like(adapter: torch.nn.Module, transformer: torch.nn.Module) -> None:
+    """Store a freshly loaded adapter's linear layers as the transformer's weights are stored (diffusers'
+    ``apply_layerwise_casting`` with the transformer's storage and compute dtypes). The adapter's modulation layers
+    (its ``_skip_layerwise_casting_patterns``, as CogVideoX's ``norm``) stay in the compute dtype unless the
+    transformer's modulation is stored too (the ``_all`` storages). Nothing when the transformer has no layerwise
+    casting. Irreversible, as :func:`apply_weight_storage`: only for an adapter loaded for this model."""
+    hooks = {module: hook for module, hook in casting_hooks(transformer)}
+    if not hooks:
+        return
+    from diffusers.hooks import apply_layerwise_casting
+
+    hook = next(iter(hooks.values()))
+    modulation_stored = transformer.transformer_blocks[0].norm1.linear in hooks
+    skip = () if modulation_stored else tuple(getattr(adapter, "_skip_layerwise_casting_patterns", ()))
+    apply_layerwise_casting(adapter, hook.storage_dtype, hook.compute_dtype, skip_modules_pattern=skip)
+
+
+def casting_hooks(model: torch.nn.Module):
+    """(module, diffusers' layerwise casting hook) for every layer of ``model`` that has one."""
+    for module in model.modules():
         registry = getattr(module, "_diffusers_hook", None)
         hook = registry.get_hook("layerwise_casting") if registry is not None else None
         if hook is not None:
-            return hook.storage_dtype
-    return None
+            yield module, hook
+
+
+def storage_dtype(transformer: torch.nn.Module) -> torch.dtype | None:
+    """The storage dtype of a transformer with layerwise casting, else None."""
+    return next((hook.storage_dtype for _, hook in casting_hooks(transformer)), None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,8 +54,8 @@ class CogVideoXModelLoader:
                     "in 'precision', each layer upcast while it runs (diffusers' layerwise casting; slightly different "
                     "video). fp8_e4m3fn / fp8_e5m2: CogVideoX-5B transformer 10.4 -> 5.9 GiB (patch embedding, "
                     "AdaLN modulation and output layer stay in 'precision', diffusers' default); fp8_*_all: the "
-                    "modulation in fp8 too, 5.2 GiB (as kijai's wrapper for CogVideoX 1.0). precision: stored as "
-                    "computed."}),
+                    "modulation in fp8 too, 5.2 GiB (as kijai's wrapper for CogVideoX 1.0). A MagicMirror adapter "
+                    "applied to this model is stored the same way. precision: stored as computed."}),
             },
         }
 

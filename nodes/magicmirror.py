@@ -9,6 +9,7 @@ import torch
 
 from ..models.id_encoder import load_photomaker_id_encoder
 from ..models.magicmirror import MagicMirrorPatch, load_magicmirror
+from ..models.speed import store_adapter_like
 from . import host
 from .cogvideox import MENU, MODEL
 
@@ -128,6 +129,7 @@ class MagicMirrorApply:
 
     def apply(self, model, adapter, face_embeds, strength):
         mm = load_magicmirror(host.resolve_model_file("magicmirror", adapter)).to(model.dtype)  # waits on the CPU
+        store_adapter_like(mm, model.transformer)  # fp8 weight storage of the model: the adapter's too
         mm.check_compatible(model.transformer)
         return (model.with_patch(MagicMirrorPatch(mm, face_embeds, strength, name=f"magicmirror:{adapter}")),)
 

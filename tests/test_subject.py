@@ -152,7 +152,7 @@ def test_conflict_monitor_on_training_gradients(tiny_subject, tmp_path, monkeypa
     training gradients (recorded here independently from the parameters' .grad before each optimizer step)."""
     import json
 
-    recorded, steps = [], {}
+    recorded = []
     original = SubjectReplayTrainer.before_optimizer_step
 
     def record(self, step):

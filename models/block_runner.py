@@ -387,9 +387,10 @@ class BlockRunner:
             outs[p[2]] = attn_hidden[:, start:start + n] if len(joint) > 1 else attn_hidden
             start += n
         if query_only:  # (an attention cache that returned a cached output ran no processor: no taps, recompute)
-            joint_in = torch.cat([norm_text, attn_in], dim=1)
-            key = self._rotated_keys(block.attn1, taps.values, joint_in, text_len, rotary)
-            value = taps.values["to_v"] if "to_v" in taps.values else block.attn1.to_v(joint_in)
+            key = self._rotated_keys(block.attn1, taps.values, norm_text, attn_in, rotary)
+            value = taps.values.get("to_v")
+            if value is None:
+                value = block.attn1.to_v(torch.cat([norm_text, attn_in], dim=1))
             for p in query_only:
                 outs[p[2]] = self._query_only_attention(block.attn1, gates[p[2]][0], key, value)
         text = self._add_gated(state, index, exts, "attention_residual", active, gates, outs, video_part,
@@ -443,24 +444,25 @@ class BlockRunner:
         return norm_text, norm_video, gates
 
     @staticmethod
-    def _rotated_keys(attn, taps, attn_input, text_len, rotary):
+    def _rotated_keys(attn, taps, norm_text, attn_in, rotary):
         """The keys [B, H, S, d] the joint attention's softmax used: the kept ``norm_k`` output, which the
         processor rotated in place, checked on one video token against RoPE computed here; recomputed in full
         (normalised and rotated here) for a processor that does not rotate in place, or that did not run (an
         attention cache returned its cached output)."""
         from diffusers.models.embeddings import apply_rotary_emb
 
+        text_len = norm_text.shape[1]
         if "key" in taps:
             key = taps["key"] if attn.norm_k is not None else _heads(taps["key"], attn.heads)  # [B, H, S, d]
             if rotary is None:
                 return key
-            probe = _heads(attn.to_k(attn_input[:, text_len:text_len + 1]), attn.heads)
+            probe = _heads(attn.to_k(attn_in[:, :1]), attn.heads)  # the first token after the text
             if attn.norm_k is not None:
                 probe = attn.norm_k(probe)
             probe = apply_rotary_emb(probe, (rotary[0][:1], rotary[1][:1]))
             if torch.allclose(probe, key[:, :, text_len:text_len + 1], rtol=1e-3, atol=1e-4):
                 return key
-        key = _heads(attn.to_k(attn_input), attn.heads)
+        key = _heads(attn.to_k(torch.cat([norm_text, attn_in], dim=1)), attn.heads)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if rotary is None:
@@ -488,7 +490,8 @@ class BlockRunner:
         query = _heads(q_lin, attn.heads)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        if query.shape[2] != text_len + n_video:  # keep the text and video queries only (not the streams')
+        whole = query.shape[2] == text_len + n_video  # no joint stream: text and video are the whole sequence
+        if not whole:  # keep the text and video queries only (not the streams')
             query = torch.cat([query[:, :, :text_len], query[:, :, video_at:video_at + n_video]], dim=2)
         extras = [e for e in (ext.attention_extra(state, index, attn, query) for ext in exts if ext.needs_query(index))
                   if e is not None]
@@ -498,6 +501,10 @@ class BlockRunner:
         positions = torch.cat([torch.arange(text_len), torch.arange(video_at, video_at + n_video)]).to(query.device)
 
         def add(x):  # x [B, text + hidden, D]
+            if whole and len(extras) == 1:  # (the common case without a zero-filled delta or a gather: the same sums)
+                rows, out = extras[0]
+                out = _merge(out).to(x.dtype)
+                return x + out if out.shape[0] == x.shape[0] else x.index_add(0, rows, out)
             delta = None
             for rows, out in extras:
                 if delta is None and out.shape[0] == query.shape[0]:

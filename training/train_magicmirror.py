@@ -166,7 +166,6 @@ class MagicMirrorTrainer(Trainer):
     @property
     def vae_needed_with_cache(self) -> bool:
         return self.config.id_loss_weight > 0  # the identity loss decodes x̂0
-    fsdp_supported = False  # see Trainer.shard_frozen_model
     required_inputs = {"model_path": "a diffusers CogVideoX folder", "data": "metadata.jsonl"}
 
     def validate_inputs(self) -> dict:

@@ -120,7 +120,6 @@ class SubjectReplayModule(TrainingModule):
 class SubjectReplayTrainer(TaskSwitchingTrainer):
     config_class = SubjectReplayTrainConfig
     method = "subject_replay"
-    fsdp_supported = False  # see Trainer.shard_frozen_model
     tasks = (IMAGE, VIDEO)
     task_batch_sizes = {IMAGE: "pair_batch_size", VIDEO: "video_batch_size"}
     required_inputs = {"model_path": "a diffusers CogVideoX folder", "pairs": "S2I pair manifest",

@@ -136,8 +136,6 @@ class Trainer(abc.ABC):
         from .inputs import check_model_folder, check_required, check_size
 
         c = self.config
-        if not self.fsdp_supported and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-            self.refuse_fsdp()
         check_required(c, self.required_inputs)
         check_size(c.num_frames, c.height, c.width)
         if c.validation_prompts:
@@ -320,24 +318,14 @@ class Trainer(abc.ABC):
         self.spec = CogVideoXSpec.from_bundle(bundle, self.device)
         return self.spec
 
-    fsdp_supported = True  # False: the method's module is not verified under FSDP (refused with one line)
-
     def shard_frozen_model(self, module: torch.nn.Module) -> None:
         """Under FSDP, make the frozen transformer part of the wrapped module, so it is sharded too (each transformer
         block its own FSDP unit with the accelerate config's TRANSFORMER_BASED_WRAP on CogVideoXBlock); otherwise
         it stays outside (DDP would only replicate it)."""
         from accelerate.utils import DistributedType
 
-        if self.accelerator.distributed_type != DistributedType.FSDP:
-            return
-        if not self.fsdp_supported:
-            self.refuse_fsdp()
-        module.transformer = self.spec.transformer
-
-    def refuse_fsdp(self) -> None:
-        raise InputError(f"{self.method} training does not support FSDP yet: sharded over two processes, the gradients "
-                         "of its extra token stream did not match one process in our tests; use DDP: --config_file "
-                         "training/accelerate_configs/ddp.yaml")
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            module.transformer = self.spec.transformer
 
     # ---------------------------------------------------------------- media and captions (precompute cache)
     cache = None

@@ -9,6 +9,7 @@ and always removed afterwards.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Callable
 
@@ -20,6 +21,7 @@ from .patches import SamplingContext, applied_patches, conditional_only, patch_m
 from .speed import applied_speed, check_speed
 from .text import TextConditioning
 
+logger = logging.getLogger(__name__)
 SCHEDULERS = ("ddim", "dpm")
 
 
@@ -194,7 +196,8 @@ def sample_video(
                                         element_size=dtype.itemsize)
     calls = [(("negative",), slice(0, 1), "uncond"), (("positive",), slice(1, 2), "cond")] if separate else \
         [(("negative", "positive") if do_cfg else ("positive",), slice(None), "cond_uncond")]
-    check_speed(bundle.speed, bundle.patches)
+    for note in check_speed(bundle.speed, bundle.patches):
+        logger.info(note)
 
     def predict(model_in, t, speed):
         preds = []

@@ -251,11 +251,12 @@ def check_attention_backend(name: str) -> None:
         raise AttentionBackendError(f"attention backend {name!r}: {e}") from None
 
 
-def check_speed(options: SpeedOptions | None, patches) -> None:
+def check_speed(options: SpeedOptions | None, patches) -> list[str]:
     """Raise :class:`SpeedConflictError` if ``options`` cannot act with ``patches``, :class:`AttentionBackendError` if
-    its attention backend cannot run here (checked where either is recorded and before a run moves any weights)."""
+    its attention backend cannot run here (checked where either is recorded and before a run moves any weights).
+    Returns what the cache does to each method it acts with (the sampler logs these lines)."""
     if options is None or not options.active:
-        return
+        return []
     from .patches import conditional_only
 
     check_attention_backend(options.attention)
@@ -282,6 +283,24 @@ def check_speed(options: SpeedOptions | None, patches) -> None:
             "its token streams change the layout of the blocks' inputs, so torch.compile compiles the blocks again "
             "and again (one graph per block; CogVideoX-5B's 42 blocks are beyond torch's recompile limit of 8, after "
             "which it falls back to eager). Turn compile off for this model; compile works with LoRAs and the caches.")
+    return cache_notes(options.cache, methods)
+
+
+def cache_notes(cache: str, methods: set) -> list[str]:
+    """One line per method on what ``cache`` skips of it (see the module docstring)."""
+    notes = []
+    tokens = {"MagicMirror": "MagicMirror's face tokens", "subject reference": "the subject reference tokens"}
+    for method in sorted(methods):
+        if cache in ("first_block_cache", "mag_cache") and method in tokens:
+            notes.append(f"{cache} with {method}: on the steps it skips, {tokens[method]} are skipped with every "
+                         "other token (blocks not computed); the cached residual of the last computed step stands in")
+        elif cache in ("pyramid_attention_broadcast", "faster_cache", "taylorseer") and method in tokens:
+            notes.append(f"{cache} with {method}: reused attention outputs hold {tokens[method]}' attention of the "
+                         "step that computed them; the method's modulation and adapters run every step")
+        elif cache == "first_block_cache" and method == "DualReal":
+            notes.append("first_block_cache with DualReal: block 0 always runs, so the StageBlender blends and "
+                         "records alpha every step; skipped blocks reuse the adapters' output of the computed step")
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------------- one run

@@ -366,6 +366,26 @@ def test_every_method_with_every_cache_runs_or_is_refused_where_recorded(compose
     assert_intact(b, weights, pos, neg, base)
 
 
+@pytest.mark.parametrize("method, cache, said", [
+    ("subject", "first_block", "the subject reference tokens are skipped with every other token"),
+    ("magicmirror_one_way", "mag", "MagicMirror's face tokens are skipped with every other token"),
+    ("magicmirror", "taylorseer", "hold MagicMirror's face tokens' attention of the step that computed them"),
+    ("subject", "faster", "hold the subject reference tokens' attention"),
+    ("dualreal", "first_block", "block 0 always runs"),
+    ("lora", "first_block", None), ("dualreal", "taylorseer", None)])
+def test_a_cached_run_says_what_it_skips_of_each_method(composed, method, cache, said, caplog):
+    """A cache that skips a method's tokens (or reuses their attention) says so in the run's log; methods it does not
+    touch get no line."""
+    b, pos, neg, _, _ = composed
+    with caplog.at_level("INFO", logger="magicmirror_video.models.sampler"):
+        sample_video(b.with_patch(MAKERS[method](b)).with_speed(METHOD_CACHES[cache]), pos, neg, **KW)
+    lines = [r.getMessage() for r in caplog.records if r.name == "magicmirror_video.models.sampler"]
+    if said is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and said in lines[0], lines
+
+
 @pytest.mark.parametrize("cache", ["first_block", "pab", "faster", "taylorseer", "mag"])
 def test_fresh_one_way_magicmirror_leaves_a_cached_run_bit_identical(composed, cache):
     """A zero-initialised one-way adapter adds exactly nothing, with any cache: its face tokens (which only query the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import re
@@ -84,7 +85,7 @@ def with_extra_tokens(tokenizer):
     return extended
 
 
-class PromptEncoder:
+class PromptEncoder(abc.ABC):
     """A T5 encoder as prompts see it: its tokenizer, its embedding cache and ``encode(input_ids)``.
 
     :class:`BundleT5` is the CogVideoX folder's own T5; ``nodes/host.py`` adapts a ComfyUI CLIP (core's Load CLIP
@@ -94,9 +95,9 @@ class PromptEncoder:
     tokenizer = None
     cache: TextEmbedCache
 
+    @abc.abstractmethod
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [1, L] -> T5 output [1, L, D] (float32, CPU)."""
-        raise NotImplementedError
 
 
 class BundleT5(PromptEncoder):

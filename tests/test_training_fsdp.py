@@ -19,6 +19,19 @@ import torch.distributed as dist
 from magicmirror_video.training.config import load_config
 
 
+def tiny_config(name: str, tmp_path):
+    """A trainer's tiny preset with its assets built under ``tmp_path``: (config, trainer class)."""
+    from magicmirror_video.training import presets, train_dualreal, train_magicmirror, train_regdpo, train_subject_replay
+
+    module_of, trainer_class, build = {
+        "magicmirror": (train_magicmirror, train_magicmirror.MagicMirrorTrainer, presets.build_tiny_magicmirror),
+        "subject_replay": (train_subject_replay, train_subject_replay.SubjectReplayTrainer, presets.build_tiny_subject),
+        "dualreal": (train_dualreal, train_dualreal.DualRealTrainer, presets.build_tiny_dualreal),
+        "regdpo": (train_regdpo, train_regdpo.RegDPOTrainer, presets.build_tiny_regdpo)}[name]
+    return build(load_config(trainer_class.config_class, ["--preset", "tiny", "--output_dir", str(tmp_path)],
+                             module_of.PRESETS)), trainer_class
+
+
 @pytest.fixture(scope="module")
 def process_group(tmp_path_factory):
     if dist.is_initialized():
@@ -37,15 +50,7 @@ def test_fsdp_wrapped_module_with_the_frozen_transformer_matches_the_plain_one(n
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from magicmirror_video.training import presets, train_dualreal, train_magicmirror, train_regdpo, train_subject_replay
-
-    module_of, trainer_class, build = {
-        "magicmirror": (train_magicmirror, train_magicmirror.MagicMirrorTrainer, presets.build_tiny_magicmirror),
-        "dualreal": (train_dualreal, train_dualreal.DualRealTrainer, presets.build_tiny_dualreal),
-        "subject_replay": (train_subject_replay, train_subject_replay.SubjectReplayTrainer, presets.build_tiny_subject),
-        "regdpo": (train_regdpo, train_regdpo.RegDPOTrainer, presets.build_tiny_regdpo)}[name]
-    config = build(load_config(trainer_class.config_class, ["--preset", "tiny", "--output_dir", str(tmp_path)],
-                               module_of.PRESETS))
+    config, trainer_class = tiny_config(name, tmp_path)
     trainer = trainer_class(dataclasses.replace(config, mixed_precision="no"))
     trainer.accelerator = Accelerator(cpu=True)
     module = trainer.build()
@@ -141,15 +146,7 @@ def test_fsdp_full_shard_over_two_cpu_processes(name, tmp_path):
 
     import yaml
 
-    from magicmirror_video.training import presets, train_dualreal, train_magicmirror, train_regdpo, train_subject_replay
-
-    module_of, trainer_class, build = {
-        "magicmirror": (train_magicmirror, train_magicmirror.MagicMirrorTrainer, presets.build_tiny_magicmirror),
-        "subject_replay": (train_subject_replay, train_subject_replay.SubjectReplayTrainer, presets.build_tiny_subject),
-        "dualreal": (train_dualreal, train_dualreal.DualRealTrainer, presets.build_tiny_dualreal),
-        "regdpo": (train_regdpo, train_regdpo.RegDPOTrainer, presets.build_tiny_regdpo)}[name]
-    config = build(load_config(trainer_class.config_class, ["--preset", "tiny", "--output_dir", str(tmp_path)],
-                               module_of.PRESETS))  # the tiny assets, built once, then read by both ranks
+    config, _ = tiny_config(name, tmp_path)  # the tiny assets, built once, then read by both ranks
     fields = ("model_path", "data", "identity_data", "clip_vision", "pairs", "arcface_path")
     resolved = {k: v for k, v in dataclasses.asdict(config).items() if k in fields}
     (tmp_path / "resolved.yaml").write_text(yaml.safe_dump(resolved))

@@ -262,6 +262,38 @@ def test_cached_fp8_run_with_methods_is_the_same_in_every_offload_mode(mode):
     assert torch.equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("mode", ["model", "sequential", "block"])
+@pytest.mark.parametrize("version, i2v", [("1.0", False), ("1.5", True)], ids=["1.0-t2v", "1.5-i2v"])
+def test_fp8_magicmirror_adapter_in_a_full_stack_is_the_same_in_every_offload_mode(mode, version, i2v):
+    """fp8 storage of the transformer and of MagicMirror's adapter (stored as MagicMirror Apply stores it), with two
+    reference faces, stacked with the subject reference, DualReal and a LoRA: every offload mode (its real machinery
+    on the CPU) gives offload "none"'s video bit for bit, the adapter still stored in fp8 after the run."""
+    from magicmirror_video.models.magicmirror import FaceEmbeds, MagicMirrorPatch
+    from magicmirror_video.models.speed import store_adapter_like
+
+    g = torch.Generator().manual_seed(4)
+    two_faces = FaceEmbeds(torch.randn(2, 512, generator=g), torch.randn(2, 2, 256, generator=g),
+                           torch.randn(2, 17, 64, generator=g))
+    image = torch.rand(1, 32, 32, 3, generator=g) if i2v else None
+    out = []
+    for offload in ("none", mode):
+        c = tiny.build_components(i2v=i2v, version=version, num_layers=3)
+        c["transformer"].enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        b = CogVideoXBundle(transformer=c["transformer"], vae=c["vae"], text_encoder=c["text_encoder"],
+                            tokenizer=c["tokenizer"], scheduler_config=dict(c["scheduler"].config),
+                            dtype=torch.float32, device=torch.device("cpu"), offload=offload)
+        pos, neg = encode_prompt(b, PROMPT, trigger="img"), encode_prompt(b, NEGATIVE)
+        adapter = MAKERS["magicmirror"](b).adapter
+        store_adapter_like(adapter, b.transformer)
+        model = b.with_patch(MagicMirrorPatch(adapter, two_faces))
+        for name in ("subject", "dualreal", "lora"):
+            model = model.with_patch(MAKERS[name](b))
+        out.append(sample_video(model, pos, neg, **KW, image=image))
+        assert b.placement.mode == offload
+        assert adapter.blocks["0"].ca_k.weight.dtype == torch.float8_e4m3fn
+    assert torch.isfinite(out[0]).all() and torch.equal(out[0], out[1])
+
+
 def test_lora_on_fp8_weights_adds_exactly_its_delta():
     """LoRA hooks fire after diffusers' casting hook: they see the compute-dtype input and output, whatever the
     storage; the LoRA adds scale * up(down(x)) to the fp8-stored layer's output."""

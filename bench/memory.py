@@ -45,7 +45,7 @@ from magicmirror_video.models.memory import (
     vae_encode_activation_bytes,
     video_tokens,
 )
-from magicmirror_video.models.placement import largest_leaf_bytes, module_bytes
+from magicmirror_video.models.placement import largest_block_bytes, largest_leaf_bytes, module_bytes
 from magicmirror_video.models.speed import apply_weight_storage, storage_skip_patterns, store_adapter_like
 
 GIB = 2**30
@@ -127,9 +127,7 @@ def build_models(device="meta", dtype=torch.bfloat16, tiny_models=False) -> dict
 def block_stream_bytes(transformer) -> int:
     """Bytes a block-level stream holds during a forward: the layers outside the blocks and two blocks (the running
     one and the prefetched one)."""
-    blocks = list(transformer.transformer_blocks)
-    rest = module_bytes(transformer) - sum(module_bytes(b) for b in blocks)
-    return rest + 2 * max(module_bytes(b) for b in blocks)
+    return largest_block_bytes(transformer) + max(module_bytes(b) for b in transformer.transformer_blocks)
 
 
 def lora_bytes(lora) -> int:

@@ -87,9 +87,11 @@ def largest_leaf_bytes(module: torch.nn.Module) -> int:
 
 
 def largest_block_bytes(module: torch.nn.Module) -> int:
-    """Bytes a block-level stream holds at a time: the largest block of the module's ``ModuleList``s plus every tensor
-    outside them (embeddings, output layers: diffusers keeps them on the device for a whole forward)."""
-    blocks = [b for m in module.modules() if isinstance(m, torch.nn.ModuleList) for b in m]
+    """Bytes a block-level stream holds at a time: the largest block of the module's own ``ModuleList`` /
+    ``Sequential`` children (what diffusers' block-level group offloading streams; lists nested inside a block, such
+    as ``attn1.to_out``, are part of their block) plus every tensor outside them (embeddings, output layers: diffusers
+    keeps them on the device for a whole forward)."""
+    blocks = [b for m in module.children() if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) for b in m]
     return max((module_bytes(b) for b in blocks), default=0) + module_bytes(module) - sum(module_bytes(b)
                                                                                              for b in blocks)
 

@@ -241,6 +241,19 @@ def test_block_mode_streams_transformer_blocks_around_the_block_runner():
     assert all(m._diffusers_hook.get_hook("group_offloading") is not None for m in leaves)
 
 
+def test_block_stream_bytes_are_the_largest_block_and_everything_outside_the_blocks():
+    """What block mode holds at a time, counted by hand on the transformer: every tensor outside
+    ``transformer_blocks`` plus the largest block (the lists inside a block, ``attn1.to_out`` and ``ff.net``, are
+    part of it, not blocks of their own)."""
+    from magicmirror_video.models.placement import largest_block_bytes
+
+    t = tiny.build_components(num_layers=3)["transformer"]
+    sizes = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in t.transformer_blocks]
+    outside = sum(p.numel() * p.element_size() for n, p in t.named_parameters() if not n.startswith("transformer_"))
+    outside += sum(b.numel() * b.element_size() for b in t.buffers())
+    assert largest_block_bytes(t) == outside + max(sizes) > 0
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_interrupted_run_puts_everything_back(mode, monkeypatch):
     b = make_bundle(mode, "cpu")

@@ -26,6 +26,7 @@ from .bases import read_json
 logger = logging.getLogger(__name__)
 
 REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+EXPERT_FOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}  # Wan 2.2 A14B
 
 
 class WanFolderError(FileNotFoundError):
@@ -95,7 +96,8 @@ def missing_components(folder: str) -> list[str]:
 class WanModel:
     """A loaded diffusers Wan folder (the modules frozen, in eval mode)."""
 
-    transformer: torch.nn.Module  # WanTransformer3DModel (the high-noise expert of Wan 2.2 A14B)
+    transformer: torch.nn.Module | None  # WanTransformer3DModel (the high-noise expert of Wan 2.2 A14B; None when
+    # only the low-noise expert was loaded)
     vae: torch.nn.Module  # AutoencoderKLWan
     text_encoder: torch.nn.Module  # UMT5EncoderModel
     tokenizer: object
@@ -131,9 +133,11 @@ class WanModel:
 
 
 def load_wan(folder: str, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-             vae_dtype: torch.dtype | None = None, text_encoder_dtype: torch.dtype | None = None) -> WanModel:
+             vae_dtype: torch.dtype | None = None, text_encoder_dtype: torch.dtype | None = None,
+             experts: tuple | None = None) -> WanModel:
     """Load a complete diffusers Wan folder (every variant above). The VAE defaults to float32 as diffusers'
-    Wan examples load it."""
+    Wan examples load it. ``experts`` (Wan 2.2 A14B): the experts to load, of ``("high_noise", "low_noise")``
+    (default both); the other stays None."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -149,16 +153,19 @@ def load_wan(folder: str, *, dtype: torch.dtype = torch.bfloat16, device: torch.
         return os.path.join(folder, name)
 
     try:
+        wanted = experts or EXPERT_FOLDERS
         parts = dict(
-            transformer=WanTransformer3DModel.from_pretrained(sub("transformer"), torch_dtype=dtype),
+            transformer=WanTransformer3DModel.from_pretrained(sub("transformer"), torch_dtype=dtype)
+            if "high_noise" in wanted else None,
             vae=AutoencoderKLWan.from_pretrained(sub("vae"), torch_dtype=vae_dtype or torch.float32),
             text_encoder=UMT5EncoderModel.from_pretrained(sub("text_encoder"), dtype=text_encoder_dtype or dtype),
             tokenizer=AutoTokenizer.from_pretrained(sub("tokenizer")),
             scheduler_config=read_json(os.path.join(sub("scheduler"), "scheduler_config.json")))
-        variant = variant_of(dict(parts["transformer"].config), index)
-        if variant.experts == 2:
+        config = read_json(os.path.join(sub("transformer"), "config.json"))
+        variant = variant_of(config, index)
+        if variant.experts == 2 and "low_noise" in wanted:
             parts["transformer_2"] = WanTransformer3DModel.from_pretrained(sub("transformer_2"), torch_dtype=dtype)
-        if parts["transformer"].config.image_dim:
+        if config.get("image_dim"):
             from transformers import CLIPImageProcessor, CLIPVisionModel
 
             parts["image_encoder"] = CLIPVisionModel.from_pretrained(sub("image_encoder"), dtype=torch.float32)

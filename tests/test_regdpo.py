@@ -63,7 +63,7 @@ def test_step_zero_sanity(tiny_pairs, tmp_path):
 def perturb(module, scale=0.3, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.lora.up.values():
+        for p in module.loras[0].up.values():
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
@@ -72,7 +72,7 @@ def test_autograd_gradient_equals_eq5(tiny_pairs, tmp_path, mode):
     """∇L = −[2(DGR + r)(y_w − ŷ_w)ᵀ∇ŷ_w − 2·DGR·(y_l − ŷ_l)ᵀ∇ŷ_l] / N (err is a mean over N elements)."""
     _, module, batch = built(tiny_pairs, tmp_path, beta=50.0, mode=mode)
     perturb(module)
-    params = [p for p in module.lora.parameters() if p.requires_grad]
+    params = [p for p in module.loras[0].parameters() if p.requires_grad]
     loss, logs = module(batch, torch.Generator().manual_seed(3))
     autograd = torch.autograd.grad(loss, params)
     out = module.outputs(batch, torch.Generator().manual_seed(3))
@@ -94,7 +94,7 @@ def test_pair_parallel_equals_sequential(tiny_pairs, tmp_path):
         _, module, batch = built(tiny_pairs, tmp_path / str(parallel), pair_parallel=parallel)
         perturb(module)
         loss, _ = module(batch, torch.Generator().manual_seed(5))
-        grads = torch.autograd.grad(loss, [p for p in module.lora.parameters() if p.requires_grad])
+        grads = torch.autograd.grad(loss, [p for p in module.loras[0].parameters() if p.requires_grad])
         results.append((loss, grads))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):  # batch-2 vs batch-1 GEMMs: float32 rounding only
@@ -104,7 +104,7 @@ def test_pair_parallel_equals_sequential(tiny_pairs, tmp_path):
 
 def win_gap_after_training(config, tmp_path, mode, steps=30, lr=3e-3):
     _, module, batch = built(config, tmp_path / mode, mode=mode)
-    opt = torch.optim.AdamW([p for p in module.lora.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in module.loras[0].parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     for step in range(steps):
         loss, _ = module(batch, torch.Generator().manual_seed(step % 4))
         opt.zero_grad()

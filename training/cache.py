@@ -58,9 +58,10 @@ def _digest(payload: dict) -> str:
 
 
 def key_for_media(path: str, *, height: int, width: int, num_frames: int, sampling: str, model_id: str,
-                  per_frame: bool = False) -> str:
-    """Cache key of a clip's VAE posterior (``per_frame``: of each picked frame encoded alone, as an image).
-    Images ignore ``num_frames`` / ``sampling`` (always F=1)."""
+                  per_frame: bool = False, condition: str | None = None) -> str:
+    """Cache key of a clip's VAE posterior (``per_frame``: of each picked frame encoded alone, as an image;
+    ``condition``: of what a model specification makes of its first frame, named so). Images ignore ``num_frames``
+    / ``sampling`` (always F=1)."""
     if is_image(path):
         num_frames, sampling = 1, "image"
     elif sampling == "random":
@@ -70,6 +71,8 @@ def key_for_media(path: str, *, height: int, width: int, num_frames: int, sampli
                "width": int(width), "num_frames": int(num_frames), "sampling": sampling, "model_id": str(model_id)}
     if per_frame:
         payload["per_frame"] = True
+    if condition is not None:
+        payload["condition"] = condition
     return _digest(payload)
 
 
@@ -306,37 +309,53 @@ class CachedDataset(Dataset):
 
 class TrainingCache:
     """The precompute cache as the trainers use it: :meth:`fill` encodes what a trainer asks for once (VAE
-    posteriors of media at a size and frame pick, T5 embeddings of captions), then items read it back, so the
-    VAE and the text encoder can leave memory while the transformer trains."""
+    posteriors of media at a size and frame pick, first frames as the model's image condition, text embeddings of
+    captions) through the model specification (:class:`~.spec.ModelSpec`), then items read it back, so the VAE and
+    the text encoder can leave memory while the transformer trains."""
 
-    def __init__(self, root: str, *, model_id: str, max_length: int = 226):
-        self.store, self.model_id, self.max_length = PrecomputeCache(root), model_id, max_length
+    def __init__(self, root: str, *, model_id: str, spec):
+        self.store, self.model_id, self.spec = PrecomputeCache(root), model_id, spec
+        self.max_length = spec.text_max_length
 
     def media_key(self, path: str, *, num_frames: int, height: int, width: int, sampling: str,
                   per_frame: bool = False) -> str:
         return key_for_media(path, height=height, width=width, num_frames=num_frames, sampling=sampling,
                              model_id=self.model_id, per_frame=per_frame)
 
-    def fill(self, media: Sequence[dict], captions: Sequence[str], *, vae, text_encoder, tokenizer,
-             progress: bool = True) -> None:
+    def condition_key(self, path: str, *, clip_frames: int, height: int, width: int) -> str:
+        return key_for_media(path, height=height, width=width, num_frames=1, sampling="start", model_id=self.model_id,
+                             condition=self.spec.image_condition_key(clip_frames))
+
+    def fill(self, media: Sequence[dict], captions: Sequence[str], *, tokenizer=None, progress: bool = True) -> None:
         """``media``: dicts of :meth:`media_key`'s arguments (path, num_frames, height, width, sampling[,
-        per_frame]); existing entries are kept."""
+        per_frame]), or of :meth:`condition_key`'s with ``image_condition`` = the clip's frame count (the first
+        frame as the model's image condition); ``tokenizer``: a copy of the model's (extra tokens) for the
+        captions. Existing entries are kept."""
         try:
             from tqdm.auto import tqdm
         except ImportError:  # pragma: no cover - tqdm ships with diffusers / transformers
             def tqdm(it, **_):
                 return it
 
-        for spec in tqdm(media, desc="cache media", unit="item", disable=not progress):
-            pick = dict(num_frames=spec["num_frames"], height=spec["height"], width=spec["width"],
-                        sampling=spec["sampling"])
-            encode = encode_frames if spec.get("per_frame") else (lambda v, x: encode_latents(v, x))
-            self.store.get_or_compute(self.media_key(spec["path"], per_frame=spec.get("per_frame", False), **pick),
-                                      lambda s=spec: _no_grad(encode)(vae, load_media(s["path"], **pick)),
-                                      {"kind": "latents", "media": spec["path"], **pick})
+        spec = self.spec
+        for item in tqdm(media, desc="cache media", unit="item", disable=not progress):
+            size = dict(height=item["height"], width=item["width"])
+            if "image_condition" in item:
+                frames = item["image_condition"]
+                self.store.get_or_compute(
+                    self.condition_key(item["path"], clip_frames=frames, **size),
+                    lambda i=item: _no_grad(spec.encode_image_condition)(
+                        load_media(i["path"], num_frames=1, sampling="start", **size), frames),
+                    {"kind": "image_condition", "media": item["path"], "clip_frames": frames, **size})
+                continue
+            pick = dict(num_frames=item["num_frames"], sampling=item["sampling"], **size)
+            encode = (lambda x: encode_frames(spec.vae, x)) if item.get("per_frame") else spec.encode_media
+            self.store.get_or_compute(self.media_key(item["path"], per_frame=item.get("per_frame", False), **pick),
+                                      lambda i=item: _no_grad(encode)(load_media(i["path"], **pick)),
+                                      {"kind": "latents", "media": item["path"], **pick})
         for caption in tqdm(captions, desc="cache captions", unit="caption", disable=not progress):
             self.store.get_or_compute(key_for_text(caption, model_id=self.model_id, max_length=self.max_length),
-                                      lambda c=caption: encode_text(text_encoder, tokenizer, c, self.max_length),
+                                      lambda c=caption: _no_grad(spec.encode_text)(c, tokenizer),
                                       {"kind": "text", "caption": caption, "model_id": self.model_id})
 
     def _get(self, key: str, what: str) -> dict:
@@ -350,6 +369,11 @@ class TrainingCache:
         """A posterior draw (unscaled; ``mode``: the mean) [C, T, h, w], or [F, C, h, w] per frame."""
         entry = self._get(self.media_key(path, per_frame=per_frame, **pick), path)
         return entry["mean"] if mode else sample_latents(entry, generator)
+
+    def image_condition(self, path: str, *, clip_frames: int, height: int, width: int) -> dict:
+        """The entry the specification made of ``path``'s first frame (:meth:`~.spec.ModelSpec.encode_image_condition`)."""
+        return self._get(self.condition_key(path, clip_frames=clip_frames, height=height, width=width),
+                         f"image condition of {path}")
 
     def text(self, caption: str) -> torch.Tensor:
         key = key_for_text(caption, model_id=self.model_id, max_length=self.max_length)

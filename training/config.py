@@ -43,7 +43,8 @@ class TrainConfig:
     """Fields shared by every trainer of the pack."""
 
     # --- model and data
-    model_path: str = doc("", "Diffusers CogVideoX folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/).")
+    model_path: str = doc("", "Diffusers model folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/): "
+                              "CogVideoX, or Wan 2.1/2.2 for the trainers that support it.")
     data: str = doc("", "Training data: a metadata.jsonl file, or a folder with metadata.jsonl or prompts.txt + "
                         "videos.txt/images.txt.")
     output_dir: str = doc("runs/train", "Where checkpoints, logs, validation videos and the exported file go.")
@@ -71,6 +72,17 @@ class TrainConfig:
     mixed_precision: str = doc("bf16", "no | bf16 | fp16. Frozen weights are stored in this dtype; trainable "
                                        "weights stay in fp32.", choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = doc(True, "Recompute transformer blocks in backward (much less memory).")
+    # --- flow-matching bases (Wan); CogVideoX refuses values other than the defaults
+    flow_shift: float = doc(0.0, "Wan: shift of the sigma draw, sigma = s*u / (1 + (s-1)*u) (0 = the model's scheduler "
+                                 "config: 3.0 for Wan 2.1 and 2.2 A14B, 5.0 for TI2V-5B).")
+    flow_sigma_density: str = doc("uniform", "Wan: density of u before the shift: uniform | logit_normal "
+                                             "(sigmoid of N(flow_logit_mean, flow_logit_std)).",
+                                  choices=("uniform", "logit_normal"))
+    flow_logit_mean: float = doc(0.0, "Wan: mean of the logit-normal density.")
+    flow_logit_std: float = doc(1.0, "Wan: standard deviation of the logit-normal density.")
+    experts: str = doc("all", "Wan 2.2 A14B: the experts trained: all (each sample goes to the expert of its sigma; one "
+                              "file per expert) | high_noise | low_noise (sigma drawn from that expert's range only).",
+                       choices=("all", "high_noise", "low_noise"))
     # --- precompute cache
     precompute_cache: bool = doc(False, "Encode all videos (VAE) and prompts (T5) once into a cache, then free "
                                         "the VAE and text encoder during training.")

@@ -49,22 +49,51 @@ def check_path(path: str, option: str, what: str, *, folder: bool | None = False
     return path
 
 
-def check_model_folder(path: str, option: str = "--model_path") -> dict:
-    """A complete diffusers CogVideoX folder; returns its transformer config (read from JSON, nothing loaded)."""
-    from ..models.cogvideox import missing_components
+def check_model_folder(path: str, option: str = "--model_path", *, bases: Sequence[str] = ("cogvideox",),
+                       method: str = "") -> dict:
+    """A complete diffusers folder of one of ``bases`` (``models/bases.py``); returns ``{"base", "variant",
+    "transformer_config", "spatial_multiple"}`` read from its JSON files (nothing loaded). ``method`` names the
+    trainer in the refusal of another base."""
+    from ..models import wan
+    from ..models.bases import BASE_NAMES, UnknownBaseError, detect_base
+    from ..models.cogvideox import missing_components, variant_of
 
-    path = check_path(path, option, "CogVideoX model", folder=True)
-    missing = missing_components(path)
-    if missing:
-        raise MissingInputError(f"{option}: {path} is not a complete diffusers CogVideoX folder: missing "
-                                f"{', '.join(m + '/' for m in missing)} (download the whole model, e.g. "
-                                "THUDM/CogVideoX-5b)")
-    config_file = os.path.join(path, "transformer", "config.json")
+    path = check_path(path, option, "model", folder=True)
     try:
-        with open(config_file) as f:
+        base = detect_base(path)
+    except UnknownBaseError as e:
+        raise InputError(f"{option}: {e}") from None
+    missing = wan.missing_components(path) if base == "wan" else missing_components(path)
+    if "transformer" in missing:
+        raise MissingInputError(f"{option}: {path} is not a complete diffusers {BASE_NAMES[base]} folder: missing "
+                                f"{', '.join(m + '/' for m in missing)} (download the whole model)")
+    config = _read_json(os.path.join(path, "transformer", "config.json"), option)
+    if base == "wan":
+        variant = wan.folder_variant(path)
+        vae = _read_json(os.path.join(path, "vae", "config.json"), option) if "vae" not in missing else {}
+        multiple = vae.get("scale_factor_spatial", 8) * config.get("patch_size", [1, 2, 2])[-1]
+        example = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+    else:
+        import types
+
+        variant = variant_of(types.SimpleNamespace(**{"patch_size_t": None, **config}))
+        multiple, example = 16, "THUDM/CogVideoX-5b"
+    if base not in bases:
+        allowed = " or ".join(BASE_NAMES[b] for b in bases)
+        raise InputError(f"{option}: {path} is a {variant} folder; {method or 'this trainer'} trains {allowed} "
+                         f"(its adapters are built for {allowed}'s blocks): pass a {allowed} folder")
+    if missing:
+        raise MissingInputError(f"{option}: {path} is not a complete diffusers {variant} folder: missing "
+                                f"{', '.join(m + '/' for m in missing)} (download the whole model, e.g. {example})")
+    return {"base": base, "variant": variant, "transformer_config": config, "spatial_multiple": multiple}
+
+
+def _read_json(path: str, option: str) -> dict:
+    try:
+        with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise InputError(f"{option}: cannot read {config_file} ({e}); download the model again") from None
+        raise InputError(f"{option}: cannot read {path} ({e}); download the model again") from None
 
 
 def check_text_to_video(transformer_config: dict, method: str, option: str = "--model_path") -> None:

@@ -93,7 +93,7 @@ class DualRealTrainingModule(TrainingModule):
                 condition = image_embeds(self.frozen["clip"], batch["condition_image"])[:, None].to(spec.dtype)
         undo, state = inject_dualreal(spec.transformer, self.adapters, condition, record=False)
         try:
-            v = spec.predict(noisy, text, t)
+            v = spec.forward(noisy, text, t)
         finally:
             undo()
         loss = v_prediction_loss(spec.x0(noisy, v, t), latents, spec.loss_weights(t)).mean()

@@ -124,7 +124,7 @@ class MagicMirrorTrainingModule(TrainingModule):
             undo = inject_magicmirror(spec.transformer, adapter, face_tokens=face_tokens, id_vec=id_vec,
                                       identity_mask=batch["identity_mask"][rows])
             try:
-                v[index] = spec.predict(noisy[index], text[index], t[index])
+                v[index] = spec.forward(noisy[index], text[index], t[index])
             finally:
                 undo()
         x0_pred = spec.x0(noisy, v, t)

@@ -1,28 +1,43 @@
 """Reg-DPO: SFT-regularised DPO LoRA training on GT-Pairs: ``python -m training.train_regdpo``.
 
-Loss per pair (arXiv 2511.01450, Eq. 6): ``−log σ(−β·s) + r·err_θ(w)`` with
-``s = (err_θ(w) − err_ref(w)) − (err_θ(l) − err_ref(l))``, err = mean v-prediction MSE of a sample,
-``DGR = β(1 − σ(−β·s))`` and by default ``r = DGR`` (detached). **β convention:** β multiplies s
-directly (there is no 0.5 factor), default 500. Winner and loser share noise and timestep and, by
-default, one forward (pair-parallel). The reference is the same transformer with the LoRA switched
-off under ``no_grad`` — no second copy. Logged every step: DGR, r, DGR+r, Win Gap, Lose Gap, s,
-L_DPO, implicit accuracy (share of pairs with s < 0).
+Runs on CogVideoX (v-prediction) and on Wan 2.1 / 2.2 (flow matching; the paper's own base models) through the
+model specification (``training/spec.py``); nothing here depends on the base.
 
-Data: the pair manifest written by ``python -m training.build_gt_pairs`` (winner = real video,
-loser = the base model's video from the same first frame and prompt). Export: a diffusers-format
-LoRA (alpha baked) for the CogVideoX LoRA Loader node and diffusers' ``load_lora_weights``.
+Loss per pair (arXiv 2511.01450, Eq. 6): ``−log σ(−β·s) + r·err_θ(w)`` with
+``s = (err_θ(w) − err_ref(w)) − (err_θ(l) − err_ref(l))`` and ``err`` the specification's per-sample error of the
+prediction against the training target (CogVideoX: the v-prediction; Wan: the velocity ε − x0), ``DGR = β(1 −
+σ(−β·s))`` and by default ``r = DGR`` (detached). Winner and loser share noise and timestep (σ) and, by default,
+one forward (pair-parallel). The reference is the same transformer with the LoRA switched off under ``no_grad`` —
+no second copy. Logged every step: DGR, r, DGR+r, Win Gap, Lose Gap, s, L_DPO, implicit accuracy (share of pairs
+with s < 0). ``--mode sft`` is plain supervised fine-tuning: one forward over the winners, no loser and no
+reference forward.
+
+**β convention:** ``err`` is the MEAN squared error over a sample's N latent elements, and β multiplies s directly
+(no 0.5 factor). Default 500, from the paper's grid (100, 500, 1000, 2000). With a summed error (the paper's
+‖·‖² written literally) the same update needs β/N; Diffusion-DPO's code (mean error, ``−0.5·β_D·s``) has
+β_D = 2β. At step 0 the LoRA is zero: s = 0, L_DPO = ln 2, DGR = β/2.
+
+Data: the pair manifest written by ``python -m training.build_gt_pairs`` (winner = real video, loser = a base
+model's video from the same first frame and prompt; rows {winner, loser, caption[, first_frame]}; sft needs
+only winner/media and caption). Export: CogVideoX — a diffusers-format LoRA (alpha baked) for the CogVideoX
+LoRA Loader node and diffusers' ``load_lora_weights``; Wan — ComfyUI core's Wan LoRA layout for core's LoRA
+loaders (and diffusers' Wan loader); Wan 2.2 A14B — one file per expert, ``regdpo_high_noise.safetensors`` and
+``regdpo_low_noise.safetensors``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
 
-from ..models.lora import TrainableLora, find_lora_targets, save_lora
+from ..models.lora import TrainableLora, find_lora_targets
 from .config import TrainConfig, doc
-from .losses import per_sample_mse, regdpo_loss
+from .losses import regdpo_loss
+from .spec import concat_draws, repeat_condition
 from .trainer import Trainer, TrainingDataset, TrainingModule, cli_main
 
 MODES = ("regdpo", "fixed", "dpo", "sft")
@@ -30,15 +45,22 @@ MODES = ("regdpo", "fixed", "dpo", "sft")
 
 @dataclass
 class RegDPOTrainConfig(TrainConfig):
+    model_path: str = doc("", "Diffusers CogVideoX (1.0/1.5, T2V/I2V) or Wan (2.1 T2V/I2V, 2.2 TI2V-5B, 2.2 "
+                              "T2V/I2V A14B) folder.")
     learning_rate: float = doc(5e-6, "Peak learning rate (the paper's 5e-6).")
     batch_size: int = doc(1, "GT-Pairs per device per micro-step.")
-    beta: float = doc(500.0, "β; multiplies s directly (no 0.5 factor).")
+    beta: float = doc(500.0, "β of the paper's grid (100, 500, 1000, 2000) for err = the MEAN squared error of a "
+                             "sample; β multiplies s directly (no 0.5 factor). A summed error needs β/N; "
+                             "Diffusion-DPO's −0.5·β_D convention has β_D = 2β.")
     mode: str = doc("regdpo", "regdpo: r = DGR (detached, dynamic); fixed: r = --r; dpo: r = 0 (vanilla "
-                              "Diffusion-DPO); sft: only the winner's error.", choices=MODES)
+                              "Diffusion-DPO); sft: supervised fine-tuning on the winners only (no loser, no "
+                              "reference forward).", choices=MODES)
     r: float = doc(0.0, "The SFT weight for mode=fixed.")
-    lora_rank: int = doc(16, "LoRA rank.")
-    lora_alpha: float = doc(32.0, "LoRA alpha (scale alpha/rank, baked into the exported lora_B).")
-    lora_targets: list = doc(["to_q", "to_k", "to_v", "to_out.0"], "Modules the LoRA adapts.")
+    lora_rank: int = doc(16, "LoRA rank (the paper: 16).")
+    lora_alpha: float = doc(32.0, "LoRA alpha (the paper: 32; scale alpha/rank).")
+    lora_targets: list = doc([], "Modules the LoRA adapts (names PEFT-style); empty: the base's default — CogVideoX "
+                                 "to_q to_k to_v to_out.0; Wan to_q to_k to_v to_out.0 ffn.net.0.proj ffn.net.2 of "
+                                 "both attentions (original names self_attn/cross_attn q k v o, ffn.0, ffn.2).")
     pair_parallel: bool = doc(True, "Winner and loser in one forward (batch 2B) instead of two.")
     reference_model: str = doc("lora_disabled", "lora_disabled: the reference is the same transformer with the "
                                "LoRA off (no copy); copy: a frozen copy (more memory, for comparison).",
@@ -55,64 +77,85 @@ PRESETS = {
 
 
 class RegDPOModule(TrainingModule):
-    """The LoRA; ``frozen["reference"]`` is the frozen copy when ``reference_model=copy``."""
+    """One LoRA per trained transformer (``loras``, in the specification's ``transformers`` order);
+    ``frozen["reference"]`` holds frozen copies of those transformers when ``reference_model=copy``."""
 
-    def __init__(self, lora: TrainableLora, spec, config: RegDPOTrainConfig, **frozen):
+    def __init__(self, loras: list[TrainableLora], spec, config: RegDPOTrainConfig, **frozen):
         super().__init__(spec, config, **frozen)
-        self.lora = lora
+        self.loras = torch.nn.ModuleList(loras)
 
-    def pair_predictions(self, transformer, noisy_w, noisy_l, text, t, image_latents):
-        predict = self.spec.predict
-        if self.config.pair_parallel:
-            both = predict(torch.cat([noisy_w, noisy_l]), torch.cat([text, text]), torch.cat([t, t]),
-                           None if image_latents is None else torch.cat([image_latents] * 2), transformer)
-            return both.chunk(2)
-        return (predict(noisy_w, text, t, image_latents, transformer),
-                predict(noisy_l, text, t, image_latents, transformer))
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference policy for the block: the same transformers with every LoRA off."""
+        with contextlib.ExitStack() as stack:
+            for lora in self.loras:
+                stack.enter_context(lora.disabled())
+            yield
+
+    def predictions(self, noisy: list, condition: dict, draw, transformers=None) -> list:
+        """The predictions for each of ``noisy`` (winner[, loser]) with the shared condition and noise draw: one
+        forward over all of them (pair-parallel) or one each."""
+        spec = self.spec
+        if self.config.pair_parallel and len(noisy) > 1:
+            n = len(noisy)
+            both = spec.predict(torch.cat(noisy), repeat_condition(condition, n), concat_draws([draw] * n),
+                                transformers)
+            return list(both.chunk(n))
+        return [spec.predict(x, condition, draw, transformers) for x in noisy]
 
     def forward(self, batch: dict, generator: torch.Generator):
-        c = self.config
+        c, spec = self.config, self.spec
         out = self.outputs(batch, generator)
-        return regdpo_loss(per_sample_mse(out["pred_w"], out["target_w"]), per_sample_mse(out["pred_l"], out["target_l"]),
-                           per_sample_mse(out["ref_w"], out["target_w"]), per_sample_mse(out["ref_l"], out["target_l"]),
-                           beta=c.beta, mode=c.mode, r=c.r)
+        err_w = spec.error(out["pred_w"], out["target_w"])
+        if c.mode == "sft":
+            return err_w.mean(), {"err_w": err_w.mean().detach()}
+        return regdpo_loss(err_w, spec.error(out["pred_l"], out["target_l"]), spec.error(out["ref_w"], out["target_w"]),
+                           spec.error(out["ref_l"], out["target_l"]), beta=c.beta, mode=c.mode, r=c.r)
 
     def outputs(self, batch: dict, generator: torch.Generator) -> dict:
-        """v-predictions of the model and the reference for winner and loser, and their targets."""
+        """Predictions of the model (and, except for sft, of the reference) for winner and loser, and their targets;
+        winner and loser share the condition, the noise and the timestep."""
         c, spec = self.config, self.spec
-        x_w = spec.pad_frames(spec.video_latents(batch, generator, "winner"))
-        x_l = spec.pad_frames(spec.video_latents(batch, generator, "loser"))
-        text = spec.text_embeds(batch)
-        image_latents = spec.image_condition(batch.get("first_frame"), x_w.shape[1], generator,
-                                             batch.get("first_frame_latents")) if spec.i2v else None
-        noise, t, noisy_w = spec.add_noise(x_w, generator)  # winner and loser share noise and timestep
-        noisy_l = spec.scheduler.add_noise(x_l, noise, t)
-        target_w, target_l = spec.velocity(x_w, noise, t), spec.velocity(x_l, noise, t)
-        pred_w, pred_l = self.pair_predictions(spec.transformer, noisy_w, noisy_l, text, t, image_latents)
+        sft = c.mode == "sft"
+        clean = [spec.latents(batch, generator, "winner")] + ([] if sft else [spec.latents(batch, generator, "loser")])
+        condition = spec.condition(batch, generator, clean[0])
+        draw = spec.draw_noise(clean[0], generator)
+        noisy = [spec.noisy(x, draw) for x in clean]
+        names = ("w", "l")
+        out = {f"target_{k}": spec.target(x, draw) for k, x in zip(names, clean)}
+        out.update({f"pred_{k}": p for k, p in zip(names, self.predictions(noisy, condition, draw))})
+        if sft:
+            return out
         with torch.no_grad():
             if c.reference_model == "copy":
-                ref_w, ref_l = self.pair_predictions(self.frozen["reference"], noisy_w, noisy_l, text, t, image_latents)
+                ref = self.predictions(noisy, condition, draw, self.frozen["reference"])
             else:
-                with self.lora.disabled():
-                    ref_w, ref_l = self.pair_predictions(spec.transformer, noisy_w, noisy_l, text, t, image_latents)
-        return {"pred_w": pred_w, "pred_l": pred_l, "ref_w": ref_w, "ref_l": ref_l, "target_w": target_w,
-                "target_l": target_l}
+                with self.reference():
+                    ref = self.predictions(noisy, condition, draw)
+        out.update({f"ref_{k}": p for k, p in zip(names, ref)})
+        return out
 
 
 class RegDPOTrainer(Trainer):
     config_class = RegDPOTrainConfig
     method = "regdpo"
-    required_inputs = {"model_path": "a diffusers CogVideoX folder",
+    required_inputs = {"model_path": "a diffusers CogVideoX or Wan folder",
                        "data": "the GT-Pair manifest from training.build_gt_pairs"}
+    supported_bases = ("cogvideox", "wan")
+    title = "Reg-DPO"
 
     def validate_inputs(self) -> dict:
         from .inputs import check_manifest, check_media
 
         inputs, c = super().validate_inputs(), self.config
-        pairs = check_manifest(c.data, "--data", columns=("loser",),
-                               expected="the GT-Pair manifest of python -m training.build_gt_pairs (rows {winner, "
-                                        "loser, caption[, first_frame]})")
-        check_media(pairs, "--data", num_frames=c.num_frames, keys=("media", "loser"), videos_only=True)
+        if c.mode == "sft":
+            pairs = check_manifest(c.data, "--data", expected="videos with captions (a GT-Pair manifest's winners)")
+            check_media(pairs, "--data", num_frames=c.num_frames, videos_only=True)
+        else:
+            pairs = check_manifest(c.data, "--data", columns=("loser",),
+                                   expected="the GT-Pair manifest of python -m training.build_gt_pairs (rows {winner, "
+                                            "loser, caption[, first_frame]}); --mode sft trains on winners alone")
+            check_media(pairs, "--data", num_frames=c.num_frames, keys=("media", "loser"), videos_only=True)
         check_media(pairs, "--data", num_frames=1, keys=("first_frame",))
         return {**inputs, "pairs": pairs}
 
@@ -120,53 +163,68 @@ class RegDPOTrainer(Trainer):
         c = self.config
         self.pairs = self.inputs["pairs"]
         spec = self.load_base()
-        bundle, frozen = self.bundle, {}
-        if c.reference_model == "copy":
-            frozen["reference"] = copy.deepcopy(bundle.transformer).requires_grad_(False)
+        frozen = {}
+        if c.reference_model == "copy" and c.mode != "sft":
+            frozen["reference"] = [copy.deepcopy(t).requires_grad_(False) for t in spec.transformers]
         torch.manual_seed(c.seed)
-        lora = TrainableLora(bundle.transformer, find_lora_targets(bundle.transformer, c.lora_targets), c.lora_rank,
-                             c.lora_alpha).to(self.device)
-        self.undo_lora = lora.apply(bundle.transformer)
-        return RegDPOModule(lora, spec, c, **frozen)
+        targets = c.lora_targets or list(spec.default_lora_targets)
+        loras = [TrainableLora(t, find_lora_targets(t, targets), c.lora_rank, c.lora_alpha).to(self.device)
+                 for t in spec.transformers]
+        self.undo_lora = [lora.apply(t) for lora, t in zip(loras, spec.transformers)]
+        return RegDPOModule(loras, spec, c, **frozen)
 
     def dataset(self):
         return PairDataset(self)
 
-    def export(self, path: str) -> None:
-        lora = self.accelerator.unwrap_model(self.module).lora
-        save_lora(path, lora.layers(), {"method": "regdpo", "mode": self.config.mode, "beta": self.config.beta,
-                                        "rank": lora.rank, "alpha": lora.alpha, "steps": self.step})
+    def export(self, path: str) -> list[str]:
+        """One file per trained transformer (``path``, or ``<stem>_high_noise`` / ``_low_noise`` for Wan 2.2 A14B)."""
+        module, c = self.accelerator.unwrap_model(self.module), self.config
+        folder, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+        written = []
+        for lora, expert, name in zip(module.loras, self.spec.expert_names, self.spec.lora_file_names(stem)):
+            meta = {"method": "regdpo", "mode": c.mode, "beta": c.beta, "rank": lora.rank, "alpha": lora.alpha,
+                    "steps": self.step, **({"expert": expert} if expert else {})}
+            written.append(os.path.join(folder, name))
+            self.spec.export_lora(written[-1], lora.layers(), meta)
+        return written
 
 
 class PairDataset(TrainingDataset):
-    """Winner and loser clips (their first ``num_frames``), the caption, and the first frame (the row's
-    ``first_frame`` image, else the winner's first frame) for I2V models."""
+    """Winner and loser clips (their first ``num_frames``; sft: the winner only), the caption, and for
+    image-conditioned models the first frame (the row's ``first_frame`` image, else the winner's first frame)."""
 
     def __init__(self, trainer):
         super().__init__(trainer, trainer.pairs)
-        self.tokenizer, self.i2v = trainer.bundle.tokenizer, trainer.spec.i2v
+        self.image = trainer.spec.image_conditioned
+        self.sft = trainer.config.mode == "sft"
 
-    def picks(self, index: int) -> list[tuple[str, str, int]]:
-        """(batch key, path, frames) of each medium item ``index`` reads."""
-        s, c = self.samples[index], self.config
-        picks = [("winner", s.media, c.num_frames), ("loser", s.extra["loser"], c.num_frames)]
-        if self.i2v:
-            picks.append(("first_frame", s.extra.get("first_frame") or s.media, 1))
-        return picks
+    def clips(self, index: int) -> list[tuple[str, str]]:
+        """(batch key, path) of each clip item ``index`` reads."""
+        s = self.samples[index]
+        return [("winner", s.media)] + ([] if self.sft else [("loser", s.extra["loser"])])
+
+    def first_frame(self, index: int) -> str:
+        s = self.samples[index]
+        return s.extra.get("first_frame") or s.media
 
     def cache_specs(self, index: int):
         c = self.config
-        return ([dict(path=path, num_frames=n, height=c.height, width=c.width, sampling="start")
-                 for _, path, n in self.picks(index)], [self.samples[index].caption])
+        media = [dict(path=path, num_frames=c.num_frames, height=c.height, width=c.width, sampling="start")
+                 for _, path in self.clips(index)]
+        if self.image:
+            media.append(dict(path=self.first_frame(index), height=c.height, width=c.width,
+                              image_condition=c.num_frames))
+        return media, [self.samples[index].caption]
 
     def __getitem__(self, index):
         c, s, g = self.config, self.samples[index], self.generator(index)
-        item = self.trainer.caption(s.caption, self.tokenizer)
-        for key, path, n in self.picks(index):
-            item.update(self.trainer.media(key, path, num_frames=n, height=c.height, width=c.width, sampling="start",
-                                           generator=g))
-        if "first_frame" in item:
-            item["first_frame"] = item["first_frame"][0]  # [3, H, W]
+        item = self.trainer.caption(s.caption)
+        for key, path in self.clips(index):
+            item.update(self.trainer.media(key, path, num_frames=c.num_frames, height=c.height, width=c.width,
+                                           sampling="start", generator=g))
+        if self.image:
+            item.update(self.trainer.image_condition(self.first_frame(index), clip_frames=c.num_frames,
+                                                     height=c.height, width=c.width, generator=g))
         return item
 
 
@@ -174,7 +232,8 @@ def main(argv=None) -> int:
     from .presets import build_tiny_regdpo
 
     return cli_main(RegDPOTrainer, argv, PRESETS, description=__doc__, build_tiny=build_tiny_regdpo,
-                    use_hint="copy it to ComfyUI/models/loras/ and load it with 'CogVideoX LoRA Loader'")
+                    use_hint="copy it to ComfyUI/models/loras/ and load it with 'CogVideoX LoRA Loader' (CogVideoX) "
+                             "or core's 'LoraLoaderModelOnly' (Wan)")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ class SubjectReplayModule(TrainingModule):
             undo = inject_reference(spec.transformer, ref[i:i + 1], vae_scale=spec.vae_scale, drop_prob=drop,
                                     generator=generator)
             try:
-                preds.append(spec.predict(noisy[i:i + 1], text[i:i + 1], t[i:i + 1],
+                preds.append(spec.forward(noisy[i:i + 1], text[i:i + 1], t[i:i + 1],
                                           None if image_latents is None else image_latents[i:i + 1]))
             finally:
                 undo()

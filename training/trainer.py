@@ -121,6 +121,8 @@ class Trainer(abc.ABC):
     config_class = None
     method = "base"
     required_inputs: dict = {"model_path": "a diffusers CogVideoX folder"}  # field -> what to pass
+    supported_bases: tuple = ("cogvideox",)  # models/bases.py names of the bases the method trains
+    title = "this trainer"  # the method's name in messages
 
     def __init__(self, config):
         self.config = config
@@ -134,6 +136,7 @@ class Trainer(abc.ABC):
         what was read (manifests, the transformer config) for :meth:`build`. Methods extend it (call
         ``super()``). Raises :class:`~training.config.InputError` (one line) on bad input."""
         from .inputs import check_model_folder, check_required, check_size
+        from .spec import spec_class
 
         c = self.config
         check_required(c, self.required_inputs)
@@ -158,7 +161,9 @@ class Trainer(abc.ABC):
         for package, (wanted, option, hint) in needs.items():
             if wanted and importlib.util.find_spec(package) is None:
                 raise InputError(f"{option} needs the {package} package: pip install {package} ({hint})")
-        return {"transformer_config": check_model_folder(c.model_path)}
+        folder = check_model_folder(c.model_path, bases=self.supported_bases, method=self.title)
+        spec_class(folder["base"]).check_config(c, folder)
+        return folder
 
     @property
     def inputs(self) -> dict:
@@ -208,8 +213,9 @@ class Trainer(abc.ABC):
         return module(batch, generator)
 
     @abc.abstractmethod
-    def export(self, path: str) -> None:
-        """Write the trained weights in the format the nodes load."""
+    def export(self, path: str) -> list[str] | None:
+        """Write the trained weights in the format the nodes load, at ``path`` (or several files beside it: return
+        their paths)."""
 
     def export_name(self) -> str:
         return f"{self.method}.safetensors"
@@ -304,18 +310,13 @@ class Trainer(abc.ABC):
                              num_training_steps=c.max_steps * n, num_cycles=c.lr_num_cycles)
 
     def load_base(self):
-        """Load the frozen CogVideoX from ``model_path`` (weights in the mixed-precision dtype, the VAE in fp32
-        when that is fp16) as ``self.bundle`` and return its training specification (:class:`~.spec.CogVideoXSpec`)."""
-        from ..models.cogvideox import load_cogvideox
-        from .spec import CogVideoXSpec
+        """Load the frozen base model of ``model_path`` through its training specification (:func:`~.spec.load_spec`:
+        CogVideoX or Wan, weights in the mixed-precision dtype) as ``self.spec`` and return it; CogVideoX's bundle
+        (validation sampling) is ``self.bundle``."""
+        from .spec import load_spec
 
-        c = self.config
-        vae_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype
-        self.bundle = bundle = load_cogvideox(c.model_path, dtype=self.weight_dtype, device=self.device,
-                                              vae_dtype=vae_dtype)
-        if c.gradient_checkpointing:
-            bundle.transformer.enable_gradient_checkpointing()
-        self.spec = CogVideoXSpec.from_bundle(bundle, self.device)
+        self.spec = load_spec(self.config.model_path, dtype=self.weight_dtype, device=self.device, config=self.config)
+        self.bundle = getattr(self.spec, "bundle", None)
         return self.spec
 
     def shard_frozen_model(self, module: torch.nn.Module) -> None:
@@ -344,12 +345,23 @@ class Trainer(abc.ABC):
             return {key: load_media(path, generator=generator, **pick)}
         return {cached_key(key): self.cache.latents(path, generator, per_frame=per_frame, mode=mode, **pick)}
 
-    def caption(self, text: str, tokenizer) -> dict:
-        """``{"input_ids"}`` for the text encoder, or with the cache ``{"prompt_embeds"}``."""
-        from ..models.text import tokenize
+    def image_condition(self, path: str, *, clip_frames: int, height: int, width: int,
+                        generator: torch.Generator) -> dict:
+        """The first frame of ``path`` as the image condition of a ``clip_frames``-frame clip: ``{"first_frame":
+        [3, H, W]}``, or with the cache what the specification made of it (:meth:`~.spec.ModelSpec.
+        image_condition_item`)."""
+        from .data import load_media
 
         if self.cache is None:
-            return {"input_ids": tokenize(tokenizer, text).input_ids[0]}
+            return {"first_frame": load_media(path, num_frames=1, height=height, width=width, sampling="start")[0]}
+        entry = self.cache.image_condition(path, clip_frames=clip_frames, height=height, width=width)
+        return self.spec.image_condition_item(entry, generator)
+
+    def caption(self, text: str, tokenizer=None) -> dict:
+        """The caption's tokens for the text encoder (``tokenizer``: a copy of the model's, e.g. with extra
+        tokens), or with the cache ``{"prompt_embeds"}``."""
+        if self.cache is None:
+            return self.spec.tokenize(text, tokenizer)
         return {"prompt_embeds": self.cache.text(text)}
 
     def fill_cache(self) -> None:
@@ -357,7 +369,7 @@ class Trainer(abc.ABC):
         encoder (and the VAE unless the loss decodes) off the device."""
         from .cache import TrainingCache
 
-        c, bundle, acc = self.config, self.bundle, self.accelerator
+        c, acc, spec = self.config, self.accelerator, self.spec
         data = self.dataset()
         media, captions = [], []
         for ds in data.values() if isinstance(data, dict) else [data]:
@@ -368,14 +380,10 @@ class Trainer(abc.ABC):
         media = list({tuple(sorted(m.items())): m for m in media}.values())
         captions = list(dict.fromkeys(captions))
         self.cache = TrainingCache(c.cache_dir or os.path.join(c.output_dir, "cache"),
-                                   model_id=os.path.abspath(c.model_path))
+                                   model_id=os.path.abspath(c.model_path), spec=spec)
         with acc.main_process_first():
-            self.cache.fill(media, captions, vae=bundle.vae, text_encoder=bundle.text_encoder,
-                            tokenizer=getattr(self, "tokenizer", bundle.tokenizer), progress=acc.is_main_process)
-        self.spec.text_encoder = None
-        bundle.placement.offload(bundle.text_encoder)  # on the CPU; validation brings it in for its prompts
-        if not self.vae_needed_with_cache:
-            bundle.placement.offload(bundle.vae)
+            self.cache.fill(media, captions, tokenizer=getattr(self, "tokenizer", None), progress=acc.is_main_process)
+        spec.offload_encoders(keep_vae=self.vae_needed_with_cache)  # validation brings them back for its prompts
         logger.info("precompute cache: %d media and %d captions in %s", len(media), len(captions),
                     self.cache.store.root)
 
@@ -510,14 +518,16 @@ class Trainer(abc.ABC):
         acc.wait_for_everyone()
         self.check_ranks_in_sync(params)
         out = os.path.join(c.output_dir, self.export_name())
+        self.exported = [out]
         if acc.is_main_process:
-            self.export(out)
+            self.exported = self.export(out) or [out]
             if c.validation_prompts and not c.validation_steps:
                 self.validate(self.step)
             self.finish()
-            logger.info("trained %d steps in %.1f s; exported %s", self.step, time.perf_counter() - started, out)
+            logger.info("trained %d steps in %.1f s; exported %s", self.step, time.perf_counter() - started,
+                        ", ".join(self.exported))
         acc.end_training()
-        return out
+        return self.exported[0]
 
 
 def cli_main(trainer_class, argv, presets: dict, *, description: str, build_tiny=None, use_hint: str = "") -> int:
@@ -530,11 +540,12 @@ def cli_main(trainer_class, argv, presets: dict, *, description: str, build_tiny
         config = load_config(trainer_class.config_class, argv, presets, description=description)
         if getattr(config, "tiny_demo", False) and build_tiny is not None:
             config = build_tiny(config)
-        out = trainer_class(config).train()
+        trainer = trainer_class(config)
+        trainer.train()
     except InputError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"exported {out}{': ' + use_hint if use_hint else ''}")
+    print(f"exported {' and '.join(trainer.exported)}{': ' + use_hint if use_hint else ''}")
     return 0
 
 

@@ -274,17 +274,20 @@ class WanSpec(ModelSpec):
         return (p, 1.0) if self.experts == ("high_noise",) else (0.0, p)
 
     def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> NoiseDraw:
+        """ε ~ N(0, 1), then ``p`` uniform on :meth:`sigma_range`, ``u`` = the density's quantile of ``p`` and
+        ``σ = shift(u)`` (all from ``generator``)."""
         noise = torch.randn(latents.shape, generator=generator)
         lo, hi = self.sigma_range()
         p = lo + (hi - lo) * torch.rand(latents.shape[0], generator=generator, dtype=torch.float64)
-        p = p.clamp(1e-6, 1 - 1e-6)
-        sigmas = shift_sigmas(self.density_quantile(p), self.flow_shift).float()
+        sigmas = shift_sigmas(self.density_quantile(p.clamp(1e-6, 1 - 1e-6)), self.flow_shift).float()
+        return self.draw_at(noise.to(latents.device, latents.dtype), sigmas.to(latents.device))
+
+    def draw_at(self, noise: torch.Tensor, sigmas: torch.Tensor) -> NoiseDraw:
+        """The draw of ``noise`` at ``sigmas`` [B]: timesteps ``1000·σ`` and, training both Wan 2.2 A14B experts,
+        each row's expert (0: high noise, ``t ≥ boundary_ratio·1000``; 1: low noise)."""
         timesteps = sigmas * 1000.0
-        experts = None
-        if len(self.experts) == 2:  # each row to the expert of its σ (0: high noise, 1: low noise)
-            experts = (timesteps < self.boundary * 1000.0).long()
-        return NoiseDraw(noise.to(latents.device, latents.dtype), timesteps.to(latents.device),
-                         sigmas.to(latents.device), experts)
+        experts = (timesteps < self.boundary * 1000.0).long() if len(self.experts) == 2 else None
+        return NoiseDraw(noise, timesteps, sigmas, experts)
 
     def noisy(self, latents: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
         sigma = draw.sigmas.view(-1, 1, 1, 1, 1).to(latents.dtype)

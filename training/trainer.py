@@ -541,11 +541,11 @@ def cli_main(trainer_class, argv, presets: dict, *, description: str, build_tiny
         if getattr(config, "tiny_demo", False) and build_tiny is not None:
             config = build_tiny(config)
         trainer = trainer_class(config)
-        trainer.train()
+        exported = [trainer.train()]
     except InputError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"exported {' and '.join(trainer.exported)}{': ' + use_hint if use_hint else ''}")
+    print(f"exported {' and '.join(getattr(trainer, 'exported', exported))}{': ' + use_hint if use_hint else ''}")
     return 0
 
 

@@ -178,7 +178,9 @@ def inputs(tmp_path_factory):
     model = root / "model"
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         (model / sub).mkdir(parents=True)
-    (model / "transformer" / "config.json").write_text(json.dumps({"num_layers": 4}))
+    (model / "transformer" / "config.json").write_text(json.dumps({  # what the base and variant are read from
+        "_class_name": "CogVideoXTransformer3DModel", "num_layers": 4, "num_attention_heads": 2,
+        "attention_head_dim": 16, "in_channels": 4, "out_channels": 4}))
     frames = torch.rand(17, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     for k in range(3):
         write_video(str(root / f"clip{k}.mp4"), frames, fps=8)

@@ -103,6 +103,7 @@ class DualRealTrainingModule(TrainingModule):
 class DualRealTrainer(TaskSwitchingTrainer):
     config_class = DualRealTrainConfig
     method = "dualreal"
+    title = "DualReal"
     tasks = (IDENTITY, MOTION)
     task_batch_sizes = {IDENTITY: "identity_batch_size", MOTION: "motion_batch_size"}
     required_inputs = {"model_path": "a diffusers CogVideoX folder", "identity_data": "subject images",

@@ -162,6 +162,7 @@ def reference_groups(x_ids: list) -> list[list[int]]:
 class MagicMirrorTrainer(Trainer):
     config_class = MagicMirrorTrainConfig
     method = "magicmirror"
+    title = "MagicMirror"
 
     @property
     def vae_needed_with_cache(self) -> bool:

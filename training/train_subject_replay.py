@@ -120,6 +120,7 @@ class SubjectReplayModule(TrainingModule):
 class SubjectReplayTrainer(TaskSwitchingTrainer):
     config_class = SubjectReplayTrainConfig
     method = "subject_replay"
+    title = "subject replay"
     tasks = (IMAGE, VIDEO)
     task_batch_sizes = {IMAGE: "pair_batch_size", VIDEO: "video_batch_size"}
     required_inputs = {"model_path": "a diffusers CogVideoX folder", "pairs": "S2I pair manifest",

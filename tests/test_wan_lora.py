@@ -11,9 +11,6 @@ ComfyUI core's loader reads the same files in tests/test_host_wan_lora.py.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
@@ -28,6 +25,7 @@ from magicmirror_video.models.wan_lora import (
     save_wan_lora,
 )
 from magicmirror_video.testing import tiny_wan
+from wan_testing import diffusers_warnings, fused_weights, relative_error
 
 VARIANTS = ["wan2.1-t2v", "wan2.1-i2v", "wan2.2-ti2v", "wan2.2-t2v-a14b"]
 REGDPO_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
@@ -52,29 +50,6 @@ def random_layers(transformer, paths, scale=2.0, seed=0) -> dict[str, LoraLayer]
     return layers
 
 
-@contextlib.contextmanager
-def diffusers_warnings():
-    """Collect what diffusers logs at WARNING or above (its loggers do not propagate to the root logger)."""
-    messages = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    logger = logging.getLogger("diffusers")
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-
-
-def fused_weights(transformer) -> dict[str, torch.Tensor]:
-    """The model's tensors after fuse_lora, under their plain names (peft keeps the fused base as base_layer)."""
-    return {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if ".lora_" not in k}
-
-
 def lora_modules(transformer) -> set[str]:
     return {k.split(".lora_A.")[0] for k in transformer.state_dict() if ".lora_A." in k}
 
@@ -89,7 +64,7 @@ def assert_fused(before: dict, after: dict, layers: dict[str, LoraLayer]) -> flo
             assert torch.equal(after[key], weight), key
             continue
         expected = weight + layer.scale * (layer.up @ layer.down)
-        error = ((after[key] - expected).abs().max() / expected.abs().max()).item()
+        error = relative_error(after[key], expected)
         assert error <= 1e-6, (key, error)
         worst = max(worst, error)
     return worst

@@ -106,7 +106,8 @@ def test_host_core_lora_loader_applies_the_wan_lora_like_diffusers(variant, tmp_
     lora_path = save_wan_lora(str(tmp_path / f"lora_{variant}.safetensors"), layers, {"method": "regdpo"})
     lora, model = load_file(lora_path), load_file(str(model_path))
     if variant == "i2v":
-        assert {"diffusion_model.blocks.1.cross_attn.k_img.alpha", "diffusion_model.img_emb.proj.1.lora_A.weight"} <= set(lora)
+        assert {"diffusion_model.blocks.1.cross_attn.k_img.alpha",
+                "diffusion_model.img_emb.proj.1.lora_A.weight"} <= set(lora)
 
     result = wan_testing.run_in_comfy(python, comfyui, APPLY_SCRIPT, model_path, lora_path,
                                       tmp_path / "patched.safetensors", tmp=tmp_path)

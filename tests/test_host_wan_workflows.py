@@ -35,7 +35,8 @@ import wan_testing  # noqa: E402
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 WIDTH, HEIGHT, FRAMES, STEPS = 32, 16, 5, 2
-UMT5_FILE, CLIP_VISION_FILE, VAE_FILE = "tiny_umt5.safetensors", "tiny_clip_vision.safetensors", "wan_2.1_vae_random.safetensors"
+UMT5_FILE, CLIP_VISION_FILE = "tiny_umt5.safetensors", "tiny_clip_vision.safetensors"
+VAE_FILE = "wan_2.1_vae_random.safetensors"
 TEST_PACK = "mmv_test_wan"
 
 # ComfyUI's Python: argv = comfyui, output path. A random Wan 2.1 VAE with the config comfy/sd.py builds for one.
@@ -111,41 +112,34 @@ class Target:
         return comfy.sd1_clip.SD1Tokenizer(name="umt5xxl", tokenizer=TinyUMT5Tokenizer, **kwargs)
 
 
-class TinyUMT5Loader:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip_name": (folder_paths.get_filename_list("text_encoders"),)}}
+def loader(folder, return_type, build):
+    """A node reading ``clip_name`` from models/<folder> into the model ``build()`` makes (strict: every key)."""
 
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
+    class Loader:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"clip_name": (folder_paths.get_filename_list(folder),)}}
 
-    def load(self, clip_name):
-        state_dict = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("text_encoders", clip_name))
-        clip = comfy.sd.CLIP(target=Target, model_options={"dtype": torch.float32})
-        missing, unexpected = clip.load_sd(state_dict)
-        assert not missing and not unexpected, (missing, unexpected)
-        return (clip,)
+        RETURN_TYPES = (return_type,)
+        FUNCTION = "load"
+        CATEGORY = "testing"
 
+        def load(self, clip_name):
+            state_dict = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise(folder, clip_name))
+            model = build()
+            missing, unexpected = model.load_sd(state_dict)
+            assert not missing and not unexpected, (missing, unexpected)
+            return (model,)
 
-class TinyCLIPVisionLoader:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip_name": (folder_paths.get_filename_list("clip_vision"),)}}
-
-    RETURN_TYPES = ("CLIP_VISION",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
-
-    def load(self, clip_name):
-        state_dict = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("clip_vision", clip_name))
-        model = comfy.clip_vision.ClipVisionModel(os.path.join(HERE, "clip_vision_config.json"))
-        missing, unexpected = model.load_sd(state_dict)
-        assert not missing and not unexpected, (missing, unexpected)
-        return (model,)
+    return Loader
 
 
-NODE_CLASS_MAPPINGS = {"MMVTestTinyUMT5Loader": TinyUMT5Loader, "MMVTestTinyCLIPVisionLoader": TinyCLIPVisionLoader}
+NODE_CLASS_MAPPINGS = {
+    "MMVTestTinyUMT5Loader": loader("text_encoders", "CLIP",
+                                    lambda: comfy.sd.CLIP(target=Target, model_options={"dtype": torch.float32})),
+    "MMVTestTinyCLIPVisionLoader": loader("clip_vision", "CLIP_VISION", lambda: comfy.clip_vision.ClipVisionModel(
+        os.path.join(HERE, "clip_vision_config.json"))),
+}
 '''
 
 UMT5_CONFIG = dict(d_ff=32, d_kv=8, d_model=4096, num_heads=2, num_layers=2, dense_act_fn="gelu_pytorch_tanh",
@@ -153,8 +147,6 @@ UMT5_CONFIG = dict(d_ff=32, d_kv=8, d_model=4096, num_heads=2, num_layers=2, den
 CLIP_VISION_CONFIG = dict(hidden_act="gelu", hidden_size=1280, image_size=28, intermediate_size=64, layer_norm_eps=1e-5,
                           model_type="clip_vision_model", num_attention_heads=2, num_channels=3, num_hidden_layers=2,
                           patch_size=14, projection_dim=16)
-REGDPO_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-                  "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
 
 def _build_models(root: Path, tmp: Path, python: str, comfyui: str) -> None:
@@ -169,12 +161,12 @@ def _build_models(root: Path, tmp: Path, python: str, comfyui: str) -> None:
         (root / sub).mkdir(parents=True)
     gen = torch.Generator().manual_seed(5)
     for seed, kind in enumerate(("t2v", "i2v")):
-        model = wan_testing.build_core_wan(python, comfyui, kind, root / "diffusion_models" / f"wan_tiny_{kind}.safetensors",
-                                           tmp, seed=seed)
+        model = wan_testing.build_core_wan(python, comfyui, kind,
+                                           root / "diffusion_models" / f"wan_tiny_{kind}.safetensors", tmp, seed=seed)
         transformer = wan_testing.load_with_diffusers(model, kind, tmp)
         layers = {name: LoraLayer(0.3 * torch.randn(4, m.in_features, generator=gen),
                                   0.3 * torch.randn(m.out_features, 4, generator=gen), 2.0)
-                  for name, m in transformer.named_modules() if name.endswith(REGDPO_TARGETS)}
+                  for name, m in transformer.named_modules() if name.endswith(wan_testing.REGDPO_TARGETS)}
         save_wan_lora(str(root / "loras" / f"wan_tiny_{kind}_regdpo.safetensors"), layers, {"method": "regdpo"})
     wan_testing.run_in_comfy(python, comfyui, VAE_SCRIPT, root / "vae" / VAE_FILE, tmp=tmp)
     tokenizer = tiny.build_tokenizer()
@@ -220,7 +212,8 @@ def server(tmp_path_factory):
                       len(T5TokenizerFast.from_pretrained(str(tmp / "tokenizer"))))
     srv.input_dir.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[0:40, 0:48]
-    Image.fromarray(np.stack([xx * 5, yy * 6, np.full_like(xx, 90)], -1).astype(np.uint8)).save(srv.input_dir / "example.png")
+    gradient = np.stack([xx * 5, yy * 6, np.full_like(xx, 90)], -1).astype(np.uint8)
+    Image.fromarray(gradient).save(srv.input_dir / "example.png")
     with srv:
         yield srv
 

@@ -23,8 +23,8 @@ CORE_WIDGETS = {
     "CLIPLoader": [("clip_name", (None, {})), ("type", (["stable_diffusion", "stable_cascade", "sd3", "wan"], {})),
                    ("device", (["default", "cpu"], {}))],  # (type lists more; the workflows use sd3 and wan)
     # core's Wan nodes (the wan_*.json workflows)
-    "UNETLoader": [("unet_name", (None, {})), ("weight_dtype", (["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"],
-                                                               {}))],
+    "UNETLoader": [("unet_name", (None, {})),
+                   ("weight_dtype", (["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"], {}))],
     "VAELoader": [("vae_name", (None, {}))],
     "CLIPVisionLoader": [("clip_name", (None, {}))],
     "LoraLoaderModelOnly": [("lora_name", (None, {})), ("strength_model", ("FLOAT", {"min": -100.0, "max": 100.0}))],

@@ -1,7 +1,7 @@
 """Wan LoRA files (models/wan_lora.py) in original Wan naming, checked with diffusers' own loaders.
 
-* The name map agrees with diffusers' original->diffusers checkpoint converter (``convert_wan_transformer_to_diffusers``)
-  on every LoRA-able layer of every tiny Wan variant.
+* The name map agrees with diffusers' original->diffusers checkpoint converter
+  (``convert_wan_transformer_to_diffusers``) on every LoRA-able layer of every tiny Wan variant.
 * A LoRA on every Linear of a tiny Wan 2.1 T2V / 2.1 I2V (image K/V and image projection included) / 2.2 TI2V /
   2.2 A14B (both experts), and one on the Reg-DPO default targets, saved with ``save_wan_lora`` and loaded by diffusers'
   ``load_lora_weights`` + ``fuse_lora``: each targeted weight equals W + scale·up@down computed here, every other
@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from safetensors.torch import load_file
+from wan_testing import REGDPO_TARGETS, diffusers_warnings, fused_weights, relative_error
 
 from magicmirror_video.models.lora import LoraLayer
 from magicmirror_video.models.wan_lora import (
@@ -25,11 +26,8 @@ from magicmirror_video.models.wan_lora import (
     save_wan_lora,
 )
 from magicmirror_video.testing import tiny_wan
-from wan_testing import diffusers_warnings, fused_weights, relative_error
 
 VARIANTS = ["wan2.1-t2v", "wan2.1-i2v", "wan2.2-ti2v", "wan2.2-t2v-a14b"]
-REGDPO_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-                  "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
 
 def linear_paths(transformer, suffixes=None) -> list[str]:

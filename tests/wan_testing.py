@@ -23,6 +23,9 @@ import torch
 # freq_dim 256 and text_dim 4096 (WanModel's default); I2V 2.1 = in_dim 36 and img_emb (CLIP width 1280).
 WIDTH, FFN, LAYERS = 256, 512, 2
 IN_DIM = {"t2v": 16, "i2v": 36}
+# The Reg-DPO LoRA targets for Wan: attention q/k/v/o and the FFN of every block.
+REGDPO_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+                  "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
 # ComfyUI's Python: argv = comfyui, variant, output path, seed, JSON {width, ffn, layers, in_dim}.
 CORE_WAN_SCRIPT = r'''

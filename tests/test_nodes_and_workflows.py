@@ -20,8 +20,29 @@ CORE_WIDGETS = {
     "LoadImage": [("image", (None, {})), ("upload", (None, {}))],
     "PreviewImage": [],
     "PreviewAny": [],  # shows a STRING (e.g. the Identity Score report) on the node; its input type is "*"
-    "CLIPLoader": [("clip_name", (None, {})), ("type", (["stable_diffusion", "stable_cascade", "sd3"], {})),
-                   ("device", (["default", "cpu"], {}))],  # (type lists more; the workflows use sd3)
+    "CLIPLoader": [("clip_name", (None, {})), ("type", (["stable_diffusion", "stable_cascade", "sd3", "wan"], {})),
+                   ("device", (["default", "cpu"], {}))],  # (type lists more; the workflows use sd3 and wan)
+    # core's Wan nodes (the wan_*.json workflows)
+    "UNETLoader": [("unet_name", (None, {})),
+                   ("weight_dtype", (["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"], {}))],
+    "VAELoader": [("vae_name", (None, {}))],
+    "CLIPVisionLoader": [("clip_name", (None, {}))],
+    "LoraLoaderModelOnly": [("lora_name", (None, {})), ("strength_model", ("FLOAT", {"min": -100.0, "max": 100.0}))],
+    "ModelSamplingSD3": [("shift", ("FLOAT", {"min": 0.0, "max": 100.0}))],
+    "CLIPTextEncode": [("text", ("STRING", {}))],
+    "CLIPVisionEncode": [("crop", (["center", "none"], {}))],
+    "EmptyHunyuanLatentVideo": [("width", ("INT", {"min": 16, "max": 16384, "step": 16})),
+                                ("height", ("INT", {"min": 16, "max": 16384, "step": 16})),
+                                ("length", ("INT", {"min": 1, "max": 16384})), ("batch_size", ("INT", {"min": 1}))],
+    "WanImageToVideo": [("width", ("INT", {"min": 16, "max": 16384, "step": 16})),
+                        ("height", ("INT", {"min": 16, "max": 16384, "step": 16})),
+                        ("length", ("INT", {"min": 1, "max": 16384})), ("batch_size", ("INT", {"min": 1}))],
+    "KSampler": [("seed", ("INT", {"min": 0})), ("steps", ("INT", {"min": 1, "max": 10000})),
+                 ("cfg", ("FLOAT", {"min": 0.0, "max": 100.0})),
+                 ("sampler_name", (["euler", "dpmpp_2m", "uni_pc"], {})),  # (core lists more)
+                 ("scheduler", (["simple", "normal", "karras"], {})), ("denoise", ("FLOAT", {"min": 0.0, "max": 1.0}))],
+    "VAEDecode": [],
+    "MarkdownNote": [("text", ("STRING", {}))],  # frontend-only
 }
 DYNAMIC_COMBOS = {"model", "lora_name", "transformer_file", "insightface", "photomaker", "adapter", "clip_vision"}  # lists of files on the user's disk
 
@@ -141,6 +162,8 @@ def test_workflow_refers_to_existing_nodes_with_valid_widgets(path):
         if node["type"] == "MMV_CogVideoXSampler":
             frames = node["widgets_values"][2]
             assert (frames - 1) % 4 == 0
+        if node["type"] in ("EmptyHunyuanLatentVideo", "WanImageToVideo"):  # Wan: 4k + 1 frames
+            assert (node["widgets_values"][2] - 1) % 4 == 0
     for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
         out = nodes[src]["outputs"][src_slot]
         inp = nodes[dst]["inputs"][dst_slot]

@@ -1,6 +1,6 @@
-"""Test fixtures shipped with the pack: tiny random CogVideoX models, fake insightface packs and the
-key/shape facts of the real checkpoints (``reference/``), so tests, benchmarks and ``make demo``
-run anywhere without downloading weights. Not used by the nodes or the trainers at run time
+"""Test fixtures shipped with the pack: tiny random CogVideoX and Wan models, fake insightface packs, memory
+probes (``memory_probe.py``) and the configs and key/shape facts of the real checkpoints (``reference/``), so
+tests, benchmarks and ``make demo`` run anywhere without downloading weights. Not used by the nodes or the trainers at run time
 (only by the trainers' ``--preset tiny`` demo data)."""
 
 import json

@@ -14,8 +14,12 @@ from magicmirror_video.models.memory import (
     wan_video_tokens,
 )
 from magicmirror_video.testing import reference_json, tiny_wan
-from magicmirror_video.testing.memory_probe import LiveTensorBytes, saved_tensor_bytes, wan_lora_transformer, \
-    wan_regdpo_step
+from magicmirror_video.testing.memory_probe import (
+    LiveTensorBytes,
+    saved_tensor_bytes,
+    wan_lora_transformer,
+    wan_regdpo_step,
+)
 
 # DESIGN.md: parameters on the meta device, in billions
 PARAMETERS_B = {"wan2.1_t2v_1.3b": 1.42, "wan2.1_t2v_14b": 14.29, "wan2.1_i2v_14b_480p": 16.40,

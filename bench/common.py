@@ -65,6 +65,14 @@ def load_reference_config(name: str) -> dict:
     return {k: v for k, v in reference_json(f"cogvideox/{name}").items() if not k.startswith("_")}
 
 
+def load_wan_reference_config(name: str) -> dict:
+    """A Wan 2.1 / 2.2 config shipped in ``magicmirror_video/testing/reference/wan/`` (the diffusers configs of the
+    Wan-AI folders: transformers, VAEs)."""
+    from magicmirror_video.testing import reference_json
+
+    return {k: v for k, v in reference_json(f"wan/{name}").items() if not k.startswith("_")}
+
+
 def flops_5b(make_patches, context=None) -> tuple[float, float]:
     """FLOPs of one CFG forward (batch 2) of the CogVideoX-5B transformer at 49x480x720, without and
     with the patches ``make_patches(transformer)`` returns; everything on the meta device."""

@@ -27,6 +27,11 @@ and T5 leaf by leaf.
 ``torch.cuda.max_memory_allocated`` of each stage is printed beside the estimate (``--steps`` sampling steps; the
 peak of a step does not depend on how many run; ~22 GB of host RAM hold the random weights). ``--tiny`` runs the
 measuring code on tiny models (any device).
+
+``--training``: Reg-DPO LoRA training of Wan2.1-T2V-14B and Wan2.1-I2V-14B-720P per GPU on 8 GPUs (FSDP), row by row
+as the Reg-DPO paper's memory techniques are added (Appendix A.2), beside its claims; see :func:`print_training`.
+``--calibrate``: the measurements behind ``models/memory.py``'s Wan training constants, on tiny Wan models on the
+CPU (a saved-tensors hook and a live-tensor counter, ``testing/memory_probe.py``), beside the formulas.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import contextlib
 import gc
 
 import torch
-from common import load_reference_config
+from common import load_reference_config, load_wan_reference_config
 
 from magicmirror_video.models.memory import (
     t5_activation_bytes,
@@ -324,14 +329,262 @@ def measure(args) -> None:
             torch.cuda.empty_cache()
 
 
+# ------------------------------------------------------------------------------------------------ Wan training
+
+# google/umt5-xxl as the Wan-AI diffusers folders ship it (text_encoder/config.json, transformers' UMT5Config; only the
+# encoder is loaded)
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                use_cache=False)
+WAN_CLIP = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, patch_size=14,
+                image_size=224, hidden_act="gelu")  # Wan 2.1 I2V's image_encoder (CLIPVisionModel, ViT-H/14)
+WAN_MODELS = {"Wan2.1-T2V-14B": "transformer_config_wan2.1_t2v_14b.json",
+              "Wan2.1-I2V-14B-720P": "transformer_config_wan2.1_i2v_14b_720p.json"}
+TRAINING_SIZES = ((81, 720, 1280), (200, 720, 1280))
+GPUS, PAPER_CP, GPU_GIB = 8, 4, 80  # the paper's 8x H100 80GB, CP=4
+# (label, what is added); each row keeps every technique of the rows above it
+TRAINING_ROWS = (("a", "FSDP only (2 forwards; UMT5, VAE, CLIP resident)", {}),
+                 ("b", "+ pair-parallel (one batch-2 forward)", {"pair": True}),
+                 ("c", "+ prompt pre-encoding (no UMT5)", {"pre_encoded": True}),
+                 ("d", "+ frozen-module offload (VAE, CLIP, copy)", {"offload": True}),
+                 ("e", "+ gradient checkpointing", {"checkpointing": True}),
+                 ("f", f"+ context parallelism CP={PAPER_CP} (the paper's)", {"cp": PAPER_CP}))
+
+
+def keep_in_fp32_like_from_pretrained(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast the parameters and buffers whose name has a part in the class's ``_keep_in_fp32_modules`` (modules such
+    as ``rope``, ``norm2`` or tensors such as ``scale_shift_table``) to float32, as diffusers'
+    ``from_pretrained(torch_dtype=bfloat16)`` loads them (works on the meta device)."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for module_name, module in model.named_modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is not None and keep & set(f"{module_name}.{name}".split(".")):
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = t.data.float()
+                    else:
+                        tensors[name] = t.float()
+    return model
+
+
+def build_wan_models(device="meta") -> dict:
+    """Every model of the training table on ``device`` as the pack loads it: the transformers in bf16 (their
+    float32 tables kept as diffusers keeps them), UMT5-XXL's encoder in bf16, the VAE and CLIP in float32
+    (``models/wan.load_wan``'s defaults), and the LoRA the Reg-DPO trainer puts on each transformer."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    from magicmirror_video.models.lora import find_lora_targets
+    from magicmirror_video.training.train_regdpo import RegDPOTrainConfig
+
+    lora = RegDPOTrainConfig()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            m = {"transformers": {name: keep_in_fp32_like_from_pretrained(
+                WanTransformer3DModel.from_config(load_wan_reference_config(cfg))) for name, cfg in WAN_MODELS.items()},
+                 "umt5": UMT5EncoderModel(UMT5Config(**UMT5_XXL))}
+        torch.set_default_dtype(torch.float32)
+        with torch.device(device):
+            m["vae"] = AutoencoderKLWan.from_config(load_wan_reference_config("vae_config_wan2.1.json"))
+            m["clip"] = CLIPVisionModel(CLIPVisionConfig(**WAN_CLIP))
+    finally:
+        torch.set_default_dtype(default)
+    m["vae_config"] = load_wan_reference_config("vae_config_wan2.1.json")
+    m["lora"] = {"rank": lora.lora_rank, "alpha": lora.lora_alpha, "targets": list(lora.lora_targets)}
+    m["lora_params"] = {}
+    for name, transformer in m["transformers"].items():
+        modules = dict(transformer.named_modules())
+        m["lora_params"][name] = sum(lora.lora_rank * (modules[p].in_features + modules[p].out_features)
+                                     for p in find_lora_targets(transformer, lora.lora_targets))
+    m["weights"] = {name: training_weights(m, name) for name in m["transformers"]}
+    return m
+
+
+def training_weights(m: dict, name: str) -> dict:
+    """Bytes per GPU of each weight-like part (see :func:`print_training`)."""
+    transformer = m["transformers"][name]
+    blocks = [module_bytes(b) for b in transformer.blocks]
+    lora = m["lora_params"][name]
+    image = transformer.config.image_dim is not None
+    return {"shard": module_bytes(transformer) / GPUS, "block": max(blocks),
+            "root": module_bytes(transformer) - sum(blocks),  # the layers outside the blocks: FSDP's root unit
+            "lora": 4 * lora, "lora_state": 16 * lora / GPUS,  # fp32 weights gathered; weights, grads, AdamW sharded
+            "lora_grad": 4 * lora,  # the unsharded LoRA gradient during the backward
+            "umt5": module_bytes(m["umt5"]), "vae": module_bytes(m["vae"]),
+            "clip": module_bytes(m["clip"]) if image else 0}
+
+
+def training_step(m: dict, name: str, frames: int, height: int, width: int, *, reference: str, pair=False,
+                  pre_encoded=False, offload=False, checkpointing=False, cp=1) -> dict:
+    """Peak bytes on one GPU of a Reg-DPO step: ``{"peak", "phase", "weights", "activations"}`` at the peak."""
+    from magicmirror_video.models.memory import wan_training_activation_bytes, wan_video_tokens
+
+    transformer, w = m["transformers"][name], m["weights"][name]
+    tokens = wan_video_tokens(transformer.config, m["vae_config"], frames, height, width)
+    act = wan_training_activation_bytes(transformer.config, tokens, batch=2 if pair else 1, forwards=1 if pair else 2,
+                                        gradient_checkpointing=checkpointing, context_parallel=cp,
+                                        lora_rank=m["lora"]["rank"])
+    copy = reference == "copy"
+    resident = w["shard"] + w["root"] + w["lora"] + w["lora_state"]  # FSDP keeps the root unit gathered all step
+    resident += (0 if pre_encoded else w["umt5"]) + (0 if offload else w["vae"] + w["clip"])
+    resident += w["shard"] if copy and not offload else 0
+    # the reference forward gathers one block of the transformer (LoRA off) or of the copy (its root unit too, and
+    # its shard when offloaded); the backward holds the block it computes and the prefetched one
+    reference_weights = w["block"] + ((w["root"] + (w["shard"] if offload else 0)) if copy else 0)
+    phases = {"reference": (resident + reference_weights, act.reference),
+              "backward": (resident + 2 * w["block"] + w["lora_grad"], act.backward)}
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    weights, activations = phases[phase]
+    return {"peak": weights + activations, "phase": phase, "weights": weights, "activations": activations,
+            "tokens": tokens}
+
+
+def max_frames(m: dict, name: str, height: int, width: int, budget: float, **kw) -> int:
+    """The most frames (1 + 4k) whose step fits in ``budget`` bytes (0: not even one)."""
+    frames = 0
+    while frames < 4001 and training_step(m, name, frames + 1 if frames == 0 else frames + 4, height, width,
+                                          **kw)["peak"] <= budget:
+        frames = 1 if frames == 0 else frames + 4
+    return frames
+
+
+def print_training(m: dict) -> None:
+    count = lambda module: sum(p.numel() for p in module.parameters()) / 1e9  # noqa: E731
+    lora = m["lora"]
+    budget = GPU_GIB * GIB
+    print(f"Reg-DPO LoRA training per GPU: {GPUS} GPUs, FSDP FULL_SHARD (one unit per block), bf16 weights, LoRA rank "
+          f"{lora['rank']} alpha {lora['alpha']:g} on {'/'.join(lora['targets'])} (fp32, AdamW), one GT-Pair per "
+          "step, SDPA flash attention; the reference: a frozen copy (plain DPO) or the same transformer with the LoRA "
+          "off (this pack)")
+    print(f"weights (exact, meta device): UMT5-XXL encoder {count(m['umt5']):.2f}B = {gib(module_bytes(m['umt5']))} "
+          f"GiB bf16, Wan VAE {count(m['vae']):.3f}B = {gib(module_bytes(m['vae']))} GiB fp32, CLIP ViT-H/14 (I2V) "
+          f"{count(m['clip']):.3f}B = {gib(module_bytes(m['clip']))} GiB fp32")
+    results = {}
+    for name, transformer in m["transformers"].items():
+        w = m["weights"][name]
+        print(f"\n{name}: transformer {count(transformer):.2f}B = {gib(module_bytes(transformer))} GiB "
+              f"({gib(w['shard'])} per GPU sharded, one block {gib(w['block'])}, root unit {gib(w['root'])}); LoRA "
+              f"{m['lora_params'][name] / 1e6:.1f}M parameters")
+        sizes = [(f, h, wd) for f, h, wd in TRAINING_SIZES]
+        head = "".join(f"{f'{f}x{h}x{wd}':>27}" for f, h, wd in sizes)
+        print(f"{'GiB per GPU at the peak: activations,':<50}{head}{f'frames in {GPU_GIB} GiB':>20}")
+        sub = "".join(f"{'act.':>9}{'copy':>9}{'LoRA off':>9}" for _ in sizes)
+        print(f"{'total with a frozen copy / the LoRA off':<50}{sub}{'copy':>11}{'LoRA off':>9}")
+        flags = {}
+        for label, text, add in TRAINING_ROWS:
+            flags.update(add)
+            cells, row = "", {}
+            for size in sizes:
+                copy = training_step(m, name, *size, reference="copy", **flags)
+                own = training_step(m, name, *size, reference="lora_disabled", **flags)
+                row[size] = (copy, own)
+                cells += f"{gib(own['activations']):>9}{gib(copy['peak']):>9}{gib(own['peak']):>9}"
+            frames = {ref: max_frames(m, name, 720, 1280, budget, reference=ref, **flags)
+                      for ref in ("copy", "lora_disabled")}
+            results.setdefault(name, {})[label] = (row, frames, dict(flags))
+            print(f"{label} {text:<48}{cells}{frames['copy']:>11}{frames['lora_disabled']:>9}")
+        tokens = {size: training_step(m, name, *size, reference="copy")["tokens"] for size in sizes}
+        print("  video tokens: " + ", ".join(f"{f}x{h}x{wd} -> {t}" for (f, h, wd), t in tokens.items())
+              + f" (latent frames (F-1)//4+1, /8 spatially, patch 1x2x2; CP={PAPER_CP}: a quarter per GPU)")
+        rows = results[name]
+        for ref, col in (("copy", 0), ("lora_disabled", 1)):
+            a, f = rows["a"][1][ref], rows["f"][1][ref]
+            ckpt_only = max_frames(m, name, 720, 1280, budget, reference=ref, checkpointing=True)
+            peak_a, peak_f = (rows[k][0][sizes[0]][col]["peak"] for k in ("a", "f"))
+            print(f"  {'frozen copy' if ref == 'copy' else 'LoRA off'}: frames in {GPU_GIB} GiB, row f / row a = "
+                  f"{f} / {a} = {f'{f / a:.0f}x' if a else 'unbounded'}; row f / FSDP + gradient checkpointing only "
+                  f"= {f} / {ckpt_only} = {f / ckpt_only:.1f}x;\n    peak at {sizes[0][0]} frames, row a / row f = "
+                  f"{peak_a / peak_f:.1f}x (paper: nearly 3x the training capacity of FSDP alone)")
+        f200 = rows["f"][0][sizes[1]]
+        fits = {ref: f200[col]["peak"] <= budget for ref, col in (("copy", 0), ("lora_disabled", 1))}
+        print(f"  {sizes[1][0]}x720x1280 with everything on (row f): {gib(f200[0]['peak'])} GiB with a frozen copy "
+              f"({'fits' if fits['copy'] else 'does not fit'}), {gib(f200[1]['peak'])} GiB with the LoRA off "
+              f"({'fits' if fits['lora_disabled'] else 'does not fit'}) in {GPU_GIB} GiB (paper: fits, I2V-14B-720P "
+              "on 8x H100 80GB)")
+    print(TRAINING_NOTE)
+
+
+TRAINING_NOTE = """
+Estimated: weights are counted exactly on the meta device (the real configs in testing/reference/wan, UMT5-XXL from its
+config); activations come from models/memory.py's formulas (what autograd keeps per block, counted op by op and checked
+against a saved-tensors hook; the transients measured on tiny CPU models: bench/memory.py --calibrate). Per GPU and
+phase: the transformer's 1/8 shard, FSDP's root unit (the layers outside the blocks and the LoRA, gathered all step),
+one gathered block in the reference forward and two in the backward (the computed one and the prefetched one), the
+LoRA's sharded fp32 weights, grads and AdamW moments and its unsharded gradient in the backward; the frozen copy's 1/8
+shard (resident, or brought in for its forward once offloaded) and its gathered root unit and block in its forward.
+Peak = the larger of the reference forward (graph + a no-grad forward) and the backward (graph + the recomputed block
+with checkpointing + the backward's transients). The reference forward runs after the policy's forward, while its
+graph is alive, as training/train_regdpo.py does.
+Pair-parallel: two graphs of batch 1 or one graph of batch 2 keep the same tensors, so b's peak is no lower than a's
+(its no-grad reference forward is batch 2 instead of two batch-1 ones); the paper reports ~50% lower peak under FSDP,
+which it attributes to redundant gradient graphs of its sequential pipeline, an effect this estimate has no term for.
+CP: video tokens / 4 per GPU (the text and image context whole on each; the ring's K/V exchange buffers not counted),
+weights unchanged. Frames in 80 GiB: the most 1+4k frames at 720x1280 whose peak fits.
+Not counted: the CUDA context (~0.5 GiB), NCCL buffers, the caching allocator's slack (the paper's 'graph and memory
+management' item, ~3 GiB) and, under FSDP1 with use_orig_params, gradient memory for the frozen layers sharing the root
+unit with the LoRA (<= 0.5 GiB); the VAE encode, UMT5 and CLIP forwards of rows a-d run before the transformer's and
+peak lower. Flash attention is assumed throughout (the paper's setting): no row keeps an N x N matrix."""
+
+
+def calibrate() -> None:
+    """Tiny Wan Reg-DPO steps on the CPU, measured (``testing/memory_probe.py``) beside ``models/memory.py``'s
+    formulas with the CPU's composite RMSNorm (``fused_rms_norm=False``); the transients per video token in units
+    of the width D are what the WAN_FORWARD_* / WAN_BACKWARD_* constants were fitted to."""
+    import tempfile
+
+    from magicmirror_video.models import memory
+    from magicmirror_video.testing import tiny_wan
+    from magicmirror_video.testing.memory_probe import wan_lora_transformer, wan_regdpo_step
+
+    print(f"constants: forward max({memory.WAN_FORWARD_ATTENTION}·D, {memory.WAN_FORWARD_FFN[0]}·D + "
+          f"{memory.WAN_FORWARD_FFN[1]}·F) + context {memory.WAN_FORWARD_CONTEXT}·D; backward "
+          f"max({memory.WAN_BACKWARD_ATTENTION}·D, {memory.WAN_BACKWARD_FFN[0]}·D + {memory.WAN_BACKWARD_FFN[1]}·F) "
+          f"+ context {memory.WAN_BACKWARD_CONTEXT}·D (bytes per token per sample)")
+    print(f"{'variant':<11}{'F/D':>5}{'text':>5}{'tokens':>7}{'ckpt':>5}{'pair':>5}{'saved / graph formula':>24}"
+          f"{'peak measured / formula':>26}{'fwd, bwd transient /(tokens·D)':>32}")
+    runs = [("wan2.1-t2v", 172, 16, 3, 16, True, True), ("wan2.1-t2v", 172, 16, 3, 16, False, True),
+            ("wan2.1-t2v", 172, 16, 3, 16, True, False), ("wan2.1-t2v", 172, 16, 3, 16, False, False),
+            ("wan2.1-t2v", 384, 16, 3, 16, True, True), ("wan2.1-t2v", 512, 16, 3, 16, False, True),
+            ("wan2.1-t2v", 172, 16, 5, 16, True, True), ("wan2.1-t2v", 172, 512, 3, 16, True, True),
+            ("wan2.1-i2v", 172, 512, 3, 16, True, True), ("wan2.1-i2v", 172, 512, 3, 32, True, True),
+            ("wan2.1-i2v", 172, 512, 3, 32, False, True)]
+    for variant, ffn, text, frames, size, ckpt, pair in runs:
+        cfg = dict(tiny_wan.transformer_config(variant, heads=2, head_dim=32, num_layers=2, text_dim=32), ffn_dim=ffn)
+        with tempfile.TemporaryDirectory() as folder:
+            transformer, lora = wan_lora_transformer(cfg, folder, gradient_checkpointing=ckpt)
+            got = wan_regdpo_step(transformer, lora, frames=frames, height=size, width=size, text_tokens=text,
+                                  pair_parallel=pair)
+        n, D = frames * size * size // 4, 64
+        kw = dict(text_tokens=text, lora_rank=4, fused_rms_norm=False)
+        est = memory.wan_training_activation_bytes(cfg, n, batch=2 if pair else 1, forwards=1 if pair else 2,
+                                                   gradient_checkpointing=ckpt, **kw)
+        batch = 2 if pair else 1
+        recompute = batch * memory.wan_block_saved_bytes(cfg, n, batch=batch, **kw) if ckpt else 0
+        per = (2 if pair else 1) * n * D  # one forward's tokens · D
+        transient = ((got["reference"] - got["graph"]) / per, (got["backward"] - got["graph"] - recompute) / per)
+        saved = f"{got['saved'] / est.graph:6.3f}" if not ckpt else "   -  "
+        print(f"{variant:<11}{ffn / D:>5.2f}{text:>5}{n:>7}{'yes' if ckpt else 'no':>5}{'yes' if pair else 'no':>5}"
+              f"{saved:>24}{got['peak'] / 2**20:>13.2f} / {est.peak / 2**20:5.2f} MiB"
+              f"{transient[0]:>15.1f}, {transient[1]:.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--measure", action="store_true", help="run every mode x method x stage on CUDA and measure")
+    ap.add_argument("--training", action="store_true", help="Wan 14B Reg-DPO training memory per GPU (estimate)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="measure tiny Wan training steps on the CPU beside models/memory.py's training formulas")
     ap.add_argument("--steps", type=int, default=2, help="sampling steps when measuring")
     ap.add_argument("--tiny", action="store_true", help="tiny models (check the measuring code on any machine)")
     ap.add_argument("--cpu", action="store_true", help="measure on the CPU even if CUDA is there (with --tiny)")
     args = ap.parse_args()
-    if args.measure:
+    if args.training:
+        print_training(build_wan_models())
+    elif args.calibrate:
+        calibrate()
+    elif args.measure:
         measure(args)
     else:
         print_estimate(build_models())

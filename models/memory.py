@@ -23,10 +23,48 @@ so freed tensors leave) of one CogVideoX-5B block, the 5B VAE decoder and encode
 slope between the two sizes divided by the unit gives 13.8 (block, bf16), 9.9 (decode, fp32) and 22.2 (encode,
 fp32), rounded up here. oneDNN's CPU convolutions may keep more scratch memory than cuDNN, so the VAE figures lean
 high. ``bench/memory.py --measure`` on a GPU reports ``torch.cuda.max_memory_allocated`` beside them.
+
+**Wan training** (:func:`wan_training_activation_bytes`; a Reg-DPO LoRA step, frozen bf16 weights, the LoRA on
+``to_q``/``to_k``/``to_v``/``to_out.0`` of both attentions, SDPA's flash / memory-efficient attention, as
+``training/train_regdpo.py`` runs it). What autograd keeps for the backward of one ``WanTransformerBlock``, per video
+token of one sample, counted op by op (frozen linears keep nothing of their input, the LoRA's down projection keeps
+it; Wan's norms run in float32):
+
+=====================================================  ==========================================
+kept for backward                                      bytes per video token
+=====================================================  ==========================================
+norm1, norm2, norm3 inputs (``hidden.float()``)        3 · 4·D
+attn1: LoRA input; norm_q, norm_k inputs               2·D; 2 · 2·D (fp32 upcasts on the CPU: 2 · 4·D)
+attn1 SDPA: q, k, v, output                            4 · 2·D
+attn2: LoRA input; norm_q input; SDPA q, output        2·D; 2·D (CPU 4·D); 2 · 2·D
+attn2, I2V: image attention output; their sum          2 · 2·D
+feed-forward: GELU input                               2·F
+SDPA log-sum-exp; LoRA down outputs; norm statistics   4·heads per attention; 6 · 2·r; 9 · 4
+=====================================================  ==========================================
+
+so 34·D + 2·F (+ 4·D with I2V's image attention) per token and block — about 43·D for the 14B models (F = 2.7·D),
+against 2·D for the block's input alone under gradient checkpointing. Per context token: the cross-attention's
+norm_k input and SDPA k, v (6·D; the image tokens' 4·D), and with I2V and a batch of two, the to_k/to_v LoRAs' own
+copies of the strided text slice. Outside the blocks: norm_out's fp32 input, the prediction and the loss's fp32
+difference, the rotary tables. The first block's input needs no gradient (its norm1 keeps nothing). A step keeps the
+graphs of its forwards with gradient (winner and loser: one batch-2 forward, or two batch-1 forwards: the same bytes)
+and peaks either in the no-grad reference forward that runs while they are alive or in the backward (plus, with
+checkpointing, the recomputed block's saved tensors).
+
+Those transients are measured: ``bench/memory.py --calibrate`` runs tiny Wan Reg-DPO steps on the CPU (bf16,
+loaded with ``from_pretrained(torch_dtype=bfloat16)`` as the trainers do) through ``testing/memory_probe.py`` (a
+saved-tensors hook and a dispatch-mode counter of live tensor bytes) at several widths, feed-forward widths and
+token counts: a no-grad forward adds max(25.3·D, 10.9·D + 4·F) per token, a block's backward max(15.2·D,
+4·F − 2.9·D), rounded up into ``WAN_FORWARD_*`` / ``WAN_BACKWARD_*``; the context terms are rough (they only matter
+when the context rivals the video tokens, never at training sizes). The saved-tensor count matches the hook within
+1% and the step's peak the live counter within 10% (``tests/test_wan_memory.py``). The CPU's composite RMSNorm
+keeps an fp32 upcast where CUDA's fused kernel keeps its bf16 input (``fused_rms_norm``); the transients, measured
+with the composite's float32 temporaries, lean high for a GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 TEXT_TOKENS = 226
@@ -71,3 +109,120 @@ def vae_decode_activation_bytes(config, height: int, width: int, *, tiling: bool
 def vae_encode_activation_bytes(config, height: int, width: int, *, images: int = 1, element_size: int = 2) -> int:
     """Peak activations of encoding ``images`` single frames of ``height × width`` (see the module doc)."""
     return ENCODE_UNITS * dict(config)["block_out_channels"][0] * height * width * images * element_size
+
+
+# ------------------------------------------------------------------------------------------------ Wan training
+WAN_TEXT_TOKENS = 512  # UMT5 prompt embeddings padded to 512 (diffusers' Wan pipelines; the I2V attention needs it)
+WAN_IMAGE_TOKENS = 257  # CLIP ViT-H/14 penultimate layer at 224 px (Wan 2.1 I2V's image context)
+# Transients on top of what is kept, in bytes per video token (× D, the width, or F, the feed-forward width) and per
+# context token (text, image), per sample; measured on the CPU (see the module doc). A no-grad forward peaks in a
+# block's attention or feed-forward; the backward of a block in its attention or in its feed-forward.
+WAN_FORWARD_ATTENTION = 26  # · D
+WAN_FORWARD_FFN = (11, 4)  # 11·D + 4·F
+WAN_FORWARD_CONTEXT = (14, 6)  # · D per text token, per image token
+WAN_BACKWARD_ATTENTION = 16  # · D
+WAN_BACKWARD_FFN = (-2, 4)  # −2·D + 4·F
+WAN_BACKWARD_CONTEXT = (6, 0)  # · D per text token, per image token
+
+
+def wan_video_tokens(config, vae_config, num_frames: int, height: int, width: int) -> int:
+    """Video tokens of a ``WanTransformer3DModel`` config at a pixel size: ``(F−1)//t + 1`` latent frames of
+    ``H/s × W/s`` (``t``, ``s``: the VAE config's temporal and spatial scale factors), patchified by ``patch_size``."""
+    config, vae_config = dict(config), dict(vae_config)
+    p_t, p_h, p_w = config["patch_size"]
+    t, s = vae_config.get("scale_factor_temporal", 4), vae_config.get("scale_factor_spatial", 8)
+    return ((num_frames - 1) // t + 1) // p_t * (height // s // p_h) * (width // s // p_w)
+
+
+def _wan_dims(config) -> dict:
+    config = dict(config)
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    return dict(D=heads * head_dim, F=config["ffn_dim"], H=heads, hd=head_dim, L=config["num_layers"],
+                image=config.get("added_kv_proj_dim") is not None,
+                out=config["out_channels"] * math.prod(config["patch_size"]))
+
+
+def wan_block_saved_bytes(config, tokens: int, *, text_tokens: int = WAN_TEXT_TOKENS, image_tokens: int | None = None,
+                          lora_rank: int = 16, fused_rms_norm: bool = True, first: bool = False,
+                          batch: int = 1) -> int:
+    """Bytes autograd keeps for the backward of one ``WanTransformerBlock`` of one sample (the LoRA on ``to_q``,
+    ``to_k``, ``to_v``, ``to_out.0`` of both attentions, frozen bf16 weights; see the module doc's table).
+    ``fused_rms_norm``: torch's fused RMSNorm (CUDA) keeps its bf16 input, the CPU's composite an fp32 upcast.
+    ``first``: the first block, whose input needs no gradient (its norm1 keeps nothing). ``batch``: the forward's
+    batch; with I2V and more than one sample the text context is a strided slice of ``[image; text]``, which the
+    to_k / to_v LoRAs each copy (and keep) per block."""
+    d = _wan_dims(config)
+    D, F, H, r = d["D"], d["F"], d["H"], lora_rank
+    image_tokens = (WAN_IMAGE_TOKENS if d["image"] else 0) if image_tokens is None else image_tokens
+    rms = 2 if fused_rms_norm else 4
+    per_token = (D * (4 + 2 + 2 * rms + 8  # norm1 input (fp32), attn1: LoRA input, norm_q/norm_k inputs, SDPA q k v out
+                      + 4 + 2 + rms + 4  # norm2 input (fp32), attn2: LoRA input, norm_q input, SDPA q out
+                      + (4 if d["image"] else 0)  # I2V: the image attention's output, to_out's input (their sum)
+                      + 4)  # norm3 input (fp32)
+                 + 2 * F  # the feed-forward's GELU input
+                 + 4 * H * (3 if d["image"] else 2)  # SDPA log-sum-exp (fp32)
+                 + 2 * r * 6 + 4 * (2 * 3 + 3))  # LoRA down outputs; LayerNorm mean/rstd, RMSNorm rstd (fp32)
+    if first:
+        per_token -= 4 * D + 8
+    per_text = D * (rms + 4) + 2 * r * 2 + 4  # attn2 norm_k input, SDPA k v; the to_k/to_v LoRA down outputs, rstd
+    if d["image"] and batch > 1:  # the text slice of [image; text] is strided: each LoRA's linear keeps a copy
+        per_text += 2 * 2 * D
+    per_image = 4 * D  # the image attention's SDPA k v (its norm_added_k input needs no gradient)
+    lora_copies = 2 * 8 * r * 2 * D  # the bf16 copies of the block's 8 LoRA pairs, kept by their linears
+    return tokens * per_token + text_tokens * per_text + image_tokens * per_image + lora_copies
+
+
+@dataclasses.dataclass(frozen=True)
+class WanTrainingActivations:
+    """Activation bytes of one training step of a Wan transformer on one device (see
+    :func:`wan_training_activation_bytes`): ``graph`` kept after the forwards with gradient, the peaks while the
+    no-grad reference forward runs and during the backward, and their maximum ``peak``."""
+
+    graph: int
+    reference: int
+    backward: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.graph, self.reference, self.backward)
+
+
+def wan_training_activation_bytes(config, video_tokens: int, *, batch: int = 2, forwards: int = 1,
+                                  gradient_checkpointing: bool = False, context_parallel: int = 1,
+                                  reference_forward: bool = True, text_tokens: int = WAN_TEXT_TOKENS,
+                                  image_tokens: int | None = None, lora_rank: int = 16,
+                                  fused_rms_norm: bool = True) -> WanTrainingActivations:
+    """Activations of a Reg-DPO step of a ``WanTransformer3DModel`` (bf16, LoRA, SDPA's flash / memory-efficient
+    attention: no ``N × N`` matrix): ``forwards`` forwards with gradient of ``batch`` samples each, their graphs kept
+    until one backward (pair-parallel: 1 forward of batch 2; winner then loser: 2 of batch 1), then as many no-grad
+    reference forwards (``reference_forward``) while the graphs are alive, then the backward. Gradient
+    checkpointing keeps only each block's input and recomputes one block at a time in the backward. Context
+    parallelism splits the video tokens over ``context_parallel`` devices (the text and image context is whole on
+    each). Per-token constants: see the module doc."""
+    d = _wan_dims(config)
+    D, F, L, hd = d["D"], d["F"], d["L"], d["hd"]
+    n = -(-video_tokens // context_parallel)  # video tokens on this device
+    image_tokens = (WAN_IMAGE_TOKENS if d["image"] else 0) if image_tokens is None else image_tokens
+    kw = dict(text_tokens=text_tokens, image_tokens=image_tokens, lora_rank=lora_rank, fused_rms_norm=fused_rms_norm,
+              batch=batch)
+    block = wan_block_saved_bytes(config, n, **kw)
+    # the context embeddings ([image; text] for I2V): the checkpointed blocks' argument, or kept by the to_k/to_v
+    # LoRAs (but I2V with batch > 1 has them copy the text per block, counted in the block)
+    shared = 2 * D * (text_tokens + image_tokens)
+    if not gradient_checkpointing and d["image"] and batch > 1:
+        shared = 0
+    outside = n * (4 * D + 8 + 2 * d["out"])  # norm_out's fp32 input and its mean/rstd; the prediction (bf16)
+    if gradient_checkpointing:
+        per_sample = L * 2 * D * n + shared + outside  # each block's bf16 input
+    else:
+        per_sample = wan_block_saved_bytes(config, n, first=True, **kw) + (L - 1) * block + shared + outside
+    graph = forwards * (batch * per_sample + 8 * hd * n)  # + the rotary cos/sin tables (fp32, one per forward)
+    tokens, context = batch * n, batch * D
+    forward = (tokens * max(WAN_FORWARD_ATTENTION * D, WAN_FORWARD_FFN[0] * D + WAN_FORWARD_FFN[1] * F)
+               + context * (WAN_FORWARD_CONTEXT[0] * text_tokens + WAN_FORWARD_CONTEXT[1] * image_tokens))
+    backward = (tokens * max(WAN_BACKWARD_ATTENTION * D, WAN_BACKWARD_FFN[0] * D + WAN_BACKWARD_FFN[1] * F)
+                + context * (WAN_BACKWARD_CONTEXT[0] * text_tokens + WAN_BACKWARD_CONTEXT[1] * image_tokens)
+                + forwards * tokens * 4 * d["out"])  # the loss's fp32 difference
+    recompute = batch * block if gradient_checkpointing else 0
+    return WanTrainingActivations(graph=graph, reference=graph + forward if reference_forward else graph,
+                                  backward=graph + recompute + backward)

@@ -82,6 +82,17 @@ def test_models_import_neither_nodes_nor_training_nor_comfyui():
                 assert "comfy" not in text and "folder_paths" not in text, f"{path.name}: {text}"
 
 
+def test_every_reference_folder_ships_as_package_data():
+    """Each folder of testing/reference/ with JSON files is a listed package whose JSON files are package data, so
+    the wheel carries them (reference_json reads them from the installed package)."""
+    setuptools = PYPROJECT["tool"]["setuptools"]
+    for folder in [ROOT / "testing" / "reference", *(ROOT / "testing" / "reference").iterdir()]:
+        if folder.is_dir() and any(folder.glob("*.json")):
+            package = "magicmirror_video." + ".".join(folder.relative_to(ROOT).parts)
+            assert package in setuptools["packages"], package
+            assert "*.json" in setuptools["package-data"].get(package, []), package
+
+
 def test_comfy_registry_fields():
     """[project] and [tool.comfy] as the Comfy Registry specification asks (docs.comfy.org/registry)."""
     assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]*([-_.][A-Za-z0-9]+)*", PROJECT["name"]) and len(PROJECT["name"]) < 100
@@ -150,7 +161,8 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_anywhere(tmp_path):
             "import magicmirror_video.models.sampler as s, magicmirror_video.training.trainer\n"
             "assert 'site-packages' in s.__file__, s.__file__\n"
             "from magicmirror_video.testing import reference_json\n"
-            "assert reference_json('cogvideox/transformer_config_5b.json')['num_layers'] == 42\n")
+            "assert reference_json('cogvideox/transformer_config_5b.json')['num_layers'] == 42\n"
+            "assert reference_json('wan/transformer_config_wan2.1_t2v_14b.json')['num_layers'] == 40\n")
     run([py, "-c", code], cwd=outside, env=env)
     out = run([py, "-m", "magicmirror_video.training.train_dualreal", "--preset", "tiny", "--max_steps", "2",
                "--output_dir", outside / "run"], cwd=outside, env=env)

@@ -285,8 +285,8 @@ def test_batches_with_different_reference_counts(tiny_run, tmp_path):
     batch = trainer.collate([one, other])
     captured = []
     spec = module.spec
-    original = spec.predict
-    spec.predict = lambda *a, **k: captured.append(original(*a, **k)) or captured[-1]
+    original = spec.forward
+    spec.forward = lambda *a, **k: captured.append(original(*a, **k)) or captured[-1]
     try:
         loss, _ = module(batch, torch.Generator().manual_seed(0))
         assert torch.isfinite(loss)
@@ -307,6 +307,6 @@ def test_batches_with_different_reference_counts(tiny_run, tmp_path):
             finally:
                 undo()
     finally:
-        spec.predict = original
+        spec.forward = original
     for got, want in zip(captured, alone):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -182,3 +182,30 @@ def build_clip_vision_checkpoint(path: str, *, projection_dim: int = 16, seed: i
                                                            projection_dim=projection_dim, hidden_act="gelu"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return path
+
+
+def write_gt_pairs(root, n: int = 2, frames: int = 5, size: int = 32, loser: bool = True,
+                   caption: str = "a car drives along a mountain road with snow") -> str:
+    """A GT-Pair manifest (``pairs.jsonl`` rows {winner, loser, first_frame, caption}) of ``n`` synthetic clips under
+    ``root``: a square moving right (winner), a noisier copy (loser), the winner's first frame; returns its path."""
+    from PIL import Image
+
+    from ..models.video_io import write_video
+
+    os.makedirs(root, exist_ok=True)
+    rows = []
+    for k in range(n):
+        g = torch.Generator().manual_seed(k)
+        win = torch.rand(1, 1, 1, 3, generator=g).expand(frames, size, size, 3).clone()
+        for t in range(frames):
+            win[t, 8:20, 2 + t:14 + t] = torch.rand(3, generator=g)
+        lose = (win + 0.3 * torch.rand(win.shape, generator=g)).clamp(0, 1)
+        write_video(os.path.join(root, f"w{k}.mp4"), win, fps=16)
+        write_video(os.path.join(root, f"l{k}.mp4"), lose, fps=16)
+        Image.fromarray((win[0] * 255).round().byte().numpy()).save(os.path.join(root, f"f{k}.png"))
+        row = {"winner": f"w{k}.mp4", "first_frame": f"f{k}.png", "caption": caption}
+        rows.append({**row, "loser": f"l{k}.mp4"} if loser else row)
+    path = os.path.join(root, "pairs.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path

@@ -1,6 +1,6 @@
-"""FSDP: the trainers' modules with the frozen transformer inside, wrapped by torch's FSDP with one unit per
-CogVideoXBlock (what the shipped accelerate fsdp.yaml asks for), compute the same loss and gradients as the plain
-modules: in one process (FSDP then keeps the parameters whole, NO_SHARD) and sharded (FULL_SHARD) over two CPU
+"""FSDP: the trainers' modules with the frozen transformers inside, wrapped by torch's FSDP with one unit per block
+(CogVideoXBlock, or WanTransformerBlock for Reg-DPO on Wan: what the shipped fsdp.yaml / fsdp_wan.yaml ask for),
+compute the same loss and gradients as the plain modules: in one process (FSDP then keeps the parameters whole, NO_SHARD) and sharded (FULL_SHARD) over two CPU
 processes (gloo, torch.distributed.run), where the reference is data parallelism written out: each rank's plain
 module's gradients on that rank's batch, averaged over the ranks with an explicit all_reduce (every rank takes its own
 slice of the data; the tiny MagicMirror and subject datasets hold several samples, so their ranks' gradients differ),
@@ -20,8 +20,17 @@ from magicmirror_video.training.config import load_config
 
 
 def tiny_config(name: str, tmp_path):
-    """A trainer's tiny preset with its assets built under ``tmp_path``: (config, trainer class)."""
+    """A trainer's tiny preset with its assets built under ``tmp_path``: (config, trainer class). ``regdpo_wan``: the
+    Reg-DPO preset on a tiny Wan 2.1 I2V (the CLIP branch, the mask channels) with synthetic GT-Pairs."""
     from magicmirror_video.training import presets, train_dualreal, train_magicmirror, train_regdpo, train_subject_replay
+
+    if name == "regdpo_wan":
+        from magicmirror_video.testing import tiny, tiny_wan
+
+        folder = tiny_wan.build_model_folder(str(tmp_path / "wan"), "wan2.1-i2v")
+        argv = ["--preset", "tiny", "--output_dir", str(tmp_path), "--tiny_demo", "false", "--model_path", folder,
+                "--data", tiny.write_gt_pairs(str(tmp_path / "pairs")), "--num_frames", "5"]
+        return load_config(train_regdpo.RegDPOTrainConfig, argv, train_regdpo.PRESETS), train_regdpo.RegDPOTrainer
 
     module_of, trainer_class, build = {
         "magicmirror": (train_magicmirror, train_magicmirror.MagicMirrorTrainer, presets.build_tiny_magicmirror),
@@ -43,10 +52,12 @@ def process_group(tmp_path_factory):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["magicmirror", "subject_replay", "dualreal", "regdpo"])
+TRAINERS = ["magicmirror", "subject_replay", "dualreal", "regdpo", "regdpo_wan"]
+
+
+@pytest.mark.parametrize("name", TRAINERS)
 def test_fsdp_wrapped_module_with_the_frozen_transformer_matches_the_plain_one(name, process_group, tmp_path):
     from accelerate import Accelerator
-    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -65,13 +76,16 @@ def test_fsdp_wrapped_module_with_the_frozen_transformer_matches_the_plain_one(n
         return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
     plain_loss, plain_grads = loss_and_grads(module)
-    module.transformer = trainer.spec.transformer  # what Trainer.shard_frozen_model does under FSDP
-    wrapped = FSDP(module, auto_wrap_policy=ModuleWrapPolicy({CogVideoXBlock}), use_orig_params=True,
+    module.transformers = torch.nn.ModuleList(trainer.spec.transformers)  # what Trainer.shard_frozen_model does
+    block = trainer.spec.block_class
+    wrapped = FSDP(module, auto_wrap_policy=ModuleWrapPolicy({block}), use_orig_params=True,
                    device_id=torch.device("cpu"))
     units = [m for m in wrapped.modules() if isinstance(m, FSDP)]
-    assert len(units) == 1 + len(trainer.spec.transformer.transformer_blocks)  # the root + one per block
+    blocks = sum(isinstance(m, block) for t in trainer.spec.transformers for m in t.modules())
+    assert blocks >= 2 and len(units) == 1 + blocks  # the root + one per block
     frozen = [p for p in wrapped.parameters() if not p.requires_grad]
-    assert frozen and sum(p.numel() for p in frozen) == sum(p.numel() for p in trainer.spec.transformer.parameters())
+    assert frozen and sum(p.numel() for p in frozen) == sum(p.numel() for t in trainer.spec.transformers
+                                                           for p in t.parameters())
     loss, grads = loss_and_grads(wrapped)
     torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=1e-5)
     clean = {n.replace("_fsdp_wrapped_module.", ""): g for n, g in grads.items()}
@@ -84,7 +98,6 @@ def test_fsdp_wrapped_module_with_the_frozen_transformer_matches_the_plain_one(n
 SHARDED = r"""
 import dataclasses, sys, torch, torch.distributed as dist
 from accelerate import Accelerator
-from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from magicmirror_video.training import train_dualreal, train_magicmirror, train_regdpo, train_subject_replay
@@ -93,6 +106,7 @@ dist.init_process_group("gloo")
 name, out = sys.argv[1], sys.argv[2]
 module_of, trainer_class = {"dualreal": (train_dualreal, train_dualreal.DualRealTrainer),
                             "regdpo": (train_regdpo, train_regdpo.RegDPOTrainer),
+                            "regdpo_wan": (train_regdpo, train_regdpo.RegDPOTrainer),
                             "magicmirror": (train_magicmirror, train_magicmirror.MagicMirrorTrainer),
                             "subject_replay": (train_subject_replay, train_subject_replay.SubjectReplayTrainer)}[name]
 config = load_config(trainer_class.config_class, ["--preset", "tiny", "--output_dir", out, "--tiny_demo", "false",
@@ -116,8 +130,8 @@ for g in grads.values():  # data parallelism written out: every rank's gradients
     dist.all_reduce(g)
     g /= dist.get_world_size()
 after = {n: p.detach() - grads[n] for n, p in module.named_parameters() if n in grads}  # one SGD step, lr 1
-module.transformer = trainer.spec.transformer  # what Trainer.shard_frozen_model does under FSDP
-wrapped = FSDP(module, auto_wrap_policy=ModuleWrapPolicy({CogVideoXBlock}), use_orig_params=True,
+module.transformers = torch.nn.ModuleList(trainer.spec.transformers)  # what Trainer.shard_frozen_model does
+wrapped = FSDP(module, auto_wrap_policy=ModuleWrapPolicy({trainer.spec.block_class}), use_orig_params=True,
                device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.FULL_SHARD)
 local = sum(p.numel() for p in wrapped.parameters())
 torch.testing.assert_close(step(wrapped), plain, atol=1e-5, rtol=1e-5)
@@ -139,7 +153,7 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("name", ["magicmirror", "subject_replay", "dualreal", "regdpo"])
+@pytest.mark.parametrize("name", TRAINERS)
 def test_fsdp_full_shard_over_two_cpu_processes(name, tmp_path):
     import subprocess
     import sys
@@ -147,7 +161,7 @@ def test_fsdp_full_shard_over_two_cpu_processes(name, tmp_path):
     import yaml
 
     config, _ = tiny_config(name, tmp_path)  # the tiny assets, built once, then read by both ranks
-    fields = ("model_path", "data", "identity_data", "clip_vision", "pairs", "arcface_path")
+    fields = ("model_path", "data", "identity_data", "clip_vision", "pairs", "arcface_path", "num_frames")
     resolved = {k: v for k, v in dataclasses.asdict(config).items() if k in fields}
     (tmp_path / "resolved.yaml").write_text(yaml.safe_dump(resolved))
     script = tmp_path / "sharded.py"

@@ -11,42 +11,20 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 
-from magicmirror_video.models.video_io import write_video
 from magicmirror_video.testing import tiny_wan
+from magicmirror_video.testing.tiny import write_gt_pairs
 from magicmirror_video.training.config import load_config
 from magicmirror_video.training.train_regdpo import RegDPOTrainConfig, RegDPOTrainer, main
 
 CAPTION = "a car drives along a mountain road with snow"
 
 
-def write_pairs(root, n: int = 2, frames: int = 5, size: int = 32, loser: bool = True) -> str:
-    """A GT-Pair manifest of synthetic clips: a square moving right (winner), a noisier copy (loser), first frames."""
-    os.makedirs(root, exist_ok=True)
-    rows = []
-    for k in range(n):
-        g = torch.Generator().manual_seed(k)
-        win = torch.rand(1, 1, 1, 3, generator=g).expand(frames, size, size, 3).clone()
-        for t in range(frames):
-            win[t, 8:20, 2 + t:14 + t] = torch.rand(3, generator=g)
-        lose = (win + 0.3 * torch.rand(win.shape, generator=g)).clamp(0, 1)
-        write_video(os.path.join(root, f"w{k}.mp4"), win, fps=16)
-        write_video(os.path.join(root, f"l{k}.mp4"), lose, fps=16)
-        Image.fromarray((win[0] * 255).round().byte().numpy()).save(os.path.join(root, f"f{k}.png"))
-        row = {"winner": f"w{k}.mp4", "first_frame": f"f{k}.png", "caption": CAPTION}
-        rows.append({**row, "loser": f"l{k}.mp4"} if loser else row)
-    path = os.path.join(root, "pairs.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return path
-
-
 @pytest.fixture(scope="module")
 def wan_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan")
     folders = {v: tiny_wan.build_model_folder(str(root / v), v) for v in tiny_wan.VARIANTS}
-    return {"models": folders, "pairs": write_pairs(str(root / "data")), "root": root}
+    return {"models": folders, "pairs": write_gt_pairs(str(root / "data")), "root": root}
 
 
 def config_for(wan_root, variant, tmp_path, *extra):
@@ -277,7 +255,7 @@ def test_bad_input_is_one_line_before_any_model_loads(wan_root, tmp_path, capsys
     broken = str(tmp_path / "a14b-no-expert")
     shutil.copytree(models["wan2.2-t2v-a14b"], broken)
     shutil.rmtree(os.path.join(broken, "transformer_2"))
-    no_loser = write_pairs(str(tmp_path / "noloser"), loser=False)
+    no_loser = write_gt_pairs(str(tmp_path / "noloser"), loser=False)
     base = ["--data", wan_root["pairs"], "--num_frames", "5", "--height", "32", "--width", "32", "--output_dir",
             str(tmp_path / "out")]
     cases = [

@@ -99,6 +99,12 @@ class ModelSpec(abc.ABC):
         """One name per transformer (``[""]`` for one transformer)."""
         return [""]
 
+    @property
+    def block_class(self) -> type:
+        """The transformer block class: one FSDP unit each (accelerate's TRANSFORMER_BASED_WRAP)."""
+        return type(self.transformers[0].blocks[0] if hasattr(self.transformers[0], "blocks")
+                    else self.transformers[0].transformer_blocks[0])
+
     def offload_encoders(self, keep_vae: bool = False) -> None:
         """Move the text encoder (and the VAE unless ``keep_vae``) off the execution device (precompute cache)."""
         for module in (self.text_encoder, None if keep_vae else self.vae):

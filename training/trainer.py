@@ -320,13 +320,14 @@ class Trainer(abc.ABC):
         return self.spec
 
     def shard_frozen_model(self, module: torch.nn.Module) -> None:
-        """Under FSDP, make the frozen transformer part of the wrapped module, so it is sharded too (each transformer
-        block its own FSDP unit with the accelerate config's TRANSFORMER_BASED_WRAP on CogVideoXBlock); otherwise
-        it stays outside (DDP would only replicate it)."""
+        """Under FSDP, make the frozen transformers part of the wrapped module, so they are sharded too (each block its
+        own FSDP unit with the accelerate config's TRANSFORMER_BASED_WRAP on the spec's ``block_class``: fsdp.yaml
+        for CogVideoXBlock, fsdp_wan.yaml for WanTransformerBlock); otherwise they stay outside (DDP would only
+        replicate them)."""
         from accelerate.utils import DistributedType
 
         if self.accelerator.distributed_type == DistributedType.FSDP:
-            module.transformer = self.spec.transformer
+            module.transformers = torch.nn.ModuleList(self.spec.transformers)
 
     # ---------------------------------------------------------------- media and captions (precompute cache)
     cache = None

@@ -375,9 +375,11 @@ def build_wan_models(device="meta") -> dict:
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     from magicmirror_video.models.lora import find_lora_targets
+    from magicmirror_video.training.spec_wan import WanSpec
     from magicmirror_video.training.train_regdpo import RegDPOTrainConfig
 
     lora = RegDPOTrainConfig()
+    targets = list(lora.lora_targets or WanSpec.default_lora_targets)  # the trainer's default on Wan
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -392,12 +394,12 @@ def build_wan_models(device="meta") -> dict:
     finally:
         torch.set_default_dtype(default)
     m["vae_config"] = load_wan_reference_config("vae_config_wan2.1.json")
-    m["lora"] = {"rank": lora.lora_rank, "alpha": lora.lora_alpha, "targets": list(lora.lora_targets)}
+    m["lora"] = {"rank": lora.lora_rank, "alpha": lora.lora_alpha, "targets": targets}
     m["lora_params"] = {}
     for name, transformer in m["transformers"].items():
         modules = dict(transformer.named_modules())
         m["lora_params"][name] = sum(lora.lora_rank * (modules[p].in_features + modules[p].out_features)
-                                     for p in find_lora_targets(transformer, lora.lora_targets))
+                                     for p in find_lora_targets(transformer, targets))
     m["weights"] = {name: training_weights(m, name) for name in m["transformers"]}
     return m
 

@@ -132,7 +132,7 @@ def wan_regdpo_step(transformer, lora, *, frames: int, height: int, width: int, 
 
 
 def wan_lora_transformer(config: dict, folder: str, *, lora_rank: int = 4, gradient_checkpointing: bool = False,
-                         lora_targets=("to_q", "to_k", "to_v", "to_out.0"), seed: int = 0):
+                         lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"), seed: int = 0):
     """``(transformer, lora)``: a random ``WanTransformer3DModel`` of ``config`` saved to ``folder`` and loaded back
     with ``torch_dtype=bfloat16`` as the trainers load it (diffusers keeps its ``_keep_in_fp32_modules`` — the
     rotary tables, modulation tables, time embedder, affine norms — in float32), frozen, with a trainable LoRA of

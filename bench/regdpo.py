@@ -1,91 +1,96 @@
-"""Reg-DPO step: time and peak memory of LoRA-as-reference vs a frozen copy, pair-parallel vs sequential.
+"""Reg-DPO training step on both bases: time per optimizer step of each mode and option, interleaved.
 
-Mid config (as bench/sampler.py: 4 layers, width 256, 49 frames at 128x128), LoRA rank 16 on the
-attention projections, one GT-Pair per step. Each configuration runs in its own process so the
-peak is its own (peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU); median of
---repeats steps after a warm-up. The paper reports ~50% lower peak memory for pair-parallel under
-FSDP on GPUs; on one CPU process the pair-parallel forward holds both activations at once.
+The trainer's own module and specification (training/train_regdpo.py, training/spec.py) on a mid config of each base
+— CogVideoX (4 layers, width 256, 16 latent channels) and Wan (4 layers, width 256, 16 latent channels) — one
+GT-Pair per step at 17 frames 64x64 (CogVideoX) / 64x64 (Wan), LoRA rank 16 on each base's default targets, AdamW.
+Pixels go through the VAE each step as in an uncached run. Rows per base:
+
+* ``regdpo`` — pair-parallel model forward + LoRA-off reference forward (the default);
+* ``regdpo, sequential`` — winner and loser in two forwards each;
+* ``regdpo, frozen copy`` — the reference a frozen copy of the transformer;
+* ``sft`` — one forward over the winner, no loser, no reference.
+
+Every configuration runs once per round, rounds alternate the configurations (``--rounds``, at least 7), and each
+ratio is the median over rounds of the configuration's time / the same round's ``regdpo`` time. Peak memory is in
+bench/memory.py (estimates) — on one CPU process the numbers here are time only.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import statistics
+import tempfile
 
 import torch
-from common import run_configs_in_processes, time_steps
+from common import summary, timed
 
-CONFIGS = [("LoRA-as-reference, pair-parallel", "lora_disabled", True),
-           ("LoRA-as-reference, sequential", "lora_disabled", False),
-           ("frozen copy, pair-parallel", "copy", True),
-           ("frozen copy, sequential", "copy", False)]
+CONFIGS = {"regdpo": {}, "regdpo, sequential": {"pair_parallel": False},
+           "regdpo, frozen copy": {"reference_model": "copy"}, "sft": {"mode": "sft"}}
 
 
-def one(reference: str, parallel: bool, repeats: int, device: str) -> dict:
-    import copy
+def build_base(base: str, root: str) -> str:
+    from magicmirror_video.testing import tiny, tiny_wan
 
-    from diffusers import CogVideoXDDIMScheduler
+    if base == "CogVideoX":
+        return tiny.build_model_folder(f"{root}/cog", num_layers=4, heads=4, head_dim=64, text_dim=256,
+                                       latent_channels=16)
+    return tiny_wan.build_model_folder(f"{root}/wan", "wan2.1-t2v", num_layers=4, heads=4, head_dim=64, text_dim=256,
+                                       z_dim=16)
 
-    from magicmirror_video.models.lora import TrainableLora, find_lora_targets
-    from magicmirror_video.testing import tiny
-    from magicmirror_video.training.train_regdpo import RegDPOModule, RegDPOTrainConfig
 
-    c = tiny.build_components(num_layers=4, heads=4, head_dim=64, text_dim=256, latent_channels=16)
-    transformer = c["transformer"].to(device).requires_grad_(False)
-    frozen = {"transformer": transformer, "vae": c["vae"].to(device).requires_grad_(False),
-              "text_encoder": c["text_encoder"].to(device), "scheduler": CogVideoXDDIMScheduler.from_config(tiny.SCHEDULER_CONFIG)}
-    if reference == "copy":
-        frozen["reference"] = copy.deepcopy(transformer)
-    lora = TrainableLora(transformer, find_lora_targets(transformer, ["to_q", "to_k", "to_v", "to_out.0"]), 16, 32.0)
-    lora.apply(transformer)
-    config = RegDPOTrainConfig(reference_model=reference, pair_parallel=parallel, height=128, width=128, num_frames=49)
-    module = RegDPOModule(lora.to(device), frozen, config)
-    opt = torch.optim.AdamW(lora.parameters(), lr=5e-6)
-    g = torch.Generator().manual_seed(0)
-    batch = {"winner": torch.rand(1, 49, 3, 128, 128, generator=g) * 2 - 1,
-             "loser": torch.rand(1, 49, 3, 128, 128, generator=g) * 2 - 1,
-             "first_frame": torch.rand(1, 3, 128, 128, generator=g) * 2 - 1,
-             "input_ids": torch.randint(0, 100, (1, 226), generator=g)}
+def step_function(folder: str, pairs: str, root: str, options: dict, frames: int, size: int):
+    """One optimizer step of the Reg-DPO trainer's module (built as the trainer builds it) on one GT-Pair."""
+    from accelerate import Accelerator
+
+    from magicmirror_video.training.config import load_config
+    from magicmirror_video.training.train_regdpo import RegDPOTrainConfig, RegDPOTrainer
+
+    config = load_config(RegDPOTrainConfig, ["--model_path", folder, "--data", pairs, "--num_frames", str(frames),
+                                             "--height", str(size), "--width", str(size), "--mixed_precision", "no",
+                                             "--no-gradient_checkpointing", "--output_dir", root])
+    trainer = RegDPOTrainer(dataclasses.replace(config, **options))
+    trainer.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    module = trainer.build()
+    batch = trainer.collate([trainer.dataset()[0]])
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=5e-6)
 
     def step():
         loss, _ = module(batch, torch.Generator().manual_seed(1))
-        opt.zero_grad()
+        optimizer.zero_grad()
         loss.backward()
-        opt.step()
+        optimizer.step()
 
-    return time_steps(step, repeats, device)
+    return step
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--size", type=int, default=64)
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.one is not None:
-        _, reference, parallel = CONFIGS[args.one]
-        print(json.dumps(one(reference, parallel, args.repeats, device)))
-        return
-    kind = "CUDA allocated" if device == "cuda" else "process RSS"
-    print(f"Reg-DPO step, mid config, 49 frames 128x128, one pair, LoRA r16, {device}, {torch.get_num_threads()} threads")
-    results = run_configs_in_processes(__file__, [name for name, _, _ in CONFIGS], args.repeats)
-    for name, r in results.items():
-        print(f"{name:>34}: median {r['median_s']:.2f} s (min {r['min_s']:.2f}, max {r['max_s']:.2f}), "
-              f"peak {r['peak_gib']:.3f} GiB ({kind})")
-    a, b = results[CONFIGS[0][0]], results[CONFIGS[2][0]]
-    print(f"LoRA-as-reference / frozen copy (pair-parallel): time x{a['median_s'] / b['median_s']:.2f}, "
-          f"memory x{a['peak_gib'] / b['peak_gib']:.3f}")
-    from common import load_reference_config
-    from diffusers import CogVideoXTransformer3DModel
+    from magicmirror_video.testing.tiny import write_gt_pairs
 
-    with torch.device("meta"):
-        full = CogVideoXTransformer3DModel.from_config(load_reference_config("transformer_config_5b.json"))
-    size = sum(p.numel() for p in full.parameters()) * 2 / 2**30
-    print(f"at full size a frozen reference copy of the CogVideoX-5B transformer costs {size:.1f} GiB more in bf16; "
-          "LoRA-as-reference costs none")
-    p, s = results[CONFIGS[0][0]], results[CONFIGS[1][0]]
-    print(f"pair-parallel / sequential (LoRA-as-reference): time x{p['median_s'] / s['median_s']:.2f}, "
-          f"memory x{p['peak_gib'] / s['peak_gib']:.3f}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"Reg-DPO step, {args.frames} frames {args.size}x{args.size}, one pair, LoRA r16, {device}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+    with tempfile.TemporaryDirectory() as root:
+        pairs = write_gt_pairs(f"{root}/pairs", n=1, frames=args.frames, size=args.size)
+        for base in ("CogVideoX", "Wan"):
+            folder = build_base(base, root)
+            steps = {name: step_function(folder, pairs, f"{root}/{base}", options, args.frames, args.size)
+                     for name, options in CONFIGS.items()}
+            for fn in steps.values():  # warm-up
+                fn()
+            times = {name: [] for name in steps}
+            for _ in range(args.rounds):
+                for name, fn in steps.items():
+                    times[name].append(timed(fn, device))
+            print(f"\n{base}:")
+            for name, t in times.items():
+                ratio = statistics.median(a / b for a, b in zip(t, times["regdpo"]))
+                print(f"  {name:>22}: {summary(t)}  x{ratio:.2f} of regdpo")
 
 
 if __name__ == "__main__":

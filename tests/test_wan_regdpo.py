@@ -284,3 +284,18 @@ def test_bad_input_is_one_line_before_any_model_loads(wan_root, tmp_path, capsys
         for text in expected:
             assert text in err[0], (text, err[0])
         assert not (tmp_path / "out").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(wan_root, tmp_path):
+    """Wan's blocks recomputed in the backward (the trainers' default) give the gradients of a plain backward."""
+    grads = []
+    for checkpointing in (False, True):
+        config = config_for(wan_root, "wan2.2-ti2v", tmp_path / str(checkpointing))
+        trainer, module, batch = built(config, gradient_checkpointing=checkpointing)
+        assert trainer.spec.model.transformer.gradient_checkpointing == checkpointing
+        perturb(module)
+        loss, _ = module(batch, torch.Generator().manual_seed(2))
+        grads.append(torch.autograd.grad(loss, [p for p in module.parameters() if p.requires_grad]))
+    for a, b in zip(*grads):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -112,17 +112,17 @@ class ModelSpec(abc.ABC):
                 module.to("cpu")
 
     # ------------------------------------------------------------------ text
+    @abc.abstractmethod
     def tokenize(self, text: str, tokenizer=None) -> dict:
         """``{"input_ids": [L]}`` (and the attention mask when the encoder takes one) of a caption."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def encode_text(self, caption: str, tokenizer=None) -> dict:
         """``{"prompt_embeds": [L, D]}`` of a caption, as the pipeline encodes it (stored by the cache)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def text_embeds(self, batch: dict) -> torch.Tensor:
         """Text embeddings [B, L, D]: cached (``prompt_embeds``) or encoded from the batch's tokens."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ latents and conditions
     @abc.abstractmethod

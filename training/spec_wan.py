@@ -81,7 +81,12 @@ class WanSpec(ModelSpec):
 
     @staticmethod
     def check_config(config, folder_info: dict) -> None:
+        import importlib.util
+
         variant = folder_info["variant"]
+        if importlib.util.find_spec("ftfy") is None:  # diffusers' Wan prompt cleaning (prompt_clean) needs it
+            raise InputError(f"{variant} prompts are cleaned as diffusers' Wan pipelines clean them, which needs the "
+                             "ftfy package: pip install ftfy (or pip install 'magicmirror-video[train]')")
         option = getattr(config, "experts", "all")
         if option != "all" and variant.experts == 1:
             raise InputError(f"--experts {option}: {variant} has one transformer; --experts applies to Wan 2.2 A14B "

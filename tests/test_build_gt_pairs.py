@@ -196,7 +196,7 @@ def legacy_folder(out, name):
     return rows
 
 
-def test_an_old_one_generator_folder_resumes_and_takes_a_second_generator(real, tmp_path, capsys):
+def test_an_old_one_generator_folder_resumes_and_takes_a_second_generator(real, tmp_path, capsys, loads):
     src = write_input(tmp_path / "in", ["c1.mp4", "c2.mp4", "c3.mp4"])
     out = tmp_path / "out"
     cog = ["--model_path", real["model"]]
@@ -204,14 +204,17 @@ def test_an_old_one_generator_folder_resumes_and_takes_a_second_generator(real, 
     assert build_gt_pairs.main(["--input", src, "--output", str(out), *cog, *KW]) == 0
     capsys.readouterr()
     old = legacy_folder(out, "cog")
+    assert loads == ["cog"]
     before = mtimes(out)
     # The same generator again: everything is done, the rows gain the generator column, nothing is written.
     assert build_gt_pairs.main(["--input", src, "--output", str(out), *cog, *KW]) == 0
     assert "0 pairs written, 3 already done, 0 skipped" in capsys.readouterr().out
     assert rows_of(out) == [{**r, "generator": "cog"} for r in old] and mtimes(out) == before
+    assert loads == ["cog"]  # nothing to make: nothing loaded
     # A second generator: only its losers are made, from the clips' existing winners and first frames.
     assert build_gt_pairs.main(["--input", src, "--output", str(out), *cog, *wan, *KW]) == 0
     assert "3 pairs written, 3 already done, 0 skipped" in capsys.readouterr().out
+    assert loads == ["cog", "wan2.1-t2v"]  # only the generator with work left
     rows = rows_of(out)
     assert [r for r in rows if r["generator"] == "cog"] == [{**r, "generator": "cog"} for r in old]
     new = [r for r in rows if r["generator"] == "t2v"]
@@ -223,7 +226,32 @@ def test_an_old_one_generator_folder_resumes_and_takes_a_second_generator(real, 
     # Listed the other way round the old rows still belong to cog (the manifest names them now): no duplicates.
     assert build_gt_pairs.main(["--input", src, "--output", str(out), *wan, *cog, *KW]) == 0
     assert "0 pairs written, 6 already done, 0 skipped" in capsys.readouterr().out
-    assert rows_of(out) == rows and mtimes(out) == now
+    assert rows_of(out) == rows and mtimes(out) == now and loads == ["cog", "wan2.1-t2v"]
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """The folders each generator loads, in order; each load checks that the models loaded before it are gone."""
+    import gc
+    import weakref
+
+    from magicmirror_video.models import cogvideox, wan
+
+    record, alive = [], []
+
+    def spy(load):
+        def loading(folder, **kwargs):
+            gc.collect()
+            assert not [ref for ref in alive if ref() is not None], "a generator's model is still loaded"
+            model = load(folder, **kwargs)
+            record.append(os.path.basename(folder))
+            alive.append(weakref.ref(model.transformer))
+            return model
+        return loading
+
+    monkeypatch.setattr(cogvideox, "load_cogvideox", spy(cogvideox.load_cogvideox))
+    monkeypatch.setattr(wan, "load_wan", spy(wan.load_wan))
+    return record
 
 
 @pytest.fixture
@@ -237,23 +265,25 @@ def no_model_loads(monkeypatch):
     monkeypatch.setattr(wan, "load_wan", refuse)
 
 
-def test_an_output_folder_of_another_format_or_clip_order_is_refused(real, tmp_path, capsys):
+def test_generators_load_one_at_a_time_and_a_folder_of_another_format_or_clip_order_is_refused(real, tmp_path,
+                                                                                                capsys, loads):
     src = write_input(tmp_path / "in", ["c1.mp4", "c2.mp4"])
     out = tmp_path / "out"
-    cog = ["--model_path", real["model"]]
-    assert build_gt_pairs.main(["--input", src, "--output", str(out), *cog, *KW]) == 0
-    capsys.readouterr()
+    generators = ["--model_path", real["model"], "--model_path", real["wan"]["wan2.1-i2v"]]
+    assert build_gt_pairs.main(["--input", src, "--output", str(out), *generators, *KW]) == 0
+    assert loads == ["cog", "wan2.1-i2v"]  # the CogVideoX model was let go before Wan loaded (checked by `loads`)
+    assert "4 pairs written" in capsys.readouterr().out
     before = mtimes(out)
     kw = list(KW)
     kw[kw.index("--num_frames") + 1] = "5"
-    assert build_gt_pairs.main(["--input", src, "--output", str(out), *cog, *kw]) == 2
+    assert build_gt_pairs.main(["--input", src, "--output", str(out), *generators, *kw]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "000000_winner.mp4 has 9 frames 32x32 at 8 fps but this run makes 5" in err
     swapped = write_input(tmp_path / "swapped", ["c2.mp4", "c1.mp4"])
-    assert build_gt_pairs.main(["--input", swapped, "--output", str(out), *cog, *KW]) == 2
+    assert build_gt_pairs.main(["--input", swapped, "--output", str(out), *generators, *KW]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "the input's clips changed order" in err, err
-    assert mtimes(out) == before
+    assert mtimes(out) == before and loads == ["cog", "wan2.1-i2v"]
 
 
 def test_every_clip_filtered_exits_non_zero_with_the_summary(real, tmp_path, capsys, no_model_loads):

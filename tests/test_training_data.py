@@ -129,6 +129,33 @@ def test_manifest_missing_files_listed_with_lines(tmp_path):
     assert len(read_manifest(str(tmp_path), check_files=False)) == 5
 
 
+def test_txt_layout_missing_files_name_the_list_and_line_they_are_in(tmp_path):
+    """A clip missing from videos.txt (or an image from images.txt) is reported against that file and its line,
+    never against prompts.txt, which lists no paths."""
+    write_image(tmp_path / "0.png")
+    write_image(tmp_path / "1.png")
+    (tmp_path / "prompts.txt").write_text("a\nb\n")
+    (tmp_path / "images.txt").write_text("0.png\ngone.png\n")
+    with pytest.raises(FileNotFoundError) as e:  # images only
+        read_manifest(str(tmp_path))
+    msg = str(e.value)
+    assert f"1 of 2 files listed in {tmp_path / 'images.txt'} are missing" in msg, msg
+    assert f"images.txt line 2 (media) {tmp_path / 'gone.png'}" in msg and "prompts.txt" not in msg, msg
+
+    (tmp_path / "images.txt").write_text("0.png\n1.png\n")
+    (tmp_path / "videos.txt").write_text("gone.mp4\n0.png\n")  # with both lists the video is the media
+    with pytest.raises(FileNotFoundError) as e:
+        read_manifest(str(tmp_path))
+    msg = str(e.value)
+    assert f"1 of 4 files listed in {tmp_path / 'videos.txt'} are missing" in msg, msg
+    assert f"videos.txt line 1 (media) {tmp_path / 'gone.mp4'}" in msg and "prompts.txt" not in msg, msg
+
+    (tmp_path / "images.txt").write_text("0.png\ngone.png\n")  # missing in both lists: both named
+    with pytest.raises(FileNotFoundError, match=r"2 of 4 files listed in \S*videos\.txt and \S*images\.txt are "
+                                                r"missing: videos\.txt line 1 \(media\) .*; images\.txt line 2 \(image\)"):
+        read_manifest(str(tmp_path))
+
+
 def test_manifest_format_errors(tmp_path):
     m = tmp_path / "metadata.jsonl"
     m.write_text("")

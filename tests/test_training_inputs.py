@@ -297,6 +297,19 @@ def test_bad_input_exits_2_with_one_line_before_any_model_loads(trainer, case, i
     assert elapsed < 0.5, f"validation took {elapsed:.3f} s"
 
 
+@pytest.mark.parametrize("trainer", ["subject_replay", "dualreal"])
+def test_a_clip_missing_from_videos_txt_is_reported_against_videos_txt(trainer, inputs, tmp_path, capsys,
+                                                                        no_model_loads):
+    """--data as a prompts.txt + videos.txt folder: the error names videos.txt and its line, not prompts.txt."""
+    out = tmp_path / "out"
+    assert MODULES[trainer].main(replace(valid_args(trainer, inputs, out), "--data", inputs["broken_videos"])) == 2
+    line = capsys.readouterr().err.strip()
+    listed = os.path.join(inputs["broken_videos"], "videos.txt")
+    assert line.startswith(f"error: --data: 1 of 2 files listed in {listed} are missing: videos.txt line 2 (media) "
+                           f"{os.path.join(inputs['broken_videos'], 'gone.mp4')} "), line
+    assert "prompts.txt" not in line and not out.exists()
+
+
 def test_dualreal_n_groups_is_checked_against_the_model(inputs, tmp_path, capsys, no_model_loads):
     argv = [*valid_args("dualreal", inputs, tmp_path / "out"), "--n_groups", "3"]
     assert train_dualreal.main(argv) == 2

@@ -121,7 +121,7 @@ def read_manifest(path: str, *, check_files: bool = True, max_reported: int = MA
     if not samples:
         raise ManifestError(f"dataset manifest {manifest} has no entries; add one row per sample")
     if check_files:
-        _check_files(refs, manifest, max_reported)
+        _check_files(refs, max_reported)
     return samples
 
 
@@ -219,14 +219,17 @@ def _read_txt_layout(folder: str) -> tuple[list[Sample], list[tuple[str, int, st
     return samples, refs
 
 
-def _check_files(refs: Sequence[tuple[str, int, str, str]], manifest: str, max_reported: int) -> None:
+def _check_files(refs: Sequence[tuple[str, int, str, str]], max_reported: int) -> None:
+    """Every referenced path exists; the error names the files that list the missing ones (``videos.txt`` /
+    ``images.txt`` of a folder layout, not its ``prompts.txt``) and their lines."""
     missing = [r for r in refs if not os.path.isfile(r[3])]
     if not missing:
         return
     named = [f"{os.path.basename(file)} line {lineno} ({field}) {p}"
              for file, lineno, field, p in missing[:max_reported]]
     more = f" and {len(missing) - max_reported} more" if len(missing) > max_reported else ""
-    raise MissingInputError(f"{len(missing)} of {len(refs)} files referenced by {manifest} are missing: "
+    listing = " and ".join(dict.fromkeys(file for file, *_ in missing))
+    raise MissingInputError(f"{len(missing)} of {len(refs)} files listed in {listing} are missing: "
                             f"{'; '.join(named)}{more} (fix the paths or drop those rows; relative paths resolve "
                             "against the manifest's folder)")
 

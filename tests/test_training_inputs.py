@@ -310,6 +310,34 @@ def test_a_clip_missing_from_videos_txt_is_reported_against_videos_txt(trainer, 
     assert "prompts.txt" not in line and not out.exists()
 
 
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_resume_from_a_step_that_has_no_checkpoint_exits_2_before_anything_loads_or_is_written(
+        trainer, inputs, tmp_path, capsys, no_model_loads):
+    """A prior run left config.yaml and the step-4 checkpoint: --resume_from 7 names the steps there and stops
+    (exit 2) before the model loads and before config.yaml is rewritten."""
+    out = tmp_path / "out"
+    step4 = out / "checkpoints" / "step-00000004"
+    step4.mkdir(parents=True)
+    (step4 / "trainer_state.json").write_text(json.dumps({"step": 4}))
+    (out / "config.yaml").write_bytes(b"learning_rate: 0.001\nseed: 3  # the earlier run's\n")
+    before = (out / "config.yaml").read_bytes()
+    assert MODULES[trainer].main([*valid_args(trainer, inputs, out), "--resume_from", "7"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"error: --resume_from=7: no checkpoint of step 7 in {out / 'checkpoints'} (available steps: 4); pass one of "
+        "them, 'latest', or leave it empty for a fresh run"], captured.err
+    assert (out / "config.yaml").read_bytes() == before and captured.out == ""
+
+    def validate(output_dir, resume_from):
+        argv = [*valid_args(trainer, inputs, output_dir), "--resume_from", resume_from]
+        return TRAINERS[trainer](load_config(config_class(trainer), argv)).validate_inputs()
+
+    validate(out, "4")  # the checkpoint that exists
+    with pytest.raises(InputError, match=r"no checkpoint of step 4 in .* \(available steps: none\)"):
+        validate(tmp_path / "new", "4")
+    validate(tmp_path / "new", "latest")  # no checkpoint yet: the run starts fresh with a warning (documented)
+
+
 def test_dualreal_n_groups_is_checked_against_the_model(inputs, tmp_path, capsys, no_model_loads):
     argv = [*valid_args("dualreal", inputs, tmp_path / "out"), "--n_groups", "3"]
     assert train_dualreal.main(argv) == 2

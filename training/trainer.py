@@ -154,6 +154,12 @@ class Trainer(abc.ABC):
         which = str(c.resume_from).strip()
         if which and which != "latest" and not which.isdigit():
             raise InputError(f"--resume_from={which!r}: use 'latest', a step number, or leave it empty")
+        if which.isdigit():  # 'latest' without checkpoints starts fresh (with a warning, see resume)
+            steps = [step for step, _ in list_checkpoints(self.checkpoint_dir)]
+            if int(which) not in steps:
+                raise InputError(f"--resume_from={which}: no checkpoint of step {int(which)} in {self.checkpoint_dir} "
+                                 f"(available steps: {', '.join(map(str, steps)) or 'none'}); pass one of them, "
+                                 "'latest', or leave it empty for a fresh run")
         if os.path.isfile(c.output_dir):
             raise InputError(f"--output_dir {c.output_dir} is a file; pass a folder (it is created if missing)")
         needs = {"tensorboard": (c.report_to == "tensorboard", "--report_to tensorboard", "or pass --report_to none"),

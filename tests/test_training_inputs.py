@@ -34,8 +34,15 @@ TRAINERS = {"magicmirror": train_magicmirror.MagicMirrorTrainer,
 # The papers' learning rates (MagicMirror §4.1, subject replay §4, DualReal §4, Reg-DPO §4), written out here
 # independently of the code.
 PAPER_LR = {"magicmirror": 1e-5, "subject_replay": 5e-5, "dualreal": 1e-3, "regdpo": 5e-6}
-# Fields whose values constrain each other (stage=image needs num_frames 1): tested on their own below.
-COUPLED = {"magicmirror": {"stage", "num_frames"}}
+# Fields whose values constrain each other (stage=image needs num_frames 1; tiny_demo refuses the paths it
+# generates): tested on their own below.
+COUPLED = {"magicmirror": {"stage", "num_frames", "tiny_demo"}, "subject_replay": {"tiny_demo"},
+           "dualreal": {"tiny_demo"}, "regdpo": {"tiny_demo"}}
+# The input paths each trainer's --preset tiny builds itself (what each demo has to make: presets.py's builders).
+TINY_GENERATED = {"magicmirror": ["model_path", "data", "arcface_path"],
+                  "subject_replay": ["model_path", "data", "pairs"],
+                  "dualreal": ["model_path", "data", "identity_data", "clip_vision"],
+                  "regdpo": ["model_path", "data"]}
 
 
 def config_class(name):
@@ -132,6 +139,49 @@ def test_print_config_is_what_the_trainer_uses(trainer, tmp_path, capsys, monkey
     assert MODULES[trainer].main(argv) == 0
     assert printed == used["config"] and used["lr"] == printed["learning_rate"] == 1e-5
     assert printed["max_steps"] == 7 and printed["height"] == MODULES[trainer].PRESETS["tiny"]["height"]
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_preset_tiny_refuses_a_path_the_user_set_instead_of_replacing_it(trainer, tmp_path, capsys, monkeypatch):
+    """--preset tiny builds its own model and data; a path the user gave with it (command line or config file) is an
+    error naming it, the same with --print_config, before anything is built. --no-tiny_demo keeps the user's path."""
+    from magicmirror_video.training import presets
+
+    def never(config):
+        raise AssertionError("the tiny demo was built although the user set its paths")
+
+    for name in ("magicmirror", "subject", "dualreal", "regdpo"):
+        monkeypatch.setattr(presets, f"build_tiny_{name}", never)
+    out, mine = tmp_path / "out", str(tmp_path / "mine")
+    tiny = ["--preset", "tiny", "--output_dir", str(out)]
+    generated = TINY_GENERATED[trainer]
+    listed = f"{', '.join(generated[:-1])} and {generated[-1]}"
+    for field in generated:
+        for extra in ([], ["--print_config"]):
+            assert MODULES[trainer].main([*tiny, f"--{field}", mine, *extra]) == 2
+            captured = capsys.readouterr()
+            assert captured.err.strip().splitlines() == [
+                f"error: --preset tiny generates {listed} itself, but --{field} is set too; drop it to run the demo, "
+                "or add --no-tiny_demo to train on your own files with the preset's other settings"], captured.err
+            assert captured.out == "" and not out.exists()
+        (tmp_path / "mine.yaml").write_text(f"{field}: {mine}\n")
+        assert MODULES[trainer].main([*tiny, "--config", str(tmp_path / "mine.yaml"), "--data", mine]) == 2
+        line = capsys.readouterr().err.strip()
+        both = ["data"] if field == "data" else [n for n in generated if n in (field, "data")]
+        named = ", ".join("--data" if n == "data" else f"{n} (in {tmp_path / 'mine.yaml'})" for n in both)
+        assert f"itself, but {named} {'is' if len(both) == 1 else 'are'} set too;" in line, line
+        config = load_config(config_class(trainer), [*tiny, "--no-tiny_demo", f"--{field}", mine],
+                             MODULES[trainer].PRESETS)  # the preset's settings with the user's own path
+        assert getattr(config, field) == mine and config.tiny_demo is False
+        assert config.height == MODULES[trainer].PRESETS["tiny"]["height"]
+    with pytest.raises(SystemExit) as e:  # the control: the demo alone resolves
+        MODULES[trainer].main([*tiny, "--print_config"])
+    assert e.value.code == 0 and yaml.safe_load(capsys.readouterr().out)["tiny_demo"] is True
+    assert MODULES[trainer].main(["--tiny_demo", "--model_path", mine, "--output_dir", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --tiny_demo generates {listed} itself, but --model_path is ")
+    with pytest.raises(SystemExit):
+        MODULES[trainer].main(["--help"])
+    assert f"It fills {listed}, so those cannot be set with it" in " ".join(capsys.readouterr().out.split())
 
 
 def test_config_file_errors_name_the_field_and_the_file(tmp_path):

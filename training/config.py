@@ -8,8 +8,10 @@ text in ``metadata["help"]``. The command line is generated from the fields::
 Precedence, for every field: the trainer's dataclass defaults < ``--preset`` < ``--config`` file <
 command-line flags. Nothing rewrites a value afterwards: a trainer whose defaults differ from the
 shared ones overrides the field default in its own dataclass, and a combination that makes no sense
-is an error, never silently replaced. ``python -m training.<trainer> --help`` lists every field with
-the trainer's own default, and ``--print_config`` prints the resolved configuration as YAML.
+is an error, never silently replaced (``--preset tiny`` generates its own model and data paths, so it
+refuses paths set in a file or on the command line). ``python -m training.<trainer> --help`` lists
+every field with the trainer's own default, and ``--print_config`` prints the resolved configuration
+as YAML.
 
 Bad input (an unknown field, a value of the wrong type, an invalid combination) raises
 :class:`InputError`: one line saying what, where and how to fix it; the command line prints it and
@@ -229,7 +231,36 @@ def resolve_config(cls, layers: list[tuple[str, dict]]):
             if choices and value not in choices:
                 raise InputError(f"{source}: {name}={value!r} is not one of {', '.join(map(str, choices))}")
             values[name] = value
-    return cls(**values)
+    config = cls(**values)
+    check_generated_fields(config, layers)
+    return config
+
+
+def check_generated_fields(config, layers: list[tuple[str, dict]]) -> None:
+    """A switch whose field lists ``generates`` in its metadata (``tiny_demo``: the paths the ``--preset tiny``
+    builder fills with generated models and data) is refused together with a value set for one of those fields:
+    the builder would replace it, and nothing may silently rewrite a value the user set."""
+    def last_source(name):
+        return next((source for source, layer in reversed(layers) if name in layer), "the defaults")
+
+    for f in dataclasses.fields(config):
+        generated = f.metadata.get("generates", ())
+        if not generated or not getattr(config, f.name):
+            continue
+        defaults = {g.name: g.default for g in dataclasses.fields(config) if g.name in generated}
+        clashing = [name for name in generated if getattr(config, name) != defaults[name]]
+        if not clashing:
+            continue
+        switch = last_source(f.name)
+        switch = switch if switch.startswith("--preset") else \
+            f"--{f.name}" if switch == "the command line" else f"{f.name}: true in {switch}"
+        given = ", ".join(f"--{name}" if last_source(name) == "the command line" else f"{name} (in {last_source(name)})"
+                          for name in clashing)
+        listed = f"{', '.join(generated[:-1])} and {generated[-1]}" if len(generated) > 1 else generated[0]
+        raise InputError(f"{switch} generates {listed} itself, "
+                         f"but {given} {'is' if len(clashing) == 1 else 'are'} set too; drop "
+                         f"{'it' if len(clashing) == 1 else 'them'} to run the demo, or add --no-{f.name} to train "
+                         "on your own files with the preset's other settings")
 
 
 def config_help_markdown(cls, base=None) -> str:

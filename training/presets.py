@@ -13,6 +13,16 @@ import os
 import torch
 
 
+def _filled(config, **paths):
+    """``config`` with the generated ``paths`` and ``tiny_demo`` off. The fields are exactly those the config's
+    ``tiny_demo`` declares (``generates``): ``load_config`` refuses ``tiny_demo`` with any of them set, so no value
+    the user set is replaced here."""
+    declared = next(f for f in dataclasses.fields(config) if f.name == "tiny_demo").metadata["generates"]
+    if set(paths) != set(declared):
+        raise RuntimeError(f"the tiny builder fills {sorted(paths)} but tiny_demo declares {sorted(declared)}")
+    return dataclasses.replace(config, **paths, tiny_demo=False)
+
+
 def build_tiny_magicmirror(config):
     """Fill ``config`` (a MagicMirrorTrainConfig) with paths to freshly generated tiny assets.
 
@@ -60,8 +70,7 @@ def _build_tiny_magicmirror(config):
     stats = prepare(people, data, encoder, min_similarity=0.65)
     if stats["targets"] == 0:
         raise SystemExit(f"tiny preset: no training pairs were built ({stats})")
-    return dataclasses.replace(config, model_path=model, data=os.path.join(data, "metadata.jsonl"),
-                               arcface_path=arcface, tiny_demo=False)
+    return _filled(config, model_path=model, data=os.path.join(data, "metadata.jsonl"), arcface_path=arcface)
 
 
 def build_tiny_subject(config):
@@ -76,8 +85,7 @@ def build_tiny_subject(config):
 
 def _build_tiny_subject(config):
     paths = _tiny_video_assets(os.path.join(config.output_dir, "tiny-assets"))
-    return dataclasses.replace(config, model_path=paths["model"], data=paths["videos"], pairs=paths["pairs"],
-                               tiny_demo=False)
+    return _filled(config, model_path=paths["model"], data=paths["videos"], pairs=paths["pairs"])
 
 
 def _tiny_video_assets(root: str) -> dict:
@@ -158,8 +166,7 @@ def _build_tiny_dualreal(config):
         f.write("\n".join(names) + "\n")
     with open(os.path.join(ident, "prompts.txt"), "w") as f:
         f.write("\n".join(["a dog *"] * len(names)) + "\n")
-    return dataclasses.replace(config, model_path=assets["model"], data=assets["videos"], identity_data=ident,
-                               clip_vision=clip, tiny_demo=False)
+    return _filled(config, model_path=assets["model"], data=assets["videos"], identity_data=ident, clip_vision=clip)
 
 
 def build_tiny_regdpo(config):
@@ -183,5 +190,4 @@ def _build_tiny_regdpo(config):
     bundle = load_cogvideox(assets["model"], dtype=torch.float32)
     build_pairs(read_manifest(assets["videos"]), bundle, pairs_dir, num_frames=config.num_frames, height=config.height,
                 width=config.width, fps=8, min_short_side=16, steps=2, cfg=6.0)
-    return dataclasses.replace(config, model_path=assets["model"], data=os.path.join(pairs_dir, "pairs.jsonl"),
-                               tiny_demo=False)
+    return _filled(config, model_path=assets["model"], data=os.path.join(pairs_dir, "pairs.jsonl"))

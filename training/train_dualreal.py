@@ -63,7 +63,10 @@ class DualRealTrainConfig(TrainConfig):
                            "for the 5B; else the largest divisor up to num_layers // 6).")
     init_from: str = doc("", "Start from a DualReal adapter (.safetensors or the official adapter.pth).")
     tiny_demo: bool = doc(False, "Generate tiny random models and synthetic data under output_dir and train on "
-                                 "them (set by --preset tiny).")
+                                 "them (set by --preset tiny). It fills model_path, data, identity_data and "
+                                 "clip_vision, so those cannot be set with it (--no-tiny_demo keeps the preset's "
+                                 "other settings for your own files).",
+                          generates=("model_path", "data", "identity_data", "clip_vision"))
 
 
 PRESETS = {

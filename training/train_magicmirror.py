@@ -66,7 +66,9 @@ class MagicMirrorTrainConfig(TrainConfig):
     cond_dim: int = doc(1024, "CAN hidden width.")
     fuse_hidden: int = doc(4096, "ID fusion MLP hidden width.")
     tiny_demo: bool = doc(False, "Generate tiny random models and a synthetic dataset under output_dir and train "
-                                 "on them (set by --preset tiny; model_path/data are filled in).")
+                                 "on them (set by --preset tiny). It fills model_path, data and arcface_path, so "
+                                 "those cannot be set with it (--no-tiny_demo keeps the preset's other settings "
+                                 "for your own files).", generates=("model_path", "data", "arcface_path"))
 
     def __post_init__(self):
         if self.stage == "image" and self.num_frames != 1:

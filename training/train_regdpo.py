@@ -66,7 +66,9 @@ class RegDPOTrainConfig(TrainConfig):
                                "LoRA off (no copy); copy: a frozen copy (more memory, for comparison).",
                                choices=("lora_disabled", "copy"))
     tiny_demo: bool = doc(False, "Generate a tiny model and synthetic GT-Pairs under output_dir and train on "
-                                 "them (set by --preset tiny).")
+                                 "them (set by --preset tiny). It fills model_path and data, so those cannot be "
+                                 "set with it (--no-tiny_demo keeps the preset's other settings for your own "
+                                 "files).", generates=("model_path", "data"))
 
 
 PRESETS = {

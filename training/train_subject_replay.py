@@ -64,7 +64,9 @@ class SubjectReplayTrainConfig(TrainConfig):
                                           "(comparable across steps); training: the paper's form, the latest training "
                                           "gradients of each task (kept on the CPU).", choices=("probes", "training"))
     tiny_demo: bool = doc(False, "Generate tiny random models and synthetic pairs/videos under output_dir and train "
-                                 "on them (set by --preset tiny).")
+                                 "on them (set by --preset tiny). It fills model_path, data and pairs, so those "
+                                 "cannot be set with it (--no-tiny_demo keeps the preset's other settings for your "
+                                 "own files).", generates=("model_path", "data", "pairs"))
 
 
 PRESETS = {

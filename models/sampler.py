@@ -83,7 +83,9 @@ def encode_first_frame(bundle, image: torch.Tensor, height: int, width: int, gen
         latent = vae.encode(x.to(bundle.device, vae.dtype)).latent_dist.sample(generator)
     latent = latent.to(bundle.dtype).permute(0, 2, 1, 3, 4)  # [1, 1, C, h, w]
     scale = bundle.vae.config.scaling_factor
-    return latent / scale if bundle.vae.config.invert_scale_latents else latent * scale
+    # CogVideoX 1.5 I2V's VAE sets invert_scale_latents: the condition is divided by the factor (written as the
+    # pipeline writes it, (1 / s) * z, so the result is bit-identical)
+    return (1 / scale) * latent if bundle.vae.config.invert_scale_latents else scale * latent
 
 
 @dataclasses.dataclass

@@ -67,11 +67,14 @@ def transformer_config(*, i2v: bool = False, version: str = "1.0", num_layers: i
     return cfg
 
 
-def vae_config(latent_channels: int = 4) -> dict:
+def vae_config(latent_channels: int = 4, *, i2v: bool = False, version: str = "1.0") -> dict:
+    """A small ``AutoencoderKLCogVideoX`` config. CogVideoX 1.5 I2V's VAE sets ``invert_scale_latents`` (as the real
+    CogVideoX1.5-5B-I2V does): its image condition is divided by the scaling factor instead of multiplied."""
     return dict(in_channels=3, out_channels=3, down_block_types=["CogVideoXDownBlock3D"] * 4,
                 up_block_types=["CogVideoXUpBlock3D"] * 4, block_out_channels=[8, 8, 8, 8],
                 latent_channels=latent_channels, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
-                scaling_factor=0.7, use_quant_conv=False, use_post_quant_conv=False)
+                scaling_factor=0.7, use_quant_conv=False, use_post_quant_conv=False,
+                invert_scale_latents=i2v and version == "1.5")
 
 
 def t5_config(vocab_size: int, d_model: int = 32):
@@ -99,7 +102,7 @@ def build_components(*, i2v: bool = False, version: str = "1.0", seed: int = 0, 
     torch.manual_seed(seed)
     tcfg = transformer_config(i2v=i2v, version=version, **transformer_kwargs)
     transformer = CogVideoXTransformer3DModel(**tcfg)
-    vae = AutoencoderKLCogVideoX(**vae_config(tcfg["out_channels"]))
+    vae = AutoencoderKLCogVideoX(**vae_config(tcfg["out_channels"], i2v=i2v, version=version))
     text_encoder = T5EncoderModel(t5_config(len(tokenizer), d_model=tcfg["text_embed_dim"]))
     scheduler = CogVideoXDDIMScheduler.from_config(SCHEDULER_CONFIG)
     for m in (transformer, vae, text_encoder):

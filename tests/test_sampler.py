@@ -5,7 +5,7 @@ import torch
 from conftest import bundle_from_components
 from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
-from magicmirror_video.models.sampler import SamplingInputError, decode_latents, sample_video
+from magicmirror_video.models.sampler import SamplingInputError, decode_latents, encode_first_frame, sample_video
 from magicmirror_video.models.text import encode_prompt
 from magicmirror_video.testing import tiny
 
@@ -39,6 +39,20 @@ def test_sampler_equals_diffusers_pipeline(version, i2v, scheduler):
     ref = ref[:, :, ref.shape[2] - ours.shape[2]:]
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.5"])
+def test_i2v_first_frame_condition_equals_the_pipelines_image_latents(version):
+    """The sampler's first-frame latent is CogVideoXImageToVideoPipeline.prepare_latents' image latent: x the VAE
+    scaling factor, or / it when the VAE sets invert_scale_latents (CogVideoX 1.5 I2V)."""
+    c = tiny.build_components(i2v=True, version=version)
+    assert c["vae"].config.invert_scale_latents == (version == "1.5") and c["vae"].config.scaling_factor != 1
+    image = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, expected = CogVideoXImageToVideoPipeline(**c).prepare_latents(
+            image.permute(0, 3, 1, 2) * 2 - 1, 1, 4, 9, 32, 48, torch.float32, "cpu", torch.Generator().manual_seed(5))
+    ours = encode_first_frame(bundle_from_components(c), image, 32, 48, torch.Generator().manual_seed(5))
+    assert ours.shape == (1, 1, 4, 4, 6) and torch.equal(ours, expected[:, :1])
 
 
 def test_decoded_frames_equal_diffusers_and_no_cfg_dynamic_paths():

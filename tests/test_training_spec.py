@@ -25,7 +25,8 @@ def test_i2v_condition_and_rope_equal_the_diffusers_pipeline(version, pixel_fram
 
     comps = tiny.build_components(i2v=True, version=version)
     vae = comps["vae"]
-    vae.register_to_config(invert_scale_latents=version == "1.5")  # as CogVideoX1.5-5B-I2V's VAE config
+    # as CogVideoX1.5-5B-I2V's VAE config: the pipeline divides the image latents by the scaling factor
+    assert vae.config.invert_scale_latents == (version == "1.5") and vae.config.scaling_factor != 1
     pipe = CogVideoXImageToVideoPipeline(**comps)
     spec = CogVideoXSpec.from_bundle(bundle_from_components(comps), "cpu")
     image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(3)) * 2 - 1

@@ -124,7 +124,8 @@ class WanModel:
         from diffusers import UniPCMultistepScheduler
 
         kwargs = dict(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
-                      scheduler=UniPCMultistepScheduler.from_config(self.scheduler_config), transformer=self.transformer,
+                      scheduler=UniPCMultistepScheduler.from_config(self.scheduler_config),
+                      transformer=self.transformer,
                       transformer_2=self.transformer_2, boundary_ratio=self.boundary_ratio,
                       expand_timesteps=self.expand_timesteps)
         if cls is diffusers.WanImageToVideoPipeline:
@@ -177,6 +178,7 @@ def load_wan(folder: str, *, dtype: torch.dtype = torch.bfloat16, device: torch.
             m.requires_grad_(False).eval().to(device)
     model = WanModel(**parts, variant=variant, dtype=dtype, device=device,
                      boundary_ratio=index.get("boundary_ratio") if variant.experts == 2 else None,
-                     expand_timesteps=bool(index.get("expand_timesteps")), name=os.path.basename(os.path.normpath(folder)))
+                     expand_timesteps=bool(index.get("expand_timesteps")),
+                     name=os.path.basename(os.path.normpath(folder)))
     logger.info("loaded %s from %s (%s)", variant, folder, dtype)
     return model

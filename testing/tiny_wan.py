@@ -85,7 +85,8 @@ def build_components(variant: str = "wan2.1-t2v", *, seed: int = 0, **transforme
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     tcfg = transformer_config(variant, **transformer_kwargs)
-    out = dict(transformer=WanTransformer3DModel(**tcfg), vae=AutoencoderKLWan(**vae_config(variant, tcfg["out_channels"])),
+    out = dict(transformer=WanTransformer3DModel(**tcfg),
+               vae=AutoencoderKLWan(**vae_config(variant, tcfg["out_channels"])),
                text_encoder=UMT5EncoderModel(umt5_config(len(tokenizer), tcfg["text_dim"])), tokenizer=tokenizer,
                scheduler=UniPCMultistepScheduler.from_config(scheduler_config(variant)))
     if v["experts"] == 2:

@@ -57,6 +57,21 @@ def analyzer(insightface_root):
     return FaceAnalyzer(insightface_root, providers=["CPUExecutionProvider"])
 
 
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fails the test if a base model loads (CogVideoX or Wan) or a trainer makes its accelerator: bad input must be
+    refused before."""
+    from magicmirror_video.models import cogvideox, wan
+    from magicmirror_video.training.trainer import Trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were validated")
+
+    monkeypatch.setattr(cogvideox, "load_cogvideox", refuse)
+    monkeypatch.setattr(wan, "load_wan", refuse)
+    monkeypatch.setattr(Trainer, "_make_accelerator", refuse)
+
+
 def straight_and_resumed(trainer_class, config, tmp_path, kill_at: int, **overrides):
     """Train ``config`` straight, and again killed right after the step-``kill_at`` checkpoint then resumed
     with ``resume_from=latest``; return both exported state dicts."""

@@ -254,17 +254,6 @@ def loads(monkeypatch):
     return record
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    from magicmirror_video.models import cogvideox, wan
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded although nothing can be built")
-
-    monkeypatch.setattr(cogvideox, "load_cogvideox", refuse)
-    monkeypatch.setattr(wan, "load_wan", refuse)
-
-
 def test_generators_load_one_at_a_time_and_a_folder_of_another_format_or_clip_order_is_refused(real, tmp_path,
                                                                                                 capsys, loads):
     src = write_input(tmp_path / "in", ["c1.mp4", "c2.mp4"])

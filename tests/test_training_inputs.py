@@ -23,7 +23,6 @@ from PIL import Image
 from magicmirror_video.models.video_io import write_video
 from magicmirror_video.training import train_dualreal, train_magicmirror, train_regdpo, train_subject_replay
 from magicmirror_video.training.config import InputError, load_config
-from magicmirror_video.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {"magicmirror": train_magicmirror, "subject_replay": train_subject_replay, "dualreal": train_dualreal,
@@ -307,17 +306,6 @@ CASES = {
                                        ["has 17 frames, fewer than num_frames=21", "at most 17"]),
     "size not a multiple of 16": lambda t, p, a: ([*a, "--height", "30"], ["height=30 is not a multiple of 16", "32"]),
 }
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    from magicmirror_video.models import cogvideox
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the inputs were validated")
-
-    monkeypatch.setattr(cogvideox, "load_cogvideox", refuse)
-    monkeypatch.setattr(Trainer, "_make_accelerator", refuse)
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)

@@ -231,19 +231,6 @@ def test_precompute_cache_keeps_umt5_vae_and_clip_out_of_the_steps(wan_root, tmp
 
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing loaded
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    from magicmirror_video.models import cogvideox, wan
-    from magicmirror_video.training.trainer import Trainer
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the inputs were validated")
-
-    monkeypatch.setattr(cogvideox, "load_cogvideox", refuse)
-    monkeypatch.setattr(wan, "load_wan", refuse)
-    monkeypatch.setattr(Trainer, "_make_accelerator", refuse)
-
-
 def test_bad_input_is_one_line_before_any_model_loads(wan_root, tmp_path, capsys, no_model_loads):
     import shutil
 

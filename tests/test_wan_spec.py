@@ -11,7 +11,6 @@ from PIL import Image
 
 from magicmirror_video.models.wan import WanModel, variant_of
 from magicmirror_video.testing import tiny_wan
-from magicmirror_video.training.spec import NoiseDraw
 from magicmirror_video.training.spec_wan import EXPERTS, WanSpec, shift_sigmas
 
 PROMPT = "a car drives along a mountain road with snow"
@@ -30,7 +29,8 @@ def spec_of(components: dict, **options) -> WanSpec:
                      image_encoder=c.get("image_encoder"), image_processor=c.get("image_processor"),
                      boundary_ratio=c.get("boundary_ratio"), expand_timesteps=c.get("expand_timesteps", False))
     experts = ("",) if model.variant.experts == 1 else options.pop("experts", EXPERTS)
-    return WanSpec(model, torch.device("cpu"), torch.float32, options.pop("flow_shift", 3.0), experts=experts, **options)
+    shift = options.pop("flow_shift", 3.0)
+    return WanSpec(model, torch.device("cpu"), torch.float32, shift, experts=experts, **options)
 
 
 @pytest.fixture(scope="module")

@@ -371,7 +371,8 @@ class TrainingCache:
         return entry["mean"] if mode else sample_latents(entry, generator)
 
     def image_condition(self, path: str, *, clip_frames: int, height: int, width: int) -> dict:
-        """The entry the specification made of ``path``'s first frame (:meth:`~.spec.ModelSpec.encode_image_condition`)."""
+        """The entry the specification made of ``path``'s first frame
+        (:meth:`~.spec.ModelSpec.encode_image_condition`)."""
         return self._get(self.condition_key(path, clip_frames=clip_frames, height=height, width=width),
                          f"image condition of {path}")
 

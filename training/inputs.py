@@ -72,8 +72,10 @@ def check_model_folder(path: str, option: str = "--model_path", *, bases: Sequen
         variant = wan.folder_variant(path)
         vae = _read_json(os.path.join(path, "vae", "config.json"), option) if "vae" not in missing else {}
         multiple = vae.get("scale_factor_spatial", 8) * config.get("patch_size", [1, 2, 2])[-1]
-        example = {("2.1", "T2V"): "Wan-AI/Wan2.1-T2V-14B-Diffusers", ("2.1", "I2V"): "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
-                   ("2.2", "T2V"): "Wan-AI/Wan2.2-T2V-A14B-Diffusers", ("2.2", "I2V"): "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        example = {("2.1", "T2V"): "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+                   ("2.1", "I2V"): "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+                   ("2.2", "T2V"): "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+                   ("2.2", "I2V"): "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
                    ("2.2", "TI2V"): "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}[variant.version, variant.task]
     else:
         import types

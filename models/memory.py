@@ -43,7 +43,9 @@ SDPA log-sum-exp; LoRA down outputs; norm statistics   4·heads per attention; 6
 =====================================================  ==========================================
 
 so 34·D + 2·F (+ 4·D with I2V's image attention) per token and block — about 43·D for the 14B models (F = 2.7·D),
-against 2·D for the block's input alone under gradient checkpointing. Per context token: the cross-attention's
+against 2·D for the block's input alone under gradient checkpointing. The FFN LoRAs (``ffn.net.0.proj``,
+``ffn.net.2``: the Reg-DPO trainer's Wan default) add their inputs and down outputs, 2·D + 2·F + 2 · 2·r (about 50·D
+in all for the 14B models). Per context token: the cross-attention's
 norm_k input and SDPA k, v (6·D; the image tokens' 4·D), and with I2V and a batch of two, the to_k/to_v LoRAs' own
 copies of the strided text slice. Outside the blocks: norm_out's fp32 input, the prediction and the loss's fp32
 difference, the rotary tables. The first block's input needs no gradient (its norm1 keeps nothing). A step keeps the
@@ -144,9 +146,10 @@ def _wan_dims(config) -> dict:
 
 def wan_block_saved_bytes(config, tokens: int, *, text_tokens: int = WAN_TEXT_TOKENS, image_tokens: int | None = None,
                           lora_rank: int = 16, fused_rms_norm: bool = True, first: bool = False,
-                          batch: int = 1) -> int:
+                          batch: int = 1, ffn_lora: bool = True) -> int:
     """Bytes autograd keeps for the backward of one ``WanTransformerBlock`` of one sample (the LoRA on ``to_q``,
-    ``to_k``, ``to_v``, ``to_out.0`` of both attentions, frozen bf16 weights; see the module doc's table).
+    ``to_k``, ``to_v``, ``to_out.0`` of both attentions and, with ``ffn_lora`` (the Reg-DPO trainer's Wan default),
+    on ``ffn.net.0.proj`` and ``ffn.net.2``; frozen bf16 weights; see the module doc's table).
     ``fused_rms_norm``: torch's fused RMSNorm (CUDA) keeps its bf16 input, the CPU's composite an fp32 upcast.
     ``first``: the first block, whose input needs no gradient (its norm1 keeps nothing). ``batch``: the forward's
     batch; with I2V and more than one sample the text context is a strided slice of ``[image; text]``, which the
@@ -169,6 +172,9 @@ def wan_block_saved_bytes(config, tokens: int, *, text_tokens: int = WAN_TEXT_TO
         per_text += 2 * 2 * D
     per_image = 4 * D  # the image attention's SDPA k v (its norm_added_k input needs no gradient)
     lora_copies = 2 * 8 * r * 2 * D  # the bf16 copies of the block's 8 LoRA pairs, kept by their linears
+    if ffn_lora:  # the FFN LoRAs keep their inputs (norm3's modulated output, the GELU output) and down outputs
+        per_token += 2 * D + 2 * F + 2 * r * 2
+        lora_copies += 2 * 2 * r * (D + F)
     return tokens * per_token + text_tokens * per_text + image_tokens * per_image + lora_copies
 
 
@@ -191,7 +197,7 @@ def wan_training_activation_bytes(config, video_tokens: int, *, batch: int = 2, 
                                   gradient_checkpointing: bool = False, context_parallel: int = 1,
                                   reference_forward: bool = True, text_tokens: int = WAN_TEXT_TOKENS,
                                   image_tokens: int | None = None, lora_rank: int = 16,
-                                  fused_rms_norm: bool = True) -> WanTrainingActivations:
+                                  fused_rms_norm: bool = True, ffn_lora: bool = True) -> WanTrainingActivations:
     """Activations of a Reg-DPO step of a ``WanTransformer3DModel`` (bf16, LoRA, SDPA's flash / memory-efficient
     attention: no ``N × N`` matrix): ``forwards`` forwards with gradient of ``batch`` samples each, their graphs kept
     until one backward (pair-parallel: 1 forward of batch 2; winner then loser: 2 of batch 1), then as many no-grad
@@ -204,7 +210,7 @@ def wan_training_activation_bytes(config, video_tokens: int, *, batch: int = 2, 
     n = -(-video_tokens // context_parallel)  # video tokens on this device
     image_tokens = (WAN_IMAGE_TOKENS if d["image"] else 0) if image_tokens is None else image_tokens
     kw = dict(text_tokens=text_tokens, image_tokens=image_tokens, lora_rank=lora_rank, fused_rms_norm=fused_rms_norm,
-              batch=batch)
+              batch=batch, ffn_lora=ffn_lora)
     block = wan_block_saved_bytes(config, n, **kw)
     # the context embeddings ([image; text] for I2V): the checkpointed blocks' argument, or kept by the to_k/to_v
     # LoRAs (but I2V with batch > 1 has them copy the text per block, counted in the block)

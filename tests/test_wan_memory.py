@@ -105,7 +105,11 @@ def test_block_saved_bytes_by_hand():
     D, F, H, r, n, T = 64, 172, 2, 4, 10, 3
     per_token = 34 * D + 2 * F + 4 * H * 2 + 2 * r * 6 + 4 * 9  # fused RMSNorm: its bf16 inputs
     per_text = 6 * D + 4 * r + 4
-    assert wan_block_saved_bytes(cfg, n, text_tokens=T, lora_rank=r) == n * per_token + T * per_text + 32 * r * D
+    attention_only = wan_block_saved_bytes(cfg, n, text_tokens=T, lora_rank=r, ffn_lora=False)
+    assert attention_only == n * per_token + T * per_text + 32 * r * D
+    # the FFN LoRAs (the trainer's Wan default) keep their bf16 inputs (D and F wide), their down outputs and copies
+    assert wan_block_saved_bytes(cfg, n, text_tokens=T, lora_rank=r) - attention_only == \
+        n * (2 * D + 2 * F + 4 * r) + 4 * r * (D + F)
     cpu = wan_block_saved_bytes(cfg, n, text_tokens=T, lora_rank=r, fused_rms_norm=False)  # three fp32 upcasts
     assert cpu - wan_block_saved_bytes(cfg, n, text_tokens=T, lora_rank=r) == n * 3 * 2 * D + T * 2 * D
     image = wan_block_saved_bytes(tiny_config("wan2.1-i2v"), n, text_tokens=T, lora_rank=r, batch=2)

@@ -52,11 +52,13 @@ NO_T5 = "tiny-t2v-no-t5"
 COMFY_T5 = "t5_test.safetensors"
 
 
-def _build_model_root(root: Path) -> None:
+def _build_model_root(root: Path, error_cases: bool = True) -> None:
     """models/ with tiny T2V/I2V folders plus the bad files the error test needs.
 
     Everything exists before the server starts: the extra-model-paths YAML maps the
     subfolders present at start-up, and the combos then list the bad entries.
+    ``error_cases=False`` leaves out the bad files and the T5 for core's Load CLIP
+    (what the method workflows need, for tests/test_host_frontend.py).
     """
     from diffusers import CogVideoXTransformer3DModel
 
@@ -105,6 +107,8 @@ def _build_model_root(root: Path) -> None:
     torch.save(adapters.state_dict(), root / "dualreal" / "adapter.pth")
     (root / "clip_vision").mkdir()
     build_clip_vision_checkpoint(str(root / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"))
+    if not error_cases:
+        return
     # A folder without text_encoder/ (its prompts come from core's Load CLIP) and a T5 file for models/text_encoders/.
     _build_comfy_t5(root, cog / NO_T5)
     # A folder that the loader's combo lists (it has transformer/) but that is incomplete.

@@ -2,8 +2,8 @@
 
 ComfyUI serves the frontend its requirements install (``comfyui-frontend-package``); playwright's Python client
 drives a system Chromium through ``executable_path`` (Debian: ``apt-get install -y chromium``; no browser
-download). One ComfyUI (loopback, temporary base directory, tests/comfy_host.py) and one browser page serve every
-test here:
+download). One ComfyUI (loopback, temporary base directory, tests/comfy_host.py) and one browser page serve the
+tests here (the page-load check opens a second page for its comparison):
 
 * the page loads the pack's node definitions without a console error or page error that the same page without
   them (``/api/object_info`` answered with the custom nodes removed) does not show;
@@ -48,7 +48,6 @@ import comfy_host  # noqa: E402
 PACK_DIR = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
 COMBINED = "identity_motion_preference"
-INPUT_IMAGES = ("example.png", "face.png", "subject.png")
 IDENTITY_CLIP = "identity_clip.mp4"
 VIEWPORT = {"width": 1920, "height": 1080}
 WIDTH = HEIGHT = 32

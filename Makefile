@@ -1,7 +1,7 @@
 # make demo      - fresh .venv, tiny random models, out/demo.mp4 through the same code the nodes use
 # make test      - fresh .venv, the whole test suite (host tests run when COMFYUI_PATH is set)
 # make venv      - .venv with torch 2.13.0 and this pack installed editable with its [train,dev] extras
-# make pictures  - the README's pictures (docs/pictures/) from the browser host tests (COMFYUI_PATH + Chromium)
+# make pictures  - the README's pictures (docs/pictures/) and template thumbnails from the browser host tests
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -34,10 +34,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/sampler.py
 
-# Screenshots of every shipped workflow in ComfyUI's frontend, the DualReal blend plot and the identity curve.
+# Screenshots of every shipped workflow in ComfyUI's frontend, the DualReal blend plot and the identity curve
+# (docs/pictures/), and the templates dialog's thumbnails (workflows/<name>.jpg).
 pictures: $(STAMP)
 	@test -n "$(COMFYUI_PATH)" || { echo "make pictures needs COMFYUI_PATH=/path/to/ComfyUI (and COMFYUI_PYTHON): see README, Host tests"; exit 2; }
-	MMV_PICTURES=docs/pictures $(PY) -m pytest tests/test_host_frontend.py
+	MMV_PICTURES=docs/pictures MMV_THUMBNAILS=workflows $(PY) -m pytest tests/test_host_frontend.py
 
 clean:
 	rm -rf $(VENV) out .tiny_models

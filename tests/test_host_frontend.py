@@ -53,6 +53,7 @@ VIEWPORT = {"width": 1920, "height": 1080}
 WIDTH = HEIGHT = 32
 FRAMES, STEPS = 9, 12  # 12 steps: a readable blend plot (one column per step)
 PICTURE_LIMIT = 300_000  # bytes per PNG
+THUMBNAIL_SIDE = 384  # px, square: the templates dialog's cards crop to a square
 
 # Frontend settings of the test user: no first-run template dialog, no minimap over the graph, no FPS overlay.
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
@@ -110,9 +111,13 @@ FIT_VIEW_JS = """async () => {
   const boxes = app.graph.nodes.map((n) => n.boundingRect);
   const x0 = Math.min(...boxes.map((r) => r[0])) - 10, y0 = Math.min(...boxes.map((r) => r[1])) - 40;
   const x1 = Math.max(...boxes.map((r) => r[0] + r[2])) + 10, y1 = Math.max(...boxes.map((r) => r[1] + r[3])) + 10;
-  app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], {zoom: 0.95});
+  const ds = app.canvas.ds;
+  ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], {zoom: 0.95});
   app.canvas.setDirty(true, true);
   await new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));
+  const canvas = app.canvas.canvas.getBoundingClientRect();  // the graph's box on the page (for the thumbnail)
+  return {x: canvas.left + (x0 + ds.offset[0]) * ds.scale, y: canvas.top + (y0 + ds.offset[1]) * ds.scale,
+          width: (x1 - x0) * ds.scale, height: (y1 - y0) * ds.scale};
 }"""
 
 SET_WIDGETS_JS = """(changes) => {
@@ -162,12 +167,24 @@ def _require_browser() -> str:
     return chromium
 
 
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory) -> Path:
-    folder = os.environ.get("MMV_PICTURES", "").strip()
-    path = Path(folder).resolve() if folder else tmp_path_factory.mktemp("pictures")
+def _output_folder(variable: str, tmp_path_factory) -> Path:
+    folder = os.environ.get(variable, "").strip()
+    path = Path(folder).resolve() if folder else tmp_path_factory.mktemp(variable.lower())
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> Path:
+    """Where the README's pictures go: $MMV_PICTURES (make pictures: docs/pictures), else a temporary folder."""
+    return _output_folder("MMV_PICTURES", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def thumbnails(tmp_path_factory) -> Path:
+    """Where the templates dialog's thumbnails go: $MMV_THUMBNAILS (make pictures: workflows), else a temporary
+    folder (the dialog test then checks the committed ones)."""
+    return _output_folder("MMV_THUMBNAILS", tmp_path_factory)
 
 
 def _save_picture(png: bytes, path: Path) -> Path:
@@ -370,10 +387,23 @@ def _backend_view(prompt: dict, object_info: dict) -> dict:
     return view
 
 
-def _picture(page, path: Path) -> Path:
-    page.evaluate(FIT_VIEW_JS)
+def _picture(page, path: Path, thumbnail: Path | None = None) -> Path:
+    """Screenshot of the page with the graph filling the canvas; ``thumbnail``: also the graph alone, letterboxed
+    into a square JPEG (what the templates dialog shows for ``workflows/<name>.jpg``)."""
+    from PIL import Image
+
+    graph = page.evaluate(FIT_VIEW_JS)
     page.wait_for_timeout(300)
-    return _save_picture(page.screenshot(), path)
+    _save_picture(page.screenshot(), path)
+    if thumbnail is not None:
+        shot = Image.open(io.BytesIO(page.screenshot(clip=graph))).convert("RGB")
+        side = max(shot.size)
+        square = Image.new("RGB", (side, side), shot.getpixel((0, 0)))  # the canvas background
+        square.paste(shot, ((side - shot.width) // 2, (side - shot.height) // 2))
+        tmp = thumbnail.with_suffix(".tmp.jpg")
+        square.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.LANCZOS).save(tmp, quality=85, optimize=True)
+        os.replace(tmp, thumbnail)
+    return path
 
 
 def _overlaps(nodes: list[dict]) -> list[str]:
@@ -436,7 +466,7 @@ def test_host_frontend_lists_every_shipped_workflow_as_a_template(server):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_host_frontend_loads_the_shipped_workflow(server, frontend, pictures, path):
+def test_host_frontend_loads_the_shipped_workflow(server, frontend, pictures, thumbnails, path):
     page, console, _ = frontend
     workflow = json.loads(path.read_text(encoding="utf-8"))
     console.take()
@@ -454,7 +484,42 @@ def test_host_frontend_loads_the_shipped_workflow(server, frontend, pictures, pa
     info = server.object_info()
     assert _backend_view(frontend_prompt, info) == comfy_host.ui_to_api(workflow, info)
     assert not _overlaps(state["nodes"]), "\n".join(_overlaps(state["nodes"]))
-    _picture(page, pictures / f"{path.stem}.png")
+    _picture(page, pictures / f"{path.stem}.png", thumbnails / f"{path.stem}.jpg")
+
+
+def test_host_frontend_templates_dialog_shows_a_thumbnail_per_workflow(server, frontend):
+    """Workflow -> Browse Templates -> the pack: every card's picture (``workflows/<name>.jpg``, which the frontend
+    asks for next to each template) is served as a JPEG and shows in the dialog without a console error."""
+    import urllib.request
+
+    for path in WORKFLOWS:
+        url = f"{server.url}/api/workflow_templates/{server.pack_name}/{path.stem}.jpg"
+        with urllib.request.urlopen(url, timeout=30) as answer:  # 404 (HTTPError) when the thumbnail is missing
+            assert answer.read(3) == b"\xff\xd8\xff", url
+    page, console, _ = frontend
+    console.take()
+    answers = []
+
+    def record(response) -> None:
+        if f"/workflow_templates/{server.pack_name}/" in response.url:
+            answers.append((response.status, response.url))
+
+    page.on("response", record)
+    try:
+        page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        page.locator(".p-dialog").get_by_text(server.pack_name, exact=True).first.click()
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(500)
+        # The cards load their pictures as they scroll into view (as blob: URLs); the ones with a source must show.
+        shown = page.evaluate("""() => Array.from(document.querySelectorAll('.p-dialog img'))
+          .filter((img) => img.getAttribute('src')).map((img) => img.complete && img.naturalWidth > 0)""")
+        page.keyboard.press("Escape")
+        page.locator(".p-dialog").first.wait_for(state="detached")
+    finally:
+        page.remove_listener("response", record)
+    assert answers and all(status == 200 for status, _ in answers), answers
+    assert shown and all(shown), shown
+    assert not console.take()
 
 
 def _decode_frames(path: Path):

@@ -14,7 +14,8 @@ tests here (the page-load check opens a second page for its comparison):
   within the widget's min..max, logs no console error or warning, converts with the frontend's own
   ``app.graphToPrompt()`` to exactly what ``comfy_host.ui_to_api`` (the other host tests' conversion) makes, shows
   no two nodes overlapping (bounding boxes with title bar and source badge, as the frontend measures them), and is
-  photographed;
+  photographed (and its templates-dialog thumbnail made);
+* the templates dialog shows the pack's cards with their thumbnails (``workflows/<name>.jpg``) and no console error;
 * the combined workflow (MagicMirror + Reg-DPO LoRA + DualReal) is pointed at the tiny models through its widgets,
   queued with the Run button, and its video decoded (9 frames of 32x32); the prompt the frontend sent equals
   ``ui_to_api`` of the workflow it sent; the blend plot shows in the Preview Image node (photographed);
@@ -26,7 +27,8 @@ pictures show the interface). Files the shipped workflows name but the tests do 
 T5-XXL) are empty placeholders, so the combos list them.
 
 Pictures (PNG, palette-compressed) go to ``$MMV_PICTURES`` when set (``make pictures`` sets docs/pictures, what the
-README shows), else to pytest's temporary folder. Skipped without ``COMFYUI_PATH``, playwright or Chromium.
+README shows), thumbnails (JPEG) to ``$MMV_THUMBNAILS`` (``make pictures``: workflows), else both to pytest's temporary
+folder. Skipped without ``COMFYUI_PATH``, playwright or Chromium.
 """
 
 from __future__ import annotations

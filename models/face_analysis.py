@@ -38,6 +38,29 @@ DEFAULT_DET_SIZES = (640, 512, 384, 256)
 PACK_FILES = {"antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx"),
               "buffalo_l": ("det_10g.onnx", "w600k_r50.onnx")}
 CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
+PAD_GREY = 128  # the border colour of the padded retry (ConsisID / OpenS2V eval scripts)
+
+
+def pad_image(image: np.ndarray, scale: float = 1.25) -> tuple[np.ndarray, tuple[int, int]]:
+    """``image`` [H, W, 3] with a grey (128) border of ``int(H * (scale - 1))`` rows above and below and
+    ``int(W * (scale - 1))`` columns left and right; returns it with ``(left, top)``.
+
+    The retry image of ConsisID's ``eval/get_facesim_fid.py`` and OpenS2V's ``eval/get_facesim.py``
+    (``pad_np_bgr_image``): a face too close to the border or too large for the detector is often found on it.
+    """
+    if scale < 1.0:
+        raise ValueError(f"pad scale must be >= 1, got {scale}")
+    h, w = image.shape[:2]
+    left, top = int(w * (scale - 1.0)), int(h * (scale - 1.0))
+    return add_border(image, left, top), (left, top)
+
+
+def add_border(image: np.ndarray, left: int, top: int) -> np.ndarray:
+    """``image`` with a grey (128) border: ``left`` columns on both sides, ``top`` rows above and below."""
+    import cv2
+
+    return cv2.copyMakeBorder(np.ascontiguousarray(image), top, top, left, left, cv2.BORDER_CONSTANT,
+                              value=(PAD_GREY, PAD_GREY, PAD_GREY))
 
 
 @dataclass
@@ -48,6 +71,7 @@ class FaceBox:
     kps: np.ndarray               # [5, 2] float32 left eye, right eye, nose, mouth left, mouth right
     det_score: float
     det_size: int                 # detector input size (square) that found the face
+    pad: tuple = (0, 0)           # (left, top) border of the padded image it was found in; (0, 0) = the image itself
 
 
 @dataclass
@@ -204,6 +228,28 @@ class FaceAnalyzer:
         bgr = np.ascontiguousarray(self._as_rgb_uint8(image)[..., ::-1])            # [H,W,3] BGR
         return self._locate_largest_bgr(bgr, self.det_sizes if det_sizes is None else det_sizes)
 
+    def locate_largest_padded(self, image, det_size: int, pad_scale: float = 1.25) -> FaceBox | None:
+        """Largest face at one detector size; if none, again on the image padded by :func:`pad_image`.
+
+        The detection of ConsisID's and OpenS2V's evaluation scripts. A face found on the padded image comes back
+        in the coordinates of ``image`` with ``pad = (left, top)``, so :meth:`embeddings` embeds it, as those
+        scripts do, from the padded image (insightface's ``get`` runs the recogniser on the image it detected in).
+        """
+        rgb = self._as_rgb_uint8(image)
+        bgr = np.ascontiguousarray(rgb[..., ::-1])                                   # [H,W,3] BGR
+        box = self._locate_largest_bgr(bgr, (det_size,))
+        if box is not None:
+            return box
+        padded, (left, top) = pad_image(bgr, pad_scale)
+        box = self._locate_largest_bgr(padded, (det_size,))
+        if box is None:
+            return None
+        offset = np.array([left, top], np.float32)
+        box.bbox = box.bbox - np.tile(offset, 2)
+        box.kps = box.kps - offset
+        box.pad = (left, top)
+        return box
+
     def _locate_largest_bgr(self, bgr: np.ndarray, det_sizes) -> FaceBox | None:
         for size in det_sizes:
             dets, kpss = self.det_model.detect(bgr, input_size=(size, size), max_num=0)  # [F,5], [F,5,2]
@@ -238,7 +284,8 @@ class FaceAnalyzer:
         ``images[i]``, from ONE batched recogniser call (per-crop calls only for a fixed batch-1 model).
 
         Each face is aligned exactly as :meth:`detect_largest` does (``norm_crop`` on its 5 keypoints), so
-        row i equals ``detect_largest``'s ``embedding`` for that face.
+        row i equals ``detect_largest``'s ``embedding`` for that face. A face found on the padded retry image
+        (``face.pad != (0, 0)``) is cropped from that padded image, where it was detected.
         """
         from insightface.utils import face_align
 
@@ -247,9 +294,13 @@ class FaceAnalyzer:
         if not faces:
             return np.zeros((0, self.rec_model.output_shape[-1]), np.float32)
         size = self.rec_model.input_size[0]
-        crops = [face_align.norm_crop(np.ascontiguousarray(self._as_rgb_uint8(image)[..., ::-1]),
-                                      landmark=np.asarray(face.kps, dtype=np.float32), image_size=size)
-                 for image, face in zip(images, faces)]                                # BGR [size,size,3] each
+        crops = []
+        for image, face in zip(images, faces):
+            bgr, kps = np.ascontiguousarray(self._as_rgb_uint8(image)[..., ::-1]), np.asarray(face.kps, np.float32)
+            pad = tuple(getattr(face, "pad", (0, 0)))
+            if pad != (0, 0):  # found on the padded retry image: crop it from there
+                bgr, kps = add_border(bgr, *pad), kps + np.asarray(pad, np.float32)
+            crops.append(face_align.norm_crop(bgr, landmark=kps, image_size=size))     # BGR [size,size,3]
         if self.rec_model.input_shape[0] == 1:  # an export with a fixed batch of one
             return np.concatenate([self.rec_model.get_feat(c) for c in crops]).astype(np.float32)
         return np.asarray(self.rec_model.get_feat(crops), dtype=np.float32)           # [N,512]

@@ -95,20 +95,23 @@ def to_image_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).float()[None] / 255.0  # np.array: a writable copy
 
 
-def metric_panels(metrics, keys=("face_sim", "flow", "clip_i")) -> list[Panel]:
+def metric_panels(metrics, keys=("face_sim", "flow", "clip_t", "clip_i")) -> list[Panel]:
     """The per-frame panels of a :class:`~.metrics.VideoMetrics` (only the curves it has, in ``keys`` order)."""
-    from .metrics import NO_FACE
+    from .metrics import FLOW_SHORT_SIDE, NO_FACE
 
     panels = []
     for key in keys:
         if key == "face_sim" and "face_sim" in metrics.curves:
-            panels.append(Panel(f"identity: cosine to the reference set per frame (red ticks: no face; "
-                                f"{round((metrics.face_rate or 0) * metrics.num_frames)}/{metrics.num_frames} "
-                                "frames with a face)", [metrics.curves["face_sim"]], mean=metrics.face_sim,
-                                mark_missing=True, message=NO_FACE))
+            panels.append(Panel(f"identity: cosine to the reference{'s' if metrics.references_used > 1 else ''} per "
+                                f"scored frame (red ticks: no face; {metrics.faces_found}/{metrics.frames_scored} "
+                                "with a face)", [metrics.curves["face_sim"]], mean=metrics.face_sim,
+                                mark_missing=True, message=NO_FACE, x_label="scored frame"))
         elif key == "flow" and "flow" in metrics.curves:
-            panels.append(Panel("dynamics: mean optical flow, px/frame at short side 256", [metrics.curves["flow"]],
+            panels.append(Panel(f"dynamics: mean optical flow per pair, px/s at short side {FLOW_SHORT_SIDE} "
+                                f"({metrics.analysis_fps:g} fps analysed)", [metrics.curves["flow"]],
                                 mean=metrics.dynamics, x_label="frame pair"))
+        elif key == "clip_t" and "clip_t" in metrics.curves:
+            panels.append(Panel("text-video: CLIP-T per frame", [metrics.curves["clip_t"]], mean=metrics.clip_t))
         elif key == "clip_i" and "clip_i" in metrics.curves:
             panels.append(Panel("subject: CLIP-I per frame", [metrics.curves["clip_i"]], mean=metrics.clip_i))
     return panels

@@ -1,23 +1,33 @@
-"""Score generated videos: ``python -m training.evaluate`` (identity, face motion, dynamics, CLIP-I).
+"""Score generated videos under a published evaluation protocol: ``python -m training.evaluate``.
 
 ::
 
-    python -m training.evaluate --videos out/videos --references alice.jpg alice2.jpg \\
+    python -m training.evaluate --videos out/videos --references alice.jpg --protocol consisid \\
         --insightface ComfyUI/models/insightface --output runs/eval/report.json
+
+``--protocol`` (``models/metrics.py`` has the exact rules; the README names each source file):
+``magicmirror`` (every frame, antelopev2 with the 640→256 size ladder, mean over the reference set),
+``consisid`` (ConsisID ``eval/get_facesim_fid.py`` + ``get_clipscore.py``: 16 frames, buffalo_l at 320 with a
+padded retry, cosine clamped at 0, a faceless video scores 0, one reference photo, FaceSim-Arc/-Cur, FID,
+CLIPScore) and ``opens2v`` (OpenS2V-Nexus ``eval/get_facesim.py`` + ``get_motionscore.py``: as consisid with 32
+frames, no FID, motion_fb). Every protocol adds dynamics in px/s and VBench's dynamic degree.
 
 ``--videos`` is a folder of videos (``.mp4 .mov .mkv .webm .avi``) or a ``.jsonl`` manifest (or a folder
 holding ``metadata.jsonl``): one JSON object per line with the video under ``video`` (or ``media``,
-``path``, ...) and, optionally, its own reference image(s) under ``ref_images`` / ``ref_image`` /
-``reference``, which replace ``--references`` for that row. Relative paths resolve against the
-manifest's folder.
+``path``, ...), optionally its own reference image(s) under ``ref_images`` / ``ref_image`` / ``reference``
+(replacing ``--references`` for that row) and its prompt under ``prompt`` / ``caption`` / ``text`` (for
+CLIP-T; in a plain folder a ``<video stem>.txt`` beside the video, else ``--prompt``).
 
-Per video: face similarity to the reference set, share of frames with a face, similarity decay, FM_ref,
-FM_inter, dynamics (Farneback flow, px/frame at short side 256) and, with ``--clip_vision``, CLIP-I
-to the references (the formulas are in ``models/metrics.py`` and the README). Writes ``report.json``
-(every video with its per-frame curves, the mean/std table), ``report.csv`` (one row per video) and
-``report.png`` (the curves of all videos and the table), and prints the table in the layout of
-MagicMirror's Table 1 for the columns computable here. Unreadable videos are reported and skipped.
-With random-weight (tiny test) models the numbers are meaningless.
+Optional models (CurricularFace, Inception-v3 for FID, RAFT, a CLIP folder for CLIP-T, a DINO folder) are
+looked up in ``--metric_models`` (default: ``metrics/`` beside the insightface folder), the insightface
+folder and torch's hub cache, or given one by one; a column whose model is missing says so in the table.
+
+Writes ``report.json`` (settings, every video with its metrics, counts and per-frame curves, the summary),
+``report.csv`` (one row per video: any aggregate can be recomputed) and ``report.png``, and prints the
+protocol, one row per video and the aggregate row: mean ± std with the number of videos and of frames
+(or frame pairs) behind each column. Exit codes: 0 all videos scored; 1 some video could not be read or
+scored (the report is still written; ``--skip-unreadable`` accepts that) or none could; 2 bad input,
+reported in one line before any model loads.
 """
 
 from __future__ import annotations
@@ -28,18 +38,17 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..models.metrics import FLOW_SHORT_SIDE, METRICS, NO_FACE, evaluate_video, reference_faces, summarise
-from .data import IMAGE_EXTS, MEDIA_KEYS, first_frame, is_image, resolve_path
+from ..models.metrics import METRICS, NO_FACE, PROTOCOLS, evaluate_video, get_protocol, reference_faces, summarise
+from ..models.motion import FLOW_SHORT_SIDE
+from .data import CAPTION_KEYS, IMAGE_EXTS, MEDIA_KEYS, first_frame, is_image, resolve_path
 from .prepare_magicmirror import VIDEO_EXT
 
 REFERENCE_KEYS = ("ref_images", "ref_image", "reference", "references")
-# Table 1 of MagicMirror: the columns computable here, in the paper's order, then this pack's extras.
-TABLE_COLUMNS = (("face_sim", "Face Similarity↑"), ("dynamics", "Dynamics↑"), ("fm_ref", "Face Motion (FM_ref)↑"),
-                 ("fm_inter", "FM_inter"), ("sim_decay", "Sim. decay"), ("face_rate", "Face rate"),
-                 ("clip_i", "CLIP-I↑"))
+OPTIONAL_MODELS = ("curricularface", "inception", "raft", "clip_text", "dino")
 
 
 class UsageError(ValueError):
@@ -68,8 +77,8 @@ def _image_list(paths, what: str) -> list[str]:
     return out
 
 
-def _manifest_rows(path: str) -> list[tuple[str, list[str]]]:
-    """(video, own references) per line of an evaluation manifest."""
+def _manifest_rows(path: str) -> list[dict]:
+    """{video, references, prompt} per line of an evaluation manifest."""
     rows, base = [], os.path.dirname(path)
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
@@ -89,14 +98,23 @@ def _manifest_rows(path: str) -> list[tuple[str, list[str]]]:
                                  "give a manifest or folder of generated videos")
             refs = next((row[k] for k in REFERENCE_KEYS if k in row), [])
             refs = [refs] if isinstance(refs, str) else list(refs)
-            rows.append((video, [resolve_path(r, base) for r in refs]))
+            prompt = next((str(row[k]) for k in CAPTION_KEYS if row.get(k)), None)
+            rows.append({"video": video, "references": [resolve_path(r, base) for r in refs], "prompt": prompt})
     if not rows:
         raise UsageError(f"{path} lists no videos")
     return rows
 
 
-def collect_videos(spec: str) -> list[tuple[str, list[str]]]:
-    """(video, per-video references) from a folder of videos, a folder with metadata.jsonl, or a .jsonl file."""
+def _sidecar_prompt(video: str) -> str | None:
+    path = os.path.splitext(video)[0] + ".txt"
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    return None
+
+
+def collect_videos(spec: str) -> list[dict]:
+    """{video, references, prompt} from a folder of videos, a folder with metadata.jsonl, or a .jsonl file."""
     path = os.path.abspath(os.path.expanduser(spec))
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "metadata.jsonl")):
@@ -104,7 +122,7 @@ def collect_videos(spec: str) -> list[tuple[str, list[str]]]:
         videos = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(VIDEO_EXT))
         if not videos:
             raise UsageError(f"no videos ({', '.join(VIDEO_EXT)}) and no metadata.jsonl in {path}")
-        return [(v, []) for v in videos]
+        return [{"video": v, "references": [], "prompt": _sidecar_prompt(v)} for v in videos]
     if not os.path.exists(path):
         raise UsageError(f"--videos not found: {path}")
     if not path.endswith(".jsonl"):
@@ -112,21 +130,91 @@ def collect_videos(spec: str) -> list[tuple[str, list[str]]]:
     return _manifest_rows(path)
 
 
+def metric_model_folders(args, kind: str) -> list[str]:
+    """Where an optional model of ``kind`` is looked for (in order)."""
+    folders = [args.metric_models or os.path.join(os.path.dirname(os.path.abspath(args.insightface)), "metrics")]
+    if kind == "curricularface":
+        folders += [args.insightface, os.path.join(args.insightface, "models")]
+    if kind in ("inception", "raft"):
+        folders.append(os.path.join(torch.hub.get_dir(), "checkpoints"))
+    return folders
+
+
+def find_optional_models(args) -> tuple[dict, dict]:
+    """({kind: path} of the optional models to load, {kind: why not}); a path given on the command line must exist
+    (UsageError otherwise)."""
+    from ..models.metric_models import find_metric_model, missing_reason, torchvision_available
+
+    found, missing = {}, {}
+    p = get_protocol(args.protocol)
+    for kind in OPTIONAL_MODELS:
+        if kind == "inception" and not p.fid:
+            continue
+        given = getattr(args, kind)
+        if given:
+            path = os.path.abspath(os.path.expanduser(given))
+            is_folder = kind in ("clip_text", "dino")
+            if not (os.path.isdir(path) if is_folder else os.path.isfile(path)):
+                raise UsageError(f"--{kind} not found: {path} (expected {'a folder' if is_folder else 'a file'})")
+            if kind in ("inception", "raft") and not torchvision_available():
+                raise UsageError(f"--{kind} needs torchvision (pip install torchvision, as ComfyUI has it)")
+            found[kind] = path
+            continue
+        path, searched = find_metric_model(kind, metric_model_folders(args, kind))
+        if path is not None and not (kind in ("inception", "raft") and not torchvision_available()):
+            found[kind] = path
+        else:
+            missing[kind] = missing_reason(kind, searched)
+    return found, missing
+
+
 # --------------------------------------------------------------------------------------------- report
 
 
-def _cell(stats: dict, fmt: str) -> str:
+def _cell(stats: dict, fmt: str, unit: str) -> str:
     if stats["mean"] is None:
-        return "n/a"
-    return f"{fmt.format(stats['mean'])} ± {fmt.replace('+', '').format(stats['std'])}"
+        reasons = stats.get("reasons") or {}
+        return "n/a: " + ("; ".join(reasons) if reasons else "no value")
+    cell = f"{fmt.format(stats['mean'])} ± {fmt.replace('+', '').format(stats['std'])} " \
+           f"(n={stats['n']}, {stats['frames']} {unit})"
+    if stats.get("faceless_as_zero"):
+        cell += f" incl. {stats['faceless_as_zero']} faceless = 0"
+    if stats["left_out"]:
+        cell += f"; {stats['left_out']} left out: " + ", ".join(f"{n} {why}" for why, n in stats["reasons"].items())
+    return cell
 
 
-def table_markdown(name: str, summary: dict) -> str:
-    """The mean ± std table in the layout of MagicMirror's Table 1 (computable columns first)."""
-    header = "| Method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
-    rule = "|---|" + "---|" * len(TABLE_COLUMNS)
-    row = f"| {name} | " + " | ".join(_cell(summary[key], METRICS[key]) for key, _ in TABLE_COLUMNS) + " |"
-    return "\n".join([header, rule, row])
+def shown_columns(protocol, rows: list[dict]) -> list[tuple[str, str]]:
+    """The protocol's columns that some video has a value for or a reason why not."""
+    p = get_protocol(protocol)
+    return [(key, label) for key, label in p.columns
+            if any(r.get(key) is not None or key in (r.get("unavailable") or {}) for r in rows)]
+
+
+def _value(row: dict, key: str) -> str:
+    if row.get(key) is not None:
+        count = (row.get("counts") or {}).get(key)
+        return METRICS[key].format(row[key]) + (f" [{count}]" if count is not None else "")
+    return "n/a" if key in (row.get("unavailable") or {}) else "–"
+
+
+def table_markdown(name: str, summary: dict, rows: list[dict], protocol) -> str:
+    """One row per video (each value with [the frames or pairs it used]) and the aggregate row: mean ± std with
+    n videos and frames (pairs for motion)."""
+    from ..models.metrics import COUNT_UNITS
+
+    columns = shown_columns(protocol, rows)
+    header = "| Video | frames (scored) | " + " | ".join(label for _, label in columns) + " |"
+    rule = "|---|---|" + "---|" * len(columns)
+    lines = [header, rule]
+    for r in rows:
+        lines.append(f"| {os.path.basename(r['video'])} | {r['num_frames']} ({len(r['frame_indices'])}) | "
+                     + " | ".join(_value(r, key) for key, _ in columns) + " |")
+    total = sum(r["num_frames"] for r in rows)
+    lines.append(f"| **{name}** ({len(rows)} videos) | {total} | "
+                 + " | ".join(_cell(summary[key], METRICS[key], COUNT_UNITS.get(key, "frames")) for key, _ in columns)
+                 + " |")
+    return "\n".join(lines)
 
 
 def write_csv(path: str, rows: list[dict]) -> str:
@@ -134,29 +222,32 @@ def write_csv(path: str, rows: list[dict]) -> str:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["video", "frames", *keys, "references", "error"])
+        writer.writerow(["video", "protocol", "frames", "frames_scored", "fps", *keys,
+                         *(f"{k}_count" for k in keys), "face_lost_at", "references", "references_used", "error"])
         for r in rows:
-            values = ("" if r.get(k) is None else f"{r[k]:.6g}" for k in keys)
-            writer.writerow([r["video"], r.get("num_frames", ""), *values, len(r.get("references", [])),
+            counts = r.get("counts") or {}
+            writer.writerow([r["video"], r.get("protocol", ""), r.get("num_frames", ""), len(r.get("frame_indices", [])),
+                             r.get("fps", ""), *("" if r.get(k) is None else f"{r[k]:.6g}" for k in keys),
+                             *(counts.get(k, "") for k in keys), "" if r.get("face_lost_at") is None else
+                             r["face_lost_at"], len(r.get("references", [])), r.get("references_used", ""),
                              r.get("error", "")])
     os.replace(tmp, path)
     return path
 
 
-def write_summary_png(path: str, rows: list[dict], table: str) -> str:
+def write_summary_png(path: str, rows: list[dict], footer: list[str]) -> str:
     from ..models.metrics_plot import Panel, render_panels
 
     ok = [r for r in rows if "error" not in r]
     # series k of every panel = video k (the legend's colours)
-    curves = {key: [r["curves"].get(key, []) for r in ok] for key in ("face_sim", "flow", "clip_i")}
-    panels = [Panel("identity: cosine to the reference set per frame (one line per video)", curves["face_sim"],
-                    message=NO_FACE),
-              Panel(f"dynamics: optical flow per frame pair, px/frame at short side {FLOW_SHORT_SIDE}", curves["flow"],
+    curves = {key: [r["curves"].get(key, []) for r in ok] for key in ("face_sim", "flow", "clip_t", "clip_i")}
+    panels = [Panel("identity: cosine to the reference(s) per scored frame (one line per video)", curves["face_sim"],
+                    message=NO_FACE, x_label="scored frame"),
+              Panel(f"dynamics: optical flow per frame pair, px/s at short side {FLOW_SHORT_SIDE}", curves["flow"],
                     x_label="frame pair")]
-    if any(curves["clip_i"]):
-        panels.append(Panel("subject: CLIP-I per frame", curves["clip_i"]))
-    lines = table.splitlines()
-    footer = [lines[0], lines[2], f"{len(ok)} videos scored, {len(rows) - len(ok)} skipped"]
+    for key, title in (("clip_t", "text-video: CLIP-T per frame"), ("clip_i", "subject: CLIP-I per frame")):
+        if any(curves[key]):
+            panels.append(Panel(title, curves[key]))
     legend = [os.path.basename(r["video"]) for r in ok]
     img = render_panels(panels, footer=footer, legend=legend, width=max(640, 7 * max(len(x) for x in footer)))
     tmp = f"{path}.tmp-{os.getpid()}.png"
@@ -168,138 +259,236 @@ def write_summary_png(path: str, rows: list[dict], table: str) -> str:
 # --------------------------------------------------------------------------------------------- main
 
 
-def load_references(paths: list[str], analyzer, clip_model=None) -> tuple:
-    """(ReferenceFaces, CLIP image embeddings [R, D] or None) of a set of reference images."""
-    from ..models.clip_vision import image_embeds
+class Scorer:
+    """The loaded models of one run and the per-reference-set cache."""
 
-    images = [first_frame(p) for p in paths]
-    clip = None if clip_model is None else torch.cat(
-        [image_embeds(clip_model, torch.from_numpy(i)[None].float() / 255.0) for i in images])
-    return reference_faces(analyzer, images), clip
+    def __init__(self, protocol: str, analyzer, face_models=None, clip_model=None, text_clip=None, dino=None,
+                 flow=None, missing: dict | None = None):
+        self.protocol, self.analyzer, self.face_models = get_protocol(protocol), analyzer, face_models
+        self.clip_model, self.text_clip, self.dino, self.flow = clip_model, text_clip, dino, flow
+        self.missing, self.cache = dict(missing or {}), {}
+
+    def references(self, paths: list[str]) -> dict:
+        """Face references and the images for CLIP-I / DINO-I of a reference set (cached)."""
+        if tuple(paths) not in self.cache:
+            images = [first_frame(p) for p in paths]
+            faces = reference_faces(self.analyzer, images, self.protocol, self.face_models)
+            subject = _stack_images(images[:1] if self.protocol.one_reference else images)  # CLIP-I / DINO-I
+            self.cache[tuple(paths)] = {"faces": faces, "subject": subject}
+        return self.cache[tuple(paths)]
+
+    def score(self, video: str, ref_paths: list[str], prompt: str | None, fps: float | None) -> dict:
+        from ..models.video_io import read_video
+
+        try:
+            refs = self.references(ref_paths)
+        except Exception as e:  # a missing or faceless reference: report, go on
+            return {"video": video, "references": ref_paths, "error": f"reference: {e}"}
+        try:
+            frames, file_fps = read_video(video)
+        except Exception as e:  # undecodable, missing or empty
+            return {"video": video, "references": ref_paths, "error": f"unreadable video: {' '.join(str(e).split())}"}
+        subject_images = refs["subject"]
+        metrics = evaluate_video(frames, protocol=self.protocol, fps=fps or file_fps, analyzer=self.analyzer,
+                                 references=refs["faces"], face_models=self.face_models, clip_model=self.clip_model,
+                                 clip_references=subject_images if self.clip_model is not None else None,
+                                 text_clip=self.text_clip, prompt=prompt, dino=self.dino,
+                                 dino_references=subject_images if self.dino is not None else None, flow=self.flow)
+        for kind, key in (("clip_text", "clip_t"), ("dino", "dino_i"), ("raft", None)):
+            if kind in self.missing and key is not None and getattr(metrics, key) is None:
+                metrics.unavailable.setdefault(key, self.missing[kind])
+        if "raft" in self.missing and metrics.flow:
+            metrics.notes.append(f"RAFT not used ({self.missing['raft']}): flow is Farneback")
+        return {"video": video, "references": ref_paths, "prompt": prompt, **metrics.as_dict()}
 
 
-def evaluate(videos: list[tuple[str, list[str]]], default_refs: list[str], analyzer, *, clip_model=None,
-             det_size: int | None = None, progress: bool = True, cache: dict | None = None) -> list[dict]:
-    """One row per video: its metrics and curves, or ``{"video", "error"}`` when it could not be scored.
-    ``cache`` maps a tuple of reference paths to its :func:`load_references` result (filled as needed)."""
-    from ..models.video_io import read_video
+def _stack_images(images) -> torch.Tensor:
+    """IMAGE [R, H, W, 3] 0..1 of reference images (resized to the first's size when sizes differ)."""
+    from PIL import Image
 
-    cache = {} if cache is None else cache
+    images = list(images)
+    h, w = images[0].shape[:2]
+    same = [i if i.shape[:2] == (h, w) else np.asarray(Image.fromarray(i).resize((w, h), Image.BICUBIC)) for i in images]
+    return torch.from_numpy(np.stack(same)).float() / 255.0
 
-    def references(paths: list[str]):
-        if tuple(paths) not in cache:
-            cache[tuple(paths)] = load_references(paths, analyzer, clip_model)
-        return cache[tuple(paths)]
 
+def evaluate(videos: list[dict], default_refs: list[str], scorer: Scorer, *, fps: float | None = None,
+             default_prompt: str | None = None, progress: bool = True) -> list[dict]:
+    """One row per video: its metrics, counts and curves, or ``{"video", "error"}`` when it could not be scored."""
     rows = []
     bar = tqdm(videos, desc="Scoring videos", unit="video", disable=not progress)
-    for video, own_refs in bar:
-        ref_paths = own_refs or default_refs
-        try:
-            faces, clip_refs = references(ref_paths)
-        except Exception as e:  # a manifest row with a missing or faceless reference: report, go on
-            rows.append({"video": video, "references": ref_paths, "error": f"reference: {e}"})
-            continue
-        try:
-            frames, fps = read_video(video)
-        except Exception as e:  # undecodable, missing or empty: report, go on
-            rows.append({"video": video, "references": ref_paths, "error": f"unreadable video: {e}"})
-            continue
-        metrics = evaluate_video(frames, analyzer=analyzer, references=faces, clip_model=clip_model,
-                                 clip_references=clip_refs, det_size=det_size)
-        rows.append({"video": video, "references": ref_paths, "fps": fps, **metrics.as_dict()})
-        if metrics.face_sim is not None:
-            bar.set_postfix(face_sim=f"{metrics.face_sim:.3f}")
+    for item in bar:
+        row = scorer.score(item["video"], item["references"] or default_refs, item.get("prompt") or default_prompt, fps)
+        rows.append(row)
+        if row.get("face_sim") is not None:
+            bar.set_postfix(face_sim=f"{row['face_sim']:.3f}")
     return rows
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", required=True, help="A folder of videos, or a .jsonl manifest (or a folder with "
-                    "metadata.jsonl) whose rows name a video and optionally its own reference image(s).")
+                    "metadata.jsonl) whose rows name a video and optionally its own reference image(s) and prompt.")
     ap.add_argument("--references", nargs="+", default=[], help="Reference image(s) or folder(s) of images: the "
-                    "person's photos (identity) / the subject image (CLIP-I). Needed unless every manifest row has "
-                    "its own.")
+                    "person's photos (identity) / the subject image (CLIP-I, DINO-I). Needed unless every manifest "
+                    "row has its own. consisid and opens2v use the first only, as their scripts do.")
+    ap.add_argument("--protocol", default="magicmirror", choices=sorted(PROTOCOLS),
+                    help="Evaluation protocol (frames, detector, retry, clamping, faceless videos, references): "
+                         "magicmirror (default), consisid, opens2v.")
     ap.add_argument("--insightface", required=True, help="insightface root (the folder holding models/<pack>/, "
                     "e.g. ComfyUI/models/insightface).")
-    ap.add_argument("--pack", default="antelopev2", help="insightface pack name (antelopev2 or buffalo_l).")
+    ap.add_argument("--pack", default="", help="insightface pack name (default: the protocol's: antelopev2 for "
+                    "magicmirror, buffalo_l for consisid and opens2v).")
+    ap.add_argument("--metric_models", default="", help="Folder of the optional metric models (default: metrics/ "
+                    "beside the insightface folder, e.g. ComfyUI/models/metrics).")
+    ap.add_argument("--curricularface", default="", help="glint360k_curricular_face_r101_backbone.bin (FaceSim-Cur).")
+    ap.add_argument("--inception", default="", help="inception_v3_google-0cc3c7bd.pth (consisid FID; torchvision).")
+    ap.add_argument("--raft", default="", help="raft-things.pth or a torchvision raft_large_*.pth (VBench's flow for "
+                    "dynamics and dynamic degree; torchvision). Default flow: Farneback.")
+    ap.add_argument("--clip_text", default="", help="A transformers CLIP folder with both towers (e.g. "
+                    "clip-vit-base-patch32) for CLIP-T.")
+    ap.add_argument("--dino", default="", help="A transformers DINO ViT folder (e.g. dino-vits16) for DINO-I.")
     ap.add_argument("--clip_vision", default="", help="Optional CLIP vision checkpoint (.safetensors) for CLIP-I.")
+    ap.add_argument("--prompt", default="", help="Prompt for CLIP-T of videos without their own (manifest "
+                    "prompt/caption, or <video stem>.txt).")
+    ap.add_argument("--fps", type=float, default=0.0, help="Frame rate to assume (default: each file's own).")
     ap.add_argument("--output", default="report.json", help="report JSON; the CSV and PNG go beside it.")
     ap.add_argument("--name", default="", help="Row name in the table (default: the videos folder's name).")
-    ap.add_argument("--det_size", type=int, default=640, help="Face detector input size (one pass per frame).")
+    ap.add_argument("--skip-unreadable", "--skip_unreadable", dest="skip_unreadable", action="store_true",
+                    help="Exit 0 even when some videos could not be read or scored (they are listed).")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (face analysis on CUDA needs onnxruntime-gpu).")
     ap.add_argument("--no_progress", action="store_true", help="No progress bar.")
-    args = ap.parse_args(argv)
-    try:
-        videos = collect_videos(args.videos)
-        default_refs = _image_list(args.references, "--references") if args.references else []
-        missing = [v for v, own in videos if not own and not default_refs]
-        if missing:
-            raise UsageError(f"no references for {len(missing)} of {len(videos)} videos (e.g. {missing[0]}): give "
-                             "--references IMAGE [IMAGE ...] or a 'ref_images' entry in each manifest row")
-        for _, own in videos:
-            for ref in own:
-                if not is_image(ref):
-                    raise UsageError(f"manifest reference must be an image, got {ref}")
-        from ..models.face_analysis import find_insightface_pack
+    return ap
 
-        try:
-            find_insightface_pack(args.insightface, args.pack)
-        except FileNotFoundError as e:
-            raise UsageError(str(e).splitlines()[0] + f" (under --insightface {args.insightface})") from None
-        if args.clip_vision and not os.path.isfile(args.clip_vision):
-            raise UsageError(f"--clip_vision not found: {args.clip_vision}")
-        if args.det_size <= 0 or args.det_size % 32:
-            raise UsageError(f"--det_size must be a positive multiple of 32, got {args.det_size}")
+
+def check_args(args) -> tuple[list[dict], list[str], dict, dict]:
+    """Everything checkable without loading a model; UsageError on the first problem."""
+    from ..models.face_analysis import find_insightface_pack
+
+    videos = collect_videos(args.videos)
+    default_refs = _image_list(args.references, "--references") if args.references else []
+    missing = [v["video"] for v in videos if not v["references"] and not default_refs]
+    if missing:
+        raise UsageError(f"no references for {len(missing)} of {len(videos)} videos (e.g. {missing[0]}): give "
+                         "--references IMAGE [IMAGE ...] or a 'ref_images' entry in each manifest row")
+    for v in videos:
+        for ref in v["references"]:
+            if not is_image(ref):
+                raise UsageError(f"manifest reference must be an image, got {ref}")
+    try:
+        find_insightface_pack(args.insightface, args.pack)
+    except FileNotFoundError as e:
+        first, *searched = (line.strip() for line in str(e).splitlines())
+        raise UsageError(f"{first} {'; '.join(searched)} (under --insightface {args.insightface})") from None
+    if args.clip_vision and not os.path.isfile(args.clip_vision):
+        raise UsageError(f"--clip_vision not found: {args.clip_vision}")
+    if args.fps < 0:
+        raise UsageError(f"--fps must be positive, got {args.fps}")
+    found, missing_models = find_optional_models(args)
+    return videos, default_refs, found, missing_models
+
+
+def load_scorer(args, found: dict, missing: dict) -> Scorer:
+    from ..models.face_analysis import FaceAnalyzer
+    from ..models.metrics import FaceModels
+
+    device = args.device
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+    analyzer = FaceAnalyzer(args.insightface, name=args.pack, providers=providers)
+    face_models = FaceModels(unavailable={k: v for k, v in missing.items() if k in ("curricularface", "inception")})
+    if "curricularface" in found:
+        from ..models.curricularface import load_curricularface
+
+        face_models.curricularface = load_curricularface(found["curricularface"], device)
+    if "inception" in found:
+        from ..models.metric_models import load_inception
+
+        face_models.inception = load_inception(found["inception"], device)
+    flow = None
+    if "raft" in found:
+        from ..models.motion import load_raft
+
+        flow = load_raft(found["raft"], device)
+    clip_model = text_clip = dino = None
+    if args.clip_vision:
+        from ..models.clip_vision import load_clip_vision
+
+        clip_model = load_clip_vision(args.clip_vision).to(device)
+    if "clip_text" in found:
+        from ..models.metric_models import load_text_clip
+
+        text_clip = load_text_clip(found["clip_text"], device)
+    if "dino" in found:
+        from ..models.metric_models import load_dino
+
+        dino = load_dino(found["dino"], device)
+    return Scorer(args.protocol, analyzer, face_models, clip_model=clip_model, text_clip=text_clip, dino=dino,
+                  flow=flow, missing=missing)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.pack = args.pack or get_protocol(args.protocol).pack
+    try:
+        videos, default_refs, found, missing = check_args(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from ..models.face_analysis import FaceAnalyzer
     from ..models.face_encoder import NoFaceError
 
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device.startswith("cuda") else None
-    analyzer = FaceAnalyzer(args.insightface, name=args.pack, providers=providers)
-    clip_model = None
-    if args.clip_vision:
-        from ..models.clip_vision import load_clip_vision
-
-        clip_model = load_clip_vision(args.clip_vision).to(args.device)
-    cache = {}
+    scorer = load_scorer(args, found, missing)
     if default_refs:
         try:
-            cache[tuple(default_refs)] = load_references(default_refs, analyzer, clip_model)
+            scorer.references(default_refs)
         except NoFaceError as e:
             print(f"error: --references: {e}", file=sys.stderr)
             return 2
 
-    rows = evaluate(videos, default_refs, analyzer, clip_model=clip_model, det_size=args.det_size,
-                    progress=not args.no_progress, cache=cache)
+    rows = evaluate(videos, default_refs, scorer, fps=args.fps or None, default_prompt=args.prompt or None,
+                    progress=not args.no_progress)
     scored = [r for r in rows if "error" not in r]
+    failed = [r for r in rows if "error" in r]
     name = args.name or os.path.basename(os.path.normpath(os.path.abspath(args.videos))).removesuffix(".jsonl")
-    summary = summarise(scored)
-    table = table_markdown(name, summary)
+    protocol = get_protocol(args.protocol)
+    summary = summarise(scored, protocol)
+    table = table_markdown(name, summary, scored, protocol) if scored else "(no video scored)"
     output = os.path.abspath(args.output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
     stem = os.path.splitext(output)[0]
-    report = {"name": name, "videos": rows, "summary": summary, "table": table,
-              "skipped": [{"video": r["video"], "error": r["error"]} for r in rows if "error" in r],
-              "settings": {"insightface": os.path.abspath(args.insightface), "pack": args.pack,
-                           "det_size": args.det_size, "flow_short_side": FLOW_SHORT_SIDE,
-                           "clip_vision": os.path.abspath(args.clip_vision) if args.clip_vision else None}}
+    flows = sorted({r["flow"] for r in scored if r.get("flow")})
+    settings = {"protocol": protocol.name, "protocol_rules": protocol.describe(),
+                "insightface": os.path.abspath(args.insightface), "pack": args.pack,
+                "models": found, "missing_models": missing, "flow": flows,
+                "clip_vision": os.path.abspath(args.clip_vision) if args.clip_vision else None,
+                "fps": args.fps or "each file's", "references": default_refs}
+    report = {"name": name, "settings": settings, "videos": rows, "summary": summary, "table": table,
+              "skipped": [{"video": r["video"], "error": r["error"]} for r in failed]}
     tmp = f"{output}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1, allow_nan=False)
     os.replace(tmp, output)
     write_csv(stem + ".csv", rows)
-    write_summary_png(stem + ".png", rows, table)
+    header = [protocol.describe(), f"flow: {', '.join(flows) or 'none'}"]
+    if scored:
+        write_summary_png(stem + ".png", rows, header + [f"{len(scored)} videos scored, {len(failed)} failed"])
+    print("\n".join(header))
     print(table)
-    no_face = [r["video"] for r in scored if r["face_rate"] == 0]
-    print(f"{len(scored)} of {len(rows)} videos scored ({len(no_face)} with {NO_FACE}) -> {output}, "
-          f"{stem}.csv, {stem}.png")
-    for r in report["skipped"]:
-        print(f"  skipped {r['video']}: {r['error']}")
-    return 0 if scored else 1
+    no_face = [r for r in scored if (r.get("counts") or {}).get("face_rate") == 0]
+    print(f"{len(scored)} of {len(rows)} videos scored ({len(no_face)} with {NO_FACE}) -> {output}, {stem}.csv"
+          + (f", {stem}.png" if scored else ""))
+    for kind, why in missing.items():
+        print(f"  {kind}: {why}")
+    for r in failed:
+        print(f"  failed {r['video']}: {r['error']}")
+    if not scored:
+        print("error: no video could be scored", file=sys.stderr)
+        return 1
+    if failed and not args.skip_unreadable:
+        print(f"error: {len(failed)} of {len(rows)} videos could not be read or scored (listed above); fix or remove "
+              "them, or pass --skip-unreadable to accept a report without them", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ MODEL_FOLDERS = {
     "clip_vision": "clip_vision",
     "magicmirror": "magicmirror",
     "dualreal": "dualreal",
+    "metrics": "metrics",  # optional evaluation models: CurricularFace, Inception, RAFT, CLIP and DINO folders
 }
 WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".bin", ".pth", ".pt", ".ckpt")
 

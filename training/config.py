@@ -100,6 +100,10 @@ class TrainConfig:
     validation_prompts: list = doc([], "Prompts for validation videos.")
     validation_num_frames: int = doc(9, "Frames of validation videos (4k+1).")
     validation_steps_sampling: int = doc(25, "Denoising steps for validation videos.")
+    validation_protocol: str = doc("magicmirror", "Evaluation protocol of the validation metrics (frames scored, "
+                                                  "detector size and retry, clamping, faceless videos, references; "
+                                                  "see python -m training.evaluate --help): magicmirror | consisid | "
+                                                  "opens2v.", choices=("magicmirror", "consisid", "opens2v"))
 
 
 def _parse_bool(value: str) -> bool:

@@ -172,16 +172,17 @@ def find_optional_models(args) -> tuple[dict, dict]:
 
 
 def _cell(stats: dict, fmt: str, unit: str) -> str:
+    """``mean ± std (n=<videos>, <frames> frames[, incl. k faceless = 0][; m left out: why])``, or ``n/a: why``."""
+    reasons = stats.get("reasons") or {}
+    why = "; ".join(reasons) if len(reasons) == 1 else ", ".join(f"{n} {r}" for r, n in reasons.items())
     if stats["mean"] is None:
-        reasons = stats.get("reasons") or {}
-        return "n/a: " + ("; ".join(reasons) if reasons else "no value")
-    cell = f"{fmt.format(stats['mean'])} ± {fmt.replace('+', '').format(stats['std'])} " \
-           f"(n={stats['n']}, {stats['frames']} {unit})"
+        return "n/a: " + (why or "no value")
+    notes = [f"n={stats['n']}", f"{stats['frames']} {unit}"]
     if stats.get("faceless_as_zero"):
-        cell += f" incl. {stats['faceless_as_zero']} faceless = 0"
+        notes[-1] += f", incl. {stats['faceless_as_zero']} faceless = 0"
     if stats["left_out"]:
-        cell += f"; {stats['left_out']} left out: " + ", ".join(f"{n} {why}" for why, n in stats["reasons"].items())
-    return cell
+        notes[-1] += f"; {stats['left_out']} left out: {why}"
+    return f"{fmt.format(stats['mean'])} ± {fmt.replace('+', '').format(stats['std'])} ({', '.join(notes)})"
 
 
 def shown_columns(protocol, rows: list[dict]) -> list[tuple[str, str]]:

@@ -39,7 +39,7 @@ from ..models.magicmirror import (
 from ..models.text import identity_token_mask, split_trigger
 from .config import InputError, TrainConfig, doc
 from .losses import box_to_latent_mask, identity_loss, v_prediction_loss
-from .trainer import Trainer, TrainingDataset, TrainingModule, cli_main
+from .trainer import VALIDATION_FPS, Trainer, TrainingDataset, TrainingModule, cli_main
 
 
 @dataclass
@@ -58,7 +58,10 @@ class MagicMirrorTrainConfig(TrainConfig):
     validation_insightface: str = doc("", "insightface root (holding models/<pack>/) to score validation videos: "
                                           "identity similarity of each frame's face to validation_faces (logged).")
     validation_insightface_pack: str = doc("antelopev2", "insightface pack name for validation scoring (the pack "
-                                                         "prepare_magicmirror used).")
+                                                         "prepare_magicmirror used: the references are the "
+                                                         "validation_faces' ArcFace embeddings, so frames must be "
+                                                         "embedded by the same recogniser, whatever the "
+                                                         "validation_protocol).")
     # adapter sizes (the face dims come from the data's face files)
     qformer_dim: int = doc(1024, "Face Q-Former width.")
     qformer_depth: int = doc(4, "Face Q-Former layers.")
@@ -266,7 +269,8 @@ class MagicMirrorTrainer(Trainer):
             if not hasattr(self, "analyzer"):
                 self.analyzer = FaceAnalyzer(c.validation_insightface, name=c.validation_insightface_pack)
             references = ReferenceFaces.from_embeddings(faces.arcface)  # the pack's recogniser, as the frames'
-            self.log_validation_metrics(step, [evaluate_video(v, analyzer=self.analyzer, references=references)
+            self.log_validation_metrics(step, [evaluate_video(v, protocol=c.validation_protocol, fps=VALIDATION_FPS,
+                                                              analyzer=self.analyzer, references=references)
                                                for v in videos])
 
 

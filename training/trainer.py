@@ -39,6 +39,7 @@ from .config import InputError
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
+VALIDATION_FPS = 8.0  # frame rate of the validation mp4s; their dynamics (px/s) are computed at it
 
 
 def use_cpu() -> bool:
@@ -242,16 +243,17 @@ class Trainer(abc.ABC):
             latents = sample_video(model, positive, num_frames=c.validation_num_frames, height=c.height, width=c.width,
                                    steps=c.validation_steps_sampling, cfg=6.0, seed=c.seed, image=image)
             frames = decode_latents(self.bundle, latents)[0]
-            write_video(os.path.join(c.output_dir, "validation", f"step-{step:08d}-{i}.mp4"), frames)
+            write_video(os.path.join(c.output_dir, "validation", f"step-{step:08d}-{i}.mp4"), frames, fps=VALIDATION_FPS)
             videos.append(frames)
         return videos
 
-    @staticmethod
-    def clip_i_metrics(clip_model, videos: list, reference: torch.Tensor) -> list:
-        """``VideoMetrics`` of each video: its CLIP-I to ``reference`` (IMAGE [1, H, W, 3]) and its dynamics."""
+    def clip_i_metrics(self, clip_model, videos: list, reference: torch.Tensor) -> list:
+        """``VideoMetrics`` of each video under ``validation_protocol``: its CLIP-I to ``reference`` (IMAGE
+        [1, H, W, 3]) on the protocol's frames, dynamics and dynamic degree (at the validation files' frame rate)."""
         from ..models.metrics import evaluate_video
 
-        return [evaluate_video(v, clip_model=clip_model, clip_references=reference) for v in videos]
+        return [evaluate_video(v, protocol=self.config.validation_protocol, fps=VALIDATION_FPS, clip_model=clip_model,
+                               clip_references=reference) for v in videos]
 
     def log_validation_metrics(self, step: int, metrics: list) -> dict:
         """The mean of each metric (``VideoMetrics.scalars()``) over the validation videos: logged as

@@ -229,3 +229,40 @@ def test_default_providers_are_cpu_and_nothing_downloads(insightface_root, caplo
 def test_bad_det_sizes(insightface_root):
     with pytest.raises(ValueError):
         FaceAnalyzer(insightface_root, det_sizes=(640, 300))
+
+
+def test_padded_retry_of_the_published_scripts(analyzer):
+    """ConsisID / OpenS2V ``pad_np_bgr_image``: a grey (128) border of int(0.25 H) rows and int(0.25 W) columns on
+    each side; a face the detector misses on the image is looked for there, reported in the image's coordinates,
+    and embedded from the padded image (where insightface's ``get`` embeds it)."""
+    from insightface.app.common import Face
+
+    from magicmirror_video.models.face_analysis import pad_image
+
+    image = tiny_faces.synthetic_face_image(241, 321, center=(170, 120), radius=50, seed=3)
+    padded, (left, top) = pad_image(image)
+    assert (left, top) == (80, 60) and padded.shape == (241 + 120, 321 + 160, 3)
+    assert (padded[:top] == 128).all() and (padded[:, :left] == 128).all() and (padded[-top:] == 128).all()
+    np.testing.assert_array_equal(padded[top:top + 241, left:left + 321], image)
+
+    detect = analyzer.det_model.detect
+
+    def miss_unpadded(img, *args, **kwargs):
+        if img.shape[:2] == image.shape[:2]:
+            return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+        return detect(img, *args, **kwargs)
+
+    analyzer.det_model.detect = miss_unpadded
+    try:
+        assert analyzer.locate_largest(image, det_sizes=(320,)) is None
+        box = analyzer.locate_largest_padded(image, 320)
+    finally:
+        del analyzer.det_model.detect
+    bgr_padded = np.ascontiguousarray(padded[..., ::-1])
+    direct = analyzer.locate_largest(padded, det_sizes=(320,))                      # on the padded image itself
+    assert box.pad == (80, 60) and box.det_size == 320
+    np.testing.assert_allclose(box.kps, direct.kps - np.array([80, 60]), atol=1e-4)
+    np.testing.assert_allclose(box.bbox, direct.bbox - np.array([80, 60, 80, 60]), atol=1e-4)
+    expected = analyzer.rec_model.get(bgr_padded, Face(bbox=direct.bbox, kps=direct.kps, det_score=direct.det_score))
+    np.testing.assert_allclose(analyzer.embeddings([image], [box])[0], expected, rtol=1e-4, atol=1e-4)
+    assert analyzer.locate_largest_padded(image, 320).pad == (0, 0)                # found directly: no retry

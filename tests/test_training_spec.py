@@ -167,6 +167,7 @@ def test_validation_videos_are_scored_and_logged(tiny_configs, variant_folders, 
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from magicmirror_video.models import metrics
     from magicmirror_video.models.clip_vision import load_clip_vision
     from magicmirror_video.models.metrics import clip_similarity_curve
 
@@ -180,8 +181,10 @@ def test_validation_videos_are_scored_and_logged(tiny_configs, variant_folders, 
     ref = os.path.join(os.path.dirname(sr.pairs), "0-src.png")
     runs = {"magicmirror": (mm, dict(validation_prompts=["a person img waves"], validation_faces=faces,
                                      validation_insightface=os.path.join(assets, "insightface"),
-                                     validation_insightface_pack="antelopev2"), "validation/face_rate"),
-            "dualreal": (dr, dict(validation_prompts=["a dog * runs"]), "validation/clip_i"),
+                                     validation_insightface_pack="antelopev2", validation_protocol="opens2v"),
+                            "validation/face_rate"),
+            "dualreal": (dr, dict(validation_prompts=["a dog * runs"], validation_protocol="consisid"),
+                         "validation/clip_i"),
             "subject_replay": (sr, dict(validation_prompts=["<cls> a teddy bear"], validation_reference=ref,
                                         validation_clip_vision=clip), "validation/clip_i")}
     for name, (config, extra, tag) in runs.items():
@@ -189,6 +192,9 @@ def test_validation_videos_are_scored_and_logged(tiny_configs, variant_folders, 
         out = tmp_path / name
         trainer_class(dataclasses.replace(config, output_dir=str(out), **common, **extra)).train()
         report = json.load(open(out / "validation" / "step-00000001.json"))
+        protocol = extra.get("validation_protocol", "magicmirror")  # --validation_protocol picks the frames scored
+        assert report["videos"][0]["protocol"] == protocol and report["videos"][0]["fps"] == 8.0
+        assert report["videos"][0]["frame_indices"] == list(metrics.sample_indices(5, protocol))
         acc = EventAccumulator(str(out / "logs" / trainer_class.method))
         acc.Reload()
         assert tag in acc.Tags()["scalars"], acc.Tags()["scalars"]
@@ -200,6 +206,7 @@ def test_validation_videos_are_scored_and_logged(tiny_configs, variant_folders, 
             from magicmirror_video.training.data import read_manifest
             path = extra.get("validation_reference") or read_manifest(config.identity_data)[0].media
             reference = torch.from_numpy(first_frame(path)).float()[None] / 255
-            curve = clip_similarity_curve(load_clip_vision(clip), frames, reference)
+            scored = frames[metrics.sample_indices(len(frames), protocol)]  # the protocol's frames
+            curve = clip_similarity_curve(load_clip_vision(clip), scored, reference)
             # the written mp4 is re-encoded (h264), so allow for compression
             assert report["videos"][0]["clip_i"] == pytest.approx(float(curve.mean()), abs=2e-2)

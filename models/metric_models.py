@@ -86,11 +86,13 @@ def find_metric_model(kind: str, folders) -> tuple[str | None, list[str]]:
 
 
 def missing_reason(kind: str, searched: list[str]) -> str:
-    """The "n/a" text of a column whose model was not found: what is missing and every path searched."""
+    """The "n/a" text of a column whose model was not found: what is missing and every folder searched (each
+    searched path is one of the names in one of the folders)."""
     if kind in NEEDS_TORCHVISION and not torchvision_available():
         return f"needs torchvision (pip install torchvision) for the {DESCRIPTIONS[kind]}"
     names = " or ".join(FILE_KINDS[kind]) if kind in FILE_KINDS else DESCRIPTIONS[kind]
-    return f"no {names}; searched: " + ", ".join(searched or ["(no folder given)"])
+    folders = list(dict.fromkeys(os.path.dirname(p) for p in searched))
+    return f"no {names} in " + (", ".join(folders) if folders else "(no folder given)")
 
 
 # --------------------------------------------------------------------------------------------- Inception (FID)

@@ -69,6 +69,13 @@ def _build_model_root(root: Path, error_cases: bool = True) -> None:
     tiny.build_model_folder(str(cog / "tiny-i2v"), i2v=True)
     # MagicMirror: fake insightface pack, tiny PhotoMaker-V2 checkpoint, tiny adapter for tiny-t2v.
     tiny_faces.build_fake_insightface_pack(str(root / "insightface"))
+    # Video Metrics' protocols: buffalo_l (consisid / opens2v), tiny optional metric models in models/metrics/.
+    from magicmirror_video.testing import tiny_metrics
+
+    tiny_faces.build_fake_insightface_pack(str(root / "insightface"), "buffalo_l")
+    tiny_metrics.build_curricularface_file(str(root / "metrics" / "glint360k_curricular_face_r101_backbone.bin"))
+    tiny_metrics.build_clip_folder(str(root / "metrics" / "clip-vit-tiny"))
+    tiny_metrics.build_dino_folder(str(root / "metrics" / "dino-tiny"))
     (root / "photomaker").mkdir()
     tiny.build_photomaker_checkpoint(str(root / "photomaker" / "photomaker-v2.bin"))
     (root / "magicmirror").mkdir()
@@ -332,7 +339,7 @@ def test_host_identity_score_beside_the_video(server):
     report = entry["outputs"][score_id]["text"][0]
     assert entry["outputs"][text_id]["text"][0] == report
     assert re.match(r"Face similarity (-?[01]\.\d{4} \(mean over [1-9]/9 frames with a face, 1 reference\)|"
-                    r": no face in any frame \(9 frames, detector size 640\))", report), report
+                    r": no face in any frame \(9 frames, detector antelopev2 at 640/512/384/256\))", report), report
     (plot_id,) = [nid for nid, node in api.items() if node["class_type"] == "PreviewImage"
                   and node["inputs"]["images"][0] == score_id]
     assert len(entry["outputs"][plot_id]["images"]) == 1
@@ -356,6 +363,30 @@ def test_host_identity_score_on_faces(server):
     assert "FM_ref 0.0000, FM_inter 0.0000" in report
     assert float(entry["outputs"]["5"]["text"][0]) == pytest.approx(1.0, abs=1e-5)  # the FLOAT score output
     print(f"\nIdentity Score on 9 copies of the reference face:\n{report}")
+
+
+def test_host_video_metrics_consisid_protocol(server):
+    """Video Metrics in ComfyUI under consisid: the installed buffalo_l pack (the face encoder is antelopev2), 16
+    frames of a 9-frame video, FaceSim-Cur from models/metrics/, CLIPScore and DINO-I from the folders there; the FID
+    column says why it has no number (no Inception weights)."""
+    api = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
+        "2": {"class_type": FACE_LOADER, "inputs": {"insightface": "antelopev2", "provider": "CPU",
+                                                    "photomaker": "photomaker-v2.bin", "precision": "fp32"}},
+        "3": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 9}},
+        "4": {"class_type": "MMV_VideoMetrics", "inputs": {
+            "frames": ["3", 0], "protocol": "consisid", "fps": 8.0, "reference": ["1", 0], "face_encoder": ["2", 0],
+            "clip_vision": "none", "prompt": "a face", "clip_text": "clip-vit-tiny", "dino": "dino-tiny"}},
+        "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}},
+    }
+    entry = server.run_prompt(api, timeout=PROMPT_TIMEOUT)
+    report = entry["outputs"]["4"]["text"][0]
+    assert report.startswith("FaceSim-Arc 1.0000 (mean over 16/16 frames with a face, 1 reference)"), report
+    assert "FaceSim-Cur 1.0000" in report and "FID (face crops, ConsisID): n/a (no inception_v3_google" in report
+    for part in ("CLIPScore", "DINO-I 1.0000", "Dynamics 0.0 px/s", "Protocol consisid: 16 frames scored of 9"):
+        assert part in report, report
+    assert "uses the insightface pack" not in report
+    print(f"\nVideo Metrics (consisid) on 9 copies of the reference face:\n{report}")
 
 
 def _t2v_api(srv: comfy_host.ComfyServer) -> dict:

@@ -65,7 +65,9 @@ def test_dependencies_cover_what_is_imported(folder, extras):
         declared |= _declared(PROJECT["optional-dependencies"][extra])
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     third_party = _imported_top_level(folder) - stdlib - HOST_ONLY - {"magicmirror_video", "tomli"}
-    third_party -= {"bitsandbytes", "tensorboard"}  # optional: imported only when asked for, with an install hint
+    # optional: imported only when asked for, with an install hint (torchvision: RAFT and Inception of the evaluation
+    # protocols; every ComfyUI install has it)
+    third_party -= {"bitsandbytes", "tensorboard", "torchvision"}
     transitive = {"tokenizers", "huggingface_hub"}  # come with transformers / diffusers
     missing = {m for m in third_party - transitive if DISTRIBUTIONS.get(m, m).lower() not in declared}
     assert not missing, f"{folder}/ imports {sorted(missing)} but pyproject.toml does not declare them"

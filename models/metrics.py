@@ -114,7 +114,7 @@ PROTOCOLS = {
         name="consisid", sources=("ConsisID eval/get_facesim_fid.py", "eval/get_clipscore.py"),
         num_frames=16, pack="buffalo_l", det_size=320, clamp=True, faceless_zero=True, one_reference=True,
         cur_drop_zero=False, fid=True, clip_t="consisid", motion_fb=False,
-        columns=(("face_sim_cur", "FaceSim-Cur↑"), ("face_sim", "FaceSim-Arc↑"), ("clip_t", "CLIPScore↑"),
+        columns=(("face_sim", "FaceSim-Arc↑"), ("face_sim_cur", "FaceSim-Cur↑"), ("clip_t", "CLIPScore↑"),
                  ("face_fid", "FID↓"), *_COMMON)),
     "opens2v": Protocol(
         name="opens2v", sources=("OpenS2V-Nexus eval/get_facesim.py", "eval/get_motionscore.py"),

@@ -1,12 +1,13 @@
 """Optional models of the evaluation protocols, found in model folders the user fills (nothing is downloaded).
 
-| kind | file / folder | used for | needs |
-|---|---|---|---|
-| ``curricularface`` | ``glint360k_curricular_face_r101_backbone.bin`` (ConsisID-preview ``face_encoder/``, OpenS2V-Weight) | FaceSim-Cur | — |
-| ``inception`` | ``inception_v3_google-0cc3c7bd.pth`` (torchvision's Inception-v3 ImageNet weights) | ConsisID's face FID | torchvision |
-| ``raft`` | ``raft-things.pth`` (VBench / original RAFT) or a torchvision ``raft_large_*.pth`` | dynamics / dynamic degree | torchvision |
-| ``clip_text`` | a transformers CLIP folder with both towers (e.g. ``clip-vit-base-patch32``) | CLIP-T (text-video) | — |
-| ``dino`` | a transformers DINO ViT folder (e.g. ``dino-vits16``) whose name contains ``dino`` | DINO-I | — |
+- ``curricularface``: ``glint360k_curricular_face_r101_backbone.bin`` (ConsisID-preview ``face_encoder/``,
+  OpenS2V-Weight) for FaceSim-Cur;
+- ``inception``: ``inception_v3_google-0cc3c7bd.pth`` (torchvision's Inception-v3 ImageNet weights) for
+  ConsisID's face FID; needs torchvision;
+- ``raft``: ``raft-things.pth`` (VBench / original RAFT) or a torchvision ``raft_large_*.pth`` for dynamics and
+  the dynamic degree; needs torchvision;
+- ``clip_text``: a transformers CLIP folder with both towers (e.g. ``clip-vit-base-patch32``) for CLIP-T;
+- ``dino``: a transformers DINO ViT folder whose name contains ``dino`` (e.g. ``dino-vits16``) for DINO-I.
 
 :func:`find_metric_model` looks for them in a list of folders and returns the path, or ``None`` with
 every path it searched, so a report can say why a column has no number.
@@ -110,7 +111,8 @@ def load_inception(path: str, device: torch.device | str = "cpu"):
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise WeightsFileError(f"{os.path.basename(path)}: not torchvision Inception-v3 weights ({str(e)[:300]})") from e
+        raise WeightsFileError(f"{os.path.basename(path)}: not torchvision Inception-v3 weights "
+                               f"({str(e)[:300]})") from e
     model.fc = torch.nn.Identity()
     return model.eval().requires_grad_(False).to(device)
 
@@ -127,7 +129,8 @@ def inception_features(model, crops: np.ndarray, batch_size: int = 16) -> np.nda
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(crops), batch_size):
-        batch = np.stack([np.asarray(Image.fromarray(c).resize((299, 299), Image.BILINEAR)) for c in crops[i:i + batch_size]])
+        batch = np.stack([np.asarray(Image.fromarray(c).resize((299, 299), Image.BILINEAR))
+                          for c in crops[i:i + batch_size]])                                # [B,299,299,3]
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0).to(device)    # [B,3,299,299]
         out.append(model(x).double().cpu().numpy())
     return np.concatenate(out)

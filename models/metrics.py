@@ -468,7 +468,8 @@ class VideoMetrics:
         if self.dynamics is not None:
             moves = "moves" if self.dynamic_degree else "static"
             lines.append(f"Dynamics {self.dynamics:.1f} px/s at short side {FLOW_SHORT_SIDE} "
-                         f"({self.counts.get('dynamics', 0)} frame pairs at {self.analysis_fps:g} of {self.fps:g} fps); "
+                         f"({self.counts.get('dynamics', 0)} frame pairs at {self.analysis_fps:g} of {self.fps:g} "
+                         "fps); "
                          f"dynamic degree (VBench rule): {moves}; flow: {self.flow}")
         elif "dynamics" in self.unavailable:
             lines.append(f"Dynamics: n/a ({self.unavailable['dynamics']})")

@@ -126,8 +126,8 @@ class RaftFlow:
         self.model, self.path, self.device = model, path, torch.device(device)
 
     def describe(self) -> str:
-        return f"RAFT (torchvision raft_large, {os.path.basename(self.path) or 'given model'}, {RAFT_UPDATES} updates) " \
-               "at full resolution"
+        name = os.path.basename(self.path) or "given model"
+        return f"RAFT (torchvision raft_large, {name}, {RAFT_UPDATES} updates) at full resolution"
 
     def prepare(self, frames: np.ndarray) -> list:
         return [torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1)[None].float() for f in frames]  # [1,3,H,W]

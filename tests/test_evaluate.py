@@ -158,7 +158,8 @@ def test_published_protocol_report(protocol, data, tmp_path, capsys):
     assert summary["face_sim"]["mean"] == pytest.approx(np.mean([r["face_sim"] for r in rows.values()]))
     assert "incl. 1 faceless = 0" in report["table"]
     lines = report["table"].splitlines()
-    first = "FaceSim-Arc↑ | FaceSim-Cur↑" if protocol == "consisid" else "FaceSim-Cur↑ | FaceSim-Arc↑"  # their tables
+    # each benchmark's own column order
+    first = "FaceSim-Arc↑ | FaceSim-Cur↑" if protocol == "consisid" else "FaceSim-Cur↑ | FaceSim-Arc↑"
     assert lines[0].startswith(f"| Video | frames (scored) | {first} |")
     if protocol == "consisid":  # no Inception weights anywhere: the FID column says so instead of a number
         assert "FID↓" in lines[0] and rows["a_face.mp4"]["face_fid"] is None

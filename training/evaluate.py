@@ -227,11 +227,12 @@ def write_csv(path: str, rows: list[dict]) -> str:
                          *(f"{k}_count" for k in keys), "face_lost_at", "references", "references_used", "error"])
         for r in rows:
             counts = r.get("counts") or {}
-            writer.writerow([r["video"], r.get("protocol", ""), r.get("num_frames", ""), len(r.get("frame_indices", [])),
-                             r.get("fps", ""), *("" if r.get(k) is None else f"{r[k]:.6g}" for k in keys),
-                             *(counts.get(k, "") for k in keys), "" if r.get("face_lost_at") is None else
-                             r["face_lost_at"], len(r.get("references", [])), r.get("references_used", ""),
-                             r.get("error", "")])
+            values = ("" if r.get(k) is None else f"{r[k]:.6g}" for k in keys)
+            lost = "" if r.get("face_lost_at") is None else r["face_lost_at"]
+            writer.writerow([r["video"], r.get("protocol", ""), r.get("num_frames", ""),
+                             len(r.get("frame_indices", [])), r.get("fps", ""), *values,
+                             *(counts.get(k, "") for k in keys), lost, len(r.get("references", [])),
+                             r.get("references_used", ""), r.get("error", "")])
     os.replace(tmp, path)
     return path
 
@@ -309,7 +310,8 @@ def _stack_images(images) -> torch.Tensor:
 
     images = list(images)
     h, w = images[0].shape[:2]
-    same = [i if i.shape[:2] == (h, w) else np.asarray(Image.fromarray(i).resize((w, h), Image.BICUBIC)) for i in images]
+    same = [i if i.shape[:2] == (h, w) else np.asarray(Image.fromarray(i).resize((w, h), Image.BICUBIC))
+            for i in images]
     return torch.from_numpy(np.stack(same)).float() / 255.0
 
 

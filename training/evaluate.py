@@ -271,12 +271,23 @@ class Scorer:
         self.missing, self.cache = dict(missing or {}), {}
 
     def references(self, paths: list[str]) -> dict:
-        """Face references and the images for CLIP-I / DINO-I of a reference set (cached)."""
+        """Face references and the CLIP-I / DINO-I reference embeddings of a reference set (cached); each image is
+        embedded at its own size (the first only under consisid / opens2v)."""
         if tuple(paths) not in self.cache:
             images = [first_frame(p) for p in paths]
             faces = reference_faces(self.analyzer, images, self.protocol, self.face_models)
-            subject = _stack_images(images[:1] if self.protocol.one_reference else images)  # CLIP-I / DINO-I
-            self.cache[tuple(paths)] = {"faces": faces, "subject": subject}
+            subject = images[:1] if self.protocol.one_reference else images
+            clip = dino = None
+            if self.clip_model is not None:
+                from ..models.clip_vision import image_embeds
+
+                clip = torch.cat([image_embeds(self.clip_model, torch.from_numpy(i)[None].float() / 255.0)
+                                  for i in subject])                                   # [R, D]
+            if self.dino is not None:
+                from ..models.metric_models import dino_embeddings
+
+                dino = np.concatenate([dino_embeddings(self.dino, i[None]) for i in subject])  # [R, D]
+            self.cache[tuple(paths)] = {"faces": faces, "clip": clip, "dino": dino}
         return self.cache[tuple(paths)]
 
     def score(self, video: str, ref_paths: list[str], prompt: str | None, fps: float | None) -> dict:
@@ -290,29 +301,16 @@ class Scorer:
             frames, file_fps = read_video(video)
         except Exception as e:  # undecodable, missing or empty
             return {"video": video, "references": ref_paths, "error": f"unreadable video: {' '.join(str(e).split())}"}
-        subject_images = refs["subject"]
         metrics = evaluate_video(frames, protocol=self.protocol, fps=fps or file_fps, analyzer=self.analyzer,
                                  references=refs["faces"], face_models=self.face_models, clip_model=self.clip_model,
-                                 clip_references=subject_images if self.clip_model is not None else None,
-                                 text_clip=self.text_clip, prompt=prompt, dino=self.dino,
-                                 dino_references=subject_images if self.dino is not None else None, flow=self.flow)
+                                 clip_references=refs["clip"], text_clip=self.text_clip, prompt=prompt,
+                                 dino=self.dino, dino_references=refs["dino"], flow=self.flow)
         for kind, key in (("clip_text", "clip_t"), ("dino", "dino_i"), ("raft", None)):
             if kind in self.missing and key is not None and getattr(metrics, key) is None:
                 metrics.unavailable.setdefault(key, self.missing[kind])
         if "raft" in self.missing and metrics.flow:
             metrics.notes.append(f"RAFT not used ({self.missing['raft']}): flow is Farneback")
         return {"video": video, "references": ref_paths, "prompt": prompt, **metrics.as_dict()}
-
-
-def _stack_images(images) -> torch.Tensor:
-    """IMAGE [R, H, W, 3] 0..1 of reference images (resized to the first's size when sizes differ)."""
-    from PIL import Image
-
-    images = list(images)
-    h, w = images[0].shape[:2]
-    same = [i if i.shape[:2] == (h, w) else np.asarray(Image.fromarray(i).resize((w, h), Image.BICUBIC))
-            for i in images]
-    return torch.from_numpy(np.stack(same)).float() / 255.0
 
 
 def evaluate(videos: list[dict], default_refs: list[str], scorer: Scorer, *, fps: float | None = None,

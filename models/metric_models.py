@@ -50,7 +50,7 @@ def _folder_model_type(folder: str) -> str:
         return ""
 
 
-def _is_model_folder(kind: str, folder: str) -> bool:
+def is_model_folder(kind: str, folder: str) -> bool:
     model_type = _folder_model_type(folder)
     if kind == "clip_text":
         return model_type == "clip"
@@ -76,11 +76,11 @@ def find_metric_model(kind: str, folders) -> tuple[str | None, list[str]]:
             continue
         if kind not in FOLDER_KINDS:
             raise ValueError(f"unknown metric model kind {kind!r}")
-        if _is_model_folder(kind, folder):
+        if is_model_folder(kind, folder):
             return folder, searched
         subs = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         for name in subs:
-            if _is_model_folder(kind, os.path.join(folder, name)):
+            if is_model_folder(kind, os.path.join(folder, name)):
                 return os.path.join(folder, name), searched
         searched.append(os.path.join(folder, "*") + ("" if os.path.isdir(folder) else " (missing)"))
     return None, searched

@@ -43,12 +43,12 @@ def metric_folders(kind: str) -> list[str]:
 
 def list_metric_folders(kind: str) -> list[str]:
     """Names of the model folders of ``kind`` (``clip_text`` or ``dino``) under ``models/metrics/``."""
-    from ..models.metric_models import _is_model_folder
+    from ..models.metric_models import is_model_folder
 
     names = set()
     for root in host.model_roots("metrics"):
         if os.path.isdir(root):
-            names.update(n for n in os.listdir(root) if _is_model_folder(kind, os.path.join(root, n)))
+            names.update(n for n in os.listdir(root) if is_model_folder(kind, os.path.join(root, n)))
     return sorted(names)
 
 

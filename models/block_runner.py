@@ -6,7 +6,8 @@ runner is bit-identical to the unmodified transformer), with named places where 
 * **token streams** (:class:`TokenStream`) — extra tokens carried beside the video tokens through the
   blocks (MagicMirror's face tokens, subject-reference tokens), each with its own normalisation and
   modulation, its own RoPE rows, the blocks it takes part in, and whether it joins the joint attention
-  (every token sees it) or only queries it (its queries see all keys, no other token sees its keys);
+  (every token sees it, with a weight: its keys' softmax terms times ``key_weight``) or only queries it (its
+  queries see all keys, no other token sees its keys);
 * **modulation** — a change of the ``norm1``/``norm2`` modulation of text and video (MagicMirror's CAN);
 * **extra attention** — text and video queries over extra keys/values, added before the attention's
   output projection (MagicMirror's decoupled cross-attention);
@@ -34,14 +35,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 STATE_KEY = "_mmv_forward"
 HOOK_NAME = "magicmirror_video.block_runner"
 FORWARD_HOOK_NAME = "magicmirror_video.block_runner.forward"
 ROLES = ("positive", "negative")
+# attention processors that add the ``attention_mask`` they are given to the attention scores (a joint stream with a
+# key weight other than 1 needs one); the dispatcher copy only with the native backend (flash and sage take no mask)
+BIAS_PROCESSORS = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0", "CogVideoXDispatchAttnProcessor")
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,6 +65,9 @@ class TokenStream:
     rotary: tuple | None = None  # (cos, sin) [n, head_dim] RoPE rows; None: no rotation (identity rows)
     active: Callable[[int], bool] = lambda index: True  # blocks that compute it; elsewhere it passes through
     joint: bool = True  # in the joint attention; False: its queries see every key, nobody sees its keys
+    # joint streams: every query's softmax term of these keys is multiplied by it (log(key_weight) added to their
+    # scores); 1: plain tokens; towards 0 the stream fades out of the other tokens' attention continuously
+    key_weight: float = 1.0
 
     @property
     def count(self) -> int:
@@ -202,21 +211,35 @@ class _AttentionTaps:
       the rotated keys the softmax used (checked by :meth:`BlockRunner._rotated_keys`).
     * ``before_out``: a function of the attention output ``[B, text + hidden, D]`` applied just before the
       output projection ``to_out[0]`` (a forward pre-hook), where the extra attentions are added as
-      IP-Adapter adds its cross-attention: ``to_out(attn + extra)``.
+      IP-Adapter adds its cross-attention: ``to_out(attn + extra)``. ``out_called`` says whether it ran,
+      ``projected`` whether a query/key/value projection ran (the processor computed the attention; an attention
+      cache that reuses its output calls neither).
     """
 
     def __init__(self, attn, names, before_out=None):
         self.values, self.handles = {}, []
+        self.out_called = self.projected = False
         for name in names:
             module = getattr(attn, name) if name != "key" else (attn.norm_k or attn.to_k)
             self.handles.append(module.register_forward_hook(self._keep(name)))
         if before_out is not None:
-            self.handles.append(attn.to_out[0].register_forward_pre_hook(lambda m, args: (before_out(args[0]),)
-                                                                           + tuple(args[1:])))
+            for name in ("to_q", "to_k", "to_v", "to_qkv", "to_kv"):
+                if isinstance(getattr(attn, name, None), torch.nn.Module):
+                    self.handles.append(getattr(attn, name).register_forward_hook(self._projection))
+            self.handles.append(attn.to_out[0].register_forward_pre_hook(self._out(before_out)))
 
     def _keep(self, name):
         def hook(module, args, output):
             self.values[name] = output
+        return hook
+
+    def _projection(self, module, args, output):
+        self.projected = True
+
+    def _out(self, before_out):
+        def hook(module, args):
+            self.out_called = True
+            return (before_out(args[0]),) + tuple(args[1:])
         return hook
 
     def close(self):
@@ -259,7 +282,12 @@ class BlockRunner:
 
     # ------------------------------------------------------------------ registration
     def add(self, extension: BlockExtension) -> Callable[[], None]:
-        """Register ``extension`` until the returned undo is called."""
+        """Register ``extension`` until the returned undo is called. A second extension of one method (same
+        ``name``) is refused: both would act (twice the method, one α history overwriting the other)."""
+        twin = next((e for e in self.extensions if e.name == extension.name), None)
+        if twin is not None:
+            raise RuntimeError(f"{extension.name} is already installed in this transformer's blocks; a second one "
+                               "would apply the method twice: undo the first before adding another.")
         if not self.extensions:
             t = self.transformer
             self._handles = [t.patch_embed.register_forward_hook(self._insert_streams),
@@ -358,6 +386,10 @@ class BlockRunner:
         query_only = [p for p in active if p[0] is not None and not p[0].joint]
         attn_in = torch.cat([gates[p[2]][0] for p in joint], dim=1) if len(joint) > 1 else norm_video
         rotary = image_rotary_emb if state is None else state.rotary_for(tuple(p[0] for p in joint if p[0] is not None))
+        bias = self._key_bias(joint, text_len, attn_in) if len(joint) > 1 else None
+        if bias is not None:
+            _check_takes_bias(block.attn1, index, [p[0] for p in joint if p[0] is not None and p[0].key_weight != 1])
+            attention_kwargs["attention_mask"] = bias.expand(attn_in.shape[0], 1, -1)  # [B, 1, text + hidden]
         want_query = bool(exts) and any(ext.needs_query(index) for ext in exts)
         taps = None
         if want_query or query_only:
@@ -368,8 +400,10 @@ class BlockRunner:
                 if x.shape[1] != text_len + attn_in.shape[1]:
                     raise RuntimeError(f"the attention processor {type(block.attn1.processor).__name__} does not feed "
                                        "its output projection with [text; video] tokens; extra attention cannot attach")
-                extra = self._extra_attention(block.attn1, index, state, exts, taps.values["to_q"], text_len,
-                                              video_at, n_video)
+                q_lin = taps.values.get("to_q")
+                if q_lin is None:  # (a processor with fused projections: the queries computed here)
+                    q_lin = block.attn1.to_q(torch.cat([norm_text, attn_in], dim=1))
+                extra = self._extra_attention(block.attn1, index, state, exts, q_lin, text_len, video_at, n_video)
                 return x if extra is None else extra(x)
 
             taps = _AttentionTaps(block.attn1, ("to_q",) + (("key", "to_v") if query_only else ()),
@@ -380,6 +414,8 @@ class BlockRunner:
         finally:
             if taps is not None:
                 taps.close()
+        if want_query:
+            _check_output_projection_ran(block.attn1, index, taps, [ext.name for ext in exts if ext.needs_query(index)])
         outs = {}
         start = 0
         for p in joint:
@@ -392,7 +428,7 @@ class BlockRunner:
             if value is None:
                 value = block.attn1.to_v(torch.cat([norm_text, attn_in], dim=1))
             for p in query_only:
-                outs[p[2]] = self._query_only_attention(block.attn1, gates[p[2]][0], key, value)
+                outs[p[2]] = self._query_only_attention(block.attn1, gates[p[2]][0], key, value, bias)
         text = self._add_gated(state, index, exts, "attention_residual", active, gates, outs, video_part,
                                norm_text, norm_video, attn_text, text)
 
@@ -470,14 +506,32 @@ class BlockRunner:
         return torch.cat([key[:, :, :text_len], apply_rotary_emb(key[:, :, text_len:], rotary)], dim=2)
 
     @staticmethod
-    def _query_only_attention(attn, normed, key, value_lin):
+    def _key_bias(joint, text_len, like):
+        """The scores' bias [text + hidden] of the joint attention: log(key_weight) on the keys of each joint stream
+        whose key weight is not 1, 0 elsewhere; None when every weight is 1."""
+        if all(p[0] is None or p[0].key_weight == 1 for p in joint):
+            return None
+        sizes = [p[1].shape[1] for p in joint]
+        bias = like.new_zeros(text_len + sum(sizes))
+        start = text_len
+        for p, n in zip(joint, sizes):
+            if p[0] is not None and p[0].key_weight != 1:
+                bias[start:start + n] = math.log(p[0].key_weight) if p[0].key_weight > 0 else -math.inf
+            start += n
+        return bias
+
+    @staticmethod
+    def _query_only_attention(attn, normed, key, value_lin, bias=None):
         """A stream whose queries see every key of the joint attention and its own, while no other token
-        sees its keys: softmax over the two key sets written out (few queries; no copy of the long K/V)."""
+        sees its keys: softmax over the two key sets written out (few queries; no copy of the long K/V).
+        ``bias`` [S]: the joint keys' score bias (weighted joint streams)."""
         value = _heads(value_lin, attn.heads)
         q, k, v = (_heads(proj(normed), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
         scores = torch.cat([q @ key.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1) * q.shape[-1] ** -0.5
+        if bias is not None:
+            scores = scores + F.pad(bias.to(scores.dtype), (0, k.shape[2]))
         probs = scores.float().softmax(dim=-1).to(v.dtype)  # [B, H, n, S + n]
         seq = key.shape[2]
         out = probs[..., :seq] @ value + probs[..., seq:] @ v
@@ -515,6 +569,40 @@ class BlockRunner:
             return x.index_add(1, positions, _merge(delta).to(x.dtype))
 
         return add
+
+
+def _has_diffusers_hooks(module) -> bool:
+    """Whether diffusers hooks wrap ``module``'s forward (an attention cache may then return a reused output without
+    running the processor)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return bool(registry is not None and registry.hooks)
+
+
+def _check_output_projection_ran(attn, index: int, taps: _AttentionTaps, names) -> None:
+    """Raise if ``attn``'s processor computed the attention (a projection ran, or no diffusers hook could have reused
+    its output) without calling ``to_out[0]`` as a module: the extra attention added before it would be lost. (Under
+    torch.compile the pre-hook does not run either; compile is refused with the methods that add extra attention.)"""
+    if taps.out_called or not (taps.projected or not _has_diffusers_hooks(attn)):
+        return
+    raise RuntimeError(
+        f"The attention processor {type(attn.processor).__name__} of transformer block {index} does not call its "
+        f"output projection to_out[0] as a module, so {' and '.join(names)}'s cross-attention (added just before that "
+        "projection) would be dropped: use CogVideoX's own processor (CogVideoXAttnProcessor2_0) or one that calls "
+        "attn.to_out[0](...).")
+
+
+def _check_takes_bias(attn, index: int, streams) -> None:
+    """Raise if ``attn``'s processor would not add the attention mask (the weighted streams' score bias)."""
+    processor = attn.processor
+    backend = getattr(processor, "_attention_backend", None)
+    backend = getattr(backend, "value", backend) or "native"
+    if type(processor).__name__ in BIAS_PROCESSORS and backend == "native":
+        return
+    names = " and ".join(f"{s.name} tokens (key weight {s.key_weight:g})" for s in streams)
+    raise RuntimeError(
+        f"The {names} in transformer block {index} need an attention that adds a bias to the scores, which "
+        f"{type(processor).__name__}" + (f" with the {backend} backend" if backend != "native" else "") +
+        " does not take: use CogVideoX's own processor with the native attention backend.")
 
 
 def block_runner(transformer) -> BlockRunner:

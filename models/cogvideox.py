@@ -54,6 +54,37 @@ def variant_of(config) -> Variant:
     return Variant(size=size, version=version, i2v=i2v)
 
 
+# The metadata key of every adapter and LoRA file the pack writes: the base model it was trained on, as the variant
+# names it (``str(Variant)``: "CogVideoX-5B T2V", "CogVideoX1.5-5B I2V"; Wan LoRAs: ``str(WanVariant)``).
+BASE_MODEL_KEY = "base_model"
+
+
+class BaseModelMismatchError(ValueError):
+    """A file trained on another base model (version, task or size) than the loaded one."""
+
+
+def base_model_of(transformer) -> str:
+    """What a file trained on ``transformer`` records as its base (:data:`BASE_MODEL_KEY`)."""
+    return str(variant_of(transformer.config))
+
+
+def check_base_model(recorded: str | None, transformer, what: str) -> None:
+    """Raise :class:`BaseModelMismatchError` (one line naming both) when ``recorded``, the base a file records, is not
+    the transformer's; a file without the record (None) passes (its layer sizes are all that can be checked)."""
+    if recorded is None:
+        return
+    loaded = base_model_of(transformer)
+    if recorded != loaded:
+        raise BaseModelMismatchError(f"{what} was trained on {recorded} but the loaded model is {loaded}: load "
+                                     f"{recorded}, or use a file trained on {loaded}.")
+
+
+def unrecorded_base_note(what: str) -> str:
+    """The one-line note for a file that records no base model (logged as a warning where it is loaded)."""
+    return (f"{what} does not record the base model it was trained on (written before the record, or by another "
+            "tool): it loads as before, with only its layer sizes checked against the model.")
+
+
 class TextEmbedCache:
     """Small LRU of prompt -> T5 output, owned by a bundle's text encoder (no globals); ``derived`` keeps
     objects made from the text encoder's tokenizer (e.g. its copy with extra tokens)."""
@@ -118,7 +149,9 @@ class CogVideoXBundle:
 
     def __post_init__(self):
         from .block_runner import block_runner
+        from .patches import check_patches
 
+        check_patches(self.patches)  # (with_patch checks first; a bundle built or replaced with patches: here)
         block_runner(self.transformer)  # before any other diffusers hook on the blocks (group offloading wraps it)
         device, offload_device = torch.device(self.device), torch.device(self.offload_device)
         placed = placement_of(self.transformer)
@@ -274,6 +307,48 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
     os.replace(tmp, path)
     return path
+
+
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def config_from_metadata(config_class, raw, path: str, what: str, defaults: dict | None = None, **overrides):
+    """A config dataclass from a file's ``config`` metadata (JSON text or a dict) over ``defaults``, ``overrides`` on
+    top, with one line naming the file for anything that does not fit: unreadable JSON, unknown fields, a wrong type,
+    or a value the config's own checks refuse (e.g. ``face_attention``)."""
+    try:
+        fields = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError as e:
+        raise WeightsFileError(f"{path!r}: its {what} config is not valid JSON ({e.msg}); re-export the file.") \
+            from None
+    if not isinstance(fields, dict):
+        raise WeightsFileError(f"{path!r}: its {what} config is not a JSON object; re-export the file.")
+    known = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise WeightsFileError(f"{path!r}: unknown {what} config field(s) {', '.join(map(repr, unknown))} (known: "
+                               f"{', '.join(known)}); it was written by another version of the pack, or edited.")
+    fields = {**(defaults or {}), **fields, **overrides}
+    for name, value in fields.items():
+        annotation = str(known[name].type).replace(" ", "")
+        optional = annotation.endswith("|None")
+        types = _FIELD_TYPES.get(annotation.removesuffix("|None"))
+        if types is None or (value is None and optional):
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise WeightsFileError(f"{path!r}: {what} config field {name!r} must be "
+                                   f"{annotation.replace('|', ' or ')}, got {value!r}; fix the file or re-export it.")
+    try:
+        return config_class(**fields)
+    except ValueError as e:
+        raise WeightsFileError(f"{path!r}: {e}; fix the file's {what} config or re-export it.") from None
+
+
+def check_positive(config, names) -> None:
+    """Raise ValueError naming the first of ``config``'s integer fields ``names`` that is below 1."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
 
 
 def read_torch_pickle(path: str) -> dict:

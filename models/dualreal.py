@@ -26,7 +26,9 @@ pickle ``{name: tensor}``, read with ``weights_only=True``) — same key names.
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
+import math
+import os
 import re
 
 import torch
@@ -34,8 +36,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block_runner import BlockExtension, block_runner
-from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, variant_of, write_safetensors
+from .cogvideox import (
+    BASE_MODEL_KEY,
+    WeightsFileError,
+    base_model_of,
+    check_base_model,
+    check_positive,
+    config_from_metadata,
+    read_safetensors,
+    read_torch_pickle,
+    unrecorded_base_note,
+    write_safetensors,
+)
 from .patches import in_dtype, run_context
+from .speed import SpeedConflictError
+
+logger = logging.getLogger(__name__)
 
 METHOD = "dualreal"
 BLEND_SCALE = 0.2
@@ -65,9 +81,14 @@ class DualRealConfig:
     n_groups: int = 7
     controller_hidden: int = 128
     condition_lambda: float = 1.0
-    base_model: str = "CogVideoX-5B"
+    # the base model the adapters are made for, as its variant names it ("CogVideoX-5B T2V"); None: not recorded
+    base_model: str | None = None
 
     def __post_init__(self):
+        check_positive(self, ("width", "num_layers", "time_embed_dim", "hidden_dim", "condition_dim",
+                              "controller_hidden"))  # (n_groups: check_groups below)
+        if not math.isfinite(self.condition_lambda):
+            raise ValueError(f"condition_lambda must be a finite number, got {self.condition_lambda}")
         check_groups(self.num_layers, self.n_groups)
 
     def group_of(self, block: int) -> int:
@@ -78,8 +99,7 @@ class DualRealConfig:
         c = transformer.config
         n_groups = kwargs.pop("n_groups", None) or default_groups(c.num_layers)
         return cls(width=c.num_attention_heads * c.attention_head_dim, num_layers=c.num_layers,
-                   time_embed_dim=c.time_embed_dim, n_groups=n_groups,
-                   base_model=str(variant_of(c)).rsplit(" ", 1)[0], **kwargs)
+                   time_embed_dim=c.time_embed_dim, n_groups=n_groups, base_model=base_model_of(transformer), **kwargs)
 
 
 class Adapter(nn.Module):
@@ -148,11 +168,14 @@ class DualRealAdapters(nn.Module):
         return [p for n, p in self.named_parameters() if f".{kind}_" in n]
 
     def check_compatible(self, transformer) -> None:
+        """Raise ValueError naming both models if these adapters do not fit: their layer sizes, then the base model
+        they record (1.0 / 1.5, T2V / I2V)."""
         mine, theirs = self.config, DualRealConfig.for_transformer(transformer)
         if (mine.width, mine.num_layers, mine.time_embed_dim) != (theirs.width, theirs.num_layers, theirs.time_embed_dim):
-            raise ValueError(f"This DualReal adapter was made for {mine.base_model} (width {mine.width}, "
-                             f"{mine.num_layers} layers) but the loaded model is {theirs.base_model} (width "
-                             f"{theirs.width}, {theirs.num_layers} layers).")
+            raise ValueError(f"This DualReal adapter was made for {mine.base_model or 'another model'} (width "
+                             f"{mine.width}, {mine.num_layers} layers) but the loaded model is {theirs.base_model} "
+                             f"(width {theirs.width}, {theirs.num_layers} layers).")
+        check_base_model(mine.base_model, transformer, "This DualReal adapter")
 
 
 # ------------------------------------------------------------------------------- injection
@@ -243,6 +266,20 @@ class DualRealPatch:
     name: str = "dualreal"
     method: str = "DualReal"
     _last: list = dataclasses.field(default_factory=list, repr=False)  # the extension of the last run
+    compilable = False  # per-block adapters picked by index: torch.compile would compile one graph per block
+
+    def cache_notes(self, kind) -> list[str]:
+        """What a cache (:class:`~.speed.CacheKind`) skips of DualReal: nothing of the blend when block 0 runs every
+        step; a cache whose cached steps skip block 0 (where the StageBlender blends) is refused."""
+        if kind.skips_block_zero:
+            raise SpeedConflictError(
+                f"{kind.name} cannot act with DualReal: it skips block 0 on cached steps, where DualReal's "
+                "StageBlender computes the blend of each step, so the blend would not follow the denoising stage. Use "
+                "first_block_cache (block 0 always runs), taylorseer, pyramid_attention_broadcast or faster_cache.")
+        if kind.skips_blocks:
+            return [f"{kind.name} with DualReal: block 0 always runs, so the StageBlender blends and records alpha "
+                    "every step; skipped blocks reuse the adapters' output of the computed step"]
+        return []
 
     def apply(self, transformer, context=None):
         context = run_context(transformer, context)
@@ -265,7 +302,7 @@ class DualRealPatch:
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 
-def config_from_state_dict(state_dict: dict, base_model: str = "CogVideoX-5B") -> DualRealConfig:
+def config_from_state_dict(state_dict: dict, base_model: str | None = None) -> DualRealConfig:
     """Read a DualRealConfig off the weights (official adapter.pth has no config)."""
     try:
         down = state_dict["transformer_blocks.0.id_attn_adapter.down_linear.weight"]
@@ -281,21 +318,41 @@ def config_from_state_dict(state_dict: dict, base_model: str = "CogVideoX-5B") -
                           base_model=base_model)
 
 
+# The official code (github.com/wenc-k/DualReal) trains on THUDM/CogVideoX-5b only, so an official adapter.pth (which
+# records nothing) of that model's layout (width 3072, 42 blocks) is taken as made for it.
+OFFICIAL_BASE_MODEL = "CogVideoX-5B T2V"
+OFFICIAL_LAYOUT = (3072, 42)
+
+
 def load_dualreal(path: str) -> DualRealAdapters:
-    """Load the pack's ``.safetensors`` or the official ``adapter.pth`` (weights_only pickle)."""
+    """Load the pack's ``.safetensors`` or the official ``adapter.pth`` (weights_only pickle). The base model is the
+    file's record; an official ``adapter.pth`` of the 5B layout is CogVideoX-5B T2V (the official code's only base);
+    other files without the record load with a logged note."""
+    name = os.path.basename(path)
     if path.endswith((".safetensors", ".sft")):
         tensors, metadata = read_safetensors(path)
+        base = metadata.get(BASE_MODEL_KEY)
     else:
         tensors, metadata = read_torch_pickle(path), {}
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise WeightsFileError(f"{path!r}: expected a {{name: tensor}} DualReal adapter checkpoint")
+        base = None
     try:
-        config = DualRealConfig(**json.loads(metadata["config"])) if "config" in metadata else \
-            config_from_state_dict(tensors)
+        if "config" in metadata:
+            config = config_from_metadata(DualRealConfig, metadata["config"], path, "DualReal", base_model=base)
+        else:
+            config = config_from_state_dict(tensors, base)
+            if base is None and not path.endswith((".safetensors", ".sft")) and \
+                    (config.width, config.num_layers) == OFFICIAL_LAYOUT:
+                config = dataclasses.replace(config, base_model=OFFICIAL_BASE_MODEL)
+                logger.info("DualReal adapter %r: an official adapter.pth (no base model recorded), taken as made for "
+                            "%s as the official code trains on THUDM/CogVideoX-5b", name, OFFICIAL_BASE_MODEL)
     except WeightsFileError:
         raise
     except ValueError as e:  # e.g. a controller whose group count does not split the blocks
         raise WeightsFileError(f"{path!r} is not a usable DualReal adapter: {e}") from None
+    if config.base_model is None:
+        logger.warning(unrecorded_base_note(f"DualReal adapter {name!r}"))
     adapters = DualRealAdapters(config)
     missing, unexpected = adapters.load_state_dict(tensors, strict=False)
     if missing or unexpected:
@@ -305,6 +362,8 @@ def load_dualreal(path: str) -> DualRealAdapters:
 
 
 def save_dualreal(path: str, adapters: DualRealAdapters, extra_metadata: dict | None = None) -> None:
-    """Write the adapters as .safetensors (config in metadata, official key names), atomically."""
+    """Write the adapters as .safetensors (config in metadata, official key names, and the base model they are made
+    for under :data:`~.cogvideox.BASE_MODEL_KEY`), atomically."""
+    base = {BASE_MODEL_KEY: adapters.config.base_model} if adapters.config.base_model else {}
     write_safetensors(path, adapters.state_dict(), {"method": METHOD, "config": dataclasses.asdict(adapters.config),
-                                                    **(extra_metadata or {})})
+                                                    **base, **(extra_metadata or {})})

@@ -30,7 +30,15 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .cogvideox import WeightsFileError, read_safetensors, read_torch_pickle, write_safetensors
+from .cogvideox import (
+    BASE_MODEL_KEY,
+    WeightsFileError,
+    check_base_model,
+    read_safetensors,
+    read_torch_pickle,
+    unrecorded_base_note,
+    write_safetensors,
+)
 from .patches import forward_hook_patch, run_context
 
 logger = logging.getLogger(__name__)
@@ -77,8 +85,22 @@ def _peft_scales(metadata: dict) -> tuple[float | None, float | None, dict, dict
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None, None, {}, {}, False
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoraMismatchError(f"the LoRA's lora_adapter_metadata is not valid JSON ({e.msg}); re-save the file "
+                                "with diffusers' save_lora_weights.") from None
+    if not isinstance(meta, dict):
+        raise LoraMismatchError("the LoRA's lora_adapter_metadata is not a JSON object; re-save the file.")
     meta = {k.split(".", 1)[1] if k.startswith("transformer.") else k: v for k, v in meta.items()}
+    for name in ("lora_alpha", "r"):
+        value = meta.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise LoraMismatchError(f"the LoRA's lora_adapter_metadata has {name}={value!r}; it must be a positive "
+                                    "number.")
+    for name in ("alpha_pattern", "rank_pattern"):
+        if not isinstance(meta.get(name) or {}, dict):
+            raise LoraMismatchError(f"the LoRA's lora_adapter_metadata has a {name} that is not a JSON object.")
     return (meta.get("lora_alpha"), meta.get("r"), meta.get("alpha_pattern") or {}, meta.get("rank_pattern") or {},
             bool(meta.get("use_rslora", False)))
 
@@ -129,7 +151,10 @@ def parse_lora_state_dict(state_dict: dict, metadata: dict | None = None, name: 
         raise LoraMismatchError(
             f"{name}: no LoRA weights found (expected keys ending in lora_A/lora_B or lora_down/lora_up; "
             f"first keys: {list(state_dict)[:5]}).")
-    peft_alpha, r, alpha_pattern, rank_pattern, rslora = _peft_scales(metadata)
+    try:
+        peft_alpha, r, alpha_pattern, rank_pattern, rslora = _peft_scales(metadata)
+    except LoraMismatchError as e:
+        raise LoraMismatchError(f"{name}: {e}") from None
     layers = {}
     for module, parts in groups.items():
         if "down" not in parts or "up" not in parts:
@@ -157,14 +182,18 @@ def load_lora_file(path: str, alpha: float | None = None) -> LoraWeights:
         state_dict, metadata = read_safetensors(path)
     else:
         state_dict, metadata = read_torch_pickle(path), {}
-    return parse_lora_state_dict(state_dict, metadata, name=os.path.basename(path), alpha=alpha)
+    lora = parse_lora_state_dict(state_dict, metadata, name=os.path.basename(path), alpha=alpha)
+    if BASE_MODEL_KEY not in metadata:
+        logger.warning(unrecorded_base_note(f"LoRA {lora.name!r}"))
+    return lora
 
 
 def resolve_lora_targets(lora: LoraWeights, transformer: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, LoraLayer]]:
     """Map the LoRA's layers onto the transformer's modules, checking shapes.
 
-    Raises :class:`LoraMismatchError` when nothing matches (a LoRA for another model) or when a
-    matching layer has the wrong shape (e.g. a CogVideoX-2B LoRA on a 5B model).
+    Raises :class:`LoraMismatchError` when nothing matches (a LoRA for another model), when a
+    matching layer has the wrong shape (e.g. a CogVideoX-2B LoRA on a 5B model), or when the file records another
+    base model (:data:`~.cogvideox.BASE_MODEL_KEY`: 1.0 / 1.5, T2V / I2V).
     """
     modules = dict(transformer.named_modules())
     lookup = {n.replace(".", "_"): n for n in modules} if lora.kohya else None
@@ -190,9 +219,13 @@ def resolve_lora_targets(lora: LoraWeights, transformer: torch.nn.Module) -> dic
             f"LoRA {lora.name!r}: none of its {len(lora.layers)} layers match a layer of this CogVideoX "
             f"transformer (e.g. {unmatched[:3]}). It is probably a LoRA for another model; CogVideoX LoRA "
             "layers look like 'transformer_blocks.0.attn1.to_q'.")
+    try:
+        check_base_model(lora.metadata.get(BASE_MODEL_KEY), transformer, f"LoRA {lora.name!r}")
+    except ValueError as e:
+        raise LoraMismatchError(str(e)) from None
     if unmatched:
         logger.warning("LoRA %s: %d of %d layers match nothing in the model and are ignored: %s",
-                                            lora.name, len(unmatched), len(lora.layers), unmatched[:5])
+                       lora.name, len(unmatched), len(lora.layers), unmatched[:5])
     return matched
 
 

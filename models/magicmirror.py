@@ -28,18 +28,33 @@ negative rows run the base model (in the two-way form as a forward of their own)
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .block_runner import BlockExtension, TokenStream, block_runner
-from .cogvideox import WeightsFileError, read_safetensors, variant_of, write_safetensors
+from .cogvideox import (
+    BASE_MODEL_KEY,
+    WeightsFileError,
+    base_model_of,
+    check_base_model,
+    check_positive,
+    config_from_metadata,
+    read_safetensors,
+    unrecorded_base_note,
+    write_safetensors,
+)
 from .patches import in_dtype, run_context
 from .perceiver import PerceiverResampler
+from .speed import token_stream_notes
+
+logger = logging.getLogger(__name__)
 
 METHOD = "magicmirror"
+FACE_ATTENTION = ("two-way", "one-way")
 
 
 class AdapterMismatchError(ValueError):
@@ -62,12 +77,25 @@ class MagicMirrorConfig:
     qformer_dim_head: int = 64
     cond_dim: int = 1024  # CAN hidden width
     fuse_hidden: int = 4096
-    base_model: str = "CogVideoX-5B"
+    # the base model the adapter is made for, as its variant names it ("CogVideoX-5B T2V"); None: not recorded
+    base_model: str | None = None
     # "two-way": the face tokens join the joint attention (text and video see them too, as the paper feeds
     # x_face to the full-attention layers); "one-way": only the face tokens' queries see everything and text
     # and video read the faces through the decoupled cross-attention alone (a fresh adapter then equals the
     # base model exactly). Adapter files made before this option existed are one-way.
     face_attention: str = "two-way"
+
+    def __post_init__(self):
+        if self.face_attention not in FACE_ATTENTION:
+            raise ValueError(f"face_attention must be one of {', '.join(map(repr, FACE_ATTENTION))}, got "
+                             f"{self.face_attention!r}")
+        check_positive(self, ("width", "heads", "num_layers", "time_embed_dim", "text_dim", "id_dim", "id_tokens",
+                              "clip_dim", "face_queries", "qformer_dim", "qformer_depth", "qformer_dim_head",
+                              "cond_dim", "fuse_hidden"))
+        for name, divisor in (("width", "heads"), ("qformer_dim", "qformer_dim_head")):
+            if getattr(self, name) % getattr(self, divisor):
+                raise ValueError(f"{name} ({getattr(self, name)}) must be a multiple of {divisor} "
+                                 f"({getattr(self, divisor)})")
 
     @property
     def adapted_blocks(self) -> list[int]:
@@ -78,7 +106,7 @@ class MagicMirrorConfig:
         c = transformer.config
         return cls(width=c.num_attention_heads * c.attention_head_dim, heads=c.num_attention_heads,
                    num_layers=c.num_layers, time_embed_dim=c.time_embed_dim, text_dim=c.text_embed_dim,
-                   base_model=str(variant_of(c)).rsplit(" ", 1)[0], **kwargs)
+                   base_model=base_model_of(transformer), **kwargs)
 
 
 def _zero(layer: nn.Linear) -> nn.Linear:
@@ -170,16 +198,21 @@ class MagicMirrorAdapter(nn.Module):
         return x_id.mean(dim=0).reshape(1, -1)
 
     def check_compatible(self, transformer) -> None:
-        """Raise :class:`AdapterMismatchError` naming both models if this adapter does not fit."""
+        """Raise :class:`AdapterMismatchError` naming both models if this adapter does not fit: its layer sizes, then
+        the base model it records (1.0 / 1.5, T2V / I2V)."""
         mine = self.config
         theirs = MagicMirrorConfig.for_transformer(transformer)
         fields = ("width", "num_layers", "time_embed_dim", "text_dim", "heads")
         if any(getattr(mine, f) != getattr(theirs, f) for f in fields):
             raise AdapterMismatchError(
-                f"This MagicMirror adapter was made for {mine.base_model} (width {mine.width}, {mine.num_layers} "
-                f"layers, text dim {mine.text_dim}) but the loaded model is {theirs.base_model} (width "
-                f"{theirs.width}, {theirs.num_layers} layers, text dim {theirs.text_dim}). Load the base model the "
-                "adapter was trained on.")
+                f"This MagicMirror adapter was made for {mine.base_model or 'another model'} (width {mine.width}, "
+                f"{mine.num_layers} layers, text dim {mine.text_dim}) but the loaded model is {theirs.base_model} "
+                f"(width {theirs.width}, {theirs.num_layers} layers, text dim {theirs.text_dim}). Load the base model "
+                "the adapter was trained on.")
+        try:
+            check_base_model(mine.base_model, transformer, "This MagicMirror adapter")
+        except ValueError as e:
+            raise AdapterMismatchError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------- injection
@@ -218,8 +251,11 @@ class MagicMirrorExtension(BlockExtension):
                                "same forward; run them as a forward of their own (the sampler does)")
         kwargs["encoder_hidden_states"] = self._fuse(kwargs["encoder_hidden_states"])
         text = kwargs["encoder_hidden_states"]
+        # two-way: every token's softmax term of the face keys is weighted by the strength, so the face tokens fade
+        # out of the attention continuously as it goes to 0 (1: plain joint tokens)
         state.add_stream(TokenStream("face", self.face_tokens.to(text.dtype), self._modulate_face,
-                                     active=self.layer_of.__contains__, joint=self.two_way))
+                                     active=self.layer_of.__contains__, joint=self.two_way,
+                                     key_weight=self.strength if self.two_way else 1.0))
 
     def _fuse(self, text: torch.Tensor) -> torch.Tensor:
         """``x̂_txt = m·MLP_fuse(x_id, x_txt) + (1 − m)·x_txt`` on the identity tokens of the identity rows."""
@@ -317,9 +353,23 @@ class MagicMirrorPatch:
                 self._face_tokens[key] = adapter.face_tokens(self.faces.clip_penultimate.to(device, dtype))
         return self._face_tokens[key]
 
+    compilable = False  # per-block adapters and a token stream: torch.compile would compile one graph per block
+
     @property
     def conditional_only(self) -> bool:
         return self.adapter.config.face_attention == "two-way" and self.strength != 0
+
+    @property
+    def attention_bias(self) -> str:
+        """What needs a bias on the joint attention's scores ("" if nothing): the two-way face tokens' weight at a
+        strength other than 0 and 1."""
+        if self.adapter.config.face_attention == "two-way" and self.strength not in (0, 1):
+            return f"two-way MagicMirror at strength {self.strength:g} (the face tokens' weight in the joint attention)"
+        return ""
+
+    def cache_notes(self, kind) -> list[str]:
+        """What a cache (:class:`~.speed.CacheKind`) skips of MagicMirror: its face tokens ride with the others."""
+        return token_stream_notes(kind, self.method, "MagicMirror's face tokens")
 
     def apply(self, transformer, context=None):
         """Strength scales the CAN modulation, the cross-attention and the ID fusion; 0 turns MagicMirror off
@@ -356,19 +406,26 @@ def inject_magicmirror(transformer, adapter: MagicMirrorAdapter, *, face_tokens:
 
 
 def save_magicmirror(path: str, adapter: MagicMirrorAdapter, extra_metadata: dict | None = None) -> None:
-    """Write the adapter as .safetensors (config in metadata), atomically."""
+    """Write the adapter as .safetensors (config in metadata, and the base model it is made for under
+    :data:`~.cogvideox.BASE_MODEL_KEY`), atomically."""
+    base = {BASE_MODEL_KEY: adapter.config.base_model} if adapter.config.base_model else {}
     write_safetensors(path, adapter.state_dict(), {"method": METHOD, "config": dataclasses.asdict(adapter.config),
-                                                   **(extra_metadata or {})})
+                                                   **base, **(extra_metadata or {})})
 
 
 def load_magicmirror(path: str) -> MagicMirrorAdapter:
+    """Read an adapter file; its config is checked field by field (one line naming the file for a value that does not
+    fit), its base model is the file's record (a file without it loads with a logged note)."""
     tensors, metadata = read_safetensors(path)
     if metadata.get("method") != METHOD or "config" not in metadata:
         raise WeightsFileError(f"{path!r} is not a MagicMirror adapter (metadata method={metadata.get('method')!r}); "
                                "use a file exported by `python -m training.train_magicmirror`.")
-    fields = json.loads(metadata["config"])
-    fields.setdefault("face_attention", "one-way")  # files written before the option were all one-way
-    config = MagicMirrorConfig(**fields)
+    base = metadata.get(BASE_MODEL_KEY)  # (the config of files from before the record named the size only)
+    if base is None:
+        logger.warning(unrecorded_base_note(f"MagicMirror adapter {os.path.basename(path)!r}"))
+    # files written before the face_attention option were all one-way
+    config = config_from_metadata(MagicMirrorConfig, metadata["config"], path, "MagicMirror",
+                                  defaults={"face_attention": "one-way"}, base_model=base)
     adapter = MagicMirrorAdapter(config)
     missing, unexpected = adapter.load_state_dict(tensors, strict=False)
     if missing or unexpected:

@@ -44,10 +44,14 @@ class ModelPatch(Protocol):
     ``apply`` installs the change and returns a callable that removes it exactly (hooks removed,
     extensions unregistered); it runs with ``context.device``/``context.dtype`` set, after the modules of
     ``models()`` were brought there. Optional members: ``method`` (a name shown in messages; at most one patch
-    per method unless ``stackable``), ``conditional_only`` (CFG's negative prompt must run as a forward
-    of its own), ``models()`` (the ``nn.Module``s the patch owns, e.g. its adapters: the placement layer moves
-    and counts them with the transformer, like ComfyUI's patch ``models()``) and ``outputs()`` (results of the
-    last run, merged into the sampler's LATENT).
+    per method unless ``stackable``, checked wherever patches reach a model), ``conditional_only`` (CFG's negative
+    prompt must run as a forward of its own), ``models()`` (the ``nn.Module``s the patch owns, e.g. its adapters: the
+    placement layer moves and counts them with the transformer, like ComfyUI's patch ``models()``), ``outputs()``
+    (results of the last run, merged into the sampler's LATENT), and for the speed options (:mod:`.speed`):
+    ``cache_notes(kind)`` (what a cache of :class:`~.speed.CacheKind` ``kind`` skips of the patch, one line each;
+    raises :class:`~.speed.SpeedConflictError` for a cache it cannot act with), ``compilable`` (False: torch.compile
+    would compile one graph per block) and ``attention_bias`` (a description when the patch puts a bias on the joint
+    attention's scores, which only the native attention backend takes).
     """
 
     name: str
@@ -87,6 +91,13 @@ def check_can_add(patches, patch) -> None:
                 "images), or branch from the model before the first one.")
 
 
+def check_patches(patches) -> None:
+    """Raise :class:`PatchConflictError` if ``patches`` hold a method twice (every way patches reach a model: a
+    bundle built or replaced with them, :func:`applied_patches`)."""
+    for i, patch in enumerate(patches):
+        check_can_add(patches[:i], patch)
+
+
 def conditional_only(patches) -> bool:
     """Whether some patch needs CFG's negative prompt run as a forward of its own."""
     return any(getattr(p, "conditional_only", False) for p in patches)
@@ -116,6 +127,8 @@ def applied_patches(transformer: torch.nn.Module, patches, context: SamplingCont
                     ) -> Iterator[torch.nn.Module]:
     """Apply ``patches`` in order for the duration of the block; undo them in reverse order. Patches that need the
     execution device and dtype take them from ``context`` or else the transformer's placement (:func:`run_context`)."""
+    patches = tuple(patches)
+    check_patches(patches)
     block_runner(transformer)  # every run goes through the runner (installed once per transformer)
     with contextlib.ExitStack() as stack:
         for patch in patches:

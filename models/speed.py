@@ -35,7 +35,10 @@ sampling run by :func:`applied_speed`, after the patches, and removed after it �
 the base model and the next run are untouched and no cache state outlives its run. Caches are diffusers hooks
 registered after the block runner's, so they wrap it: a block a cache skips is a block the runner never computes.
 
-What each cache does to each method (see :func:`check_speed` for what is refused):
+What each cache does to each method (see :func:`check_speed` for what is refused). The caches do not know the methods:
+:func:`check_speed` asks each patch — its ``cache_notes(kind)`` says what a cache of that :class:`CacheKind` (block or
+attention cache, skipping block 0 or not) skips of it and refuses a cache it cannot act with, ``compilable`` whether
+torch.compile can serve it with one graph, ``attention_bias`` whether it needs the native attention backend:
 
 * **LoRA** — acts inside the layers; computed wherever a layer runs, cached with the outputs it produced.
 * **MagicMirror** (face tokens, CAN, decoupled cross-attention), **subject reference** (reference tokens) — the
@@ -50,6 +53,8 @@ What each cache does to each method (see :func:`check_speed` for what is refused
 * **compile** — one compiled graph serves every block (and every later run) for the base model, LoRAs and the caches;
   MagicMirror, DualReal and the subject reference pick per-block adapters by index or carry token streams, which
   makes torch.compile recompile per block: refused with them.
+* **attention backends** — flash, sage and xformers take no bias on the attention scores: refused with MagicMirror's
+  two-way form at a strength other than 0 and 1 (the face tokens' weight is such a bias).
 * **CFG as two forwards** (MagicMirror's two-way form): the negative and positive passes run in diffusers'
   ``cache_context("uncond")`` / ``("cond")``, as diffusers pipelines with separate CFG passes do, so the caches
   that key their state on the context (first-block, TaylorSeer, mag) keep one state per pass. Pyramid attention
@@ -103,12 +108,25 @@ FASTER_CACHE_ATTENTION_WEIGHT = 0.3
 # TaylorSeer's modules for CogVideoX: each block's attention and feed-forward (diffusers' default patterns,
 # "^transformer_blocks.*attn" fully matched, would match no CogVideoX module: its attention is "attn1")
 TAYLORSEER_MODULES = (r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff")
-# methods whose cached steps skip block 0 (where DualReal's StageBlender runs)
+# caches that skip whole blocks on cached steps (the others reuse attention / feed-forward outputs inside the blocks)
+BLOCK_CACHES = ("first_block_cache", "mag_cache")
+# block caches whose cached steps skip block 0 too (first-block cache always computes it)
 SKIPS_BLOCK_ZERO = ("mag_cache",)
 # methods whose state is one per layer, not per cache context, or that need a batched [uncond, cond] forward
 NEEDS_BATCHED_CFG = ("pyramid_attention_broadcast", "faster_cache")
-# methods torch.compile keeps recompiling for (measured with torch._dynamo's counters, tests/test_speed.py)
-COMPILE_REFUSED = ("MagicMirror", "subject reference", "DualReal")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheKind:
+    """What a cache skips, as the patches' ``cache_notes`` see it (see :func:`cache_notes`)."""
+
+    name: str  # the cache (CACHE_METHODS)
+    skips_blocks: bool  # cached steps skip whole blocks (first-block, mag); else attention/FF outputs are reused
+    skips_block_zero: bool  # cached steps skip block 0 as well (mag cache)
+
+    @classmethod
+    def of(cls, cache: str) -> "CacheKind":
+        return cls(cache, cache in BLOCK_CACHES, cache in SKIPS_BLOCK_ZERO)
 
 
 class SpeedConflictError(ValueError):
@@ -260,8 +278,6 @@ def check_speed(options: SpeedOptions | None, patches) -> list[str]:
     from .patches import conditional_only
 
     check_attention_backend(options.attention)
-    methods = {getattr(p, "method", None) for p in patches} - {None}
-    streams = sorted(m for m in methods if m in COMPILE_REFUSED)
     if options.cache in NEEDS_BATCHED_CFG and conditional_only(patches):
         name = options.cache.replace("_", " ")
         raise SpeedConflictError(
@@ -272,35 +288,44 @@ def check_speed(options: SpeedOptions | None, patches) -> list[str]:
                                           "FasterCache approximates the negative rows of a batched [negative, "
                                           "positive] forward") +
             ". Use first_block_cache, taylorseer or mag_cache (they keep one state per CFG pass).")
-    if options.cache in SKIPS_BLOCK_ZERO and "DualReal" in methods:
-        raise SpeedConflictError(
-            f"{options.cache} cannot act with DualReal: it skips block 0 on cached steps, where DualReal's "
-            "StageBlender computes the blend of each step, so the blend would not follow the denoising stage. Use "
-            "first_block_cache (block 0 always runs), taylorseer, pyramid_attention_broadcast or faster_cache.")
+    notes = cache_notes(options.cache, patches)  # (a patch refuses a cache it cannot act with)
+    streams = sorted({p.method for p in patches if not getattr(p, "compilable", True)})
     if options.compile and streams:
         raise SpeedConflictError(
             f"compile cannot act with {' and '.join(streams)}: its per-block adapters are picked by block index and "
             "its token streams change the layout of the blocks' inputs, so torch.compile compiles the blocks again "
             "and again (one graph per block; CogVideoX-5B's 42 blocks are beyond torch's recompile limit of 8, after "
             "which it falls back to eager). Turn compile off for this model; compile works with LoRAs and the caches.")
-    return cache_notes(options.cache, methods)
-
-
-def cache_notes(cache: str, methods: set) -> list[str]:
-    """One line per method on what ``cache`` skips of it (see the module docstring)."""
-    notes = []
-    tokens = {"MagicMirror": "MagicMirror's face tokens", "subject reference": "the subject reference tokens"}
-    for method in sorted(methods):
-        if cache in ("first_block_cache", "mag_cache") and method in tokens:
-            notes.append(f"{cache} with {method}: on the steps it skips, {tokens[method]} are skipped with every "
-                         "other token (blocks not computed); the cached residual of the last computed step stands in")
-        elif cache in ("pyramid_attention_broadcast", "faster_cache", "taylorseer") and method in tokens:
-            notes.append(f"{cache} with {method}: reused attention outputs hold {tokens[method]}' attention of the "
-                         "step that computed them; the method's modulation and adapters run every step")
-        elif cache == "first_block_cache" and method == "DualReal":
-            notes.append("first_block_cache with DualReal: block 0 always runs, so the StageBlender blends and "
-                         "records alpha every step; skipped blocks reuse the adapters' output of the computed step")
+    biased = [p.attention_bias for p in patches if getattr(p, "attention_bias", "")]
+    if options.attention != "native" and biased:
+        raise SpeedConflictError(
+            f"attention backend {options.attention!r} cannot act with {biased[0]}: that weight is a bias on the "
+            f"attention scores, which {options.attention} does not take. Use the native backend (or strength 1).")
     return notes
+
+
+def cache_notes(cache: str, patches) -> list[str]:
+    """What ``cache`` skips of each patch that says (one line per method, by method name), asked of the patches'
+    ``cache_notes(kind)`` (:class:`CacheKind`), which raise :class:`SpeedConflictError` for a cache they cannot act
+    with."""
+    if cache == "none":
+        return []
+    kind = CacheKind.of(cache)
+    notes = []
+    for patch in sorted(patches, key=lambda p: getattr(p, "method", None) or ""):
+        if hasattr(patch, "cache_notes"):
+            notes.extend(patch.cache_notes(kind))
+    return notes
+
+
+def token_stream_notes(kind: CacheKind, method: str, tokens: str) -> list[str]:
+    """The note for a method whose tokens ride in the blocks' ``hidden_states`` (MagicMirror's face tokens, subject
+    reference tokens): block caches skip them with every other token, attention caches reuse their attention."""
+    if kind.skips_blocks:
+        return [f"{kind.name} with {method}: on the steps it skips, {tokens} are skipped with every other token "
+                "(blocks not computed); the cached residual of the last computed step stands in"]
+    return [f"{kind.name} with {method}: reused attention outputs hold {tokens}' attention of the step that computed "
+            "them; the method's modulation and adapters run every step"]
 
 
 # ----------------------------------------------------------------------------------------------------- one run

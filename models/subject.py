@@ -25,6 +25,7 @@ from .block_runner import BlockExtension, TokenStream, block_runner
 from .lora import BRANCH_ATTR
 from .memory import vae_encode_activation_bytes
 from .sampler import rotary_embeddings
+from .speed import token_stream_notes
 from .text import EXTRA_TOKENS
 
 NORM_LORA_MODULES = ("norm1.linear", "norm2.linear")
@@ -33,16 +34,41 @@ CLS_TOKEN = EXTRA_TOKENS[0]  # prompts start with it
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "norm1.linear", "norm2.linear", "ff.net.2", "patch_embed.proj")
 
 
+def reference_size_limit(transformer, vae_scale: int) -> tuple[int, int] | None:
+    """The largest reference (height, width) in pixels the model's RoPE holds: CogVideoX 1.5 slices its RoPE tables
+    from a grid of ``sample_height x sample_width`` latents (2400 x 2400 px on the 5B models); CogVideoX 1.0 fits its
+    grid to any size (None)."""
+    cfg = transformer.config
+    if cfg.patch_size_t is None:
+        return None
+    p = cfg.patch_size
+    return cfg.sample_height // p * p * vae_scale, cfg.sample_width // p * p * vae_scale
+
+
+def check_reference_size(transformer, height: int, width: int, vae_scale: int) -> None:
+    """Raise ValueError (one line with the largest size that fits) for a reference of ``height x width`` px beyond the
+    model's RoPE grid (:func:`reference_size_limit`)."""
+    limit = reference_size_limit(transformer, vae_scale)
+    if limit is not None and (height > limit[0] or width > limit[1]):
+        from .cogvideox import variant_of
+
+        raise ValueError(f"The subject reference is {width}x{height} px, beyond {variant_of(transformer.config)}'s "
+                         f"RoPE grid: the largest reference that fits is {limit[1]}x{limit[0]} px; set max_side to "
+                         f"{min(limit)} or less (or use a smaller image).")
+
+
 def encode_reference(bundle, images: torch.Tensor, max_side: int = 720) -> torch.Tensor:
     """IMAGE [N, H, W, 3] 0..1 -> clean reference latents [N, C, h, w] (VAE mean, scaled).
 
     Each image keeps its aspect ratio: it is scaled so its longer side is at most ``max_side`` and
-    cropped to multiples of 16 (any resolution works; the token count follows the size).
+    cropped to multiples of 16 (any resolution up to the model's RoPE grid works, checked before the VAE runs: see
+    :func:`reference_size_limit`; the token count follows the size).
     """
     x = images.permute(0, 3, 1, 2).float()
     h, w = x.shape[-2:]
     scale = min(1.0, max_side / max(h, w))
     nh, nw = max(16, int(h * scale) // 16 * 16), max(16, int(w * scale) // 16 * 16)
+    check_reference_size(bundle.transformer, nh, nw, bundle.vae_scale_factor_spatial)
     if (nh, nw) != (h, w):
         sh, sw = max(nh, round(h * scale)), max(nw, round(w * scale))
         x = F.interpolate(x, size=(sh, sw), mode="bilinear", align_corners=False, antialias=True)
@@ -148,9 +174,16 @@ class SubjectReferencePatch:
     vae_scale: int = 8
     name: str = "subject-reference"
     method: str = "subject reference"
+    compilable = False  # a leading token stream: torch.compile would compile one graph per block
+
+    def cache_notes(self, kind) -> list[str]:
+        """What a cache (:class:`~.speed.CacheKind`) skips of the reference: its tokens ride with the others."""
+        return token_stream_notes(kind, self.method, "the subject reference tokens")
 
     def apply(self, transformer, context=None):
         if self.latents.shape[1] != transformer.config.out_channels:
             raise ValueError(f"reference latents have {self.latents.shape[1]} channels but the model expects "
                              f"{transformer.config.out_channels}; encode the reference with this model's VAE")
+        scale = self.vae_scale
+        check_reference_size(transformer, self.latents.shape[2] * scale, self.latents.shape[3] * scale, scale)
         return inject_reference(transformer, self.latents, vae_scale=self.vae_scale)

@@ -22,7 +22,8 @@ class DualRealStageBlender:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (MODEL, {"tooltip": "The CogVideoX-5B model the adapter was trained on."}),
+            "model": (MODEL, {"tooltip": "The CogVideoX the adapter was trained on (recorded in pack files; the "
+                              "official adapter.pth is CogVideoX-5B T2V); another variant is refused."}),
             "adapter": (host.list_model_files("dualreal") or ["adapter.pth"], {
                 "tooltip": "DualReal adapter in models/dualreal/ (official adapter.pth or a pack .safetensors)."}),
             "clip_vision": (host.list_model_files("clip_vision") or ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"], {

@@ -113,12 +113,16 @@ class MagicMirrorApply:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (MODEL, {"tooltip": "A CogVideoX-5B T2V model (the adapter's base) from the loader."}),
+            "model": (MODEL, {"tooltip": "The CogVideoX the adapter was trained on (recorded in the file; another "
+                              "variant - 1.0/1.5, T2V/I2V, size - is refused)."}),
             "adapter": (host.list_model_files("magicmirror") or ["magicmirror.safetensors"], {
                 "tooltip": "MagicMirror adapter in models/magicmirror/ (exported by training.train_magicmirror)."}),
             "face_embeds": (FACE_EMBEDS, {"tooltip": "From MagicMirror Face Encode."}),
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                                   "tooltip": "Identity strength (0 = base model)."}),
+                                   "tooltip": "Identity strength: 0 = the base model exactly, and small values stay "
+                                   "close to it (it scales CAN, the cross-attention, the ID fusion and how much every "
+                                   "token attends to the face tokens). Values other than 0 and 1 need the native "
+                                   "attention backend (Speed node)."}),
         }}
 
     RETURN_TYPES = (MODEL,)

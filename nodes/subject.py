@@ -15,10 +15,15 @@ LORA_ALPHA = 64.0  # the subject method's LoRA alpha (rank 128, alpha 64: the re
 
 def lora_scope(metadata: dict, requested: str) -> str:
     """'reference' for files this pack trained (recorded in metadata), 'all' for others (e.g. the
-    released v1 checkpoint, whose code applied the norm LoRA to every token)."""
+    released v1 checkpoint, whose code applied the norm LoRA to every token). A recorded scope that is neither is
+    refused (a mistyped value would silently run the other scope)."""
+    recorded = metadata.get("subject_lora_scope")
+    if recorded is not None and recorded not in SCOPES[1:]:
+        raise ValueError(f"the LoRA records subject_lora_scope={recorded!r}, which is neither 'reference' nor 'all'; "
+                         "fix the file's metadata, or re-export it with the subject-replay trainer.")
     if requested != "auto":
         return requested
-    return "reference" if metadata.get("subject_lora_scope") == "reference" else "all"
+    return recorded or "all"
 
 
 class SubjectReferenceLoraLoader:
@@ -72,7 +77,8 @@ class SubjectReference:
             "image": ("IMAGE", {"tooltip": "The subject (object, pet, person) on a plain background works best; "
                                 "several images (a batch) are all used as references."}),
             "max_side": ("INT", {"default": 720, "min": 64, "max": 2048, "step": 16,
-                                 "tooltip": "The reference keeps its aspect ratio, longer side at most this."}),
+                                 "tooltip": "The reference keeps its aspect ratio, longer side at most this (on "
+                                 "CogVideoX 1.5 at most its RoPE grid, 2400 px on the 5B models)."}),
         }}
 
     RETURN_TYPES = (MODEL,)

@@ -117,8 +117,12 @@ def test_every_trainer_runs_two_steps_on_every_variant_it_applies_to(name, versi
     out = trainer.train()
     assert math.isfinite(trainer.last_logs["loss"]), trainer.last_logs
     assert trainer.spec.i2v == i2v and (trainer.spec.patch_size_t is not None) == (version == "1.5")
+    from safetensors import safe_open
     from safetensors.torch import load_file
     assert load_file(out)  # the export is written and readable
+    expected = f"CogVideoX{'1.5' if version == '1.5' else ''}-32w {'I2V' if i2v else 'T2V'}"  # (tiny: 32 wide)
+    with safe_open(out, "pt") as f:  # ... and records the variant it was trained on
+        assert f.metadata()["base_model"] == expected
 
 
 @pytest.mark.parametrize("name", ["magicmirror", "dualreal", "regdpo", "subject_replay"])

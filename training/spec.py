@@ -395,9 +395,10 @@ class CogVideoXSpec(ModelSpec):
     def export_lora(self, path: str, layers: dict, metadata: dict) -> None:
         """A diffusers-format LoRA (``transformer.<path>.lora_A/B``, alpha baked), for the pack's LoRA Loader node,
         diffusers' ``load_lora_weights`` and kijai's wrapper."""
+        from ..models.cogvideox import BASE_MODEL_KEY, base_model_of
         from ..models.lora import save_lora
 
-        save_lora(path, layers, metadata)
+        save_lora(path, layers, {**metadata, BASE_MODEL_KEY: base_model_of(self.transformer)})
 
 
 def spec_class(base: str) -> type[ModelSpec]:

@@ -13,12 +13,14 @@ lr 1e-3, 1000 steps, bf16. Export: ``dualreal.safetensors`` for the DualReal Sta
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
 import torch
 
 from ..models.clip_vision import image_embeds, load_clip_vision
+from ..models.cogvideox import base_model_of
 from ..models.dualreal import (
     DualRealAdapters,
     DualRealConfig,
@@ -159,6 +161,8 @@ class DualRealTrainer(TaskSwitchingTrainer):
                 bundle.transformer, hidden_dim=c.hidden_dim, condition_dim=condition_dim,
                 n_groups=c.n_groups or None))
         adapters.check_compatible(bundle.transformer)
+        # trained on from here: the export records this model (files from before the record had none)
+        adapters.config = dataclasses.replace(adapters.config, base_model=base_model_of(bundle.transformer))
         self.adapters = adapters.train()
         self.clip = clip
         return DualRealTrainingModule(adapters, spec, c, clip=clip)

@@ -22,13 +22,14 @@ pixel coordinates (first frame).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..models.cogvideox import read_safetensors
+from ..models.cogvideox import base_model_of, read_safetensors
 from ..models.magicmirror import (
     MagicMirrorAdapter,
     MagicMirrorConfig,
@@ -210,6 +211,8 @@ class MagicMirrorTrainer(Trainer):
         if c.init_from:
             adapter = load_magicmirror(c.init_from).requires_grad_(True)
             adapter.check_compatible(bundle.transformer)
+            # trained on from here: the export records this model (files from before the record had none)
+            adapter.config = dataclasses.replace(adapter.config, base_model=base_model_of(bundle.transformer))
         else:
             adapter = MagicMirrorAdapter(MagicMirrorConfig.for_transformer(
                 bundle.transformer, id_dim=first["x_id"].shape[-1], id_tokens=first["x_id"].shape[-2],

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.cogvideox import BASE_MODEL_KEY, base_model_of
 from ..models.lora import TrainableLora, find_lora_targets, save_lora
 from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, inject_reference
 from ..models.text import with_extra_tokens
@@ -241,7 +242,8 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
     def export(self, path: str) -> None:
         lora = self.accelerator.unwrap_model(self.module).lora
         save_lora(path, lora.layers(), {"method": "subject_replay", "subject_lora_scope": "reference",
-                                        "rank": lora.rank, "alpha": lora.alpha, "steps": self.step})
+                                        "rank": lora.rank, "alpha": lora.alpha, "steps": self.step,
+                                        BASE_MODEL_KEY: base_model_of(self.spec.transformer)})
 
     def finish(self) -> None:
         if self.conflicts:

@@ -256,7 +256,7 @@ def test_a_strength_other_than_one_needs_an_attention_that_takes_a_bias(world, m
     from magicmirror_video.models import speed
 
     patch = MagicMirrorPatch(magicmirror(bundle.transformer), faces(), 0.5)
-    monkeypatch.setattr(speed, "check_attention_backend", lambda name: None)  # (flash-attn is not installed here)
+    monkeypatch.setattr(speed, "check_attention_backend", lambda *a, **k: None)  # (flash-attn is not installed here)
     with pytest.raises(SpeedConflictError, match=r"^attention backend 'flash' cannot act with two-way MagicMirror at "
                                                  r"strength 0.5 .*Use the native backend"):
         bundle.with_patch(patch).with_speed(SpeedOptions(attention="flash"))

@@ -214,3 +214,35 @@ def test_validation_videos_are_scored_and_logged(tiny_configs, variant_folders, 
             curve = clip_similarity_curve(load_clip_vision(clip), scored, reference)
             # the written mp4 is re-encoded (h264), so allow for compression
             assert report["videos"][0]["clip_i"] == pytest.approx(float(curve.mean()), abs=2e-2)
+
+
+def test_a_trainer_continuing_from_an_unrecorded_adapter_records_the_model_it_trains(tiny_configs, variant_folders,
+                                                                                     tmp_path):
+    """--init_from a file without the base-model record: the export records the model the run trained on; a file that
+    records another variant is refused."""
+    from safetensors import safe_open
+
+    from magicmirror_video.models.clip_vision import load_clip_vision
+    from magicmirror_video.models.cogvideox import write_safetensors
+    from magicmirror_video.models.dualreal import DualRealAdapters, DualRealConfig, save_dualreal
+
+    trainer_class, _, _ = trainer_setup("dualreal")
+    c = tiny_configs["dualreal"]
+    folder = variant_folders[("1.0", False)]
+    transformer = tiny.build_components()["transformer"]  # (the folder's layout)
+    condition_dim = load_clip_vision(c.clip_vision).config.projection_dim
+    adapters = DualRealAdapters(DualRealConfig.for_transformer(transformer, hidden_dim=c.hidden_dim,
+                                                               condition_dim=condition_dim))
+    old = str(tmp_path / "old.safetensors")  # as written before the record
+    write_safetensors(old, adapters.state_dict(), {"method": "dualreal", "config": dataclasses.asdict(
+        dataclasses.replace(adapters.config, base_model=None))})
+    config = dataclasses.replace(c, model_path=folder, init_from=old, max_steps=1, checkpointing_steps=0,
+                                 output_dir=str(tmp_path / "run"))
+    out = trainer_class(config).train()
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["base_model"] == "CogVideoX-32w T2V"
+
+    other = str(tmp_path / "other.safetensors")
+    save_dualreal(other, DualRealAdapters(dataclasses.replace(adapters.config, base_model="CogVideoX1.5-32w T2V")))
+    with pytest.raises(ValueError, match="trained on CogVideoX1.5-32w T2V but the loaded model is CogVideoX-32w T2V"):
+        trainer_class(dataclasses.replace(config, init_from=other, output_dir=str(tmp_path / "run2"))).train()

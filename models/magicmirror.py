@@ -20,6 +20,9 @@ What is added to the base model (paper: ICCV 2025, arXiv 2501.03931):
 * **ID fusion** — ``x̂_txt = m·MLP_fuse(x_id, x_txt) + (1−m)·x_txt`` on the identity tokens
   ``m`` (the class word before the trigger word, see :mod:`.text`), in the positive prompt only.
 
+Strength scales everything MagicMirror adds — CAN, cross-attention, ID fusion — and in the two-way form the face keys'
+softmax weight (a bias of log(strength) on their scores): 0 is the base model, small strengths stay close to it.
+
 Several reference images: the ID vectors are **averaged**, the face tokens are **stacked**
 (N·32 tokens). With CFG, the identity conditioning acts on the positive rows only; the
 negative rows run the base model (in the two-way form as a forward of their own).
@@ -372,8 +375,9 @@ class MagicMirrorPatch:
         return token_stream_notes(kind, self.method, "MagicMirror's face tokens")
 
     def apply(self, transformer, context=None):
-        """Strength scales the CAN modulation, the cross-attention and the ID fusion; 0 turns MagicMirror off
-        (in the two-way form the face tokens otherwise join the attention at any strength)."""
+        """Strength scales the CAN modulation, the cross-attention and the ID fusion, and in the two-way form the face
+        keys' weight in every token's softmax (:attr:`~.block_runner.TokenStream.key_weight`), so the output moves
+        continuously from the base model; 0 turns MagicMirror off (the base model bit for bit, CFG batched)."""
         if self.strength == 0:
             return lambda: None
         self.adapter.check_compatible(transformer)

@@ -142,6 +142,8 @@ MATRIX = ["wan2.1-t2v", "wan2.1-i2v", "wan2.2-ti2v", "wan2.2-t2v-a14b", "wan2.2-
 def test_trainer_runs_two_steps_on_every_variant(wan_root, tmp_path, variant, mode, capsys):
     from safetensors import safe_open
 
+    from magicmirror_video.models.wan import folder_variant
+
     argv = ["--model_path", wan_root["models"][variant], "--data", wan_root["pairs"], "--num_frames", "5", "--height",
             "32", "--width", "32", "--max_steps", "2", "--mixed_precision", "no", "--report_to", "none",
             "--checkpointing_steps", "0", "--output_dir", str(tmp_path / "out"), "--mode", mode,
@@ -156,6 +158,7 @@ def test_trainer_runs_two_steps_on_every_variant(wan_root, tmp_path, variant, mo
         with safe_open(str(tmp_path / "out" / name), "pt") as f:
             meta, keys = f.metadata(), list(f.keys())
         assert meta["method"] == "regdpo" and meta["mode"] == mode and json.loads(meta["rank"]) == 16
+        assert meta["base_model"] == str(folder_variant(wan_root["models"][variant]))  # the variant it trained on
         assert all(k.startswith("diffusion_model.blocks.") for k in keys), keys[:3]
         assert {k.split(".")[3] for k in keys} >= {"self_attn", "cross_attn", "ffn"}
         if two:

@@ -304,6 +304,11 @@ class BlockRunner:
 
         return undo
 
+    def interrupts(self, check: Callable[[], None] | None):
+        """Call ``check`` before every block of the transformer calls inside the ``with`` block (it raises to stop a
+        run: a cancel lands within one block's time). See :func:`checked_calls`."""
+        return checked_calls(self.transformer.transformer_blocks, check)
+
     @contextlib.contextmanager
     def roles(self, roles: tuple):
         """The role of each batch row for the transformer calls inside the block (default: all positive)."""
@@ -603,6 +608,28 @@ def _check_takes_bias(attn, index: int, streams) -> None:
         f"The {names} in transformer block {index} need an attention that adds a bias to the scores, which "
         f"{type(processor).__name__}" + (f" with the {backend} backend" if backend != "native" else "") +
         " does not take: use CogVideoX's own processor with the native attention backend.")
+
+
+@contextlib.contextmanager
+def checked_calls(modules, check: Callable[[], None] | None):
+    """Call ``check`` before each call of each of ``modules`` inside the ``with`` block (``check`` raises to stop, e.g.
+    ComfyUI's interrupt; None: nothing is checked). A forward pre-hook, so it runs before the module's diffusers hooks:
+    a block that is not run was neither onloaded by group offloading nor started by a cache. Removed on exit. Outside
+    ``torch.compile``'s graphs (a compiled block breaks its graph there: the check reads host state)."""
+    if check is None:
+        yield
+        return
+
+    @torch.compiler.disable
+    def hook(module, args):
+        check()
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def block_runner(transformer) -> BlockRunner:

@@ -68,6 +68,10 @@ class ModelManager(Protocol):
     def available(self, device: torch.device) -> int | None:
         """Bytes this pack's models may use on ``device`` (free memory plus what the host can evict)."""
 
+    def capacity(self, device: torch.device) -> int | None:
+        """Bytes a stage could use on ``device`` once the host evicted all it can (free plus evictable), whatever
+        its loading policy; None for a device without separate memory (optional: ``available`` stands in)."""
+
 
 def module_bytes(module: torch.nn.Module | None) -> int:
     """Bytes of a module's parameters and buffers (each tensor once; works on the meta device)."""
@@ -136,6 +140,31 @@ def free_memory(device: torch.device, manager: ModelManager | None = None) -> in
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.mem_get_info(device)[0]
     return None
+
+
+def device_capacity(device: torch.device, manager: ModelManager | None = None) -> int | None:
+    """Bytes a stage could get on ``device`` at most: the host's count (free plus evictable), else CUDA's free memory
+    plus what torch's allocator holds unused; None on the CPU (nothing to refuse there)."""
+    device = torch.device(device)
+    if manager is not None:
+        return getattr(manager, "capacity", manager.available)(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
+            device)
+    return None
+
+
+def offload_groups(module: torch.nn.Module) -> None:
+    """Put every group of diffusers' group offloading in ``module`` back on its offload device. A forward cut short
+    (an interrupt, an error) skips the offloads of the groups it had onloaded (the embeddings in block mode, the group
+    it prefetched with CUDA streams); the next forward would find them still on the execution device."""
+    from diffusers.hooks.group_offloading import GroupOffloadingHook
+
+    for m in module.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        for hook in (registry.hooks.values() if registry is not None else ()):
+            if isinstance(hook, GroupOffloadingHook) and hook.group.offload_leader is m:
+                hook.group.offload_()
 
 
 def placement_of(module: torch.nn.Module) -> "Placement | None":
@@ -219,6 +248,25 @@ class Placement:
             module.to(target)
 
     # ------------------------------------------------------------------ stages
+    def memory_for(self, *modules: torch.nn.Module | None) -> tuple[int, int] | None:
+        """``(capacity, weights)`` of a stage that runs ``modules``: the most the execution device can give it
+        (:func:`device_capacity`) and how much of that its weights take (whole modules brought in, two streamed units
+        of a streamed one; without a host manager, modules already on the device take nothing more). What is left is
+        the room for its activations. None on a device without separate memory (the CPU)."""
+        capacity = device_capacity(self.device, self.manager)
+        if capacity is None:
+            return None
+        weights = 0
+        for m in {id(m): m for m in modules if m is not None}.values():
+            home = self.home(m)
+            if home == "streamed":
+                weights += 2 * self._chunk.get(m, 0)
+            elif m not in self._homes and trainable(m):
+                continue  # training code placed it on the device already
+            elif self.manager is not None or (home == "offloaded" and not self._depth.get(id(m))):
+                weights += module_bytes(m)
+        return capacity, weights
+
     @contextlib.contextmanager
     def run(self, *modules: torch.nn.Module | None, memory_required: int = 0) -> Iterator[None]:
         """Have ``modules`` usable on :attr:`device` for the block.
@@ -246,6 +294,10 @@ class Placement:
             else:
                 self._move(incoming, onload=True)
             yield
+        except BaseException:
+            for m in streamed:
+                offload_groups(m)
+            raise
         finally:
             for m in whole:
                 self._depth[id(m)] -= 1

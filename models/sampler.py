@@ -15,9 +15,10 @@ from typing import Callable
 
 import torch
 
-from .block_runner import block_runner
+from .block_runner import block_runner, checked_calls
 from .memory import transformer_activation_bytes, vae_decode_activation_bytes, vae_encode_activation_bytes
 from .patches import SamplingContext, applied_patches, conditional_only, patch_models, patch_outputs
+from .placement import GIB, STREAMED_MODES
 from .speed import applied_speed, check_speed
 from .text import TextConditioning
 
@@ -41,6 +42,68 @@ def check_video_size(num_frames: int, height: int, width: int) -> None:
             lo = max(16, v // 16 * 16)
             raise SamplingInputError(
                 f"{side}={v} is not a multiple of 16 (8x VAE downsampling times 2x2 patches); use {lo} or {lo + 16}.")
+
+
+class ActivationMemoryError(SamplingInputError):
+    """A request whose estimated activations exceed the memory the execution device can give them."""
+
+
+def _gib(n: int) -> str:
+    """Bytes for a message: GiB, or MiB below a tenth of one."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _largest_fitting(fits: Callable[[int, int, int], bool], num_frames: int, height: int, width: int):
+    """``((height, width), frames)``: the largest size in multiples of 16 at ``height:width``'s aspect ratio with
+    ``num_frames`` frames, and the largest 4k+1 frame count at ``height × width``, that ``fits(frames, height,
+    width)``; None where nothing smaller fits."""
+    size, long_side = None, max(height, width)
+    for side in range(long_side - 16, 15, -16):
+        h, w = (max(16, round(v * side / long_side / 16) * 16) for v in (height, width))
+        if fits(num_frames, h, w):
+            size = (h, w)
+            break
+    frames = next((f for f in range(num_frames - 4, 0, -4) if fits(f, height, width)), None)
+    return size, frames
+
+
+def check_activation_memory(placement, stages, num_frames: int, height: int, width: int, *, frames_matter=True,
+                            hint: str = "") -> None:
+    """Refuse a request, before anything runs, whose activations cannot fit on the execution device.
+
+    ``stages``: ``[(what, modules, need(frames, height, width) -> bytes)]``, each stage's modules and activation
+    estimate (:mod:`.memory`). Each is compared with what :meth:`~.placement.Placement.memory_for` says the device can
+    give the stage beyond its weights; one line names the estimate, that room and the largest size for which every
+    stage fits. Never refuses on the CPU (no separate memory to run out of)."""
+    rooms = []
+    for what, modules, need in stages:
+        memory = placement.memory_for(*modules)
+        if memory is None:
+            return
+        rooms.append((what, need, memory))
+
+    def fits(f, h, w):
+        return all(need(f, h, w) <= capacity - weights for _, need, (capacity, weights) in rooms)
+
+    for what, need, (capacity, weights) in rooms:
+        estimate = need(num_frames, height, width)
+        logger.info("%s at %d frames of %dx%d: about %s of activations, %s room on %s", what, num_frames, width,
+                    height, _gib(estimate), _gib(capacity - weights), placement.device)
+        if estimate <= capacity - weights:
+            continue
+        size, frames = _largest_fitting(fits, num_frames, height, width)
+        options = []
+        if size is not None:
+            options.append(f"{size[1]}x{size[0]}" + (f" at {num_frames} frames" if frames_matter else ""))
+        if frames is not None and frames_matter:
+            options.append(f"{frames} frames at {width}x{height}")
+        largest = (f"the largest size that fits is {' or '.join(options)}" if options else
+                   "no smaller size fits either: free memory (unload other models)")
+        raise ActivationMemoryError(
+            f"{what} needs about {_gib(estimate)} of activations for "
+            + (f"{num_frames} frames of " if frames_matter else "") + f"{width}x{height} (width x height), but "
+            f"{placement.device} can give it {_gib(max(capacity - weights, 0))} ({_gib(capacity)} free or held by "
+            f"models that can be unloaded, less {_gib(weights)} of weights): {largest}{hint}.")
 
 
 def make_scheduler(bundle, name: str):
@@ -115,13 +178,15 @@ def sample_video(
     image: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[StepInfo], None] | None = None,
+    interrupt: Callable[[], None] | None = None,
     outputs: dict | None = None,
 ) -> torch.Tensor:
     """Generate a video latent. Returns ComfyUI LATENT samples ``[B, C, T, H, W]`` (VAE-scaled).
 
     ``image`` (IMAGE ``[1,H,W,3]``, 0..1) is the first frame for I2V models and required by them.
     ``negative`` defaults to the empty prompt, as in diffusers. ``callback`` runs after every step
-    and may raise to stop (e.g. ComfyUI's interrupt); patches are removed either way. ``outputs``, if
+    and may raise to stop; ``interrupt`` is called before every transformer block and raises to stop (ComfyUI's
+    cancel), so a cancel lands within one block's time. Patches are removed either way. ``outputs``, if
     given, receives what the patches report about the run (e.g. ``dualreal_alpha``) and what the speed options do
     (mag cache's calibrated ``mag_ratios``).
 
@@ -132,6 +197,9 @@ def sample_video(
     With CFG the negative and positive prompts run as one batch ``[negative, positive]``, as diffusers
     does, unless a patch acts on the positive prompt only and needs the negative one as a forward of its
     own (MagicMirror's two-way face attention).
+
+    Before anything runs, a request whose activations (:mod:`.memory`) exceed what the execution device can give
+    them is refused (:class:`ActivationMemoryError`, naming the largest size that fits).
     """
     check_video_size(num_frames, height, width)
     transformer = bundle.transformer
@@ -147,8 +215,11 @@ def sample_video(
         raise SamplingInputError(f"steps must be at least 1, got {steps}")
 
     device, dtype = bundle.device, bundle.dtype
-    generator = generator or torch.Generator("cpu").manual_seed(seed)
     do_cfg = cfg > 1.0
+    separate = do_cfg and conditional_only(bundle.patches)  # negative prompt as a forward of its own
+    batch = 1 if separate or not do_cfg else 2
+    check_sampling_memory(bundle, num_frames, height, width, batch=batch, image=i2v)
+    generator = generator or torch.Generator("cpu").manual_seed(seed)
     if do_cfg and negative is None:
         from .text import encode_prompt
 
@@ -193,9 +264,7 @@ def sample_video(
 
     context = SamplingContext(positive=positive, negative=negative, device=device, dtype=dtype)
     runner = block_runner(transformer)
-    separate = do_cfg and conditional_only(bundle.patches)  # negative prompt as a forward of its own
-    need = transformer_activation_bytes(cfg_t, num_frames, height, width, batch=1 if separate or not do_cfg else 2,
-                                        element_size=dtype.itemsize)
+    need = transformer_activation_bytes(cfg_t, num_frames, height, width, batch=batch, element_size=dtype.itemsize)
     calls = [(("negative",), slice(0, 1), "uncond"), (("positive",), slice(1, 2), "cond")] if separate else \
         [(("negative", "positive") if do_cfg else ("positive",), slice(None), "cond_uncond")]
     for note in check_speed(bundle.speed, bundle.patches):
@@ -213,7 +282,8 @@ def sample_video(
 
     with torch.no_grad(), bundle.placement.run(transformer, *patch_models(bundle.patches), memory_required=need), \
             applied_patches(transformer, bundle.patches, context), \
-            applied_speed(transformer, bundle.speed, timesteps, dtype=dtype, guidance=do_cfg and not separate) as speed:
+            applied_speed(transformer, bundle.speed, timesteps, dtype=dtype, guidance=do_cfg and not separate) as speed, \
+            runner.interrupts(interrupt):
         old_pred = None
         for i, t in enumerate(timesteps):
             speed.step(t)
@@ -238,6 +308,8 @@ def sample_video(
             latents = latents.to(dtype)
             if callback is not None:
                 callback(StepInfo(step=i + 1, total=len(timesteps), timestep=int(t), latents=latents))
+            if interrupt is not None:
+                interrupt()
 
         if outputs is not None:
             outputs.update(patch_outputs(bundle.patches))
@@ -246,25 +318,60 @@ def sample_video(
     return latents.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, H, W]
 
 
-def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slicing: bool = False) -> torch.Tensor:
+def check_sampling_memory(bundle, num_frames: int, height: int, width: int, *, batch: int = 2,
+                          image: bool = False) -> None:
+    """Refuse (:class:`ActivationMemoryError`) a sampling request whose transformer activations (``batch``: 2 with
+    CFG in one forward) or, with a first-frame ``image``, whose image encoding cannot fit on the execution device."""
+    transformer, vae = bundle.transformer, bundle.vae
+    cfg_t, e = transformer.config, bundle.dtype.itemsize
+
+    def transformer_need(f, h, w):
+        return transformer_activation_bytes(cfg_t, f, h, w, batch=batch, element_size=e)
+
+    stages = [("the transformer" + (" (CFG batch of 2)" if batch == 2 else ""),
+               (transformer, *patch_models(bundle.patches)), transformer_need)]
+    if image:
+        stages.append(("encoding the first frame", (vae,), lambda f, h, w: vae_encode_activation_bytes(
+            vae.config, h, w, element_size=vae.dtype.itemsize)))
+    hint = "" if bundle.placement.mode in STREAMED_MODES else \
+        "; or let the weights stream (the loader's offload 'block' or 'sequential')"
+    check_activation_memory(bundle.placement, stages, num_frames, height, width, hint=hint)
+
+
+def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slicing: bool = False,
+                   interrupt: Callable[[], None] | None = None) -> torch.Tensor:
     """LATENT samples ``[B, C, T, H, W]`` -> frames ``[B, F, H, W, 3]`` float 0..1, F = 4(T-1)+1.
 
     CogVideoX's causal VAE maps 4k+1 frames to k+1 latent frames. diffusers' decoder, which works
     in batches of two latent frames, returns 4T frames when T is even; we keep the first 4(T-1)+1,
     i.e. exactly the ``num_frames`` that was sampled. Tiling/slicing are switched on only for this
-    call (the VAE is shared with other nodes).
+    call (the VAE is shared with other nodes). ``interrupt`` is called before each of the decoder's calls (a batch of
+    latent frames, of a tile with tiling) and raises to stop. A decode whose activations cannot fit on the execution
+    device is refused before it starts (:class:`ActivationMemoryError`: tiling, or the largest size that fits).
     """
     vae = bundle.vae
     if samples.ndim != 5 or samples.shape[1] != vae.config.latent_channels:
         raise SamplingInputError(
             f"expected a CogVideoX latent [B, {vae.config.latent_channels}, T, H, W], got shape {tuple(samples.shape)}")
+    scale = bundle.vae_scale_factor_spatial
+    height, width = samples.shape[3] * scale, samples.shape[4] * scale
+
+    def decode_need(h, w, tiled=tiling):
+        return vae_decode_activation_bytes(vae.config, h, w, tiling=tiled, element_size=vae.dtype.itemsize)
+
+    memory = bundle.placement.memory_for(vae)
+    hint = ""
+    if not tiling and memory is not None and decode_need(height, width, True) <= memory[0] - memory[1]:
+        hint = f"; or turn tiling on (about {_gib(decode_need(height, width, True))})"
+    frames = bundle.vae_scale_factor_temporal * (samples.shape[2] - 1) + 1
+    check_activation_memory(bundle.placement, [("decoding" + (" in tiles" if tiling else ""), (vae,),
+                                                lambda f, h, w: decode_need(h, w))],
+                            frames, height, width, frames_matter=False, hint=hint)
     saved = (vae.use_tiling, vae.use_slicing)
     vae.use_tiling, vae.use_slicing = tiling, slicing
-    scale = bundle.vae_scale_factor_spatial
-    need = vae_decode_activation_bytes(vae.config, samples.shape[3] * scale, samples.shape[4] * scale, tiling=tiling,
-                                       element_size=vae.dtype.itemsize)
+    need = decode_need(height, width)
     try:
-        with torch.no_grad(), bundle.placement.run(vae, memory_required=need):
+        with torch.no_grad(), bundle.placement.run(vae, memory_required=need), checked_calls([vae.decoder], interrupt):
             z = samples.to(bundle.device, vae.dtype) / vae.config.scaling_factor
             video = vae.decode(z).sample  # [B, 3, F, H, W] in -1..1
     finally:

@@ -242,13 +242,13 @@ class CogVideoXSampler:
 
         def on_step(info):
             bar.update_absolute(info.step, info.total)
-            host.check_interrupt()
 
         host.check_interrupt()
         reports = {}  # what the patches report about the run (e.g. a blend history), carried in the LATENT
         samples = sample_video(model, positive, negative, num_frames=num_frames, height=height, width=width,
                                steps=steps, cfg=cfg, seed=seed, scheduler=scheduler.lower(),
-                               use_dynamic_cfg=dynamic_cfg, image=image, callback=on_step, outputs=reports)
+                               use_dynamic_cfg=dynamic_cfg, image=image, callback=on_step,
+                               interrupt=host.check_interrupt, outputs=reports)
         return ({"samples": samples.float().cpu(), **reports},)
 
 
@@ -272,7 +272,8 @@ class CogVideoXDecode:
 
     def decode(self, model, samples, tiling):
         host.check_interrupt()
-        frames = decode_latents(model, samples["samples"], tiling=tiling, slicing=True)  # [B, F, H, W, 3]
+        frames = decode_latents(model, samples["samples"], tiling=tiling, slicing=True,
+                                interrupt=host.check_interrupt)  # [B, F, H, W, 3]
         return (frames.reshape(-1, *frames.shape[2:]),)
 
 

@@ -221,6 +221,15 @@ class ComfyModelManager:
         evictable = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
         return mm.get_free_memory(device) + evictable
 
+    def capacity(self, device):
+        """Free plus evictable memory on ``device`` whatever the loading policy (under --novram activations still
+        run there); None on the CPU."""
+        mm = _model_management()
+        if mm.is_device_cpu(device):
+            return None
+        evictable = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
+        return mm.get_free_memory(device) + evictable
+
 
 def model_manager() -> ComfyModelManager | None:
     """ComfyUI's model manager inside ComfyUI; None headless (placements then move modules themselves)."""

@@ -67,29 +67,26 @@ def _largest_fitting(fits: Callable[[int, int, int], bool], num_frames: int, hei
     return size, frames
 
 
-def check_activation_memory(placement, stages, num_frames: int, height: int, width: int, *, frames_matter=True,
-                            hint: str = "") -> None:
-    """Refuse a request, before anything runs, whose activations cannot fit on the execution device.
+def check_activation_memory(device, stages, num_frames: int, height: int, width: int, *, frames_matter: bool = True,
+                            hint: str = "", capacity_is: str = "free or held by models that can be unloaded") -> None:
+    """Refuse a request, before anything runs, whose activations cannot fit on ``device``.
 
-    ``stages``: ``[(what, modules, need(frames, height, width) -> bytes)]``, each stage's modules and activation
-    estimate (:mod:`.memory`). Each is compared with what :meth:`~.placement.Placement.memory_for` says the device can
-    give the stage beyond its weights; one line names the estimate, that room and the largest size for which every
-    stage fits. Never refuses on the CPU (no separate memory to run out of)."""
-    rooms = []
-    for what, modules, need in stages:
-        memory = placement.memory_for(*modules)
-        if memory is None:
-            return
-        rooms.append((what, need, memory))
+    ``stages``: ``[(what, memory, need(frames, height, width) -> bytes)]``, each stage's activation estimate
+    (:mod:`.memory`) and ``memory``: ``(capacity, weights)`` of the device for that stage
+    (:meth:`~.placement.Placement.memory_for`; None on the CPU: nothing is refused). A stage whose estimate exceeds
+    ``capacity - weights`` is refused with one line: the estimate, that room, and the largest size (16-multiple sides
+    at the aspect ratio, or fewer 4k+1 frames) for which every stage fits."""
+    if any(memory is None for _, memory, _ in stages):
+        return
 
     def fits(f, h, w):
-        return all(need(f, h, w) <= capacity - weights for _, need, (capacity, weights) in rooms)
+        return all(need(f, h, w) <= capacity - weights for _, (capacity, weights), need in stages)
 
-    for what, need, (capacity, weights) in rooms:
-        estimate = need(num_frames, height, width)
-        logger.info("%s at %d frames of %dx%d: about %s of activations, %s room on %s", what, num_frames, width,
-                    height, _gib(estimate), _gib(capacity - weights), placement.device)
-        if estimate <= capacity - weights:
+    for what, (capacity, weights), need in stages:
+        estimate, room = need(num_frames, height, width), capacity - weights
+        logger.info("%s at %d frames of %dx%d: about %s of activations, %s of room on %s", what, num_frames, width,
+                    height, _gib(estimate), _gib(room), device)
+        if estimate <= room:
             continue
         size, frames = _largest_fitting(fits, num_frames, height, width)
         options = []
@@ -99,11 +96,11 @@ def check_activation_memory(placement, stages, num_frames: int, height: int, wid
             options.append(f"{frames} frames at {width}x{height}")
         largest = (f"the largest size that fits is {' or '.join(options)}" if options else
                    "no smaller size fits either: free memory (unload other models)")
+        less = f", less {_gib(weights)} of weights" if weights else ""
         raise ActivationMemoryError(
             f"{what} needs about {_gib(estimate)} of activations for "
             + (f"{num_frames} frames of " if frames_matter else "") + f"{width}x{height} (width x height), but "
-            f"{placement.device} can give it {_gib(max(capacity - weights, 0))} ({_gib(capacity)} free or held by "
-            f"models that can be unloaded, less {_gib(weights)} of weights): {largest}{hint}.")
+            f"{device} can give it {_gib(max(room, 0))} ({_gib(capacity)} {capacity_is}{less}): {largest}{hint}.")
 
 
 def make_scheduler(bundle, name: str):
@@ -328,14 +325,15 @@ def check_sampling_memory(bundle, num_frames: int, height: int, width: int, *, b
     def transformer_need(f, h, w):
         return transformer_activation_bytes(cfg_t, f, h, w, batch=batch, element_size=e)
 
+    placement = bundle.placement
     stages = [("the transformer" + (" (CFG batch of 2)" if batch == 2 else ""),
-               (transformer, *patch_models(bundle.patches)), transformer_need)]
+               placement.memory_for(transformer, *patch_models(bundle.patches)), transformer_need)]
     if image:
-        stages.append(("encoding the first frame", (vae,), lambda f, h, w: vae_encode_activation_bytes(
-            vae.config, h, w, element_size=vae.dtype.itemsize)))
-    hint = "" if bundle.placement.mode in STREAMED_MODES else \
+        stages.append(("encoding the first frame", placement.memory_for(vae),
+                       lambda f, h, w: vae_encode_activation_bytes(vae.config, h, w, element_size=vae.dtype.itemsize)))
+    hint = "" if placement.mode in STREAMED_MODES else \
         "; or let the weights stream (the loader's offload 'block' or 'sequential')"
-    check_activation_memory(bundle.placement, stages, num_frames, height, width, hint=hint)
+    check_activation_memory(placement.device, stages, num_frames, height, width, hint=hint)
 
 
 def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slicing: bool = False,
@@ -364,8 +362,8 @@ def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slici
     if not tiling and memory is not None and decode_need(height, width, True) <= memory[0] - memory[1]:
         hint = f"; or turn tiling on (about {_gib(decode_need(height, width, True))})"
     frames = bundle.vae_scale_factor_temporal * (samples.shape[2] - 1) + 1
-    check_activation_memory(bundle.placement, [("decoding" + (" in tiles" if tiling else ""), (vae,),
-                                                lambda f, h, w: decode_need(h, w))],
+    check_activation_memory(bundle.placement.device, [("decoding" + (" in tiles" if tiling else ""), memory,
+                                                       lambda f, h, w: decode_need(h, w))],
                             frames, height, width, frames_matter=False, hint=hint)
     saved = (vae.use_tiling, vae.use_slicing)
     vae.use_tiling, vae.use_slicing = tiling, slicing

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..models.cogvideox import DTYPES, find_model_folder, load_cogvideox
 from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
 from ..models.placement import OFFLOAD_MODES
-from ..models.sampler import decode_latents, sample_video
+from ..models.memory import transformer_activation_bytes
+from ..models.sampler import SamplingInputError, check_activation_memory, check_video_size, decode_latents, sample_video
 from ..models.speed import (
     ATTENTION_BACKENDS,
     CACHE_METHODS,
@@ -22,6 +23,10 @@ CATEGORY = f"{MENU}/CogVideoX"
 MODEL = "COGVIDEOX"
 COND = "COGVIDEOX_CONDITIONING"
 NONE = "none"
+# The leanest transformers of the family, for a bound that holds before the model is known: CogVideoX-2B (width 1920)
+# and CogVideoX 1.5 (width 3072, two frames a token)
+LEANEST = ({"patch_size": 2, "num_attention_heads": 30, "attention_head_dim": 64},
+           {"patch_size": 2, "patch_size_t": 2, "num_attention_heads": 48, "attention_head_dim": 64})
 
 
 class CogVideoXModelLoader:
@@ -235,6 +240,31 @@ class CogVideoXSampler:
     OUTPUT_TOOLTIPS = ("Video latent {'samples': [B, C, T, H, W]}; connect to CogVideoX Decode.",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, num_frames=None):
+        """Before the prompt runs (a value that arrives through a link is None here and checked at run time): the
+        ranges (ComfyUI leaves the inputs named here to this check), the sampler's own size rules, and a size no
+        CogVideoX can run on this GPU: even the leanest transformer's activations (batch 1, bf16) exceed its memory.
+        The model's own estimate against the memory it can get is checked when the Sampler starts."""
+        required = cls.INPUT_TYPES()["required"]
+        for name, value in (("width", width), ("height", height), ("num_frames", num_frames)):
+            low, high = required[name][1]["min"], required[name][1]["max"]
+            if value is not None and not low <= value <= high:
+                return f"{name}={value} is outside {low}..{high}."
+        if None in (width, height, num_frames):
+            return True
+        try:
+            check_video_size(num_frames, height, width)
+            total = host.device_total_memory()
+            check_activation_memory(host.torch_device(), [(
+                "even the leanest CogVideoX transformer (2B, or 1.5 at two frames a token; batch 1, bf16)",
+                None if total is None else (total, 0),
+                lambda f, h, w: min(transformer_activation_bytes(c, f, h, w, batch=1) for c in LEANEST))],
+                num_frames, height, width, capacity_is="in all")
+        except SamplingInputError as e:
+            return str(e)
+        return True
 
     def sample(self, model, positive, negative, width, height, num_frames, steps, cfg, seed, scheduler,
                image=None, dynamic_cfg=False):

@@ -115,6 +115,17 @@ def offload_device() -> torch.device:
     return mm.unet_offload_device()
 
 
+def device_total_memory() -> int | None:
+    """Bytes of the execution device's memory in all (ComfyUI's count, else CUDA's); None on the CPU or MPS."""
+    device = torch_device()
+    if device.type in ("cpu", "mps"):
+        return None
+    mm = _model_management()
+    if mm is not None:
+        return mm.get_total_memory(device)
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def check_interrupt() -> None:
     """Raise ComfyUI's interrupt exception if the user pressed Cancel (no-op headless)."""
     try:

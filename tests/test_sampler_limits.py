@@ -150,12 +150,13 @@ def test_cancel_with_block_offloading_puts_every_group_back(monkeypatch):
 
 
 @pytest.mark.parametrize("tiling", [False, True], ids=["whole", "tiled"])
-def test_cancel_lands_between_decoder_calls(tiling):
-    b = bundle_from_components(tiny.build_components())
+def test_cancel_lands_between_decoder_calls(world, tiling, monkeypatch):
+    b = world[0]
     vae = b.vae
     if tiling:  # tiles of 32 pixels: a 48x48 video is four tiles
-        vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32)
-        vae.use_tiling = False  # (decode_latents switches it for its call)
+        for name, value in (("tile_sample_min_height", 32), ("tile_sample_min_width", 32),
+                            ("tile_latent_min_height", 4), ("tile_latent_min_width", 4)):
+            monkeypatch.setattr(vae, name, value)
     latent = torch.randn(1, 4, 5, 6, 6, generator=torch.Generator().manual_seed(0))  # 17 frames: 2 frame batches
     calls = []
     handle = vae.decoder.register_forward_hook(lambda *a: calls.append(1))
@@ -375,3 +376,45 @@ def test_the_sampler_node_refuses_with_that_line(monkeypatch):
         CogVideoXSampler().sample(b, prompt(), prompt(), 2048, 2048, 49, 50, 6.0, 0, "DDIM")
     assert re.fullmatch(r"the transformer \(CFG batch of 2\) needs about [\d.]+ GiB of activations [^\n]+\.",
                         str(err.value))
+
+
+# ------------------------------------------------------------------------------- the Sampler node's validation
+
+
+def test_sampler_validation_refuses_what_it_can_before_the_prompt_runs(monkeypatch):
+    """ComfyUI calls VALIDATE_INPUTS before running anything: the size rules (the sampler's own message), the ranges
+    (which ComfyUI leaves to it), and on a GPU too small for any CogVideoX at that size, the bound with the largest
+    size that fits; linked (unknown) values and the CPU pass."""
+    from magicmirror_video.nodes import host
+    from magicmirror_video.nodes.cogvideox import CogVideoXSampler
+
+    validate = CogVideoXSampler.VALIDATE_INPUTS
+    monkeypatch.setattr(host, "torch_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(host, "device_total_memory", lambda: None)
+    assert validate(width=2048, height=2048, num_frames=49) is True  # the CPU: nothing to run out of
+    assert validate(width=720, height=480, num_frames=10) == "num_frames=10 is not of the form 4k+1 (the VAE " \
+        "compresses time by 4); use 9 or 13."
+    assert validate(width=40, height=480, num_frames=49).startswith("width=40 is not a multiple of 16")
+    assert validate(width=4096, height=480, num_frames=49) == "width=4096 is outside 16..2048."
+    assert validate(width=None, height=480, num_frames=10) is True  # a linked width: checked when the sampler runs
+
+    def leanest(f, h, w):  # CogVideoX-2B and CogVideoX 1.5 (two frames a token), batch 1, bf16
+        two_b = transformer_activation_bytes({"patch_size": 2, "num_attention_heads": 30, "attention_head_dim": 64},
+                                             f, h, w, batch=1, element_size=2)
+        one_five = transformer_activation_bytes({"patch_size": 2, "patch_size_t": 2, "num_attention_heads": 48,
+                                                 "attention_head_dim": 64}, f, h, w, batch=1, element_size=2)
+        return min(two_b, one_five)
+
+    monkeypatch.setattr(host, "torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(host, "device_total_memory", lambda: 8 * GIB)
+    assert 8 * GIB < leanest(49, 2048, 2048) < 12 * GIB
+    square = max(s for s in range(16, 2049, 16) if leanest(49, s, s) <= 8 * GIB)
+    frames = max(f for f in range(1, 49, 4) if leanest(f, 2048, 2048) <= 8 * GIB)
+    message = validate(width=2048, height=2048, num_frames=49)
+    assert message == (
+        f"even the leanest CogVideoX transformer (2B, or 1.5 at two frames a token; batch 1, bf16) needs about "
+        f"{fmt(leanest(49, 2048, 2048))} of activations for 49 frames of 2048x2048 (width x height), but cuda:0 can "
+        f"give it 8.0 GiB (8.0 GiB in all): the largest size that fits is {square}x{square} at 49 frames or {frames} "
+        f"frames at 2048x2048.")
+    monkeypatch.setattr(host, "device_total_memory", lambda: 12 * GIB)
+    assert validate(width=2048, height=2048, num_frames=49) is True  # the model's own check decides at run time

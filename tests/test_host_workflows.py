@@ -430,14 +430,16 @@ def test_host_bad_input_errors_and_server_keeps_serving(server):
             node["inputs"].update(inputs)
         return api
 
+    # Sizes the Sampler's own validation (VALIDATE_INPUTS) refuses before anything runs, with the sampler's message.
+    for label, api, snippets in (("num_frames=10", with_inputs(SAMPLER, num_frames=10), ["num_frames=10", "4k+1"]),
+                                 ("width=40", with_inputs(SAMPLER, width=40), ["width=40", "multiple of 16"])):
+        with pytest.raises(comfy_host.PromptRejected) as err:
+            server.submit(api)
+        assert SAMPLER in str(err.value) and all(s in str(err.value) for s in snippets), f"{label}: {err.value}"
+
     # Each case: (prompt, failing node type, exception type, snippets of the message).
-    # All of them pass ComfyUI's validation (width 40 / 10 frames are within min/max; the
-    # backend does not check "step") and fail in our nodes, so the message is the pack's.
+    # All of them pass ComfyUI's validation and fail in our nodes, so the message is the pack's.
     cases = {
-        "num_frames=10": (with_inputs(SAMPLER, num_frames=10), SAMPLER, "SamplingInputError",
-                          ["num_frames=10", "4k+1"]),
-        "width=40": (with_inputs(SAMPLER, width=40), SAMPLER, "SamplingInputError",
-                     ["width=40", "multiple of 16"]),
         "incomplete folder": (with_inputs(LOADER, model=BROKEN_FOLDER), LOADER, "ModelFolderError",
                               [BROKEN_FOLDER, "incomplete", "vae"]),
         "corrupt LoRA": (_with_lora(valid, BAD_LORA), LORA, "WeightsFileError",

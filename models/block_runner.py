@@ -24,6 +24,10 @@ block-level group offloading, which onloads the embeddings) run before it and it
 Every leaf module (``norm1.linear``, ``attn1``, ``ff`` ...) is called as a module, so their hooks
 (LoRA, casting, offloading) fire, and the attention goes through the model's own attention processor.
 
+A sampling run may pass an interrupt check (:meth:`BlockRunner.interrupts`): a forward pre-hook on every block calls
+it before the block's own diffusers hooks, so a cancel lands within one block's time and a block it stops was neither
+onloaded nor started by a cache.
+
 Streams ride inside ``hidden_states``: a forward hook on ``patch_embed`` puts them there
 (``[lead streams; video; trailing streams]``) and a pre-hook on ``norm_final`` takes them out, so every
 block receives and returns tensors of one shape. The per-forward state travels with the blocks' own

@@ -3,7 +3,9 @@
 It follows diffusers' ``CogVideoXPipeline`` / ``CogVideoXImageToVideoPipeline`` step for step
 (same noise draw order, timesteps, CFG and scheduler calls), so for the same seed the two give
 the same latents; tests hold it to that. Patches recorded on the bundle are applied for the run
-and always removed afterwards.
+and always removed afterwards. A run checks its interrupt before every transformer block (and the decode before every
+decoder call), and a request whose activations (:mod:`.memory`) cannot fit on the execution device is refused before
+anything runs, naming the largest size that fits.
 """
 
 from __future__ import annotations

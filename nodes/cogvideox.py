@@ -205,7 +205,9 @@ class CogVideoXSpeed:
 
 class CogVideoXSampler:
     DESCRIPTION = ("Generates a video latent with CogVideoX (the same loop as diffusers' pipelines). "
-                   "Applies every patch recorded on the model for this run only.")
+                   "Applies every patch recorded on the model for this run only. A size whose activations cannot fit "
+                   "on the GPU is refused before sampling, naming the largest size that fits; Cancel stops it within "
+                   "one transformer block.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -283,7 +285,9 @@ class CogVideoXSampler:
 
 
 class CogVideoXDecode:
-    DESCRIPTION = "Decodes a CogVideoX latent to frames (IMAGE [T, H, W, C]) for CreateVideo / SaveVideo."
+    DESCRIPTION = ("Decodes a CogVideoX latent to frames (IMAGE [T, H, W, C]) for CreateVideo / SaveVideo. A decode "
+                   "that cannot fit on the GPU is refused before it starts (turn tiling on); Cancel stops it between "
+                   "the decoder's frame batches.")
 
     @classmethod
     def INPUT_TYPES(cls):

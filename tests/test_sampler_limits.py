@@ -112,6 +112,54 @@ def test_cancel_between_steps_without_a_press_changes_nothing(world):
     assert torch.equal(out, base) and cancel.checks == KW["steps"] * (LAYERS + 1)
 
 
+@pytest.mark.parametrize("cache", ["first_block_cache", "taylorseer"])
+def test_the_check_under_a_cache_changes_nothing(world, cache):
+    """The pre-hook runs ahead of the caches' block hooks (also for blocks a cache skips): the same video."""
+    from magicmirror_video.models.speed import SpeedOptions
+
+    b, pos, neg, _, _ = world
+    model = b.with_speed(SpeedOptions(cache, threshold=0.3) if cache == "first_block_cache" else
+                         SpeedOptions(cache, interval=2, start_step=1))
+    kw = dict(KW, steps=3)
+    plain = sample_video(model, pos, neg, **kw)
+    cancel = Cancel(b.transformer, at_forward=-1, at_block=-1)
+    try:
+        assert torch.equal(sample_video(model, pos, neg, **kw, interrupt=cancel), plain)
+    finally:
+        cancel.close()
+    assert cancel.checks == 3 * (LAYERS + 1)
+
+
+def test_compiled_blocks_check_too_and_share_one_graph():
+    """ComfyUI always passes the check: with compile (regional, eager backend: tracing only) the blocks still call it,
+    the cancel lands before the next block, and the compiled-graph count does not grow with the blocks."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from magicmirror_video.models.speed import SpeedOptions
+
+    graphs = []
+    for layers in (4, 6):
+        b = bundle_from_components(tiny.build_components(num_layers=layers))
+        pos, neg = encode_prompt(b, "a man walking"), encode_prompt(b, "")
+        model = b.with_speed(SpeedOptions(compile=True, compile_backend="eager"))
+        torch._dynamo.reset()
+        counters.clear()
+        cancel = Cancel(b.transformer, at_forward=-1, at_block=-1)
+        try:
+            sample_video(model, pos, neg, **KW, interrupt=cancel)
+            assert cancel.checks == KW["steps"] * (layers + 1)
+            graphs.append(counters["stats"]["unique_graphs"])
+            cancel.at_forward, cancel.at_block, cancel.forwards, cancel.blocks_run = 2, 1, 0, 0
+            with pytest.raises(Cancelled):
+                sample_video(model, pos, neg, **KW, interrupt=cancel)
+        finally:
+            cancel.close()
+        assert cancel.blocks_run == layers + 2
+        assert all(blk._compiled_call_impl is None for blk in b.transformer.transformer_blocks)
+    assert graphs[0] == graphs[1], graphs
+
+
 def test_cancel_with_block_offloading_puts_every_group_back(monkeypatch):
     """Block mode: the forward cut short had onloaded the embeddings' group (offloaded only at the end of a forward)
     and its blocks one by one; after the cancel every group's last move is its offload."""

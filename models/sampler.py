@@ -279,9 +279,10 @@ def sample_video(
                                          return_dict=False)[0].float())
         return preds[0] if len(preds) == 1 else torch.cat(preds)
 
+    guidance = do_cfg and not separate
     with torch.no_grad(), bundle.placement.run(transformer, *patch_models(bundle.patches), memory_required=need), \
             applied_patches(transformer, bundle.patches, context), \
-            applied_speed(transformer, bundle.speed, timesteps, dtype=dtype, guidance=do_cfg and not separate) as speed, \
+            applied_speed(transformer, bundle.speed, timesteps, dtype=dtype, guidance=guidance) as speed, \
             runner.interrupts(interrupt):
         old_pred = None
         for i, t in enumerate(timesteps):

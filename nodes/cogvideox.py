@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..models.cogvideox import DTYPES, find_model_folder, load_cogvideox
 from ..models.lora import LoraPatch, load_lora_file, resolve_lora_targets
-from ..models.placement import OFFLOAD_MODES
 from ..models.memory import transformer_activation_bytes
+from ..models.placement import OFFLOAD_MODES
 from ..models.sampler import SamplingInputError, check_activation_memory, check_video_size, decode_latents, sample_video
 from ..models.speed import (
     ATTENTION_BACKENDS,

@@ -70,6 +70,23 @@ def rotary_embeddings(transformer, height: int, width: int, latent_frames: int, 
                                    max_size=(base_h, base_w), device=device)
 
 
+def sampling_memory(bundle, num_frames: int, height: int, width: int, cfg: float) -> int:
+    """The sampling stage's activation estimate (:mod:`.memory`): one transformer forward of the CFG batch (1 when
+    a patch runs the negative prompt as a forward of its own), with the tokens the patches add (face tokens,
+    reference tokens)."""
+    cfg_t = bundle.transformer.config
+    batch = 2 if cfg > 1.0 and not conditional_only(bundle.patches) else 1
+    extra = sum(p.extra_tokens(cfg_t) for p in bundle.patches if hasattr(p, "extra_tokens"))
+    return transformer_activation_bytes(cfg_t, num_frames, height, width, batch=batch, extra_tokens=extra,
+                                        element_size=bundle.dtype.itemsize)
+
+
+def decode_memory(bundle, height: int, width: int, tiling: bool) -> int:
+    """The decode stage's activation estimate (:mod:`.memory`) for a ``height × width`` video."""
+    vae = bundle.vae
+    return vae_decode_activation_bytes(vae.config, height, width, tiling=tiling, element_size=vae.dtype.itemsize)
+
+
 def encode_first_frame(bundle, image: torch.Tensor, height: int, width: int, generator) -> torch.Tensor:
     """IMAGE [1,H,W,3] in 0..1 -> scaled VAE latent [1, 1, C, h, w] of the first frame (I2V)."""
     x = image[:1].permute(0, 3, 1, 2).float()
@@ -80,7 +97,7 @@ def encode_first_frame(bundle, image: torch.Tensor, height: int, width: int, gen
     vae = bundle.vae
     need = vae_encode_activation_bytes(vae.config, height, width, element_size=vae.dtype.itemsize)
     with torch.no_grad(), bundle.placement.run(vae, memory_required=need):
-        latent = vae.encode(x.to(bundle.device, vae.dtype)).latent_dist.sample(generator)
+        latent = vae.encode(x.to(bundle.placement.device_of(vae), vae.dtype)).latent_dist.sample(generator)
     latent = latent.to(bundle.dtype).permute(0, 2, 1, 3, 4)  # [1, 1, C, h, w]
     scale = bundle.vae.config.scaling_factor
     # CogVideoX 1.5 I2V's VAE sets invert_scale_latents: the condition is divided by the factor (written as the
@@ -194,8 +211,7 @@ def sample_video(
     context = SamplingContext(positive=positive, negative=negative, device=device, dtype=dtype)
     runner = block_runner(transformer)
     separate = do_cfg and conditional_only(bundle.patches)  # negative prompt as a forward of its own
-    need = transformer_activation_bytes(cfg_t, num_frames, height, width, batch=1 if separate or not do_cfg else 2,
-                                        element_size=dtype.itemsize)
+    need = sampling_memory(bundle, num_frames, height, width, cfg)
     calls = [(("negative",), slice(0, 1), "uncond"), (("positive",), slice(1, 2), "cond")] if separate else \
         [(("negative", "positive") if do_cfg else ("positive",), slice(None), "cond_uncond")]
     for note in check_speed(bundle.speed, bundle.patches):
@@ -261,11 +277,10 @@ def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slici
     saved = (vae.use_tiling, vae.use_slicing)
     vae.use_tiling, vae.use_slicing = tiling, slicing
     scale = bundle.vae_scale_factor_spatial
-    need = vae_decode_activation_bytes(vae.config, samples.shape[3] * scale, samples.shape[4] * scale, tiling=tiling,
-                                       element_size=vae.dtype.itemsize)
+    need = decode_memory(bundle, samples.shape[3] * scale, samples.shape[4] * scale, tiling)
     try:
         with torch.no_grad(), bundle.placement.run(vae, memory_required=need):
-            z = samples.to(bundle.device, vae.dtype) / vae.config.scaling_factor
+            z = samples.to(bundle.placement.device_of(vae), vae.dtype) / vae.config.scaling_factor
             video = vae.decode(z).sample  # [B, 3, F, H, W] in -1..1
     finally:
         vae.use_tiling, vae.use_slicing = saved

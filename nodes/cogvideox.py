@@ -72,7 +72,7 @@ class CogVideoXModelLoader:
         bundle = load_cogvideox(folder, dtype=DTYPES[precision], device=host.torch_device(), offload=offload,
                                 offload_device=host.offload_device(), transformer_file=tfile, weight_dtype=storage,
                                 weight_skip_patterns=storage_skip_patterns(weight_storage),
-                                manager=host.model_manager())
+                                manager=host.model_manager(), devices=host.component_devices())
         return (bundle,)
 
 

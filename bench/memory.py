@@ -28,6 +28,10 @@ and T5 leaf by leaf.
 peak of a step does not depend on how many run; ~22 GB of host RAM hold the random weights). ``--tiny`` runs the
 measuring code on tiny models (any device).
 
+``--flags`` (with ``--comfyui`` / ``COMFYUI_PATH``): ComfyUI's launch flags x offload modes with core's own
+``comfy.model_management`` deciding on a simulated card (``testing/comfy_sim.py`` in ComfyUI's Python, one process per
+flag): per stage, how each module is held and the GiB of weights on the card (``--card``, ``--stacks``).
+
 ``--training``: Reg-DPO LoRA training of Wan2.1-T2V-14B and Wan2.1-I2V-14B-720P per GPU on 8 GPUs (FSDP), row by row
 as the Reg-DPO paper's memory techniques are added (Appendix A.2), beside its claims; see :func:`print_training`.
 ``--calibrate``: the measurements behind ``models/memory.py``'s Wan training constants, on tiny Wan models on the
@@ -594,7 +598,7 @@ def flag_rows(comfyui: str, python: str, card: float, stacks: str, tiny: bool = 
     rows = []
     for flag in FLAGS:
         cmd = [python, script, comfyui, flag, "--card", str(card), "--stacks", stacks] + (["--tiny"] if tiny else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=comfyui, timeout=3600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=comfyui, timeout=3600, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             raise RuntimeError(f"comfy_sim {flag} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
@@ -615,10 +619,10 @@ def stage_cell(stage: dict) -> str:
 
 def print_flags(rows: list[dict], card: float) -> None:
     stages = ("t5", "sampling", "decode")
-    print(f"CogVideoX-5B, {FRAMES}x{HEIGHT}x{WIDTH}, bf16, CFG 6, tiled decode, on a simulated {card:g} GiB card, ComfyUI "
-          "core's model_management deciding (testing/comfy_sim.py). Per stage: module + how it is held at the stage's "
-          "start (W whole, P part, C cast: core loaded nothing, its layers come in per forward, S streamed by the "
-          "placement, cpu: runs on the CPU) + GiB of weights on the card; peak: weights + the stage's activation "
+    print(f"CogVideoX-5B, {FRAMES}x{HEIGHT}x{WIDTH}, bf16, CFG 6, tiled decode, on a simulated {card:g} GiB card, "
+          "ComfyUI core's model_management deciding (testing/comfy_sim.py). Per stage: module + how it is held at the "
+          "stage's start (W whole, P part, C cast: core loaded nothing, its layers come in per forward, S streamed by "
+          "the placement, cpu: runs on the CPU) + GiB of weights on the card; peak: weights + the stage's activation "
           "estimate")
     print(f"{'flag':<10}{'stack':<13}{'mode':<18}" + "".join(f"{s:<34}" for s in stages) + f"{'peak':>6}  result")
     for r in rows:

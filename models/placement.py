@@ -31,11 +31,11 @@ sizes: ``none``, else ``model``, else ``block`` (far less memory than ``model``,
 
 A component may run and wait on devices of its own (``devices`` by role, e.g. ComfyUI keeps the text encoder on the
 CPU under ``--lowvram`` and the VAE's offload device on the GPU under ``--gpu-only``): :meth:`Placement.device_of`
-and :meth:`Placement.offload_device_of` say where; a component that runs on the CPU beside an accelerator does not stream. Nothing reads a
-device off a module's parameters: the execution device is :attr:`Placement.device` (:meth:`device_of` for a
-component), and the inputs of a stage go there. A host with a model manager (ComfyUI, through ``nodes/host.py``)
-plugs in as a :class:`ModelManager`: it then does the moves, so it can count the memory, evict other models to make
-room and evict ours when another model needs the memory.
+and :meth:`Placement.offload_device_of` say where; a component that runs on the CPU beside an accelerator does not
+stream. Nothing reads a device off a module's parameters: the execution device is :attr:`Placement.device`
+(:meth:`Placement.device_of` for a component), and the inputs of a stage go there. A host with a model manager
+(ComfyUI, through ``nodes/host.py``) plugs in as a :class:`ModelManager`: it then does the moves, so it can count the
+memory, evict other models to make room and evict ours when another model needs the memory.
 """
 
 from __future__ import annotations

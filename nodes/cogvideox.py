@@ -43,7 +43,9 @@ class CogVideoXModelLoader:
                             "while it runs (~13-14 GiB while sampling). sequential: weights stream layer by layer "
                             "(~4 GiB, slowest). block: the transformer streams block by block (~4 GiB as well, fewer "
                             "and larger transfers than sequential). auto: picked from the free VRAM and the model's size "
-                            "(none, model or sequential)."}),
+                            "(none, model, block or sequential; sequential under --novram). ComfyUI's launch flags "
+                            "apply on top: --lowvram/--novram run T5 on the CPU, --novram loads nothing whole, "
+                            "--highvram keeps the transformer on the GPU, --gpu-only everything."}),
             },
             "optional": {
                 "transformer_file": ([NONE] + host.list_model_files("diffusion_models"), {

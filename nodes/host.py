@@ -1,8 +1,9 @@
 """The few ComfyUI services the nodes use, imported lazily.
 
 Inside ComfyUI these are ``folder_paths``, ``comfy.utils.ProgressBar``,
-``comfy.model_management`` (devices, interrupts, and the model manager every placement
-reports to) and core's CLIP objects (a T5-XXL from ``models/text_encoders/`` encoding prompts).
+``comfy.model_management`` (devices per kind of model under the launch flags, interrupts, and the
+model manager every placement reports to) and core's CLIP objects (a T5-XXL from
+``models/text_encoders/`` encoding prompts).
 Outside it (unit tests, ``make demo``) the same calls work headless: model folders come from
 ``$MAGICMIRROR_MODELS_DIR`` (default ``./models``), progress is a no-op, the device is the CPU
 (or CUDA when available) and placements move modules themselves.

@@ -1,12 +1,13 @@
 """ComfyUI core's own memory manager driving this pack's placements under each launch flag, on a simulated card.
 
-Runs in ComfyUI's Python (``comfy`` importable): :func:`boot` patches ``torch.cuda`` with a :class:`~.fake_cuda.FakeCuda`
-of the given size, starts core's ``comfy.model_management`` with the launch flag (``novram``, ``lowvram``,
-``normal`` (none), ``highvram``, ``gpu-only``: ComfyUI's ``--novram`` ...) parsed from the command line as ``main.py`` does, and every module the
-pack hands to core then goes through core's real ``load_models_gpu`` / ``free_memory`` / ``ModelPatcher`` code.
-An :class:`Observer` records, per stage: where each module of the stage was at the stage's start (streamed, loaded
-whole or partly by core, and on which device), the devices the stage's forwards ran on, the bytes on the card, the
-``memory_required`` the pack asked core for, and every unload core made of a module while a stage using it ran.
+Runs in ComfyUI's Python (``comfy`` importable): :func:`boot` patches ``torch.cuda`` with a
+:class:`~.fake_cuda.FakeCuda` of the given size, starts core's ``comfy.model_management`` with the launch flag
+(``novram``, ``lowvram``, ``normal`` (none), ``highvram``, ``gpu-only``: ComfyUI's ``--novram`` ...) parsed from the
+command line as ``main.py`` does, and every module the pack hands to core then goes through core's real
+``load_models_gpu`` / ``free_memory`` / ``ModelPatcher`` code. An :class:`Observer` records, per stage: where each
+module of the stage was at the stage's start (streamed, loaded whole or partly by core, and on which device), the
+devices the stage's forwards ran on, the bytes on the card, the ``memory_required`` the pack asked core for, and every
+unload core made of a module while a stage using it ran.
 
 * :func:`run_tiny` runs the real stages on tiny random models — prompts (T5), the method's encoders (face encoder,
   CLIP vision, the subject reference's VAE encode), sampling with the method's patches, decode — through the nodes'
@@ -16,8 +17,8 @@ whole or partly by core, and on which device), the devices the stage's forwards 
   builds them) and enters each stage without computing: core's decisions at real scale (what it loads whole, partly,
   or evicts on a 12 GiB card), and the figures the pack asks it for.
 
-``python testing/comfy_sim.py COMFYUI FLAG [--card GIB] [--tiny]`` prints one flag's rows (and, for 5B, bench/memory.py's
-estimate of the same models) as JSON on a ``RESULT`` line;
+``python testing/comfy_sim.py COMFYUI FLAG [--card GIB] [--tiny]`` prints one flag's rows (and, for 5B,
+bench/memory.py's estimate of the same models) as JSON on a ``RESULT`` line;
 ``bench/memory.py --flags`` runs every flag and prints the matrix.
 """
 
@@ -216,8 +217,8 @@ def tiny_method_models(transformer) -> dict:
     from ..models.magicmirror import MagicMirrorAdapter, MagicMirrorConfig
 
     torch.manual_seed(0)
-    vit = dict(hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=1, patch_size=14,
-               image_size=56)
+    vit = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 1, "num_hidden_layers": 1,
+           "patch_size": 14, "image_size": 56}
     out = {"magicmirror": _randomised(MagicMirrorAdapter(MagicMirrorConfig.for_transformer(
         transformer, id_dim=256, clip_dim=64, qformer_dim=32, qformer_depth=1, qformer_dim_head=16, cond_dim=32,
         fuse_hidden=32)), 5),
@@ -369,10 +370,11 @@ class Models5B:
         bytes its streamed modes hold, the weights on the device per mode x method x stage."""
         from ..models.placement import largest_leaf_bytes
 
-        weights, acts, table = self.bench.estimate(self.m)
+        _, acts, table = self.bench.estimate(self.m)
         leaf = {k: 2 * largest_leaf_bytes(self.m[k]) for k in ("transformer", "t5")}
-        return {"activations": acts, "stream": {"sequential": leaf, "block": dict(
-                    leaf, transformer=self.bench.block_stream_bytes(self.m["transformer"]))},
+        return {"activations": acts,
+                "stream": {"sequential": leaf, "block": {**leaf, "transformer": self.bench.block_stream_bytes(
+                    self.m["transformer"])}},
                 "weights": {f"{mode}/{method}/{stage}": table[(mode, "bf16")][method][stage][0]
                             for mode in self.bench.MODES for method in self.bench.METHODS
                             for stage in self.bench.STAGES},
@@ -400,8 +402,8 @@ def plan_5b(models: Models5B, flag: str, mode: str, stack: str, observer: Observ
     card, methods = observer.card, STACK_METHODS[stack]
     try:
         with card:
-            parts = dict(transformer=m["transformer"], vae=m["vae"], text_encoder=m["t5"], tokenizer=None,
-                         scheduler_config=models.config, dtype=torch.bfloat16)
+            parts = {"transformer": m["transformer"], "vae": m["vae"], "text_encoder": m["t5"], "tokenizer": None,
+                     "scheduler_config": models.config, "dtype": torch.bfloat16}
             bundle = placed_bundle(parts, device=host.torch_device(), offload=mode,
                                    offload_device=host.offload_device(), manager=host.model_manager(),
                                    devices=host.component_devices())

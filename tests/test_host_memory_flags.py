@@ -28,13 +28,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_host  # noqa: E402
+import comfy_host
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 SIM = PACK_DIR / "testing" / "comfy_sim.py"
@@ -59,18 +59,14 @@ STAGE_MODULES = {"base": {"CogVideoXTransformer3DModel"},
                  "all": {"CogVideoXTransformer3DModel", "MagicMirrorAdapter", "DualRealAdapters", "LoraModule"}}
 
 
-@lru_cache(maxsize=None)
+@cache
 def simulate(flag: str, *options: str) -> dict:
     comfyui, python = comfy_host.require_comfyui()
     proc = subprocess.run([python, str(SIM), comfyui, flag, *options], capture_output=True, text=True, timeout=1800,
-                          cwd=comfyui)
+                          cwd=comfyui, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(lines[-1][len("RESULT "):])
-
-
-def resolved_mode(row: dict) -> str:
-    return row["resolved"]
 
 
 def check_devices_and_holding(row: dict, tiny: bool) -> None:
@@ -145,7 +141,7 @@ def check_asked(row: dict, bench: dict) -> None:
     """The memory_required the pack gave core per stage: the stage's activation estimate (bench/memory.py's), plus
     what a streamed component holds; freeing (no whole module to load) only for a stage that streams all its
     modules."""
-    acts, stream, mode = bench["activations"], bench["stream"].get(row["resolved"], {}), row["resolved"]
+    acts, stream = bench["activations"], bench["stream"].get(row["resolved"], {})
     t5_here = FLAG_DEVICES[row["flag"]]["text"][0] == CUDA
     t5_held = stream.get("t5", 0) if t5_here else 0
     expected = {"t5": [("free" if t5_held else "load", acts["t5"] + t5_held)] * 2,

@@ -122,3 +122,43 @@ def test_streamed_weights_are_pinned_on_the_fly(monkeypatch):
     placement.add(torch.nn.Linear(2, 2), stream="leaf")
     assert [kw["low_cpu_mem_usage"] for kw in calls] == [True, True]
     assert [kw["offload_device"] for kw in calls] == [torch.device("cpu")] * 2
+
+
+def test_castable_components_run_with_every_other_layer_left_on_the_cpu(card):
+    """What core's partial loading leaves: about half of T5's, the transformer's and the VAE's layers (and their
+    buffers) on the CPU, the rest on the card; each runs a whole stage on the card — T5's tied embedding and relative
+    attention bias, the transformer's patch embedding and norms, the VAE's causal convolutions included — with
+    outputs equal to the CPU's bit for bit, and every left-behind tensor back on the CPU afterwards."""
+    from magicmirror_video.models.sampler import decode_latents, sample_video
+    from magicmirror_video.nodes.host import castable
+
+    kw = dict(num_frames=5, height=32, width=32, steps=1, cfg=6.0, seed=0)
+    reference_bundle = make_bundle(Placement("cpu"))
+    pos, neg = (encode_prompt(reference_bundle, p) for p in ("a man is walking", "blurry"))
+    latents = sample_video(reference_bundle, pos, neg, **kw)
+    expected = (pos.embeds, latents, decode_latents(reference_bundle, latents))
+    with card:
+        placement = Placement("cuda", "cpu", "none")
+        b = make_bundle(placement)  # no manager: "resident" components are moved whole at add; put half back
+        b.text_cache._items.clear()
+        left = []
+        for component in (b.text_encoder, b.transformer, b.vae):
+            castable(component, torch.device("cuda", 0))
+            holders = [m for m in component.modules() if m._parameters or m._buffers]
+            for m in holders[::2]:  # its own tensors back to the CPU (not its children's)
+                for d in (m._parameters, m._buffers):
+                    for name, t in d.items():
+                        if t is not None:
+                            d[name] = torch.nn.Parameter(t.cpu(), t.requires_grad) if isinstance(
+                                t, torch.nn.Parameter) else t.cpu()
+                left.append(m)
+        got_pos = encode_prompt(b, "a man is walking")
+        got_neg = encode_prompt(b, "blurry")
+        got_latents = sample_video(b, got_pos, got_neg, **kw)
+        video = decode_latents(b, got_latents)
+        assert all(not t.is_cuda for m in left for t in (*m._parameters.values(), *m._buffers.values())
+                   if t is not None)
+        assert got_latents.is_cuda
+        got = (got_pos.embeds, got_latents.cpu(), video)
+    for name, a, e in zip(("T5", "sampling", "decode"), got, expected):
+        assert torch.equal(a, e), name

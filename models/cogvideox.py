@@ -177,16 +177,22 @@ class CogVideoXBundle:
         from .speed import check_speed
 
         check_can_add(self.patches, patch)
-        check_speed(self.speed, self.patches + (patch,))
+        check_speed(self.speed, self.patches + (patch,), self)
         return dataclasses.replace(self, patches=self.patches + (patch,))
 
     def with_speed(self, options) -> "CogVideoXBundle":
-        """A new bundle sharing this one's modules, with the speed options ``options`` (:class:`~.speed.SpeedOptions`,
-        replacing any recorded before). Raises :class:`~.speed.SpeedConflictError` if they cannot act with the
-        recorded patches, :class:`~.speed.AttentionBackendError` if the attention backend cannot run here."""
-        from .speed import check_speed
+        """A new bundle sharing this one's modules, with the speed options ``options`` (:class:`~.speed.SpeedOptions`).
+        Raises :class:`~.speed.SpeedSettingError` if the bundle already has speed options (one Speed node per model:
+        a second one would silently replace the first), :class:`~.speed.SpeedConflictError` if they cannot act with
+        the recorded patches, the weight storage or the offloading, :class:`~.speed.AttentionBackendError` if the
+        attention backend cannot run here (package, device, dtype, head width)."""
+        from .speed import SpeedSettingError, check_speed
 
-        check_speed(options, self.patches)
+        if self.speed is not None:
+            raise SpeedSettingError(
+                f"this model already has speed options ({self.speed.summary()}): use one Speed node per model and set "
+                "every option there (a second Speed node would replace the first).")
+        check_speed(options, self.patches, self)
         return dataclasses.replace(self, speed=options)
 
 

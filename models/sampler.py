@@ -18,7 +18,7 @@ import torch
 from .block_runner import block_runner
 from .memory import transformer_activation_bytes, vae_decode_activation_bytes, vae_encode_activation_bytes
 from .patches import SamplingContext, applied_patches, conditional_only, patch_models, patch_outputs
-from .speed import applied_speed, check_speed
+from .speed import applied_speed, check_speed, check_steps
 from .text import TextConditioning
 
 logger = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ def sample_video(
     sched = make_scheduler(bundle, scheduler)
     sched.set_timesteps(steps, device=device)
     timesteps = sched.timesteps
+    check_steps(bundle.speed, timesteps)  # (before the first frame is encoded)
 
     vae_t, vae_s = bundle.vae_scale_factor_temporal, bundle.vae_scale_factor_spatial
     latent_frames = (num_frames - 1) // vae_t + 1
@@ -214,7 +215,7 @@ def sample_video(
     need = sampling_memory(bundle, num_frames, height, width, cfg)
     calls = [(("negative",), slice(0, 1), "uncond"), (("positive",), slice(1, 2), "cond")] if separate else \
         [(("negative", "positive") if do_cfg else ("positive",), slice(None), "cond_uncond")]
-    for note in check_speed(bundle.speed, bundle.patches):
+    for note in check_speed(bundle.speed, bundle.patches, bundle):
         logger.info(note)
 
     def predict(model_in, t, speed):

@@ -14,8 +14,14 @@ outlives its run.
 * **the base model** (weights, hooks, attention processors, compiled calls, cache state) is unchanged after every
   option on a patched model, also after an interrupted run;
 * **attention backends**: the dispatcher copy of CogVideoX's processor with ``native`` equals the original bit for bit;
-  a backend whose package is missing is a clear error naming it;
-* **compile**: equals eager to 1e-4 (inductor, where the toolchain works); one graph serves every block and later runs.
+  a backend whose package is missing is a clear error naming it; a model the kernel cannot run (device, dtype, head
+  width) is refused at the node, at least wherever diffusers' own constraint checks refuse;
+* **compile**: equals eager to 1e-4 (inductor, where the toolchain works); one graph serves every block and later runs;
+  refused where fp8 casting or leaf-level offloading hooks cut the blocks into one graph per layer (measured), equal to
+  eager with block-level offloading;
+* **settings that cannot act** are refused in one line: an empty step range at the node, a range outside the run and
+  mag ratios of another step count at the sampler before anything runs (each refused setting, run anyway, gives the
+  uncached video bit for bit), a second Speed node on one model.
 """
 
 from __future__ import annotations

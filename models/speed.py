@@ -126,11 +126,11 @@ STEP_RANGE_CACHES = ("pyramid_attention_broadcast", "faster_cache", "taylorseer"
 # Ampere or newer); sage: SageAttention (fp16/bf16, head dims up to 128 — smaller ones padded —, kernels for sm80 and
 # newer NVIDIA GPUs only); xformers: memory_efficient_attention (CUDA operators only; fp32 too).
 BACKEND_LIMITS = {
-    "flash": dict(package="flash-attn", dtypes=(torch.float16, torch.bfloat16), max_head_dim=256, capability=(8, 0),
-                  rocm=True),
-    "sage": dict(package="SageAttention", dtypes=(torch.float16, torch.bfloat16), max_head_dim=128, capability=(8, 0),
-                 rocm=False),
-    "xformers": dict(package="xformers", dtypes=None, max_head_dim=None, capability=None, rocm=True),
+    "flash": {"package": "flash-attn", "dtypes": (torch.float16, torch.bfloat16), "max_head_dim": 256,
+              "capability": (8, 0), "rocm": True},
+    "sage": {"package": "SageAttention", "dtypes": (torch.float16, torch.bfloat16), "max_head_dim": 128,
+             "capability": (8, 0), "rocm": False},
+    "xformers": {"package": "xformers", "dtypes": None, "max_head_dim": None, "capability": None, "rocm": True},
 }
 
 
@@ -359,8 +359,8 @@ def check_speed(options: SpeedOptions | None, patches, bundle=None) -> list[str]
         return []
     from .patches import conditional_only
 
-    runs_on = {} if bundle is None else dict(device=bundle.device, dtype=bundle.dtype,
-                                             head_dim=bundle.transformer.config.attention_head_dim)
+    runs_on = {} if bundle is None else {"device": bundle.device, "dtype": bundle.dtype,
+                                         "head_dim": bundle.transformer.config.attention_head_dim}
     check_attention_backend(options.attention, **runs_on)
     if options.cache in NEEDS_BATCHED_CFG and conditional_only(patches):
         name = options.cache.replace("_", " ")
@@ -451,9 +451,6 @@ def check_steps(options: SpeedOptions | None, timesteps) -> None:
             f"{method} caches no step of this {steps}-step run: start_step {start}{default} is "
             + (f"past its last step ({steps - 1})" if last == steps else f"not before end_step {end}")
             + f". Set start_step below {last} (or -1 for diffusers' default), or sample with more steps.")
-
-
-    return notes
 
 
 def cache_notes(cache: str, patches) -> list[str]:

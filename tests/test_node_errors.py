@@ -21,7 +21,7 @@ def comfy_type_name(klass: type) -> str:
     return klass.__qualname__ if klass.__module__ == "builtins" else klass.__module__ + "." + klass.__qualname__
 
 
-LOAD_AS_COMFYUI = """
+LOAD_AS_COMFYUI = """{type_name}
 import importlib.util, json, os, sys
 folder = sys.argv[1]
 name = folder.replace(".", "_x_")  # what ComfyUI's load_custom_node names a pack folder
@@ -29,7 +29,6 @@ spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init
 pack = importlib.util.module_from_spec(spec)
 sys.modules[name] = pack
 spec.loader.exec_module(pack)
-%s
 node = pack.NODE_CLASS_MAPPINGS["MMV_CogVideoXSpeed"]()
 try:
     node.apply(None, "pyramid_attention_broadcast", -1.0, -1, 10, 5, False, "native")
@@ -37,7 +36,7 @@ except Exception as e:
     own = type(e).__mro__[1]
     print(json.dumps({"exception_type": comfy_type_name(type(e)), "exception_message": str(e),
                       "own_class": comfy_type_name(own), "is_value_error": isinstance(e, ValueError)}))
-""" % inspect.getsource(comfy_type_name)
+""".replace("{type_name}", inspect.getsource(comfy_type_name))
 
 
 def test_a_node_error_reads_without_module_path_when_loaded_as_comfyui_loads_it(tmp_path):
@@ -45,7 +44,7 @@ def test_a_node_error_reads_without_module_path_when_loaded_as_comfyui_loads_it(
     folder.parent.mkdir()
     folder.symlink_to(ROOT, target_is_directory=True)
     out = subprocess.run([sys.executable, "-c", LOAD_AS_COMFYUI, str(folder)], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     # what ComfyUI showed before: the class's module is the folder path

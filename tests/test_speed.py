@@ -709,7 +709,7 @@ def test_a_step_range_outside_the_run_is_refused_before_sampling(t2v, case, monk
     """Refused by the sampler before anything runs (no transformer forward); what the refusal avoids: the same run with
     the check skipped is the uncached video bit for bit (diffusers' hooks reuse nothing), while a start one step
     earlier does change the video."""
-    import magicmirror_video.models.sampler as sampler
+    from magicmirror_video.models import sampler
 
     b, pos, neg, uncached = t2v
     options, said = NO_STEP[case]
@@ -807,7 +807,7 @@ def test_backend_head_width_limits(backend, head_dim, said):
 def test_a_backend_the_model_cannot_run_is_refused_at_the_node_in_one_line(composed, monkeypatch):
     """With the package present (its check skipped here: none of them is installed), the tiny CPU fp32 model is
     refused by flash at the Speed node, before any model runs, in one line naming the device and the way out."""
-    import magicmirror_video.models.speed as speed
+    from magicmirror_video.models import speed
 
     monkeypatch.setattr(speed, "_check_installed", lambda name: None)
     with pytest.raises(AttentionBackendError, match=r"^attention backend 'flash' cannot run this model: flash-attn "

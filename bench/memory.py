@@ -28,6 +28,10 @@ and T5 leaf by leaf.
 peak of a step does not depend on how many run; ~22 GB of host RAM hold the random weights). ``--tiny`` runs the
 measuring code on tiny models (any device).
 
+``--flags`` (with ``--comfyui`` / ``COMFYUI_PATH``): ComfyUI's launch flags x offload modes with core's own
+``comfy.model_management`` deciding on a simulated card (``testing/comfy_sim.py`` in ComfyUI's Python, one process per
+flag): per stage, how each module is held and the GiB of weights on the card (``--card``, ``--stacks``).
+
 ``--training``: Reg-DPO LoRA training of Wan2.1-T2V-14B and Wan2.1-I2V-14B-720P per GPU on 8 GPUs (FSDP), row by row
 as the Reg-DPO paper's memory techniques are added (Appendix A.2), beside its claims; see :func:`print_training`.
 ``--calibrate``: the measurements behind ``models/memory.py``'s Wan training constants, on tiny Wan models on the
@@ -39,6 +43,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
+import sys
 
 import torch
 from common import load_reference_config, load_wan_reference_config
@@ -50,7 +56,7 @@ from magicmirror_video.models.memory import (
     vae_encode_activation_bytes,
     video_tokens,
 )
-from magicmirror_video.models.placement import largest_block_bytes, largest_leaf_bytes, module_bytes
+from magicmirror_video.models.placement import largest_leaf_bytes, module_bytes, streamed_bytes
 from magicmirror_video.models.speed import apply_weight_storage, storage_skip_patterns, store_adapter_like
 
 GIB = 2**30
@@ -70,8 +76,9 @@ SUBJECT_LORA_RANK = 128
 PAPER_GIB = {"base": 24.9, "magicmirror": 28.6}  # MagicMirror paper, Table: 49x480x720 on an A800
 
 
-def build_models(device="meta", dtype=torch.bfloat16, tiny_models=False) -> dict:
-    """Every model the table needs, in ``dtype`` on ``device`` (meta: nothing allocated)."""
+def build_models(device="meta", dtype=torch.bfloat16, tiny_models=False, fp8=True) -> dict:
+    """Every model the table needs, in ``dtype`` on ``device`` (meta: nothing allocated); ``fp8=False`` leaves out
+    the fp8-stored transformers and adapters."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
     from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection, T5Config, T5EncoderModel
 
@@ -100,12 +107,10 @@ def build_models(device="meta", dtype=torch.bfloat16, tiny_models=False) -> dict
     torch.set_default_dtype(dtype)  # parameters are created in dtype (no fp32 copy of 10 GB)
     try:
         with torch.device(device):
-            m = {"transformer": CogVideoXTransformer3DModel.from_config(tcfg),
-                 "transformer_fp8": CogVideoXTransformer3DModel.from_config(tcfg),
-                 "transformer_fp8_all": CogVideoXTransformer3DModel.from_config(tcfg),
-                 "vae": AutoencoderKLCogVideoX.from_config(vcfg),
-                 "t5": T5EncoderModel(T5Config(**t5cfg))}
-            for key in ("magicmirror", "magicmirror_fp8", "magicmirror_fp8_all"):
+            storages = ("", "_fp8", "_fp8_all") if fp8 else ("",)
+            m = {f"transformer{s}": CogVideoXTransformer3DModel.from_config(tcfg) for s in storages}
+            m.update(vae=AutoencoderKLCogVideoX.from_config(vcfg), t5=T5EncoderModel(T5Config(**t5cfg)))
+            for key in (f"magicmirror{s}" for s in storages):
                 m[key] = MagicMirrorAdapter(MagicMirrorConfig.for_transformer(m["transformer"], **mm_kw))
             m["dualreal"] = DualRealAdapters(DualRealConfig.for_transformer(m["transformer"], **dr_kw))
             m["face_encoder"] = IDEncoder(CLIPVisionModel(CLIPVisionConfig(**vit_l)), IDPerceiver(perceiver))
@@ -122,7 +127,7 @@ def build_models(device="meta", dtype=torch.bfloat16, tiny_models=False) -> dict
     for module in m.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
-    for storage in ("fp8", "fp8_all"):  # the loader's weight_storage fp8_e4m3fn, fp8_e4m3fn_all
+    for storage in ("fp8", "fp8_all") if fp8 else ():  # the loader's weight_storage fp8_e4m3fn, fp8_e4m3fn_all
         apply_weight_storage(m[f"transformer_{storage}"], torch.float8_e4m3fn, dtype,
                              storage_skip_patterns(f"fp8_e4m3fn{storage[3:]}"))
         store_adapter_like(m[f"magicmirror_{storage}"], m[f"transformer_{storage}"])  # as MagicMirror Apply does
@@ -131,8 +136,8 @@ def build_models(device="meta", dtype=torch.bfloat16, tiny_models=False) -> dict
 
 def block_stream_bytes(transformer) -> int:
     """Bytes a block-level stream holds during a forward: the layers outside the blocks and two blocks (the running
-    one and the prefetched one)."""
-    return largest_block_bytes(transformer) + max(module_bytes(b) for b in transformer.transformer_blocks)
+    one and the prefetched one): ``models/placement.streamed_bytes``."""
+    return streamed_bytes(transformer, "block")
 
 
 def lora_bytes(lora) -> int:
@@ -142,8 +147,9 @@ def lora_bytes(lora) -> int:
 def estimate(m: dict, frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH) -> tuple[dict, dict, dict]:
     """(weights, activations, table): table[(mode, storage)][method][stage] = (weights resident, total) in bytes."""
     tcfg, vcfg, t5 = m["transformer"].config, m["vae"].config, m["t5"].config
-    transformers = ("transformer", "transformer_fp8", "transformer_fp8_all")
-    adapters = ("magicmirror_fp8", "magicmirror_fp8_all")  # stored as the fp8 transformers (MagicMirror Apply)
+    transformers = tuple(k for k in ("transformer", "transformer_fp8", "transformer_fp8_all") if k in m)
+    adapters = tuple(k for k in ("magicmirror_fp8", "magicmirror_fp8_all") if k in m)  # stored as the fp8
+    # transformers (MagicMirror Apply); absent when built with fp8=False
     w = {**{t: module_bytes(m[t]) for t in (*transformers, *adapters)}, "t5": module_bytes(m["t5"]), "vae": module_bytes(m["vae"]),
          "magicmirror": module_bytes(m["magicmirror"]), "dualreal": module_bytes(m["dualreal"]),
          "subject": lora_bytes(m["subject_lora"]), "face_encoder": module_bytes(m["face_encoder"]),
@@ -168,7 +174,7 @@ def estimate(m: dict, frames: int = FRAMES, height: int = HEIGHT, width: int = W
                     "subject": {"vae": w["vae"]}}
     stage_component = {"t5": "t5", "sampling": "transformer", "decode": "vae"}
     table = {}
-    for storage in STORAGES:
+    for storage in (st for st in STORAGES if st == "bf16" or f"transformer_{st}" in m):
         transformer = "transformer" if storage == "bf16" else f"transformer_{storage}"
         for mode in MODES:
             for method in METHODS:
@@ -572,6 +578,60 @@ def calibrate() -> None:
               f"{transient[0]:>15.1f}, {transient[1]:.1f}", flush=True)
 
 
+# ------------------------------------------------------------------------------------- ComfyUI's launch flags
+
+SHORT = {"CogVideoXTransformer3DModel": "T", "T5EncoderModel": "T5", "AutoencoderKLCogVideoX": "VAE",
+         "MagicMirrorAdapter": "MM", "DualRealAdapters": "DR", "LoraModule": "LoRA", "IDEncoder": "FE",
+         "CLIPVisionModelWithProjection": "CLIP"}
+HELD = {"whole": "W", "cast": "C", "streamed": "S", "moved": "M"}
+
+
+def flag_rows(comfyui: str, python: str, card: float, stacks: str, tiny: bool = False) -> list[dict]:
+    """``testing/comfy_sim.py`` for every launch flag in ComfyUI's Python (a process per flag): its rows."""
+    import json
+    import os
+    import subprocess
+
+    from magicmirror_video.testing.comfy_sim import FLAGS
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "testing", "comfy_sim.py")
+    rows = []
+    for flag in FLAGS:
+        cmd = [python, script, comfyui, flag, "--card", str(card), "--stacks", stacks] + (["--tiny"] if tiny else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=comfyui, timeout=3600, check=False)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"comfy_sim {flag} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        rows += json.loads(lines[-1][len("RESULT "):])["rows"]
+    return rows
+
+
+def stage_cell(stage: dict) -> str:
+    """``T5 cpu`` / ``T P63% + MM W 11.8``: each module (its device unless the card) and how core / the placement
+    holds it at the stage's start (W whole, P part, C cast: nothing loaded, its layers come in per forward, S streamed
+    by the placement), then the GiB of weights on the card."""
+    parts = []
+    for name, m in stage["modules"].items():
+        held = HELD.get(m["held"], m["held"].replace("part ", "P"))
+        parts.append(f"{SHORT.get(name, name)} {'cpu' if m['device'] == 'cpu' else held}")
+    return " + ".join(parts) + f" {stage['card'] / GIB:.1f}"
+
+
+def print_flags(rows: list[dict], card: float) -> None:
+    stages = ("t5", "sampling", "decode")
+    print(f"CogVideoX-5B, {FRAMES}x{HEIGHT}x{WIDTH}, bf16, CFG 6, tiled decode, on a simulated {card:g} GiB card, "
+          "ComfyUI core's model_management deciding (testing/comfy_sim.py). Per stage: module + how it is held at the "
+          "stage's start (W whole, P part, C cast: core loaded nothing, its layers come in per forward, S streamed by "
+          "the placement, cpu: runs on the CPU) + GiB of weights on the card; peak: weights + the stage's activation "
+          "estimate")
+    print(f"{'flag':<10}{'stack':<13}{'mode':<18}" + "".join(f"{s:<34}" for s in stages) + f"{'peak':>6}  result")
+    for r in rows:
+        mode = r["mode"] if r.get("resolved") in (None, r["mode"]) else f"{r['mode']} -> {r['resolved']}"
+        cells = "".join(f"{stage_cell(r['stages'][s]) if s in r['stages'] else '-':<34}" for s in stages)
+        result = r.get("error", "ok")[:60] + (" EVICTED " + str(r["evictions"]) if r["evictions"] else "")
+        print(f"{r['flag']:<10}{r['stack']:<13}{mode:<18}{cells}{r['card_peak'] / GIB:>6.1f}  {result}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--measure", action="store_true", help="run every mode x method x stage on CUDA and measure")
@@ -581,8 +641,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="sampling steps when measuring")
     ap.add_argument("--tiny", action="store_true", help="tiny models (check the measuring code on any machine)")
     ap.add_argument("--cpu", action="store_true", help="measure on the CPU even if CUDA is there (with --tiny)")
+    ap.add_argument("--flags", action="store_true", help="ComfyUI's launch flags x offload modes, on a simulated card "
+                    "with core's own model management (needs --comfyui / COMFYUI_PATH)")
+    ap.add_argument("--card", type=float, default=12.0, help="the simulated card's GiB (with --flags)")
+    ap.add_argument("--stacks", default="magicmirror", help="base, magicmirror, all (comma-separated; with --flags)")
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="a ComfyUI checkout (with --flags)")
+    ap.add_argument("--comfyui-python", default=os.environ.get("COMFYUI_PYTHON"), help="ComfyUI's Python")
     args = ap.parse_args()
-    if args.training:
+    if args.flags:
+        if not args.comfyui:
+            ap.error("--flags needs a ComfyUI checkout: --comfyui /path/to/ComfyUI (or COMFYUI_PATH)")
+        print_flags(flag_rows(args.comfyui, args.comfyui_python or sys.executable, args.card, args.stacks), args.card)
+    elif args.training:
         print_training(build_wan_models())
     elif args.calibrate:
         calibrate()

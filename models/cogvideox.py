@@ -177,16 +177,22 @@ class CogVideoXBundle:
         from .speed import check_speed
 
         check_can_add(self.patches, patch)
-        check_speed(self.speed, self.patches + (patch,))
+        check_speed(self.speed, self.patches + (patch,), self)
         return dataclasses.replace(self, patches=self.patches + (patch,))
 
     def with_speed(self, options) -> "CogVideoXBundle":
-        """A new bundle sharing this one's modules, with the speed options ``options`` (:class:`~.speed.SpeedOptions`,
-        replacing any recorded before). Raises :class:`~.speed.SpeedConflictError` if they cannot act with the
-        recorded patches, :class:`~.speed.AttentionBackendError` if the attention backend cannot run here."""
-        from .speed import check_speed
+        """A new bundle sharing this one's modules, with the speed options ``options`` (:class:`~.speed.SpeedOptions`).
+        Raises :class:`~.speed.SpeedSettingError` if the bundle already has speed options (one Speed node per model:
+        a second one would silently replace the first), :class:`~.speed.SpeedConflictError` if they cannot act with
+        the recorded patches, the weight storage or the offloading, :class:`~.speed.AttentionBackendError` if the
+        attention backend cannot run here (package, device, dtype, head width)."""
+        from .speed import SpeedSettingError, check_speed
 
-        check_speed(options, self.patches)
+        if self.speed is not None:
+            raise SpeedSettingError(
+                f"this model already has speed options ({self.speed.summary()}): use one Speed node per model and set "
+                "every option there (a second Speed node would replace the first).")
+        check_speed(options, self.patches, self)
         return dataclasses.replace(self, speed=options)
 
 
@@ -194,21 +200,32 @@ def place_components(placement: Placement, bundle) -> None:
     """Give the bundle's components their homes: the transformer and T5 stream in ``sequential`` mode (leaf by leaf),
     in ``block`` mode the transformer block by block and T5 leaf by leaf (its blocks sit inside ``encoder`` beside a
     tied embedding; it runs once per prompt), the VAE moves whole (its activations, not its weights, dominate the
-    decode). The transformer remembers its placement."""
+    decode). T5 and the VAE take their devices from the placement's ``text_encoder`` and ``vae`` roles when it has
+    them. The transformer remembers its placement."""
     placement.add(bundle.transformer, stream=True)
-    placement.add(bundle.text_encoder, stream="leaf")
-    placement.add(bundle.vae)
+    placement.add(bundle.text_encoder, stream="leaf", role="text_encoder")
+    placement.add(bundle.vae, role="vae")
     bundle.transformer.__dict__[PLACEMENT_KEY] = placement
 
 
-def resolve_offload(mode: str, device: torch.device, bundle, manager=None) -> str:
-    """``mode``, with ``"auto"`` decided from the device's free memory and the components' sizes (logged)."""
+def resolve_offload(mode: str, device: torch.device, bundle, manager=None, devices: dict | None = None) -> str:
+    """``mode``, with ``"auto"`` decided from the device's free memory and the sizes of the components that run on
+    it (``devices``: the roles of the components that run elsewhere, e.g. ``{"text_encoder": (cpu, cpu)}``), logged."""
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {mode!r}")
     if mode != "auto":
         return mode
-    chosen, reason = choose_offload(free_memory(device, manager), component_bytes(bundle),
-                                    stage_activation_bytes(bundle))
+    device = torch.device(device)
+    here = [k for k in ("transformer", "text_encoder", "vae")
+            if torch.device((devices or {}).get(k, (device,))[0]) == device]
+    weights = {k: v for k, v in component_bytes(bundle).items() if k in here}
+    acts = stage_activation_bytes(bundle)
+    stage_acts = {k: acts[k] for k in here if k in acts}
+    # `none` keeps every component resident: a decode without tiling must fit beside them
+    resident_peak = max([*stage_acts.values(), acts["vae_untiled"] if "vae" in here else 0])
+    streamed = {"block": {k: v for k, v in block_stream_bytes(bundle).items() if k in here}}
+    chosen, reason = choose_offload(free_memory(device, manager), weights, stage_acts, streamed=streamed,
+                                    none_activations=resident_peak)
     logger.info("offload=auto on %s chose %r: %s", device, chosen, reason)
     return chosen
 
@@ -219,15 +236,35 @@ def component_bytes(bundle) -> dict:
             "vae": module_bytes(bundle.vae)}
 
 
+def block_stream_bytes(bundle) -> dict:
+    """Bytes each streamed component holds on the device in ``block`` mode (:func:`~.placement.streamed_bytes`): the
+    transformer's two blocks (the running one and the prefetched one) and everything outside its blocks, two of
+    T5's leaves."""
+    from .placement import streamed_bytes
+
+    out = {"transformer": streamed_bytes(bundle.transformer, "block")}
+    if bundle.text_encoder is not None:
+        out["text_encoder"] = streamed_bytes(bundle.text_encoder, "leaf")
+    return out
+
+
+# Frames, height and width each CogVideoX version was trained at (1.0: 49x480x720; 1.5: 81x768x1360): what ``auto``
+# plans for
+NATIVE_SIZE = {"1.0": (49, 480, 720), "1.5": (81, 768, 1360)}
+
+
 def stage_activation_bytes(bundle) -> dict:
-    """Activation estimates of each component's stage at the model's native size (CFG batch, tiled decode)."""
+    """Activation estimates of each component's stage at the version's native size (:data:`NATIVE_SIZE`): the CFG
+    batch of the transformer, T5 on one prompt, the VAE decode tiled (``vae``, the Decode node's default) and untiled
+    (``vae_untiled``)."""
     from .memory import t5_activation_bytes, transformer_activation_bytes, vae_decode_activation_bytes
 
     cfg, vae = bundle.transformer.config, bundle.vae.config
-    height, width, frames = vae.sample_height, vae.sample_width, cfg.sample_frames
+    frames, height, width = NATIVE_SIZE[variant_of(cfg).version]
     e = torch.finfo(bundle.dtype).bits // 8
     out = {"transformer": transformer_activation_bytes(cfg, frames, height, width, element_size=e),
-           "vae": vae_decode_activation_bytes(bundle.vae.config, height, width, tiling=True, element_size=e)}
+           "vae": vae_decode_activation_bytes(vae, height, width, tiling=True, element_size=e),
+           "vae_untiled": vae_decode_activation_bytes(vae, height, width, tiling=False, element_size=e)}
     if bundle.text_encoder is not None:
         t5 = bundle.text_encoder.config
         out["text_encoder"] = t5_activation_bytes(t5.d_model, t5.d_ff, t5.num_heads, element_size=e)
@@ -376,6 +413,7 @@ def load_cogvideox(
     weight_dtype: torch.dtype | None = None,
     weight_skip_patterns: tuple | None = None,
     manager=None,
+    devices: dict | None = None,
 ) -> CogVideoXBundle:
     """Load a diffusers CogVideoX folder (T2V or I2V, 1.0 or 1.5).
 
@@ -386,7 +424,8 @@ def load_cogvideox(
     ``text_encoder/`` loads without T5 (its prompts come from a ComfyUI CLIP). ``weight_dtype``: the transformer's
     weights are stored in it (e.g. ``torch.float8_e4m3fn``) and computed in ``dtype`` (diffusers' layerwise casting,
     :func:`~.speed.apply_weight_storage`; ``weight_skip_patterns``: the layers kept in ``dtype``, default the model's
-    own); None or ``dtype``: stored in ``dtype``.
+    own); None or ``dtype``: stored in ``dtype``. ``devices``: ``{"text_encoder" | "vae": (execution device, offload
+    device)}`` for T5 and the VAE when they run or wait elsewhere than the transformer (ComfyUI's launch flags).
     """
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer, T5EncoderModel
@@ -428,14 +467,24 @@ def load_cogvideox(
         # stored bytes move
     parts = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                  scheduler_config=scheduler_config, dtype=dtype)
-    mode = resolve_offload(offload, device, types.SimpleNamespace(**parts), manager)
-    bundle = CogVideoXBundle(**parts, device=device, offload=mode, offload_device=offload_device,
-                             name=os.path.basename(os.path.normpath(folder)),
-                             placement=Placement(device, offload_device, mode, manager))
+    bundle = placed_bundle(parts, device=device, offload=offload, offload_device=offload_device, manager=manager,
+                           devices=devices, name=os.path.basename(os.path.normpath(folder)))
+    mode = bundle.offload
     logger.info("Loaded %s from %s (%s%s, offload=%s%s)", bundle.variant, folder, dtype,
                 "" if weight_dtype in (None, dtype) else f" computed, weights stored in {weight_dtype}", mode,
                 "" if text_encoder is not None else ", no text_encoder/: prompts need a T5-XXL CLIP")
     return bundle
+
+
+def placed_bundle(parts: dict, *, device, offload: str, offload_device="cpu", manager=None, devices: dict | None = None,
+                  name: str = "") -> CogVideoXBundle:
+    """A bundle of loaded components (``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler_config``,
+    ``dtype``) on its own placement: ``offload`` resolved (``auto``) and the placement built with the host's
+    ``manager`` and per-component ``devices``, as :func:`load_cogvideox` does."""
+    device, offload_device = torch.device(device), torch.device(offload_device)
+    mode = resolve_offload(offload, device, types.SimpleNamespace(**parts), manager, devices)
+    return CogVideoXBundle(**parts, device=device, offload=mode, offload_device=offload_device, name=name,
+                           placement=Placement(device, offload_device, mode, manager, devices))
 
 
 # ------------------------------------------------------------------ single-file transformer

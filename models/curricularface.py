@@ -123,17 +123,18 @@ def load_curricularface(path: str, device: torch.device | str = "cpu") -> IRBack
 
 
 @torch.no_grad()
-def curricularface_embeddings(model: IRBackbone, crops: np.ndarray) -> np.ndarray:
+def curricularface_embeddings(model: IRBackbone, crops: np.ndarray,
+                               device: torch.device | str = "cpu") -> np.ndarray:
     """Unit embeddings ``[N, D]`` (float64) of aligned RGB uint8 crops ``[N, S, S, 3]`` (the scripts use the
-    224 crop): each resized to 112x112 with ``cv2.resize`` (bilinear), scaled to [-1, 1]."""
+    224 crop): each resized to 112x112 with ``cv2.resize`` (bilinear), scaled to [-1, 1]. ``device`` is where the
+    model was loaded (the caller placed it; it is not read from the weights)."""
     import cv2
 
     crops = np.asarray(crops)
     if len(crops) == 0:
         return np.zeros((0, model.config.embedding_dim))
     small = np.stack([cv2.resize(np.ascontiguousarray(c), (INPUT_SIZE, INPUT_SIZE)) for c in crops])  # [N,112,112,3]
-    param = next(model.parameters())
-    x = torch.from_numpy(small).permute(0, 3, 1, 2).to(param.device, torch.float32)
+    x = torch.from_numpy(small).permute(0, 3, 1, 2).to(device, torch.float32)                  # [N,3,112,112]
     x = (x / 255.0 - 0.5) / 0.5
-    emb = model(x.to(param.dtype)).double().cpu().numpy()
+    emb = model(x.to(next(model.parameters()).dtype)).double().cpu().numpy()
     return emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)

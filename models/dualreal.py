@@ -225,16 +225,20 @@ class DualRealExtension(BlockExtension):
         x = torch.cat([norm_text, norm_video], dim=1)  # [B, S, W]
         alpha = self.alpha[:, self.adapters.config.group_of(index)].to(x.dtype).view(-1, 1, 1)  # [B, 1, 1]
         beta = BLEND_SCALE - alpha
-        hidden = F.linear(x, torch.cat([ident.down_linear.weight, motion.down_linear.weight]),
-                          torch.cat([ident.down_linear.bias, motion.down_linear.bias]))  # [B, S, 2h]
-        width = ident.down_linear.out_features
+        # the weights are read here, not through their layers' forwards: on x's device (copies of the ones a host
+        # left on the CPU, e.g. ComfyUI under --novram; a no-op otherwise)
+        down = [a.down_linear.weight.to(x.device) for a in (ident, motion)]
+        up = [a.up_linear.weight.to(x.device) for a in (ident, motion)]
+        up_bias = [a.up_linear.bias.to(x.device) for a in (ident, motion)]
+        hidden = F.linear(x, torch.cat(down), torch.cat([a.down_linear.bias.to(x.device) for a in (ident, motion)]))
+        width = ident.down_linear.out_features  # hidden [B, S, 2h]
         if self.condition is not None and motion.condition_linear is not None:  # down(x + λ·W_c·c), linear in c
             c = self.adapters.config.condition_lambda * motion.condition_linear(self.condition.to(x.dtype))
-            hidden = hidden + F.pad(F.linear(c, motion.down_linear.weight), (width, 0))  # [B or 1, 1, 2h]
+            hidden = hidden + F.pad(F.linear(c, down[1]), (width, 0))  # [B or 1, 1, 2h]
         hidden = F.gelu(hidden)
         hidden = torch.cat([hidden[..., :width] * alpha, hidden[..., width:] * beta], dim=-1)
-        add = F.linear(hidden, torch.cat([ident.up_linear.weight, motion.up_linear.weight], dim=1))
-        add = add + (alpha * ident.up_linear.bias + beta * motion.up_linear.bias) + BLEND_SCALE * x
+        add = F.linear(hidden, torch.cat(up, dim=1))
+        add = add + (alpha * up_bias[0] + beta * up_bias[1]) + BLEND_SCALE * x
         n = norm_text.shape[1]
         return out_text + add[:, :n], out_video + add[:, n:]
 

@@ -192,7 +192,8 @@ class MagicMirrorAdapter(nn.Module):
 
     def face_tokens(self, clip_penultimate: torch.Tensor) -> torch.Tensor:
         """CLIP penultimate [N, S, clip_dim] -> stacked face tokens [1, N * 32, width]."""
-        q = self.face_queries.expand(clip_penultimate.shape[0], -1, -1).to(clip_penultimate.dtype)
+        q = self.face_queries.expand(clip_penultimate.shape[0], -1, -1).to(clip_penultimate.device,
+                                                                            clip_penultimate.dtype)
         return self.face_qformer(q, clip_penultimate).reshape(1, -1, self.config.width)
 
     @staticmethod
@@ -373,6 +374,10 @@ class MagicMirrorPatch:
     def cache_notes(self, kind) -> list[str]:
         """What a cache (:class:`~.speed.CacheKind`) skips of MagicMirror: its face tokens ride with the others."""
         return token_stream_notes(kind, self.method, "MagicMirror's face tokens")
+
+    def extra_tokens(self, config) -> int:
+        """Face tokens the patch adds to the transformer's sequence (one Q-Former output per reference)."""
+        return 0 if self.strength == 0 else self.adapter.config.face_queries * len(self.faces)
 
     def apply(self, transformer, context=None):
         """Strength scales the CAN modulation, the cross-attention and the ID fusion, and in the two-way form the face

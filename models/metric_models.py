@@ -118,15 +118,16 @@ def load_inception(path: str, device: torch.device | str = "cpu"):
 
 
 @torch.no_grad()
-def inception_features(model, crops: np.ndarray, batch_size: int = 16) -> np.ndarray:
+def inception_features(model, crops: np.ndarray, batch_size: int = 16,
+                       device: torch.device | str = "cpu") -> np.ndarray:
     """Pool features ``[N, 2048]`` (float64) of RGB uint8 crops ``[N, S, S, 3]``: PIL bilinear resize to 299x299,
-    0..1 (no normalisation: the model's ``transform_input`` does it), as ConsisID's ``load_image``."""
+    0..1 (no normalisation: the model's ``transform_input`` does it), as ConsisID's ``load_image``. ``device`` is
+    where the caller loaded the model."""
     from PIL import Image
 
     crops = np.asarray(crops)
     if len(crops) == 0:
         return np.zeros((0, 2048))
-    device = next(model.parameters()).device
     out = []
     for i in range(0, len(crops), batch_size):
         batch = np.stack([np.asarray(Image.fromarray(c).resize((299, 299), Image.BILINEAR))
@@ -204,6 +205,7 @@ class Dino:
     model: object
     image_processor: object
     path: str = ""
+    device: torch.device | str = "cpu"    # where load_dino placed the model
 
 
 def load_dino(folder: str, device: torch.device | str = "cpu") -> Dino:
@@ -212,13 +214,13 @@ def load_dino(folder: str, device: torch.device | str = "cpu") -> Dino:
     model = AutoModel.from_pretrained(folder, add_pooling_layer=False) if _folder_model_type(folder) == "vit" \
         else AutoModel.from_pretrained(folder)
     return Dino(model=model.eval().requires_grad_(False).to(device), image_processor=_pil_image_processor(folder, True),
-                path=folder)
+                path=folder, device=device)
 
 
 @torch.no_grad()
 def dino_embeddings(dino: Dino, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """Unit CLS embeddings ``[N, D]`` (float64, the final layer-normed ``[CLS]`` token) of RGB uint8 images."""
-    device = next(dino.model.parameters()).device
+    device = dino.device
     out = []
     for i in range(0, len(images), batch_size):
         pixels = dino.image_processor(images=list(images[i:i + batch_size]), return_tensors="pt")["pixel_values"]

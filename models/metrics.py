@@ -204,6 +204,7 @@ class FaceModels:
     curricularface: object = None
     inception: object = None
     unavailable: dict = dataclasses.field(default_factory=dict)
+    device: torch.device | str = "cpu"    # where the loader placed both models
 
 
 @dataclasses.dataclass
@@ -269,11 +270,11 @@ def _embed_crops(refs: ReferenceFaces, face_models: FaceModels | None) -> None:
     if face_models.curricularface is not None and refs.cur is None:
         from .curricularface import curricularface_embeddings
 
-        refs.cur = curricularface_embeddings(face_models.curricularface, refs.crops)
+        refs.cur = curricularface_embeddings(face_models.curricularface, refs.crops, device=face_models.device)
     if face_models.inception is not None and refs.inception is None:
         from .metric_models import inception_features
 
-        refs.inception = inception_features(face_models.inception, refs.crops)
+        refs.inception = inception_features(face_models.inception, refs.crops, device=face_models.device)
 
 
 @dataclasses.dataclass
@@ -576,11 +577,12 @@ def _score_faces(out: VideoMetrics, p: Protocol, analyzer, frames, indices, refe
         if want_cur:
             from .curricularface import curricularface_embeddings
 
-            _embed_crops(refs, FaceModels(curricularface=face_models.curricularface))
+            _embed_crops(refs, FaceModels(curricularface=face_models.curricularface, device=face_models.device))
             cur = np.full(len(present), np.nan)
             if faces:
-                cur[present] = identity_curve(curricularface_embeddings(face_models.curricularface,
-                                                                        track.crops[present]), refs.cur, clamp=p.clamp)
+                crops_cur = curricularface_embeddings(face_models.curricularface, track.crops[present],
+                                                      device=face_models.device)
+                cur[present] = identity_curve(crops_cur, refs.cur, clamp=p.clamp)
             kept = cur[np.isfinite(cur) & (cur > 0)] if p.cur_drop_zero else cur[np.isfinite(cur)]
             out.curves["face_sim_cur"] = _as_list(cur)
             out.face_sim_cur = float(kept.mean()) if kept.size else empty
@@ -590,10 +592,10 @@ def _score_faces(out: VideoMetrics, p: Protocol, analyzer, frames, indices, refe
         if want_fid:
             from .metric_models import inception_features
 
-            _embed_crops(refs, FaceModels(inception=face_models.inception))
+            _embed_crops(refs, FaceModels(inception=face_models.inception, device=face_models.device))
             dist = np.full(len(present), np.nan)
             if faces:
-                feats = inception_features(face_models.inception, track.crops[present])
+                feats = inception_features(face_models.inception, track.crops[present], device=face_models.device)
                 dist[present] = ((feats - refs.inception[0]) ** 2).sum(-1)
             out.curves["face_fid"] = _as_list(dist)
             out.face_fid = _mean(dist) if faces else empty

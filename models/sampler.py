@@ -21,7 +21,7 @@ from .block_runner import block_runner, checked_calls
 from .memory import transformer_activation_bytes, vae_decode_activation_bytes, vae_encode_activation_bytes
 from .patches import SamplingContext, applied_patches, conditional_only, patch_models, patch_outputs
 from .placement import GIB, STREAMED_MODES
-from .speed import applied_speed, check_speed
+from .speed import applied_speed, check_speed, check_steps
 from .text import TextConditioning
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,23 @@ def rotary_embeddings(transformer, height: int, width: int, latent_frames: int, 
                                    max_size=(base_h, base_w), device=device)
 
 
+def sampling_memory(bundle, num_frames: int, height: int, width: int, cfg: float) -> int:
+    """The sampling stage's activation estimate (:mod:`.memory`): one transformer forward of the CFG batch (1 when
+    a patch runs the negative prompt as a forward of its own), with the tokens the patches add (face tokens,
+    reference tokens)."""
+    cfg_t = bundle.transformer.config
+    batch = 2 if cfg > 1.0 and not conditional_only(bundle.patches) else 1
+    extra = sum(p.extra_tokens(cfg_t) for p in bundle.patches if hasattr(p, "extra_tokens"))
+    return transformer_activation_bytes(cfg_t, num_frames, height, width, batch=batch, extra_tokens=extra,
+                                        element_size=bundle.dtype.itemsize)
+
+
+def decode_memory(bundle, height: int, width: int, tiling: bool) -> int:
+    """The decode stage's activation estimate (:mod:`.memory`) for a ``height × width`` video."""
+    vae = bundle.vae
+    return vae_decode_activation_bytes(vae.config, height, width, tiling=tiling, element_size=vae.dtype.itemsize)
+
+
 def encode_first_frame(bundle, image: torch.Tensor, height: int, width: int, generator) -> torch.Tensor:
     """IMAGE [1,H,W,3] in 0..1 -> scaled VAE latent [1, 1, C, h, w] of the first frame (I2V)."""
     x = image[:1].permute(0, 3, 1, 2).float()
@@ -142,7 +159,7 @@ def encode_first_frame(bundle, image: torch.Tensor, height: int, width: int, gen
     vae = bundle.vae
     need = vae_encode_activation_bytes(vae.config, height, width, element_size=vae.dtype.itemsize)
     with torch.no_grad(), bundle.placement.run(vae, memory_required=need):
-        latent = vae.encode(x.to(bundle.device, vae.dtype)).latent_dist.sample(generator)
+        latent = vae.encode(x.to(bundle.placement.device_of(vae), vae.dtype)).latent_dist.sample(generator)
     latent = latent.to(bundle.dtype).permute(0, 2, 1, 3, 4)  # [1, 1, C, h, w]
     scale = bundle.vae.config.scaling_factor
     # CogVideoX 1.5 I2V's VAE sets invert_scale_latents: the condition is divided by the factor (written as the
@@ -216,8 +233,7 @@ def sample_video(
     device, dtype = bundle.device, bundle.dtype
     do_cfg = cfg > 1.0
     separate = do_cfg and conditional_only(bundle.patches)  # negative prompt as a forward of its own
-    batch = 1 if separate or not do_cfg else 2
-    check_sampling_memory(bundle, num_frames, height, width, batch=batch, image=i2v)
+    check_sampling_memory(bundle, num_frames, height, width, cfg=cfg, image=i2v)
     generator = generator or torch.Generator("cpu").manual_seed(seed)
     if do_cfg and negative is None:
         from .text import encode_prompt
@@ -231,6 +247,7 @@ def sample_video(
     sched = make_scheduler(bundle, scheduler)
     sched.set_timesteps(steps, device=device)
     timesteps = sched.timesteps
+    check_steps(bundle.speed, timesteps)  # (before the first frame is encoded)
 
     vae_t, vae_s = bundle.vae_scale_factor_temporal, bundle.vae_scale_factor_spatial
     latent_frames = (num_frames - 1) // vae_t + 1
@@ -263,10 +280,10 @@ def sample_video(
 
     context = SamplingContext(positive=positive, negative=negative, device=device, dtype=dtype)
     runner = block_runner(transformer)
-    need = transformer_activation_bytes(cfg_t, num_frames, height, width, batch=batch, element_size=dtype.itemsize)
+    need = sampling_memory(bundle, num_frames, height, width, cfg)
     calls = [(("negative",), slice(0, 1), "uncond"), (("positive",), slice(1, 2), "cond")] if separate else \
         [(("negative", "positive") if do_cfg else ("positive",), slice(None), "cond_uncond")]
-    for note in check_speed(bundle.speed, bundle.patches):
+    for note in check_speed(bundle.speed, bundle.patches, bundle):
         logger.info(note)
 
     def predict(model_in, t, speed):
@@ -318,25 +335,23 @@ def sample_video(
     return latents.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, H, W]
 
 
-def check_sampling_memory(bundle, num_frames: int, height: int, width: int, *, batch: int = 2,
+def check_sampling_memory(bundle, num_frames: int, height: int, width: int, *, cfg: float = 6.0,
                           image: bool = False) -> None:
-    """Refuse (:class:`ActivationMemoryError`) a sampling request whose transformer activations (``batch``: 2 with
-    CFG in one forward) or, with a first-frame ``image``, whose image encoding cannot fit on the execution device."""
+    """Refuse (:class:`ActivationMemoryError`) a sampling request whose transformer activations
+    (:func:`sampling_memory`: the CFG batch, the patches' extra tokens) or, with a first-frame ``image``, whose image
+    encoding cannot fit on the device each runs on."""
     transformer, vae = bundle.transformer, bundle.vae
-    cfg_t, e = transformer.config, bundle.dtype.itemsize
-
-    def transformer_need(f, h, w):
-        return transformer_activation_bytes(cfg_t, f, h, w, batch=batch, element_size=e)
-
+    batch = 2 if cfg > 1.0 and not conditional_only(bundle.patches) else 1
     placement = bundle.placement
     stages = [("the transformer" + (" (CFG batch of 2)" if batch == 2 else ""),
-               placement.memory_for(transformer, *patch_models(bundle.patches)), transformer_need)]
+               placement.memory_for(transformer, *patch_models(bundle.patches)),
+               lambda f, h, w: sampling_memory(bundle, f, h, w, cfg))]
     if image:
         stages.append(("encoding the first frame", placement.memory_for(vae),
                        lambda f, h, w: vae_encode_activation_bytes(vae.config, h, w, element_size=vae.dtype.itemsize)))
     hint = "" if placement.mode in STREAMED_MODES else \
         "; or let the weights stream (the loader's offload 'block' or 'sequential')"
-    check_activation_memory(placement.device, stages, num_frames, height, width, hint=hint)
+    check_activation_memory(placement.device_of(transformer), stages, num_frames, height, width, hint=hint)
 
 
 def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slicing: bool = False,
@@ -358,22 +373,22 @@ def decode_latents(bundle, samples: torch.Tensor, *, tiling: bool = False, slici
     height, width = samples.shape[3] * scale, samples.shape[4] * scale
 
     def decode_need(h, w, tiled=tiling):
-        return vae_decode_activation_bytes(vae.config, h, w, tiling=tiled, element_size=vae.dtype.itemsize)
+        return decode_memory(bundle, h, w, tiled)
 
     memory = bundle.placement.memory_for(vae)
     hint = ""
     if not tiling and memory is not None and decode_need(height, width, True) <= memory[0] - memory[1]:
         hint = f"; or turn tiling on (about {_gib(decode_need(height, width, True))})"
     frames = bundle.vae_scale_factor_temporal * (samples.shape[2] - 1) + 1
-    check_activation_memory(bundle.placement.device, [("decoding" + (" in tiles" if tiling else ""), memory,
+    check_activation_memory(bundle.placement.device_of(vae), [("decoding" + (" in tiles" if tiling else ""), memory,
                                                        lambda f, h, w: decode_need(h, w))],
                             frames, height, width, frames_matter=False, hint=hint)
     saved = (vae.use_tiling, vae.use_slicing)
     vae.use_tiling, vae.use_slicing = tiling, slicing
-    need = decode_need(height, width)
+    need = decode_memory(bundle, height, width, tiling)
     try:
         with torch.no_grad(), bundle.placement.run(vae, memory_required=need), checked_calls([vae.decoder], interrupt):
-            z = samples.to(bundle.device, vae.dtype) / vae.config.scaling_factor
+            z = samples.to(bundle.placement.device_of(vae), vae.dtype) / vae.config.scaling_factor
             video = vae.decode(z).sample  # [B, 3, F, H, W] in -1..1
     finally:
         vae.use_tiling, vae.use_slicing = saved

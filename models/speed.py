@@ -30,10 +30,14 @@ attention backend      diffusers' attention dispatcher (``dispatch_attention_fn`
                        dispatcher.
 =====================  ===============================================================================================
 
-Every option but weight storage is recorded on the bundle (:class:`SpeedOptions`, like a patch) and applied for one
-sampling run by :func:`applied_speed`, after the patches, and removed after it — on errors and interrupts too — so
-the base model and the next run are untouched and no cache state outlives its run. Caches are diffusers hooks
-registered after the block runner's, so they wrap it: a block a cache skips is a block the runner never computes.
+Every option but weight storage is recorded on the bundle (:class:`SpeedOptions`, like a patch; one set per bundle)
+and applied for one sampling run by :func:`applied_speed`, after the patches, and removed after it — on errors and
+interrupts too — so the base model and the next run are untouched and no cache state outlives its run. Settings that
+cannot act are refused with one line (:class:`SpeedSettingError`): an empty step range where it is recorded, a range
+outside the run or mag ratios of another step count by the sampler (:func:`check_steps`); an attention backend the
+model's device, dtype or head width cannot run, and compile through hooks that cut the blocks into one graph per
+layer, where the options are recorded (:func:`check_speed`). Caches are diffusers hooks registered after the block
+runner's, so they wrap it: a block a cache skips is a block the runner never computes.
 
 What each cache does to each method (see :func:`check_speed` for what is refused). The caches do not know the methods:
 :func:`check_speed` asks each patch — its ``cache_notes(kind)`` says what a cache of that :class:`CacheKind` (block or
@@ -114,6 +118,20 @@ BLOCK_CACHES = ("first_block_cache", "mag_cache")
 SKIPS_BLOCK_ZERO = ("mag_cache",)
 # methods whose state is one per layer, not per cache context, or that need a batched [uncond, cond] forward
 NEEDS_BATCHED_CFG = ("pyramid_attention_broadcast", "faster_cache")
+# caches whose start_step and end_step both bound the steps they may reuse
+STEP_RANGE_CACHES = ("pyramid_attention_broadcast", "faster_cache", "taylorseer")
+# What each attention kernel runs on, as the kernels check it themselves (inside the kernel, mid-run, otherwise): the
+# device type, the compute dtypes, the widest attention head, the oldest NVIDIA GPU (compute capability) and whether
+# AMD GPUs (ROCm builds of torch) are served. flash: flash-attn 2 (its mha_fwd checks: fp16/bf16, head size <= 256,
+# Ampere or newer); sage: SageAttention (fp16/bf16, head dims up to 128 — smaller ones padded —, kernels for sm80 and
+# newer NVIDIA GPUs only); xformers: memory_efficient_attention (CUDA operators only; fp32 too).
+BACKEND_LIMITS = {
+    "flash": {"package": "flash-attn", "dtypes": (torch.float16, torch.bfloat16), "max_head_dim": 256,
+              "capability": (8, 0), "rocm": True},
+    "sage": {"package": "SageAttention", "dtypes": (torch.float16, torch.bfloat16), "max_head_dim": 128,
+             "capability": (8, 0), "rocm": False},
+    "xformers": {"package": "xformers", "dtypes": None, "max_head_dim": None, "capability": None, "rocm": True},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +153,10 @@ class SpeedConflictError(ValueError):
 
 class AttentionBackendError(RuntimeError):
     """An attention backend whose package is not installed or that cannot run here."""
+
+
+class SpeedSettingError(ValueError):
+    """A speed setting that cannot act: an empty step range, mag ratios of another step count, a second Speed node."""
 
 
 def storage_skip_patterns(name: str) -> tuple | None:
@@ -201,8 +223,9 @@ class SpeedOptions:
     * ``start_step`` / ``end_step`` — the steps ``start_step <= i < end_step`` may reuse a cache (``end_step`` None:
       the method's default, for PAB/FasterCache its timestep range; -1: to the last step). First-block cache has no
       step range; mag cache only a start (its retention).
-    * ``mag_ratios`` — mag cache's per-step magnitude ratios for this model (interpolated to the step count); None:
-      the run calibrates them (computes every block) and reports them in the sampler's outputs.
+    * ``mag_ratios`` — mag cache's per-step magnitude ratios for this model, one per sampling step (a run with another
+      step count is refused: :func:`check_steps`); None: the run calibrates them (computes every block) and reports
+      them in the sampler's outputs.
     * ``compile`` — ``torch.compile`` the transformer blocks (regional compile); ``attention`` — the backend.
     """
 
@@ -229,12 +252,30 @@ class SpeedOptions:
             raise ValueError(f"start_step must be at least 0, got {self.start_step}")
         if self.cache == "taylorseer" and self.start_step == 0:
             raise ValueError("taylorseer predicts from computed steps: start_step must be at least 1")
+        if self.cache in STEP_RANGE_CACHES and self.end_step is not None and self.end_step >= 0:
+            first = self.setting("start_step") or 0
+            if self.end_step <= first:
+                default = " (diffusers' default)" if self.start_step is None else ""
+                raise SpeedSettingError(
+                    f"{self.cache}: start_step {first}{default} and end_step {self.end_step} leave no step to cache "
+                    "(the steps start_step <= i < end_step reuse it); set end_step above start_step, or -1 for the "
+                    "last step.")
         if self.mag_ratios is not None:
             object.__setattr__(self, "mag_ratios", tuple(float(r) for r in self.mag_ratios))
 
     @property
     def active(self) -> bool:
         return self.cache != "none" or self.compile or self.attention != "native"
+
+    def summary(self) -> str:
+        """The settings that differ from the defaults, ``name=value`` (what an error names)."""
+        parts = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value != field.default:
+                parts.append(f"{field.name}=({len(value)} values)" if field.name == "mag_ratios" else
+                             f"{field.name}={value!r}")
+        return ", ".join(parts) or "all defaults"
 
     def setting(self, name: str):
         """A setting, or the method's documented default."""
@@ -254,9 +295,19 @@ def parse_ratios(text: str) -> tuple | None:
                          f"{text[:60]!r}") from None
 
 
-def check_attention_backend(name: str) -> None:
-    """Raise :class:`AttentionBackendError` naming the package to install when ``name`` cannot run here (checked at
-    the node, before any model runs)."""
+def check_attention_backend(name: str, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                            head_dim: int | None = None) -> None:
+    """Raise :class:`AttentionBackendError` with one line when ``name`` cannot run here: its package is not installed
+    (naming the package to install), or the model's execution ``device``, compute ``dtype`` or attention ``head_dim``
+    is one the kernel does not take (:data:`BACKEND_LIMITS`; each checked when given). Checked at the node, before any
+    model runs — the kernels themselves would fail mid-run."""
+    _check_installed(name)
+    problem = attention_backend_problem(name, device=device, dtype=dtype, head_dim=head_dim)
+    if problem:
+        raise AttentionBackendError(f"attention backend {name!r} cannot run this model: {problem}.")
+
+
+def _check_installed(name: str) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
     backend, package = ATTENTION_BACKENDS[name]
@@ -269,15 +320,48 @@ def check_attention_backend(name: str) -> None:
         raise AttentionBackendError(f"attention backend {name!r}: {e}") from None
 
 
-def check_speed(options: SpeedOptions | None, patches) -> list[str]:
-    """Raise :class:`SpeedConflictError` if ``options`` cannot act with ``patches``, :class:`AttentionBackendError` if
-    its attention backend cannot run here (checked where either is recorded and before a run moves any weights).
-    Returns what the cache does to each method it acts with (the sampler logs these lines)."""
+def attention_backend_problem(name: str, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                              head_dim: int | None = None) -> str | None:
+    """Why the kernel of backend ``name`` cannot run a model on ``device`` computing in ``dtype`` with attention heads
+    ``head_dim`` wide (each checked when given), with the way out; None when it can (or ``name`` has no limits)."""
+    limits = BACKEND_LIMITS.get(name)
+    if limits is None:
+        return None
+    kernel, native = limits["package"], "or use attention 'native'"
+    if device is not None:
+        device = torch.device(device)
+        rocm = getattr(torch.version, "hip", None) is not None
+        if device.type != "cuda" or (rocm and not limits["rocm"]):
+            gpus = "NVIDIA GPUs" if not limits["rocm"] else "CUDA (or ROCm) GPUs"
+            return f"{kernel} has kernels for {gpus} only and this model runs on {device} ({native})"
+        if limits["capability"] and not rocm and torch.cuda.is_available():
+            capability = torch.cuda.get_device_capability(device)
+            if capability < limits["capability"]:
+                need = ".".join(map(str, limits["capability"]))
+                return (f"{kernel} needs an NVIDIA GPU of compute capability {need} (Ampere) or newer and "
+                        f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]} ({native}, or "
+                        "'xformers')")
+    if dtype is not None and limits["dtypes"] and dtype not in limits["dtypes"]:
+        return (f"{kernel} computes in float16 or bfloat16 only and this model computes in "
+                f"{str(dtype).removeprefix('torch.')} (load it with precision bf16 or fp16, {native})")
+    if head_dim is not None and limits["max_head_dim"] and head_dim > limits["max_head_dim"]:
+        return (f"{kernel} takes attention heads up to {limits['max_head_dim']} wide and this model's are {head_dim} "
+                f"({native})")
+    return None
+
+
+def check_speed(options: SpeedOptions | None, patches, bundle=None) -> list[str]:
+    """Raise :class:`SpeedConflictError` if ``options`` cannot act with ``patches`` (or with ``bundle``'s weight
+    storage and offloading, when given), :class:`AttentionBackendError` if its attention backend cannot run here (on
+    ``bundle``'s device, dtype and head width, when given) — checked where either is recorded and before a run moves
+    any weights. Returns what the cache does to each method it acts with (the sampler logs these lines)."""
     if options is None or not options.active:
         return []
     from .patches import conditional_only
 
-    check_attention_backend(options.attention)
+    runs_on = {} if bundle is None else {"device": bundle.device, "dtype": bundle.dtype,
+                                         "head_dim": bundle.transformer.config.attention_head_dim}
+    check_attention_backend(options.attention, **runs_on)
     if options.cache in NEEDS_BATCHED_CFG and conditional_only(patches):
         name = options.cache.replace("_", " ")
         raise SpeedConflictError(
@@ -301,7 +385,72 @@ def check_speed(options: SpeedOptions | None, patches) -> list[str]:
         raise SpeedConflictError(
             f"attention backend {options.attention!r} cannot act with {biased[0]}: that weight is a bias on the "
             f"attention scores, which {options.attention} does not take. Use the native backend (or strength 1).")
+    if options.compile and bundle is not None:
+        check_compile_hooks(bundle.transformer)
     return notes
+
+
+def check_compile_hooks(transformer: torch.nn.Module) -> None:
+    """Raise :class:`SpeedConflictError` when the transformer carries diffusers hooks that torch.compile cannot trace
+    through, so that the compiled blocks would be cut into one graph per layer (measured, tests/test_speed.py):
+    layerwise casting (fp8 weight storage: its hook recasts each layer's parameters, which dynamo does not trace) and
+    leaf-level group offloading (``sequential``: each layer's onload and offload are ``torch.compiler.disable``d).
+    Block-level group offloading (``block``) moves whole blocks outside the compiled block bodies: allowed."""
+    if storage_dtype(transformer) is not None:
+        raise SpeedConflictError(
+            f"compile cannot act on weights stored in {str(storage_dtype(transformer)).removeprefix('torch.')}: the "
+            "layerwise casting hook recasts every layer's weights as it runs, which torch.compile cannot trace, so "
+            "each block is cut into one small graph per layer and nothing is fused. Load the model with "
+            "weight_storage 'precision' to compile, or turn compile off.")
+    block = transformer.transformer_blocks[0]
+    if any(group_offloaded(m) for m in block.modules() if m is not block):
+        raise SpeedConflictError(
+            "compile cannot act with offload 'sequential': the weights stream layer by layer, and each layer's "
+            "transfer is outside what torch.compile can trace, so each block is cut into one small graph per layer "
+            "and nothing is fused. Load the model with offload 'block' (whole blocks stream; compile works), 'model' "
+            "or 'none', or turn compile off.")
+
+
+def group_offloaded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a group of diffusers' group offloading (its weights come and go with it)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook("group_offloading") is not None
+
+
+def check_steps(options: SpeedOptions | None, timesteps) -> None:
+    """Raise :class:`SpeedSettingError` with one line when ``options``' cache cannot act in a run over ``timesteps``:
+    mag cache's ratios are not one per step, or the cache's step range holds no step of the run (diffusers' own
+    conditions: PAB and FasterCache reuse on steps whose timestep lies inside their open timestep range, TaylorSeer
+    predicts steps ``start <= i < end``, mag cache may skip steps from ``start`` on). Called by the sampler, where the
+    step count is known, before anything runs."""
+    if options is None or options.cache in ("none", "first_block_cache"):
+        return
+    method, ts = options.cache, [float(t) for t in timesteps]
+    steps = len(ts)
+    if method == "mag_cache" and options.mag_ratios is not None and len(options.mag_ratios) != steps:
+        raise SpeedSettingError(
+            f"mag_ratios has {len(options.mag_ratios)} values but this run has {steps} steps: mag_cache needs the "
+            f"ratio of each step. Calibrate at {steps} steps (leave mag_ratios empty for one run and paste the ratios "
+            f"it logs) or sample with {len(options.mag_ratios)} steps.")
+    start, end = options.setting("start_step") or 0, options.end_step
+    if method in ("pyramid_attention_broadcast", "faster_cache"):
+        defaults = [DEFAULTS[method]["timesteps"]] + ([DEFAULTS[method]["uncond_timesteps"]]
+                                                      if method == "faster_cache" else [])
+        ranges = [_timestep_range(ts, options.start_step, options.end_step, d) for d in defaults]
+        if any(low < t < high for low, high in ranges for t in ts):
+            return
+        where = " or ".join(f"({low:g}, {high:g})" for low, high in ranges)
+        raise SpeedSettingError(
+            f"{method} caches no step of this {steps}-step run: none of its timesteps ({ts[0]:g} to {ts[-1]:g}) lies "
+            f"in the cached range {where}. Set start_step below {steps} and end_step above it (or -1 for diffusers' "
+            "default range), or more steps.")
+    last = steps if method == "mag_cache" or end is None or end < 0 else min(end, steps)
+    if start >= last:
+        default = " (diffusers' default)" if options.start_step is None else ""
+        raise SpeedSettingError(
+            f"{method} caches no step of this {steps}-step run: start_step {start}{default} is "
+            + (f"past its last step ({steps - 1})" if last == steps else f"not before end_step {end}")
+            + f". Set start_step below {last} (or -1 for diffusers' default), or sample with more steps.")
 
 
 def cache_notes(cache: str, patches) -> list[str]:

@@ -77,7 +77,7 @@ def encode_reference(bundle, images: torch.Tensor, max_side: int = 720) -> torch
     vae = bundle.vae
     need = vae_encode_activation_bytes(vae.config, nh, nw, images=x.shape[0], element_size=vae.dtype.itemsize)
     with torch.no_grad(), bundle.placement.run(vae, memory_required=need):
-        z = vae.encode((x * 2 - 1).unsqueeze(2).to(bundle.device, vae.dtype)).latent_dist.mode()
+        z = vae.encode((x * 2 - 1).unsqueeze(2).to(bundle.placement.device_of(vae), vae.dtype)).latent_dist.mode()
     return (z[:, :, 0] * vae.config.scaling_factor).float().cpu()  # [N, C, h, w]
 
 
@@ -179,6 +179,11 @@ class SubjectReferencePatch:
     def cache_notes(self, kind) -> list[str]:
         """What a cache (:class:`~.speed.CacheKind`) skips of the reference: its tokens ride with the others."""
         return token_stream_notes(kind, self.method, "the subject reference tokens")
+
+    def extra_tokens(self, config) -> int:
+        """Tokens the references add to the transformer's sequence (one patch-embedded frame each)."""
+        n, _, h, w = self.latents.shape
+        return n * (h // config.patch_size) * (w // config.patch_size)
 
     def apply(self, transformer, context=None):
         if self.latents.shape[1] != transformer.config.out_channels:

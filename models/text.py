@@ -100,6 +100,14 @@ class PromptEncoder(abc.ABC):
         """Token ids [1, L] -> T5 output [1, L, D] (float32, CPU)."""
 
 
+def t5_memory(text_encoder, tokens: int) -> int:
+    """The text-encode stage's activation estimate (:mod:`.memory`) for one prompt of ``tokens`` tokens."""
+    from .memory import t5_activation_bytes
+
+    c = text_encoder.config
+    return t5_activation_bytes(c.d_model, c.d_ff, c.num_heads, tokens, element_size=text_encoder.dtype.itemsize)
+
+
 class BundleT5(PromptEncoder):
     """The bundle's ``text_encoder``, run through its placement (cached per bundle)."""
 
@@ -112,13 +120,10 @@ class BundleT5(PromptEncoder):
         self.bundle, self.tokenizer, self.cache = bundle, bundle.tokenizer, bundle.text_cache
 
     def encode(self, input_ids):
-        from .memory import t5_activation_bytes
-
         b, te = self.bundle, self.bundle.text_encoder
-        need = t5_activation_bytes(te.config.d_model, te.config.d_ff, te.config.num_heads, input_ids.shape[1],
-                                   element_size=te.dtype.itemsize)
+        need = t5_memory(te, input_ids.shape[1])
         with torch.no_grad(), b.placement.run(te, memory_required=need):
-            return t5_encode(te, input_ids.to(b.device)).float().cpu()
+            return t5_encode(te, input_ids.to(b.placement.device_of(te))).float().cpu()
 
 
 def prompt_tokenizer(encoder: PromptEncoder, prompt: str):

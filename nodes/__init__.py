@@ -1,6 +1,6 @@
 """ComfyUI node classes. Thin: parse inputs, call ``models/``, return outputs."""
 
-from . import cogvideox, dualreal, host, magicmirror, metrics, subject
+from . import cogvideox, dualreal, errors, host, magicmirror, metrics, subject
 
 NODE_CLASS_MAPPINGS = {**cogvideox.NODE_CLASS_MAPPINGS, **magicmirror.NODE_CLASS_MAPPINGS, **subject.NODE_CLASS_MAPPINGS,
                        **dualreal.NODE_CLASS_MAPPINGS, **metrics.NODE_CLASS_MAPPINGS}
@@ -8,4 +8,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {**cogvideox.NODE_DISPLAY_NAME_MAPPINGS, **magicmir
                               **subject.NODE_DISPLAY_NAME_MAPPINGS, **dualreal.NODE_DISPLAY_NAME_MAPPINGS,
                               **metrics.NODE_DISPLAY_NAME_MAPPINGS}
 
+errors.plain_node_errors(NODE_CLASS_MAPPINGS.values())  # the pack's errors without module paths in ComfyUI
 host.register_model_folders()

@@ -48,7 +48,9 @@ class CogVideoXModelLoader:
                             "while it runs (~13-14 GiB while sampling). sequential: weights stream layer by layer "
                             "(~4 GiB, slowest). block: the transformer streams block by block (~4 GiB as well, fewer "
                             "and larger transfers than sequential). auto: picked from the free VRAM and the model's size "
-                            "(none, model or sequential)."}),
+                            "(none, model, block or sequential; sequential under --novram). ComfyUI's launch flags "
+                            "apply on top: --lowvram/--novram run T5 on the CPU, --novram loads nothing whole, "
+                            "--highvram keeps the transformer on the GPU, --gpu-only everything."}),
             },
             "optional": {
                 "transformer_file": ([NONE] + host.list_model_files("diffusion_models"), {
@@ -77,7 +79,7 @@ class CogVideoXModelLoader:
         bundle = load_cogvideox(folder, dtype=DTYPES[precision], device=host.torch_device(), offload=offload,
                                 offload_device=host.offload_device(), transformer_file=tfile, weight_dtype=storage,
                                 weight_skip_patterns=storage_skip_patterns(weight_storage),
-                                manager=host.model_manager())
+                                manager=host.model_manager(), devices=host.component_devices())
         return (bundle,)
 
 
@@ -144,13 +146,18 @@ class CogVideoXLoraLoader:
 class CogVideoXSpeed:
     DESCRIPTION = ("Speed options for the sampler, all from diffusers: a cache that reuses work between steps, "
                    "torch.compile of the transformer blocks and the attention backend. Returns a new model; the input "
-                   "model is left unchanged. Combinations that cannot work with the model's patches are refused here.")
+                   "model is left unchanged. One Speed node per model: a model that already passed a Speed node is "
+                   "refused (set every option in one node). Settings that cannot act are refused with one line: "
+                   "combinations with the model's patches, weight storage or offload, and an attention backend its "
+                   "device or precision cannot run here; a step range or mag_ratios that do not fit the sampler's "
+                   "steps at the sampler, before it starts.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL, {"tooltip": "From the loader or a patch node (before or after this node)."}),
+                "model": (MODEL, {"tooltip": "From the loader or a patch node (before or after this node), not "
+                          "from another Speed node: one Speed node per model (a second one is refused)."}),
                 "cache": (list(CACHE_METHODS), {"default": "none", "tooltip": "Reuse work between denoising steps "
                           "(diffusers' caches): first_block_cache skips blocks 1..N while block 0's change stays under "
                           "threshold; pyramid_attention_broadcast / faster_cache reuse attention every other step "
@@ -169,22 +176,28 @@ class CogVideoXSpeed:
                 "start_step": ("INT", {"default": -1, "min": -1, "max": 1000, "tooltip": "First step that may "
                                "reuse a cache (earlier steps are computed in full). -1: diffusers' default (pyramid: "
                                "timesteps below 800, faster_cache: below 681, taylorseer: step 3, mag_cache: the "
-                               "first 20% of the steps in full). first_block_cache ignores it."}),
+                               "first 20% of the steps in full). first_block_cache ignores it. Must be below "
+                               "end_step and below the sampler's steps (else nothing is cached: refused)."}),
                 "end_step": ("INT", {"default": -1, "min": -1, "max": 1000, "tooltip": "Steps from this one on are "
                              "computed in full. -1: diffusers' default (pyramid: timesteps above 100, the others to "
-                             "the last step). first_block_cache and mag_cache ignore it."}),
+                             "the last step). first_block_cache and mag_cache ignore it. Must be above start_step "
+                             "(an empty range is refused)."}),
                 "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the transformer blocks "
                             "(diffusers' regional compile): the first run compiles (minutes), later runs are faster. "
-                            "Needs a working compiler toolchain (Triton on GPUs). Not with MagicMirror or the subject "
-                            "reference."}),
+                            "Needs a working compiler toolchain (Triton on GPUs). Not with MagicMirror, DualReal or "
+                            "the subject reference, not with fp8 weight storage, not with offload sequential (each "
+                            "cuts the compiled blocks into one graph per layer); offload block works."}),
                 "attention": (list(ATTENTION_BACKENDS), {"default": "native", "tooltip": "Attention kernel "
-                              "(diffusers' attention dispatcher): native = PyTorch SDPA; flash = flash-attn, sage = "
-                              "sageattention, xformers = xformers (each needs its package installed)."}),
+                              "(diffusers' attention dispatcher): native = PyTorch SDPA (any device and precision); "
+                              "flash = flash-attn (CUDA or ROCm GPU, Ampere or newer, bf16/fp16); sage = "
+                              "sageattention (NVIDIA GPU, Ampere or newer, bf16/fp16); xformers = xformers (CUDA "
+                              "GPU). Each needs its package installed; a model they cannot run is refused here."}),
             },
             "optional": {
                 "mag_ratios": ("STRING", {"default": "", "tooltip": "mag_cache only: the model's per-step magnitude "
-                               "ratios, comma-separated. Empty: this run calibrates (computes every block) and logs "
-                               "the ratios to paste here."}),
+                               "ratios, comma-separated, one per sampler step (another count is refused at the "
+                               "sampler). Empty: this run calibrates (computes every block) and logs the ratios to "
+                               "paste here."}),
             },
         }
 

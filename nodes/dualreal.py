@@ -45,8 +45,9 @@ class DualRealStageBlender:
         adapters = load_dualreal(host.resolve_model_file("dualreal", adapter)).to(model.dtype)  # waits on the CPU
         adapters.check_compatible(model.transformer)
         clip = load_clip_vision(host.resolve_model_file("clip_vision", clip_vision)).to(model.dtype)
-        with model.placement.run(clip):
-            embeds = image_embeds(clip, reference_image[:1], device=model.device)  # [1, C]
+        side = host.placement()  # where ComfyUI runs its own CLIP vision
+        with side.run(clip):
+            embeds = image_embeds(clip, reference_image[:1], device=side.device)  # [1, C]
         if embeds.shape[-1] != adapters.config.condition_dim:
             raise ValueError(f"CLIP '{clip_vision}' gives {embeds.shape[-1]}-d image embeddings but the adapter "
                              f"expects {adapters.config.condition_dim} (OpenCLIP ViT-H/14 gives 1024)")

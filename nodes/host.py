@@ -1,8 +1,9 @@
 """The few ComfyUI services the nodes use, imported lazily.
 
 Inside ComfyUI these are ``folder_paths``, ``comfy.utils.ProgressBar``,
-``comfy.model_management`` (devices, interrupts, and the model manager every placement
-reports to) and core's CLIP objects (a T5-XXL from ``models/text_encoders/`` encoding prompts).
+``comfy.model_management`` (devices per kind of model under the launch flags, interrupts, and the
+model manager every placement reports to) and core's CLIP objects (a T5-XXL from
+``models/text_encoders/`` encoding prompts).
 Outside it (unit tests, ``make demo``) the same calls work headless: model folders come from
 ``$MAGICMIRROR_MODELS_DIR`` (default ``./models``), progress is a no-op, the device is the CPU
 (or CUDA when available) and placements move modules themselves.
@@ -126,6 +127,19 @@ def device_total_memory() -> int | None:
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
+def component_devices() -> dict:
+    """``{role: (execution device, offload device)}`` as ComfyUI core places its own models of that kind under the
+    launch flags (``text_encoder_device()``, ``vae_device()`` and their offload devices): the CogVideoX text encoder
+    and VAE, and ``clip_vision`` for the image encoders (core's CLIP vision uses the text encoder's devices). Empty
+    headless (everything on :func:`torch_device`)."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return {}
+    text = (mm.text_encoder_device(), mm.text_encoder_offload_device())
+    return {"text_encoder": text, "clip_vision": text, "vae": (mm.vae_device(), mm.vae_offload_device())}
+
+
 def check_interrupt() -> None:
     """Raise ComfyUI's interrupt exception if the user pressed Cancel (no-op headless)."""
     try:
@@ -177,36 +191,83 @@ def _holder(module: torch.nn.Module) -> torch.nn.Module:
     return holder
 
 
+_CAST_TO = "_mmv_cast_to"  # where a module's own tensors go for its forward when core left them elsewhere
+_CAST_SAVED = "_mmv_cast_saved"  # [forwards running, the tensors they replaced] while copies are in place
+
+
+def _cast_in(module, args):
+    saved = module.__dict__.get(_CAST_SAVED)
+    if saved is not None:  # a forward of the module inside its own forward: the copies are there already
+        saved[0] += 1
+        return
+    device, moved = module.__dict__[_CAST_TO], []
+    for tensors in (module._parameters, module._buffers):
+        for name, t in tensors.items():
+            if t is not None and t.device != device:
+                moved.append((tensors, name, t))
+                copy = t.to(device, non_blocking=True)
+                tensors[name] = torch.nn.Parameter(copy, t.requires_grad) if isinstance(t, torch.nn.Parameter) \
+                    else copy
+    if moved:  # (nothing is written when the module is loaded: its forward stays free of side effects)
+        module.__dict__[_CAST_SAVED] = [1, moved]
+
+
+def _cast_out(module, args, output):
+    saved = module.__dict__.get(_CAST_SAVED)
+    if saved is not None:
+        saved[0] -= 1
+        if not saved[0]:
+            del module.__dict__[_CAST_SAVED]
+            for tensors, name, t in saved[1]:
+                tensors[name] = t
+
+
+def castable(module: torch.nn.Module, device: torch.device) -> None:
+    """Let ComfyUI load ``module`` partly and unload part of it, as it does its own models (``--lowvram``,
+    ``--novram``, a card too small for the model, another model needing the room): every submodule with tensors of
+    its own brings copies of those that are not on ``device`` there for its forward and drops them after it — what
+    core's own layers (``comfy.ops``) do with their weights. Submodules whose parameters are all their own get core's
+    ``comfy_cast_weights`` flag, so its partial loading counts them as it counts its own layers."""
+    for m in module.modules():
+        if not m._parameters and not m._buffers:
+            continue
+        if _CAST_TO not in m.__dict__:
+            m.register_forward_pre_hook(_cast_in, prepend=True)
+            m.register_forward_hook(_cast_out, always_call=True)
+            if m._parameters and not any(c._parameters for c in m.modules() if c is not m):
+                m.comfy_cast_weights = False
+        m.__dict__[_CAST_TO] = torch.device(device)
+
+
 class ComfyModelManager:
     """``comfy.model_management`` as the placements' model manager (:class:`~..models.placement.ModelManager`).
 
-    Each module a stage needs becomes a ``comfy.model_patcher.ModelPatcher`` loaded with ``load_models_gpu`` (the
-    transformer together with the run's adapters, so the estimate includes them): ComfyUI counts its memory,
-    evicts other models to make room, evicts ours when another model needs the memory, and "Unload models" /
-    ``POST /free`` unloads them. Models are loaded whole (``force_full_load``): ComfyUI's partial loading only knows
-    its own layer types; the ``sequential`` mode is the pack's way to run with little memory.
+    Each module a stage needs becomes a ``comfy.model_patcher.ModelPatcher`` (load and offload devices from its
+    placement) loaded with ``load_models_gpu`` (the transformer together with the run's adapters, with the stage's
+    activation estimate and what its streamed components hold): ComfyUI counts its memory, evicts other models to
+    make room, evicts ours when another model needs the memory, and "Unload models" / ``POST /free`` unloads them.
+    Core decides how much of each module it loads, as for its own models: whole when it fits, partly under
+    ``--lowvram`` or on a card too small, nothing under ``--novram`` — the modules are :func:`castable`, so what core
+    leaves on the offload device (or takes back to make room) comes in for each forward. Freeing room for a streamed
+    stage keeps the modules of the running stages loaded.
     """
 
     @staticmethod
     def patcher(module: torch.nn.Module, placement: Placement):
+        device, offload = placement.device_of(module), placement.offload_device_of(module)
         patcher = module.__dict__.get(_PATCHER_KEY)
-        if patcher is None or (patcher.load_device, patcher.offload_device) != (placement.device,
-                                                                             placement.offload_device):
+        if patcher is None or (patcher.load_device, patcher.offload_device) != (device, offload):
             import comfy.model_patcher
 
-            patcher = comfy.model_patcher.ModelPatcher(_holder(module), load_device=placement.device,
-                                                       offload_device=placement.offload_device,
+            patcher = comfy.model_patcher.ModelPatcher(_holder(module), load_device=device, offload_device=offload,
                                                        size=module_bytes(module))
             module.__dict__[_PATCHER_KEY] = patcher
+        castable(module, device)
         return patcher
 
     def load(self, modules, placement, memory_required):
-        mm = _model_management()
-        if mm.vram_state == mm.VRAMState.NO_VRAM and not mm.is_device_cpu(placement.device):
-            raise RuntimeError("ComfyUI runs with --novram, which loads no model whole: set the CogVideoX loader's "
-                               "offload to 'sequential' (or 'auto').")
-        mm.load_models_gpu([self.patcher(m, placement) for m in modules], memory_required=memory_required,
-                           force_full_load=True)
+        _model_management().load_models_gpu([self.patcher(m, placement) for m in modules],
+                                            memory_required=memory_required)
 
     def unload(self, modules):
         mm = _model_management()
@@ -217,8 +278,11 @@ class ComfyModelManager:
                 loaded.model_unload()
                 mm.current_loaded_models.pop(i)
 
-    def free(self, memory_required, device):
-        _model_management().free_memory(memory_required, device)
+    def free(self, memory_required, device, keep=()):
+        mm = _model_management()
+        patchers = [m.__dict__.get(_PATCHER_KEY) for m in keep]
+        kept = [lm for lm in mm.current_loaded_models if any(lm.model is p for p in patchers if p is not None)]
+        mm.free_memory(memory_required, device, keep_loaded=kept)
 
     def empty_cache(self):
         _model_management().soft_empty_cache()
@@ -231,6 +295,12 @@ class ComfyModelManager:
             return 0
         evictable = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
         return mm.get_free_memory(device) + evictable
+
+    def loads_whole(self, device) -> bool:
+        """Whether core brings a model onto ``device`` only whole (``--highvram`` / ``--gpu-only``); otherwise it
+        loads what fits and runs the rest layer by layer from the offload device."""
+        mm = _model_management()
+        return mm.vram_state in (mm.VRAMState.HIGH_VRAM, mm.VRAMState.SHARED)
 
     def capacity(self, device):
         """Free plus evictable memory on ``device`` whatever the loading policy (under --novram activations still
@@ -247,10 +317,12 @@ def model_manager() -> ComfyModelManager | None:
     return ComfyModelManager() if _model_management() is not None else None
 
 
-def placement(mode: str = "model") -> Placement:
-    """A placement on ComfyUI's (or the headless) devices for a model outside a CogVideoX bundle (face encoder,
-    CLIP vision): by default it waits on the offload device and comes in for each use."""
-    return Placement(torch_device(), offload_device(), mode, model_manager())
+def placement(mode: str = "model", role: str = "clip_vision") -> Placement:
+    """A placement for a model outside a CogVideoX bundle (face encoder, CLIP vision) on the devices ComfyUI gives
+    models of that ``role`` (:func:`component_devices`; the CLIP vision's by default, headless the torch device): by
+    default it waits on the offload device and comes in for each use."""
+    device, offload = component_devices().get(role, (torch_device(), offload_device()))
+    return Placement(device, offload, mode, model_manager())
 
 
 # ----------------------------------------------------------------------------- T5 from a ComfyUI CLIP

@@ -75,9 +75,9 @@ class MagicMirrorFaceEncoderLoader:
 
         analyzer = FaceAnalyzer(insightface_root(insightface), name=insightface, providers=PROVIDERS[provider])
         id_encoder = load_photomaker_id_encoder(host.resolve_model_file("photomaker", photomaker))
-        device = host.torch_device()
-        dtype = torch.float32 if device.type == "cpu" else DTYPES[precision]
-        encoder = FaceEncoder(analyzer, id_encoder, device=device, dtype=dtype, placement=host.placement())
+        placement = host.placement()  # where ComfyUI runs its own CLIP vision (the CPU under --lowvram / --novram)
+        dtype = torch.float32 if placement.device.type == "cpu" else DTYPES[precision]
+        encoder = FaceEncoder(analyzer, id_encoder, device=placement.device, dtype=dtype, placement=placement)
         logger.info("MagicMirror face encoder: %s", encoder.describe())
         return (encoder,)
 

@@ -66,7 +66,8 @@ def face_models(protocol) -> FaceModels:
     from ..models.curricularface import load_curricularface
     from ..models.metric_models import load_inception
 
-    out, device = FaceModels(), host.torch_device()
+    device = host.torch_device()
+    out = FaceModels(device=device)
     path, why = _find("curricularface")
     if path:
         out.curricularface = _cached("curricularface", path, lambda p: load_curricularface(p, device))

@@ -458,7 +458,8 @@ def test_host_bad_input_errors_and_server_keeps_serving(server):
             message = error.get("exception_message", "")
             seen[label] = f"{error.get('node_type')}: {error.get('exception_type')}: {message}"
             assert error.get("node_type") == node_type, f"{label}: {err}"
-            assert str(error.get("exception_type", "")).endswith(exc_type), f"{label}: {err}"
+            assert error.get("exception_type") == exc_type, f"{label}: {err}"  # the class name, no module path
+            assert comfy_host.PACK_MODULE_NAME not in message, f"{label}: {message}"
             for snippet in snippets:
                 assert snippet in message, f"{label}: {snippet!r} not in the error message:\n{message}"
         else:
@@ -568,6 +569,56 @@ def test_host_speed_workflow_runs_fp8_weights_and_a_cache(server):
     log = server.log_path.read_text(encoding="utf-8", errors="replace")[mark:]
     assert "weights stored in torch.float8_e4m3fn" in log, log[-3000:]
     assert "Sampling with SpeedOptions(cache='first_block_cache', threshold=0.3" in log, log[-3000:]
+
+
+def _speed_node(model_link: list, **inputs) -> dict:
+    return {"class_type": SPEED, "inputs": {
+        "model": model_link, "cache": "none", "threshold": -1.0, "interval": -1, "start_step": -1, "end_step": -1,
+        "compile": False, "attention": "native", "mag_ratios": "", **inputs}}
+
+
+def test_host_speed_settings_that_cannot_act_are_refused_in_one_plain_sentence(server):
+    """In a real ComfyUI, /history's error of each refusal: the Speed node's type, the exception's class name alone
+    (ComfyUI prints a class of a custom node pack with its module path otherwise, the pack's folder in it) and one
+    sentence: a second Speed node on the model, an empty step range at the node, mag_ratios for another step count and
+    a start step past the run at the sampler (before it samples)."""
+    def prompt(first: dict, second: dict | None = None) -> dict:
+        api = copy.deepcopy(_t2v_api(server))
+        (sampler,) = _nodes_of(api, SAMPLER)
+        api["901"] = _speed_node(sampler["inputs"]["model"], **first)
+        sampler["inputs"]["model"] = ["901", 0]
+        if second is not None:
+            api["902"] = _speed_node(["901", 0], **second)
+            sampler["inputs"]["model"] = ["902", 0]
+        return api
+
+    steps = STEPS
+    cases = {  # (prompt, failing node, sentence)
+        "second Speed node": (prompt(dict(cache="first_block_cache", threshold=0.3), dict(cache="taylorseer")), SPEED,
+                              "this model already has speed options (cache='first_block_cache', threshold=0.3): use "
+                              "one Speed node per model and set every option there (a second Speed node would "
+                              "replace the first)."),
+        "empty range": (prompt(dict(cache="pyramid_attention_broadcast", start_step=10, end_step=5)), SPEED,
+                        "pyramid_attention_broadcast: start_step 10 and end_step 5 leave no step to cache (the steps "
+                        "start_step <= i < end_step reuse it); set end_step above start_step, or -1 for the last "
+                        "step."),
+        "mag_ratios count": (prompt(dict(cache="mag_cache", mag_ratios="1.0, 0.99, 0.98, 0.97, 0.96")), SAMPLER,
+                             f"mag_ratios has 5 values but this run has {steps} steps: mag_cache needs the ratio of "
+                             f"each step. Calibrate at {steps} steps (leave mag_ratios empty for one run and paste the "
+                             "ratios it logs) or sample with 5 steps."),
+        "start past the run": (prompt(dict(cache="taylorseer", start_step=30)), SAMPLER,
+                               f"taylorseer caches no step of this {steps}-step run: start_step 30 is past its last "
+                               f"step ({steps - 1}). Set start_step below {steps} (or -1 for diffusers' default), or "
+                               "sample with more steps."),
+    }
+    for label, (api, node_type, sentence) in cases.items():
+        with pytest.raises(comfy_host.PromptFailed) as err:
+            server.run_prompt(api, timeout=PROMPT_TIMEOUT)
+        error = _execution_error(err.value.details)
+        assert error.get("node_type") == node_type, f"{label}: {error}"
+        assert error.get("exception_type") == "SpeedSettingError", f"{label}: {error}"
+        assert error.get("exception_message", "").strip() == sentence, f"{label}: {error}"
+    _run_and_check_video(server, prompt(dict(cache="taylorseer", start_step=1)))  # (and the server keeps serving)
 
 
 def test_host_speed_conflict_is_refused_at_the_speed_node(server):

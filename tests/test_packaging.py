@@ -170,3 +170,85 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_anywhere(tmp_path):
                "--output_dir", outside / "run"], cwd=outside, env=env)
     assert (outside / "run" / "dualreal.safetensors").is_file(), out
     assert not (outside / "training").exists() and not (outside / "magicmirror_video").exists()
+
+
+def declared_minimums() -> dict[str, str]:
+    """``{package: version}`` of pyproject's ``package>=version`` runtime requirements."""
+    pairs = (re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", r) for r in PROJECT["dependencies"])
+    return {m.group(1).lower(): m.group(2) for m in pairs if m}
+
+
+def test_the_import_check_holds_the_declared_minimums():
+    from magicmirror_video.versions import MINIMUM_VERSIONS
+
+    declared = declared_minimums()
+    assert MINIMUM_VERSIONS == {name: declared[name] for name in ("torch", "diffusers", "transformers", "accelerate")}
+
+
+@pytest.mark.parametrize("package, installed", [("diffusers", "0.32.2"), ("transformers", "4.55.4"),
+                                                ("accelerate", None), ("torch", "2.5.1+cu124")])
+def test_importing_the_pack_with_an_older_package_fails_in_one_line(package, installed):
+    """The installed version as importlib.metadata reports it is replaced for one package; importing the pack (as
+    ComfyUI or a trainer does) then fails before anything else with one line naming the package, the installed and
+    the needed version (pyproject's) and how to update."""
+    need = declared_minimums()[package]
+    code = f"""
+import importlib.metadata as md, sys
+real = md.version
+def version(name):
+    if name != {package!r}:
+        return real(name)
+    if {installed!r} is None:
+        raise md.PackageNotFoundError(name)
+    return {installed!r}
+md.version = version
+try:
+    import magicmirror_video.training.train_dualreal
+except ImportError as e:
+    print(e)
+    sys.exit(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    found = "not installed" if installed is None else f"found {installed}"
+    how = "install torch>=2.6 built for your GPU" if package == "torch" else f"pip install -U '{package}>={need}'"
+    assert proc.stdout.startswith(f"MagicMirror Video needs {package}>={need} ({found}): {how}")
+    assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+
+
+def test_every_module_imports_with_the_declared_minimum_diffusers(tmp_path):
+    """A fresh venv with torch 2.13.0 (as the Makefile) and the declared runtime and [train] dependencies, diffusers
+    held at its declared minimum by a pip constraint: the import-time version check passes and every module of the
+    pack imports — models/, nodes/ (outside ComfyUI: no folder_paths), training/, testing/. insightface and
+    tensorboard are left out: imported only when used, and the heaviest downloads (about 2 minutes in all, most of it
+    pip; packages come from pip's cache when it has them)."""
+    need = declared_minimums()["diffusers"]
+    venv, pkg = tmp_path / "venv", tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "magicmirror_video").symlink_to(ROOT, target_is_directory=True)
+    (tmp_path / "minimum.txt").write_text(f"diffusers=={need}\n")
+    run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
+    py = venv / "bin" / "python"
+    run([py, "-m", "pip", "install", "--quiet", "torch==2.13.0"], cwd=tmp_path, timeout=900)
+    lazy = ("insightface", "tensorboard")
+    requirements = [r for r in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["train"]
+                    if _declared([r]).isdisjoint(lazy)]
+    run([py, "-m", "pip", "install", "--quiet", "-c", ROOT / "constraints.txt", "-c", tmp_path / "minimum.txt",
+         *requirements], cwd=tmp_path, timeout=900)
+    code = ("import importlib, importlib.metadata as md, pkgutil, sys\n"
+            f"assert md.version('diffusers') == {need!r}, md.version('diffusers')\n"
+            "import magicmirror_video as m\n"
+            "names = []\n"
+            "for sub in ('models', 'nodes', 'training', 'testing'):\n"
+            "    package = importlib.import_module('magicmirror_video.' + sub)\n"
+            "    names += ['magicmirror_video.%s.%s' % (sub, i.name) for i in pkgutil.iter_modules(package.__path__)]\n"
+            "for name in names:\n"
+            "    importlib.import_module(name)\n"
+            "assert len(m.NODE_CLASS_MAPPINGS) > 10 and 'comfy' not in sys.modules\n"
+            "print(len(names), 'modules')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PYTHONPATH"] = str(pkg)
+    out = run([py, "-c", code], cwd=tmp_path, env=env)
+    modules = [p for folder in ("models", "nodes", "training", "testing") for p in (ROOT / folder).glob("*.py")
+               if p.name != "__init__.py"]
+    assert out.split()[0] == str(len(modules)), out

@@ -321,8 +321,8 @@ class RecordingManager:
     def unload(self, modules):
         self.calls.append(("unload", [type(m).__name__ for m in modules]))
 
-    def free(self, memory_required, device):
-        self.calls.append(("free", memory_required))
+    def free(self, memory_required, device, keep=()):
+        self.calls.append(("free", memory_required, [type(m).__name__ for m in keep]))
 
     def empty_cache(self):
         self.calls.append(("empty_cache",))
@@ -334,8 +334,12 @@ class RecordingManager:
 @pytest.mark.parametrize("mode", MODES)
 def test_a_host_manager_does_the_moves(mode, monkeypatch):
     """With a manager the placement never moves a module itself: every stage asks the manager to load what it
-    needs (the transformer with the run's adapters, and the activation estimate), unloads what the mode does not
-    keep, empties the cache; streamed components only make the manager free room."""
+    needs (the transformer with the run's adapters, and the activation estimate plus what the streamed components
+    hold: their running and prefetched unit), unloads what the mode does not keep, empties the cache; a stage whose
+    modules all stream only makes the manager free room, keeping the running stage's modules."""
+    from magicmirror_video.models.memory import t5_activation_bytes, transformer_activation_bytes
+    from magicmirror_video.models.placement import largest_block_bytes, largest_leaf_bytes
+
     manager = RecordingManager()
     reference = run_sampler(make_bundle("none", "cpu"), [mm_patch(make_bundle("none", "cpu"))])
     c = tiny.build_components(num_layers=2)
@@ -347,18 +351,30 @@ def test_a_host_manager_does_the_moves(mode, monkeypatch):
                         device=torch.device("cpu"), placement=placement)
     spy = Moves(monkeypatch)
     pos, neg = conditionings(b)
-    out = sample_video(b.with_patch(mm_patch(b)), pos, neg, **KW)
+    patch = mm_patch(b)
+    out = sample_video(b.with_patch(patch), pos, neg, **KW)
     assert torch.equal(out, reference)
     assert spy.moves == []  # the manager moved everything
     kept = mode == "none"
     names = {"transformer": "CogVideoXTransformer3DModel", "t5": "T5EncoderModel"}
     loads = [c for c in manager.calls if c[0] == "load"]
+    frees = [c for c in manager.calls if c[0] == "free"]
+    # MagicMirror (two-way) samples the negative prompt on its own: batch 1, its 2 face tokens join the sequence
+    sampling = transformer_activation_bytes(b.transformer.config, KW["num_frames"], KW["height"], KW["width"],
+                                            batch=1, extra_tokens=patch.adapter.config.face_queries,
+                                            element_size=4)
+    t5 = b.text_encoder.config
+    t5_need = t5_activation_bytes(t5.d_model, t5.d_ff, t5.num_heads, 226, element_size=4)
     if mode in ("sequential", "block"):
+        t = b.transformer  # held while streaming: the layers outside the blocks and two blocks, or two leaves
+        held = largest_block_bytes(t) + max(module_bytes(block) for block in t.transformer_blocks) if mode == "block" \
+            else 2 * largest_leaf_bytes(t)
         assert [c[1] for c in loads] == [["MagicMirrorAdapter"]]
-        assert sum(c[0] == "free" for c in manager.calls) == 3  # two prompts, one sampling run
+        assert loads[0][2] == sampling + held  # what the stream holds rides with the adapter's load
+        assert frees == [("free", t5_need + 2 * largest_leaf_bytes(b.text_encoder), [names["t5"]])] * 2  # prompts
     else:
         assert [c[1] for c in loads] == [[names["t5"]], [names["t5"]], [names["transformer"], "MagicMirrorAdapter"]]
-    assert loads[-1][2] > 0  # the activation estimate goes with the load
+        assert [c[2] for c in loads] == [t5_need, t5_need, sampling] and not frees
     unloads = [c[1] for c in manager.calls if c[0] == "unload"]
     assert unloads[-1] == ([] if kept else [] if mode in ("sequential", "block") else [names["transformer"]]) + \
         ["MagicMirrorAdapter"]
@@ -409,6 +425,75 @@ def test_auto_picks_the_mode_from_free_memory_and_sizes(free_gib, expected):
     available = None if free_gib is None else int(free_gib * GIB)
     mode, reason = choose_offload(available, WEIGHTS_5B, ACTS_5B)
     assert mode == expected, reason
+
+
+# held in block mode: the transformer's two blocks and the layers outside them; T5's two largest leaves (its embedding)
+STREAMED_5B = {"block": {"transformer": int(0.53 * GIB), "text_encoder": int(0.49 * GIB)}}
+
+
+@pytest.mark.parametrize("free_gib, expected", [(40.0, "none"), (23.0, "model"), (15.0, "block"), (7.0, "block"),
+                                                (6.0, "sequential"), (0.0, "sequential")])
+def test_auto_considers_block_between_model_and_sequential(free_gib, expected):
+    """With the bytes block mode holds, ``auto`` picks it where the largest stage does not fit whole but fits with the
+    transformer streaming block by block: max(0.53 + 2.85, 0.49 + 0.05, 0.40 + 3.71) + 2 headroom = 6.11 GiB; below
+    that, sequential. ``none`` must fit an untiled decode (14.83 GiB) beside all the weights: 19.66 + 14.83 + 2."""
+    mode, reason = choose_offload(int(free_gib * GIB), WEIGHTS_5B, ACTS_5B, streamed=STREAMED_5B,
+                                  none_activations=int(14.83 * GIB))
+    assert mode == expected, reason
+    assert choose_offload(int(30 * GIB), WEIGHTS_5B, ACTS_5B, streamed=STREAMED_5B,
+                          none_activations=int(14.83 * GIB))[0] == "model"  # tiled decode would have fitted: 25.4
+
+
+def _config(d):
+    from diffusers.configuration_utils import FrozenDict
+
+    return FrozenDict(d)  # a diffusers config: a mapping with attribute access
+
+
+def test_activation_estimates_at_native_sizes_checked_by_hand():
+    """``stage_activation_bytes`` plans CogVideoX 1.0 at 49x480x720 and 1.5 at 81x768x1360 and covers the decode
+    with and without tiling; each figure is models/memory.py's formula at that size, written out here by hand:
+
+    * transformer (14 units x batch 2 x tokens x width 3072 x 2 bytes): 1.0: 13 latent frames x 30 x 45 patches +
+      226 text tokens = 17776 tokens -> 3.06e9 B (2.85 GiB); 1.5: ceil(21 latent frames / 2) x 48 x 85 + 226 = 45106
+      tokens -> 7.76e9 B (7.23 GiB);
+    * VAE decode (10 units x 256 channels x 9 frames x h x w x 2 bytes): untiled 480x720 -> 1.59e10 B (14.83 GiB),
+      768x1360 -> 4.81e10 B (44.82 GiB); tiled (240x360 tiles) 3.98e9 B (3.71 GiB) at both sizes;
+    * T5-XXL (226 tokens): (4 x 226 x 4096 + 3 x 226 x 10240) x 2 + 2 x 64 x 226^2 x 4 = 47441920 B."""
+    import json
+    import types
+
+    from magicmirror_video.models.cogvideox import stage_activation_bytes
+    from magicmirror_video.testing import reference_json
+
+    t10 = {k: v for k, v in reference_json("cogvideox/transformer_config_5b.json").items() if not k.startswith("_")}
+    t10["patch_size_t"] = None  # (diffusers' default, not written in the 1.0 config)
+    t15 = dict(t10, patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81)
+    vae = {k: v for k, v in reference_json("cogvideox/vae_config.json").items() if not k.startswith("_")}
+    t5 = types.SimpleNamespace(config=types.SimpleNamespace(d_model=4096, d_ff=10240, num_heads=64))
+    expected = {
+        "1.0": {"transformer": 14 * 2 * (13 * 30 * 45 + 226) * 3072 * 2, "vae": 10 * 256 * 9 * 240 * 360 * 2,
+                "vae_untiled": 10 * 256 * 9 * 480 * 720 * 2},
+        "1.5": {"transformer": 14 * 2 * (11 * 48 * 85 + 226) * 3072 * 2, "vae": 10 * 256 * 9 * 240 * 360 * 2,
+                "vae_untiled": 10 * 256 * 9 * 768 * 1360 * 2}}
+    for version, config in (("1.0", t10), ("1.5", t15)):
+        bundle = types.SimpleNamespace(transformer=types.SimpleNamespace(config=_config(config)),
+                                       vae=types.SimpleNamespace(config=_config(vae)), text_encoder=t5,
+                                       dtype=torch.bfloat16)
+        got = stage_activation_bytes(bundle)
+        assert got == {**expected[version], "text_encoder": (4 * 226 * 4096 + 3 * 226 * 10240) * 2
+                       + 2 * 64 * 226 * 226 * 4}, (version, json.dumps(got))
+    assert expected["1.0"]["transformer"] == 3_058_040_832 and expected["1.5"]["transformer"] == 7_759_675_392
+    assert round(expected["1.0"]["vae_untiled"] / GIB, 2) == 14.83 and round(expected["1.5"]["vae_untiled"] / GIB,
+                                                                             2) == 44.82
+
+
+def test_auto_plans_cogvideox_1_5_at_its_own_size():
+    """The same weights, CogVideoX 1.5's activations at 81x768x1360 (7.23 GiB while sampling): on a 16 GiB card the
+    largest stage no longer fits whole (10.39 + 7.23 + 2), block does (0.53 + 7.23 + 2); 1.0 there fits model."""
+    acts_15 = dict(ACTS_5B, transformer=7_759_675_392)
+    assert choose_offload(int(16 * GIB), WEIGHTS_5B, acts_15, streamed=STREAMED_5B)[0] == "block"
+    assert choose_offload(int(16 * GIB), WEIGHTS_5B, ACTS_5B, streamed=STREAMED_5B)[0] == "model"
 
 
 def test_auto_on_the_cpu_keeps_everything_in_place():

@@ -231,8 +231,8 @@ def test_cancel_lands_between_decoder_calls(world, tiling, monkeypatch):
 class SimulatedDevice:
     """A host manager for a device of ``capacity`` bytes (free plus evictable): records what it is asked to load."""
 
-    def __init__(self, capacity):
-        self.capacity_bytes, self.loads = capacity, []
+    def __init__(self, capacity, partial=False):
+        self.capacity_bytes, self.loads, self.partial = capacity, [], partial
 
     def load(self, modules, placement, memory_required):
         self.loads.append([type(m).__name__ for m in modules])
@@ -251,6 +251,9 @@ class SimulatedDevice:
 
     def capacity(self, device):
         return self.capacity_bytes
+
+    def loads_whole(self, device):
+        return not self.partial
 
 
 def fmt(n):
@@ -317,22 +320,36 @@ def test_2048_square_49_frames_on_5b_is_refused_before_anything_runs(monkeypatch
 
 
 def test_5b_at_its_native_size_passes_the_check(monkeypatch):
-    from magicmirror_video.models.placement import largest_block_bytes
+    from magicmirror_video.models.placement import streamed_bytes
     from magicmirror_video.models.sampler import check_sampling_memory
 
     def simulated_stream(self, module, level):  # (diffusers' group offloading cannot offload meta weights)
-        self._homes[module], self._chunk[module] = "streamed", largest_block_bytes(module)
+        self._homes[module], self._held[module] = "streamed", streamed_bytes(module, level)
 
     monkeypatch.setattr(Placement, "_move", lambda self, modules, onload: None)
     monkeypatch.setattr(Placement, "_stream", simulated_stream)
     for mode in ("model", "block"):
         b = meta_5b_bundle(SimulatedDevice(24 * GIB), mode)
-        check_sampling_memory(b, 49, 480, 720, batch=2)  # 2.9 GiB of activations
+        check_sampling_memory(b, 49, 480, 720, cfg=6.0)  # 2.9 GiB of activations
     # block mode: the weights stream, two blocks (plus the embeddings) take room; 2048x2048x49 still does not fit
     with pytest.raises(ActivationMemoryError) as err:
-        check_sampling_memory(b, 49, 2048, 2048, batch=2)
-    assert f"less {fmt(2 * largest_block_bytes(b.transformer))} of weights)" in str(err.value)
+        check_sampling_memory(b, 49, 2048, 2048, cfg=6.0)
+    assert f"less {fmt(streamed_bytes(b.transformer, 'block'))} of weights)" in str(err.value)
     assert "offload 'block'" not in str(err.value)
+
+
+def test_a_manager_that_loads_part_of_a_model_leaves_the_weights_out_of_the_room(monkeypatch):
+    """5B in model mode on a 12 GiB card: a host that brings models in only whole (ComfyUI's --highvram) leaves
+    12 GiB less the 10.4 GiB transformer for 2.9 GiB of activations: refused; one that loads what fits and runs the
+    rest layer by layer (ComfyUI's default) gives the activations the whole card: the same request passes."""
+    from magicmirror_video.models.sampler import check_sampling_memory
+
+    monkeypatch.setattr(Placement, "_move", lambda self, modules, onload: None)
+    whole = meta_5b_bundle(SimulatedDevice(12 * GIB), "model")
+    with pytest.raises(ActivationMemoryError) as err:
+        check_sampling_memory(whole, 49, 480, 720, cfg=6.0)
+    assert f"less {fmt(weight_bytes(whole.transformer))} of weights" in str(err.value)
+    check_sampling_memory(meta_5b_bundle(SimulatedDevice(12 * GIB, partial=True), "model"), 49, 480, 720, cfg=6.0)
 
 
 def tiny_on_simulated_device(capacity, i2v=False):

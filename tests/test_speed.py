@@ -14,8 +14,14 @@ outlives its run.
 * **the base model** (weights, hooks, attention processors, compiled calls, cache state) is unchanged after every
   option on a patched model, also after an interrupted run;
 * **attention backends**: the dispatcher copy of CogVideoX's processor with ``native`` equals the original bit for bit;
-  a backend whose package is missing is a clear error naming it;
-* **compile**: equals eager to 1e-4 (inductor, where the toolchain works); one graph serves every block and later runs.
+  a backend whose package is missing is a clear error naming it; a model the kernel cannot run (device, dtype, head
+  width) is refused at the node, at least wherever diffusers' own constraint checks refuse;
+* **compile**: equals eager to 1e-4 (inductor, where the toolchain works); one graph serves every block and later runs;
+  refused where fp8 casting or leaf-level offloading hooks cut the blocks into one graph per layer (measured), equal to
+  eager with block-level offloading;
+* **settings that cannot act** are refused in one line: an empty step range at the node, a range outside the run and
+  mag ratios of another step count at the sampler before anything runs (each refused setting, run anyway, gives the
+  uncached video bit for bit), a second Speed node on one model.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from magicmirror_video.models.speed import (
     CogVideoXDispatchAttnProcessor,
     SpeedConflictError,
     SpeedOptions,
+    SpeedSettingError,
 )
 from magicmirror_video.models.text import encode_prompt
 from magicmirror_video.testing import tiny
@@ -660,3 +667,212 @@ def test_compile_with_a_method_is_refused_because_it_recompiles(composed, method
     base = graphs_of(b.with_speed(options), pos, neg)
     streams = graphs_of(dataclasses.replace(b.with_patch(MAKERS[method](b)), speed=options), pos, neg)
     assert streams[-1] > base[-1], (streams, base)
+
+
+# ------------------------------------------------------------------------------------- settings that cannot act
+
+
+def speed_node(model, cache="none", *, threshold=-1.0, interval=-1, start_step=-1, end_step=-1, compile=False,
+               attention="native", mag_ratios=""):
+    from magicmirror_video.nodes.cogvideox import CogVideoXSpeed
+
+    return CogVideoXSpeed().apply(model, cache, threshold, interval, start_step, end_step, compile, attention,
+                                  mag_ratios)[0]
+
+
+@pytest.mark.parametrize("cache, start, end", [("pyramid_attention_broadcast", 10, 5), ("faster_cache", 4, 4),
+                                               ("taylorseer", -1, 2), ("pyramid_attention_broadcast", -1, 0)])
+def test_an_empty_step_range_is_refused_at_the_speed_node(composed, cache, start, end):
+    """start_step >= end_step (taylorseer's default start is step 3) leaves no step that may reuse the cache."""
+    with pytest.raises(SpeedSettingError, match=rf"^{cache}: start_step \d+.* and end_step {end} leave no step to "
+                                                r"cache .*set end_step above start_step, or -1"):
+        speed_node(composed[0], cache, start_step=start, end_step=end)
+    speed_node(composed[0], cache, start_step=start, end_step=max(start, 3) + 1)  # a range with a step: accepted
+
+
+# (settings, the sampler's refusal): each acts on no step of the run (KW: 6 DDIM steps)
+NO_STEP = {
+    "faster_start_past_the_steps": (SpeedOptions("faster_cache", start_step=30), r"faster_cache caches no step of this "
+                                    r"6-step run: none of its timesteps \(999 to 166\) lies in the cached range"),
+    "pab_start_past_the_steps": (SpeedOptions("pyramid_attention_broadcast", start_step=6, interval=2),
+                                 r"pyramid_attention_broadcast caches no step of this 6-step run"),
+    "taylorseer_start_past_the_steps": (SpeedOptions("taylorseer", interval=2, start_step=6),
+                                        r"taylorseer caches no step of this 6-step run: start_step 6 is past its last "
+                                        r"step \(5\)"),
+    "mag_start_past_the_steps": (SpeedOptions("mag_cache", threshold=0.5, start_step=6, mag_ratios=RATIOS),
+                                 r"mag_cache caches no step of this 6-step run: start_step 6 is past"),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_STEP))
+def test_a_step_range_outside_the_run_is_refused_before_sampling(t2v, case, monkeypatch):
+    """Refused by the sampler before anything runs (no transformer forward); what the refusal avoids: the same run with
+    the check skipped is the uncached video bit for bit (diffusers' hooks reuse nothing), while a start one step
+    earlier does change the video."""
+    from magicmirror_video.models import sampler
+
+    b, pos, neg, uncached = t2v
+    options, said = NO_STEP[case]
+    calls = []
+    hook = b.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(SpeedSettingError, match=said + r".*Set start_step below"):
+            sample_video(b.with_speed(options), pos, neg, **KW)
+    finally:
+        hook.remove()
+    assert calls == []
+    with monkeypatch.context() as m:
+        m.setattr(sampler, "check_steps", lambda *a: None)
+        assert torch.equal(sample_video(b.with_speed(options), pos, neg, **KW), uncached)
+    earlier = dataclasses.replace(options, start_step=2 if options.cache == "faster_cache" else 4)
+    assert (sample_video(b.with_speed(earlier), pos, neg, **KW) - uncached).abs().max() > 1e-4
+
+
+def test_pab_default_range_on_a_one_step_run_is_refused(t2v):
+    """The documented timestep range (100, 800) holds no timestep of a 1-step run (timestep 999)."""
+    b, pos, neg, _ = t2v
+    with pytest.raises(SpeedSettingError, match=r"none of its timesteps \(999 to 999\) lies in the cached range "
+                                                r"\(100, 800\)"):
+        sample_video(b.with_speed(SpeedOptions("pyramid_attention_broadcast")), pos, neg, **dict(KW, steps=1))
+
+
+def test_mag_ratios_of_another_step_count_are_refused_at_the_sampler(t2v):
+    """One ratio per step: 2 ratios for 6 steps are refused before sampling with the fix named (diffusers would
+    stretch them over the steps by nearest-neighbour interpolation, ratios of no step of this run)."""
+    b, pos, neg, _ = t2v
+    model = speed_node(b, "mag_cache", threshold=0.5, start_step=1, mag_ratios="1.0, 0.98")  # (the node cannot know)
+    with pytest.raises(SpeedSettingError, match=r"^mag_ratios has 2 values but this run has 6 steps: mag_cache needs "
+                                                r"the ratio of each step\. Calibrate at 6 steps .* or sample with 2 "
+                                                r"steps\.$"):
+        sample_video(model, pos, neg, **KW)
+    sample_video(model, pos, neg, **dict(KW, steps=2))  # the count they were calibrated for
+
+
+def test_a_second_speed_node_is_refused(composed):
+    """One Speed node per model (a second would silently replace the first): refused naming what is recorded, also
+    with a patch node in between; a Speed node on the loader's model again (another branch) is fine."""
+    b = composed[0]
+    fast = speed_node(b, "first_block_cache", threshold=0.3)
+    for model in (fast, fast.with_patch(MAKERS["lora"](b))):
+        with pytest.raises(SpeedSettingError, match=r"^this model already has speed options \(cache='first_block_cache'"
+                                                    r", threshold=0\.3\): use one Speed node per model"):
+            speed_node(model, "taylorseer")
+    assert speed_node(b, "taylorseer").speed == SpeedOptions("taylorseer")
+
+
+# ------------------------------------------------------------------- attention backend limits, compile with hooks
+
+
+@pytest.mark.parametrize("backend", ["flash", "sage", "xformers"])
+def test_backend_limits_refuse_what_diffusers_own_constraints_refuse(backend):
+    """diffusers registers constraints with each backend (checked only with DIFFUSERS_ATTN_CHECKS): run them on small
+    q/k/v of each dtype; whatever they refuse, the node refuses too (ours are stricter where the kernels are: flash on
+    a CPU tensor passes diffusers' same-device check but has no CPU kernel)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    from magicmirror_video.models.speed import ATTENTION_BACKENDS, attention_backend_problem
+
+    constraints = _AttentionBackendRegistry._constraints[AttentionBackendName(ATTENTION_BACKENDS[backend][0])]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q = torch.zeros(1, 4, 2, 64, dtype=dtype)
+        refused_by_diffusers = []
+        for check in constraints:
+            try:
+                check(query=q, key=q, value=q, attn_mask=None, is_causal=False)
+            except ValueError as e:
+                refused_by_diffusers.append(str(e))
+        ours = attention_backend_problem(backend, device=q.device, dtype=dtype, head_dim=64)
+        if refused_by_diffusers:
+            assert ours is not None, (backend, dtype, refused_by_diffusers)
+        assert ours is not None and "this model runs on cpu" in ours  # none of the three has CPU kernels
+        # on a CUDA device only the dtype is left to refuse (no GPU needed to ask: the capability is read when present)
+        on_gpu = attention_backend_problem(backend, device=torch.device("cuda"), dtype=dtype, head_dim=64)
+        if not torch.cuda.is_available():
+            assert (on_gpu is not None) == (backend != "xformers" and dtype == torch.float32), (backend, dtype, on_gpu)
+
+
+@pytest.mark.parametrize("backend, head_dim, said", [
+    ("flash", 128, None), ("flash", 256, None), ("flash", 320, "flash-attn takes attention heads up to 256 wide and "
+                                                               "this model's are 320"),
+    ("sage", 128, None), ("sage", 192, "SageAttention takes attention heads up to 128 wide"), ("xformers", 512, None)])
+def test_backend_head_width_limits(backend, head_dim, said):
+    from magicmirror_video.models.speed import attention_backend_problem
+
+    if torch.cuda.is_available():
+        pytest.skip("the capability of this machine's GPU would be checked too")
+    problem = attention_backend_problem(backend, device=torch.device("cuda"), dtype=torch.bfloat16, head_dim=head_dim)
+    assert problem == said if said is None else said in problem
+
+
+def test_a_backend_the_model_cannot_run_is_refused_at_the_node_in_one_line(composed, monkeypatch):
+    """With the package present (its check skipped here: none of them is installed), the tiny CPU fp32 model is
+    refused by flash at the Speed node, before any model runs, in one line naming the device and the way out."""
+    from magicmirror_video.models import speed
+
+    monkeypatch.setattr(speed, "_check_installed", lambda name: None)
+    with pytest.raises(AttentionBackendError, match=r"^attention backend 'flash' cannot run this model: flash-attn "
+                                                    r"has kernels for CUDA \(or ROCm\) GPUs only and this model runs "
+                                                    r"on cpu \(or use attention 'native'\)\.$"):
+        speed_node(composed[0], attention="flash")
+
+
+def hooked_bundle(hooks: str, layers: int = 3):
+    """A tiny bundle whose transformer carries diffusers hooks: fp8 layerwise casting ("fp8") or the offload modes'
+    group offloading ("block", "sequential")."""
+    c = tiny.build_components(num_layers=layers)
+    if hooks == "fp8":
+        c["transformer"].enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    return CogVideoXBundle(transformer=c["transformer"], vae=c["vae"], text_encoder=c["text_encoder"],
+                           tokenizer=c["tokenizer"], scheduler_config=dict(c["scheduler"].config), dtype=torch.float32,
+                           device=torch.device("cpu"), offload=hooks if hooks in ("block", "sequential") else "none")
+
+
+def block_graphs(bundle) -> int:
+    """dynamo's graph count for one transformer forward with the blocks compiled (eager backend: tracing only)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from magicmirror_video.models.speed import _compile_blocks
+
+    t = bundle.transformer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, t.config.in_channels, 4, 4, generator=g)
+    text = torch.randn(2, 7, t.config.text_embed_dim, generator=g)
+    torch._dynamo.reset()
+    counters.clear()
+    undo = _compile_blocks(t, "eager")
+    try:
+        with torch.no_grad(), bundle.placement.run(t):
+            t(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500, 500]), return_dict=False)
+    finally:
+        undo()
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("hooks, said", [("fp8", "compile cannot act on weights stored in float8_e4m3fn"),
+                                         ("sequential", "compile cannot act with offload 'sequential'")])
+def test_compile_is_refused_where_hooks_cut_the_blocks_into_one_graph_per_layer(hooks, said):
+    """fp8 layerwise casting recasts each layer's weights in a hook dynamo does not trace, leaf-level group offloading
+    moves each layer in a torch.compiler.disable'd call: refused at the Speed node. What the refusal avoids (measured):
+    the compiled block is cut into at least one graph per linear layer, against one graph without the hooks."""
+    b = hooked_bundle(hooks)
+    with pytest.raises(SpeedConflictError, match=said):
+        speed_node(b, compile=True)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in b.transformer.transformer_blocks[0].modules())
+    plain = block_graphs(hooked_bundle("none"))
+    assert block_graphs(b) >= plain + linears, (block_graphs(b), plain, linears)
+
+
+def test_compile_with_block_offload_works(t2v):
+    """Block-level group offloading moves whole blocks around the compiled block bodies: accepted; the compiled block
+    stays one graph (the transfers add the graph breaks at the block's entry and exit only, for any block count), and
+    the video is the eager one."""
+    _, pos, neg, _ = t2v
+    plain = block_graphs(hooked_bundle("none"))
+    assert [block_graphs(hooked_bundle("block", layers)) for layers in (3, 5)] == [plain + 2] * 2
+    b = hooked_bundle("block")
+    assert speed_node(b, compile=True).speed == SpeedOptions(compile=True)
+    kw = dict(KW, steps=2)
+    eager = sample_video(b, pos, neg, **kw)
+    compiled = sample_video(b.with_speed(SpeedOptions(compile=True, compile_backend="eager")), pos, neg, **kw)
+    assert torch.equal(compiled, eager)

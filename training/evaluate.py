@@ -396,7 +396,8 @@ def load_scorer(args, found: dict, missing: dict) -> Scorer:
     device = args.device
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
     analyzer = FaceAnalyzer(args.insightface, name=args.pack, providers=providers)
-    face_models = FaceModels(unavailable={k: v for k, v in missing.items() if k in ("curricularface", "inception")})
+    face_models = FaceModels(unavailable={k: v for k, v in missing.items() if k in ("curricularface", "inception")},
+                             device=device)
     if "curricularface" in found:
         from ..models.curricularface import load_curricularface
 

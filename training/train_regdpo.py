@@ -150,16 +150,17 @@ class RegDPOTrainer(Trainer):
         from .inputs import check_manifest, check_media
 
         inputs, c = super().validate_inputs(), self.config
+        clips = ("media",) if c.mode == "sft" else ("media", "loser")
         if c.mode == "sft":
             pairs = check_manifest(c.data, "--data", expected="videos with captions (a GT-Pair manifest's winners)")
-            check_media(pairs, "--data", num_frames=c.num_frames, videos_only=True)
         else:
             pairs = check_manifest(c.data, "--data", columns=("loser",),
                                    expected="the GT-Pair manifest of python -m training.build_gt_pairs (rows {winner, "
                                             "loser, caption[, first_frame]}); --mode sft trains on winners alone")
-            check_media(pairs, "--data", num_frames=c.num_frames, keys=("media", "loser"), videos_only=True)
+        check_media(pairs, "--data", num_frames=self.checked_frames, keys=clips, videos_only=True)
         check_media(pairs, "--data", num_frames=1, keys=("first_frame",))
-        return {**inputs, "pairs": pairs}
+        pairs, buckets = self.assign_buckets(pairs, "--data", keys=clips)  # winner and loser: one bucket
+        return {**inputs, "pairs": pairs, "buckets": buckets}
 
     def build(self) -> torch.nn.Module:
         c = self.config
@@ -192,11 +193,12 @@ class RegDPOTrainer(Trainer):
 
 
 class PairDataset(TrainingDataset):
-    """Winner and loser clips (their first ``num_frames``; sft: the winner only), the caption, and for
-    image-conditioned models the first frame (the row's ``first_frame`` image, else the winner's first frame)."""
+    """Winner and loser clips (their first frames, as many as the pair's bucket has; sft: the winner only), the caption,
+    and for image-conditioned models the first frame (the row's ``first_frame`` image, else the winner's first
+    frame), all at the bucket's size."""
 
     def __init__(self, trainer):
-        super().__init__(trainer, trainer.pairs)
+        super().__init__(trainer, trainer.pairs, trainer.inputs["buckets"])
         self.image = trainer.spec.image_conditioned
         self.sft = trainer.config.mode == "sft"
 
@@ -210,23 +212,20 @@ class PairDataset(TrainingDataset):
         return s.extra.get("first_frame") or s.media
 
     def cache_specs(self, index: int):
-        c = self.config
-        media = [dict(path=path, num_frames=c.num_frames, height=c.height, width=c.width, sampling="start")
-                 for _, path in self.clips(index)]
+        b = self.buckets[index]
+        media = [dict(path=path, **b.pick, sampling="start") for _, path in self.clips(index)]
         if self.image:
-            media.append(dict(path=self.first_frame(index), height=c.height, width=c.width,
-                              image_condition=c.num_frames))
+            media.append(dict(path=self.first_frame(index), height=b.height, width=b.width, image_condition=b.frames))
         return media, [self.samples[index].caption]
 
     def __getitem__(self, index):
-        c, s, g = self.config, self.samples[index], self.generator(index)
+        s, g, b = self.samples[index], self.generator(index), self.buckets[index]
         item = self.trainer.caption(s.caption)
         for key, path in self.clips(index):
-            item.update(self.trainer.media(key, path, num_frames=c.num_frames, height=c.height, width=c.width,
-                                           sampling="start", generator=g))
+            item.update(self.trainer.media(key, path, **b.pick, sampling="start", generator=g))
         if self.image:
-            item.update(self.trainer.image_condition(self.first_frame(index), clip_frames=c.num_frames,
-                                                     height=c.height, width=c.width, generator=g))
+            item.update(self.trainer.image_condition(self.first_frame(index), clip_frames=b.frames, height=b.height,
+                                                     width=b.width, generator=g))
         return item
 
 

@@ -289,6 +289,9 @@ class Trainer(abc.ABC):
     def after_step(self, step: int, logs: dict) -> None:
         """Optional per-step work after the optimizer step (e.g. monitors); may add to ``logs``."""
 
+    def before_export(self) -> None:
+        """Optional work on every process before the main process exports (e.g. gathering sharded weights)."""
+
     def finish(self) -> None:
         """Optional work on the main process after export (plots, reports)."""
 
@@ -604,6 +607,7 @@ class Trainer(abc.ABC):
         bar.close()
         acc.wait_for_everyone()
         self.check_ranks_in_sync(params)
+        self.before_export()
         out = os.path.join(c.output_dir, self.export_name())
         self.exported = [out]
         if acc.is_main_process:
@@ -632,6 +636,7 @@ def cli_main(trainer_class, argv, presets: dict, *, description: str, build_tiny
     except InputError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    use_hint = getattr(trainer, "use_hint", None) or use_hint  # a trainer may say where its export goes
     print(f"exported {' and '.join(getattr(trainer, 'exported', exported))}{': ' + use_hint if use_hint else ''}")
     return 0
 

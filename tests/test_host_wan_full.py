@@ -55,7 +55,8 @@ print("RESULT " + json.dumps({
 VARIANTS = {  # diffusers config, what core should detect: (class, model_type, in_dim, out_dim)
     "wan2.1-t2v": (wan_testing.diffusers_config("t2v"), ("WAN21", "t2v", 16, 16)),
     "wan2.1-i2v": (wan_testing.diffusers_config("i2v"), ("WAN21", "i2v", 36, 16)),
-    "wan2.2-ti2v": (dict(wan_testing.diffusers_config("t2v"), in_channels=48, out_channels=48), ("WAN22", "t2v", 48, 48)),
+    "wan2.2-ti2v": (dict(wan_testing.diffusers_config("t2v"), in_channels=48, out_channels=48),
+                    ("WAN22", "t2v", 48, 48)),
     "wan2.2-i2v-a14b": (dict(wan_testing.diffusers_config("t2v"), in_channels=36), ("WAN21", "t2v", 36, 16)),
 }
 

@@ -71,8 +71,9 @@ class WanSpec(ModelSpec):
                 transformer.enable_gradient_checkpointing()
         shift = getattr(config, "flow_shift", 0.0) or model.scheduler_config.get(
             "flow_shift", model.scheduler_config.get("shift", 1.0))
-        return cls(model, torch.device(device), transformer_dtype(config, dtype), float(shift), getattr(config, "flow_sigma_density", "uniform"),
-                   getattr(config, "flow_logit_mean", 0.0), getattr(config, "flow_logit_std", 1.0), experts)
+        return cls(model, torch.device(device), transformer_dtype(config, dtype), float(shift),
+                   getattr(config, "flow_sigma_density", "uniform"), getattr(config, "flow_logit_mean", 0.0),
+                   getattr(config, "flow_logit_std", 1.0), experts)
 
     @staticmethod
     def trained_experts(variant, option: str) -> tuple:

@@ -33,7 +33,8 @@ measuring code on tiny models (any device).
 flag): per stage, how each module is held and the GiB of weights on the card (``--card``, ``--stacks``).
 
 ``--training``: Reg-DPO LoRA training of Wan2.1-T2V-14B and Wan2.1-I2V-14B-720P per GPU on 8 GPUs (FSDP), row by row
-as the Reg-DPO paper's memory techniques are added (Appendix A.2), beside its claims; see :func:`print_training`.
+as the Reg-DPO paper's memory techniques are added (Appendix A.2), beside its claims; see :func:`print_training`; then
+the same rows for full-parameter Reg-DPO (``--train full``) beside the LoRA run's totals (:func:`print_full_training`).
 ``--calibrate``: the measurements behind ``models/memory.py``'s Wan training constants, on tiny Wan models on the
 CPU (a saved-tensors hook and a live-tensor counter, ``testing/memory_probe.py``), beside the formulas.
 """
@@ -449,11 +450,11 @@ def training_step(m: dict, name: str, frames: int, height: int, width: int, *, r
             "tokens": tokens}
 
 
-def max_frames(m: dict, name: str, height: int, width: int, budget: float, **kw) -> int:
-    """The most frames (1 + 4k) whose step fits in ``budget`` bytes (0: not even one)."""
-    frames = 0
-    while frames < 4001 and training_step(m, name, frames + 1 if frames == 0 else frames + 4, height, width,
-                                          **kw)["peak"] <= budget:
+def max_frames(m: dict, name: str, height: int, width: int, budget: float, step=None, **kw) -> int:
+    """The most frames (1 + 4k) whose ``step`` (:func:`training_step`) fits in ``budget`` bytes (0: not even one)."""
+    step, frames = step or training_step, 0
+    while frames < 4001 and step(m, name, frames + 1 if frames == 0 else frames + 4, height, width,
+                                 **kw)["peak"] <= budget:
         frames = 1 if frames == 0 else frames + 4
     return frames
 
@@ -534,6 +535,98 @@ Not counted: the CUDA context (~0.5 GiB), NCCL buffers, the caching allocator's 
 management' item, ~3 GiB) and, under FSDP1 with use_orig_params, gradient memory for the frozen layers sharing the root
 unit with the LoRA (<= 0.5 GiB); the VAE encode, UMT5 and CLIP forwards of rows a-d run before the transformer's and
 peak lower. Flash attention is assumed throughout (the paper's setting): no row keeps an N x N matrix."""
+
+
+# ------------------------------------------------------------------------------ Wan full-parameter training
+# torch's foreach AdamW (the default for CUDA parameters) makes one fp32 temporary the size of the parameters it steps
+# (sqrt of the second moment), in bytes per parameter; measured with testing/memory_probe.LiveTensorBytes on the CPU
+# (foreach=True): the peak of a step after the first is 1.00x the parameters' fp32 bytes (the first step also creates
+# the two moments, counted as resident here)
+ADAMW_STEP_TRANSIENT = 4
+
+
+def full_training_step(m: dict, name: str, frames: int, height: int, width: int, *, pair=False, pre_encoded=False,
+                       offload=False, checkpointing=False, cp=1, **_) -> dict:
+    """Peak bytes on one GPU of a full-parameter Reg-DPO step (``--train full``) under FSDP FULL_SHARD on ``GPUS``
+    GPUs, bf16 mixed precision, as ``training/train_regdpo.py`` runs it: ``{"peak", "phase", "weights",
+    "activations", "tokens"}`` at the peak. Per GPU: the fp32 master weights and AdamW's two fp32 moments sharded
+    (12 bytes per parameter / GPUS, all step), their fp32 gradient shard (4 / GPUS, from the backward until the
+    optimizer step: zero_grad sets it to None), the frozen bf16 reference copy sharded the same way (the trainer never
+    offloads it under FSDP, so ``offload`` moves only the VAE and CLIP), FSDP's root unit gathered in bf16 all step
+    (the layers outside the blocks of the trained transformer and of the copy); one gathered block in the reference
+    forward; in the backward the computed and the prefetched block and the computed block's unsharded bf16 gradient
+    (before its reduce-scatter) and the root unit's; in the optimizer step the foreach AdamW temporary. Activations:
+    ``wan_training_activation_bytes(full=True)``."""
+    from magicmirror_video.models.memory import wan_training_activation_bytes, wan_video_tokens
+
+    transformer, w = m["transformers"][name], m["weights"][name]
+    tokens = wan_video_tokens(transformer.config, m["vae_config"], frames, height, width)
+    act = wan_training_activation_bytes(transformer.config, tokens, batch=2 if pair else 1, forwards=1 if pair else 2,
+                                        gradient_checkpointing=checkpointing, context_parallel=cp, full=True)
+    shard = sum(p.numel() for p in transformer.parameters()) / GPUS  # parameters per GPU
+    states, grads = 12 * shard, 4 * shard
+    resident = states + w["shard"] + 2 * w["root"]
+    resident += (0 if pre_encoded else w["umt5"]) + (0 if offload else w["vae"] + w["clip"])
+    phases = {"reference": (resident + w["block"], act.reference),
+              "backward": (resident + grads + 3 * w["block"] + w["root"], act.backward),
+              "optimizer": (resident + grads + ADAMW_STEP_TRANSIENT * shard, 0)}
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    weights, activations = phases[phase]
+    return {"peak": weights + activations, "phase": phase, "weights": weights, "activations": activations,
+            "tokens": tokens, "states": states, "grads": grads}
+
+
+def print_full_training(m: dict) -> None:
+    """Full-parameter Reg-DPO (``--train full``) per GPU, row by row as :func:`print_training`'s, beside the LoRA
+    run's total (the trainer's defaults: a LoRA with the reference as the LoRA off; full: a frozen copy)."""
+    budget = GPU_GIB * GIB
+    print(f"\nFull-parameter Reg-DPO (--train full) per GPU: {GPUS} GPUs, FSDP FULL_SHARD (one unit per block), bf16 "
+          f"mixed precision; fp32 master weights, gradients and AdamW moments sharded (16 bytes per parameter / "
+          f"{GPUS}); the reference a frozen bf16 copy, sharded the same way; LoRA = the table above, LoRA off")
+    for name in m["transformers"]:
+        w, sizes = m["weights"][name], list(TRAINING_SIZES)
+        one = full_training_step(m, name, *sizes[0])
+        print(f"\n{name}: per GPU fp32 master weights + AdamW moments {gib(one['states'])} GiB, fp32 gradients "
+              f"{gib(one['grads'])} GiB, frozen copy {gib(w['shard'])} GiB, root units gathered {gib(2 * w['root'])} "
+              f"GiB")
+        head = "".join(f"{f'{f}x{h}x{wd}':>36}" for f, h, wd in sizes)
+        print(f"{'GiB per GPU at the peak (phase: r reference,':<50}{head}{f'frames in {GPU_GIB} GiB':>18}")
+        sub = "".join(f"{'act.':>9}{'weights':>9}{'full':>10}{'LoRA':>8}" for _ in sizes)
+        print(f"{'b backward, o optimizer step)':<50}{sub}{'full':>9}{'LoRA':>9}")
+        flags, rows = {}, {}
+        for label, text, add in TRAINING_ROWS:
+            flags.update(add)
+            cells = ""
+            for size in sizes:
+                full = full_training_step(m, name, *size, **flags)
+                lora = training_step(m, name, *size, reference="lora_disabled", **flags)
+                cells += (f"{gib(full['activations']):>9}{gib(full['weights']):>9}{gib(full['peak']):>8} "
+                          f"{full['phase'][0]}{gib(lora['peak']):>8}")
+            frames = (max_frames(m, name, 720, 1280, budget, step=full_training_step, **flags),
+                      max_frames(m, name, 720, 1280, budget, reference="lora_disabled", **flags))
+            rows[label] = frames, full_training_step(m, name, *sizes[0], **flags)["peak"]
+            print(f"{label} {text:<48}{cells}{frames[0]:>9}{frames[1]:>9}")
+        ckpt_only = max_frames(m, name, 720, 1280, budget, step=full_training_step, checkpointing=True)
+        (fa, _), peak_a = rows["a"]
+        (ff, lf), peak_f = rows["f"]
+        print(f"  full: frames in {GPU_GIB} GiB, row f / row a = {ff} / {fa} = "
+              f"{f'{ff / fa:.0f}x' if fa else 'unbounded'}; row f / FSDP + gradient checkpointing only = {ff} / "
+              f"{ckpt_only} = {f'{ff / ckpt_only:.1f}x' if ckpt_only else 'unbounded'}; peak at {sizes[0][0]} frames, "
+              f"row a / row f = {peak_a / peak_f:.1f}x (paper: nearly 3x the capacity of FSDP alone); full / LoRA at "
+              f"row f: {ff} / {lf} frames")
+    print(FULL_TRAINING_NOTE)
+
+
+FULL_TRAINING_NOTE = """
+Full-parameter rows: weights are the exact parameter counts (meta device) at 16 bytes each for the trained transformer
+(fp32 master weight, fp32 gradient, AdamW's two fp32 moments), sharded over the GPUs, plus the bf16 frozen copy's shard;
+activations come from models/memory.py's full=True formulas (every linear keeps its input, the AdaLN modulation and the
+embedders theirs; checked against a saved-tensors hook on tiny models, tests/test_wan_memory.py). The gradient shard is
+counted whole from the start of the backward (it fills block by block) and FSDP1 gathers the fp32-kept tables in bf16
+(the formulas were measured with them in fp32): both lean high. The optimizer step's peak (o) holds no activations.
+Row d offloads the VAE and CLIP only: under FSDP the trainer keeps the copy sharded (it streams it from the CPU only
+without FSDP), so its shard is in every full row.
+Not counted: what the LoRA table leaves out, and the fp32 gradients' own reduce-scatter buffers (one block's worth)."""
 
 
 def calibrate() -> None:
@@ -653,7 +746,9 @@ def main() -> None:
             ap.error("--flags needs a ComfyUI checkout: --comfyui /path/to/ComfyUI (or COMFYUI_PATH)")
         print_flags(flag_rows(args.comfyui, args.comfyui_python or sys.executable, args.card, args.stacks), args.card)
     elif args.training:
-        print_training(build_wan_models())
+        models = build_wan_models()
+        print_training(models)
+        print_full_training(models)
     elif args.calibrate:
         calibrate()
     elif args.measure:

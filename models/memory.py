@@ -62,6 +62,11 @@ when the context rivals the video tokens, never at training sizes). The saved-te
 1% and the step's peak the live counter within 10% (``tests/test_wan_memory.py``). The CPU's composite RMSNorm
 keeps an fp32 upcast where CUDA's fused kernel keeps its bf16 input (``fused_rms_norm``); the transients, measured
 with the composite's float32 temporaries, lean high for a GPU.
+
+**Full-parameter training** (``--train full``, ``full=True``): every weight needs a gradient, so every linear keeps its
+input (as a LoRA on it would, less the LoRA's own tensors), the AdaLN modulation keeps the norms' outputs and the gates'
+other operands, the embedders outside the blocks keep theirs and the first block's input needs a gradient too;
+:data:`WAN_FULL` lists the terms, checked against the same saved-tensors hook.
 """
 
 from __future__ import annotations
@@ -146,14 +151,24 @@ def _wan_dims(config) -> dict:
 
 def wan_block_saved_bytes(config, tokens: int, *, text_tokens: int = WAN_TEXT_TOKENS, image_tokens: int | None = None,
                           lora_rank: int = 16, fused_rms_norm: bool = True, first: bool = False,
-                          batch: int = 1, ffn_lora: bool = True) -> int:
+                          batch: int = 1, ffn_lora: bool = True, full: bool = False) -> int:
     """Bytes autograd keeps for the backward of one ``WanTransformerBlock`` of one sample (the LoRA on ``to_q``,
     ``to_k``, ``to_v``, ``to_out.0`` of both attentions and, with ``ffn_lora`` (the Reg-DPO trainer's Wan default),
     on ``ffn.net.0.proj`` and ``ffn.net.2``; frozen bf16 weights; see the module doc's table).
     ``fused_rms_norm``: torch's fused RMSNorm (CUDA) keeps its bf16 input, the CPU's composite an fp32 upcast.
     ``first``: the first block, whose input needs no gradient (its norm1 keeps nothing). ``batch``: the forward's
     batch; with I2V and more than one sample the text context is a strided slice of ``[image; text]``, which the
-    to_k / to_v LoRAs each copy (and keep) per block."""
+    to_k / to_v LoRAs each copy (and keep) per block. ``full``: full-parameter training (see :data:`WAN_FULL`)."""
+    if full:
+        no_lora = dict(text_tokens=text_tokens, image_tokens=image_tokens, lora_rank=0, fused_rms_norm=fused_rms_norm,
+                       batch=batch, ffn_lora=True)
+        d = _wan_dims(config)
+        image_tokens = (WAN_IMAGE_TOKENS if d["image"] else 0) if image_tokens is None else image_tokens
+        normed = 0 if fused_rms_norm else 4  # the composite RMSNorm's fp32 normalised input, for its weight's gradient
+        per_image = (2 if fused_rms_norm else 4) + normed + (4 if batch > 1 else 0)
+        return (wan_block_saved_bytes(config, tokens, **no_lora)
+                + d["D"] * (tokens * (WAN_FULL["modulation"] + 3 * normed) + text_tokens * normed
+                            + (image_tokens * per_image if d["image"] else 0)))
     d = _wan_dims(config)
     D, F, H, r = d["D"], d["F"], d["H"], lora_rank
     image_tokens = (WAN_IMAGE_TOKENS if d["image"] else 0) if image_tokens is None else image_tokens
@@ -178,6 +193,21 @@ def wan_block_saved_bytes(config, tokens: int, *, text_tokens: int = WAN_TEXT_TO
     return tokens * per_token + text_tokens * per_text + image_tokens * per_image + lora_copies
 
 
+# Full-parameter training (``--train full``; every weight trainable and, as FSDP gathers them, bf16), against a LoRA on
+# every linear of the block (whose inputs the LoRAs keep, as the linears now do; no LoRA down outputs or weight copies):
+# per video token, · D: the AdaLN modulation keeps norm1's and norm3's fp32 outputs (its scale needs a gradient: 8) and
+# the gates their other operand (the attention output, bf16: 2; the feed-forward output's fp32 upcast: 4); per image
+# token (Wan 2.1 I2V), · D: norm_added_k's input (its add_k_proj output needs a gradient; fp32 on the CPU) and, with
+# a batch over one, add_k_proj's and add_v_proj's copies of the strided image slice (2 · 2); the CPU's composite
+# RMSNorm also keeps its fp32 normalised input for the weight's gradient (4 per token of each of its inputs). Outside
+# the blocks, per sample: the output AdaLN's fp32 norm output and proj_out's input (4 + 2 per video token), the text
+# embedder's GELU and linear_2 inputs (2 + 2 per text token), the image embedder's norms (fp32), linears and GELU (10 ·
+# image_dim + 4 · D per image token), and the first block's input needs a gradient. Checked against a saved-tensors hook
+# (tests/test_wan_memory.py, within 3%; the step's live peak within 10%). The transients are the LoRA step's (measured
+# for it); the weights' gradients are not activations (bench/memory.py counts them, sharded under FSDP).
+WAN_FULL = {"modulation": 14, "outside": 6, "text": 4, "image": (10, 4)}
+
+
 @dataclasses.dataclass(frozen=True)
 class WanTrainingActivations:
     """Activation bytes of one training step of a Wan transformer on one device (see
@@ -197,20 +227,22 @@ def wan_training_activation_bytes(config, video_tokens: int, *, batch: int = 2, 
                                   gradient_checkpointing: bool = False, context_parallel: int = 1,
                                   reference_forward: bool = True, text_tokens: int = WAN_TEXT_TOKENS,
                                   image_tokens: int | None = None, lora_rank: int = 16,
-                                  fused_rms_norm: bool = True, ffn_lora: bool = True) -> WanTrainingActivations:
+                                  fused_rms_norm: bool = True, ffn_lora: bool = True,
+                                  full: bool = False) -> WanTrainingActivations:
     """Activations of a Reg-DPO step of a ``WanTransformer3DModel`` (bf16, LoRA, SDPA's flash / memory-efficient
     attention: no ``N × N`` matrix): ``forwards`` forwards with gradient of ``batch`` samples each, their graphs kept
     until one backward (pair-parallel: 1 forward of batch 2; winner then loser: 2 of batch 1), then as many no-grad
     reference forwards (``reference_forward``) while the graphs are alive, then the backward. Gradient
     checkpointing keeps only each block's input and recomputes one block at a time in the backward. Context
     parallelism splits the video tokens over ``context_parallel`` devices (the text and image context is whole on
-    each). Per-token constants: see the module doc."""
+    each). ``full``: full-parameter training (:func:`wan_block_saved_bytes`; outside the blocks the output AdaLN also
+    keeps norm_out's fp32 output and proj_out its bf16 input). Per-token constants: see the module doc."""
     d = _wan_dims(config)
     D, F, L, hd = d["D"], d["F"], d["L"], d["hd"]
     n = -(-video_tokens // context_parallel)  # video tokens on this device
     image_tokens = (WAN_IMAGE_TOKENS if d["image"] else 0) if image_tokens is None else image_tokens
     kw = dict(text_tokens=text_tokens, image_tokens=image_tokens, lora_rank=lora_rank, fused_rms_norm=fused_rms_norm,
-              batch=batch, ffn_lora=ffn_lora)
+              batch=batch, ffn_lora=ffn_lora, full=full)
     block = wan_block_saved_bytes(config, n, **kw)
     # the context embeddings ([image; text] for I2V): the checkpointed blocks' argument, or kept by the to_k/to_v
     # LoRAs (but I2V with batch > 1 has them copy the text per block, counted in the block)
@@ -218,10 +250,14 @@ def wan_training_activation_bytes(config, video_tokens: int, *, batch: int = 2, 
     if not gradient_checkpointing and d["image"] and batch > 1:
         shared = 0
     outside = n * (4 * D + 8 + 2 * d["out"])  # norm_out's fp32 input and its mean/rstd; the prediction (bf16)
+    if full:  # WAN_FULL: the output AdaLN, proj_out; the text and image embedders (per sample)
+        image_dim = dict(config).get("image_dim") or 0
+        outside += (n * WAN_FULL["outside"] * D + text_tokens * WAN_FULL["text"] * D
+                    + (image_tokens * (WAN_FULL["image"][0] * image_dim + WAN_FULL["image"][1] * D) if image_dim else 0))
     if gradient_checkpointing:
         per_sample = L * 2 * D * n + shared + outside  # each block's bf16 input
     else:
-        per_sample = wan_block_saved_bytes(config, n, first=True, **kw) + (L - 1) * block + shared + outside
+        per_sample = wan_block_saved_bytes(config, n, first=not full, **kw) + (L - 1) * block + shared + outside
     graph = forwards * (batch * per_sample + 8 * hd * n)  # + the rotary cos/sin tables (fp32, one per forward)
     tokens, context = batch * n, batch * D
     forward = (tokens * max(WAN_FORWARD_ATTENTION * D, WAN_FORWARD_FFN[0] * D + WAN_FORWARD_FFN[1] * F)

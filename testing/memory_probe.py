@@ -74,14 +74,16 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def wan_regdpo_step(transformer, lora, *, frames: int, height: int, width: int, text_tokens: int,
-                    pair_parallel: bool = True, seed: int = 0) -> dict:
-    """Run one Reg-DPO step of a Wan ``transformer`` (its LoRA ``lora`` applied, weights frozen) on random latents of
-    ``frames × height × width`` (latent units) as ``training/train_regdpo.py`` does — the winner and loser with
-    gradient (one batch-2 forward, or two), the reference with the LoRA off under ``no_grad``, the Reg-DPO loss, one
-    backward — and measure it: ``saved`` (bytes autograd kept for the loss, a saved-tensors hook; meaningless under
-    gradient checkpointing, whose saved tensors the hook never sees) and, in a second run, ``graph`` (live bytes
-    after the forwards with gradient), ``reference`` (the peak during the reference forwards), ``backward`` (the peak
-    during the backward) and ``peak``."""
+                    pair_parallel: bool = True, seed: int = 0, frozen_copy=None) -> dict:
+    """Run one Reg-DPO step of a Wan ``transformer`` (its LoRA ``lora`` applied, weights frozen; or, with ``lora``
+    None, every weight trainable and the reference the frozen copy ``frozen_copy``: ``--train full``) on random
+    latents of ``frames × height × width`` (latent units) as ``training/train_regdpo.py`` does — the winner and loser
+    with gradient (one batch-2 forward, or two), the reference with the LoRA off (or the copy) under ``no_grad``, the
+    Reg-DPO loss, one backward — and measure it: ``saved`` (bytes autograd kept for the loss, a saved-tensors hook;
+    meaningless under gradient checkpointing, whose saved tensors the hook never sees) and, in a second run,
+    ``graph`` (live bytes after the forwards with gradient), ``reference`` (the peak during the reference forwards),
+    ``backward`` (the peak during the backward) and ``peak``; full-parameter: also ``gradients`` (the weights' gradients' bytes, within
+    ``backward`` and ``peak``)."""
     from ..training.losses import per_sample_mse, regdpo_loss
 
     cfg = transformer.config
@@ -94,25 +96,31 @@ def wan_regdpo_step(transformer, lora, *, frames: int, height: int, width: int, 
     image = rand(1, 257, cfg.image_dim) if cfg.image_dim else None
     t = torch.full((1,), 500.0)
 
-    def predict(*xs):
+    def predict(*xs, model=transformer):
         n = len(xs)
-        out = transformer(torch.cat(xs), torch.cat([t] * n), torch.cat([text] * n),
-                          encoder_hidden_states_image=None if image is None else torch.cat([image] * n),
-                          return_dict=False)[0]
+        out = model(torch.cat(xs), torch.cat([t] * n), torch.cat([text] * n),
+                    encoder_hidden_states_image=None if image is None else torch.cat([image] * n),
+                    return_dict=False)[0]
         return out.chunk(n)
 
-    def pair(**_):
-        return predict(noisy["w"], noisy["l"]) if pair_parallel else predict(noisy["w"]) + predict(noisy["l"])
+    def pair(model=transformer):
+        if pair_parallel:
+            return predict(noisy["w"], noisy["l"], model=model)
+        return predict(noisy["w"], model=model) + predict(noisy["l"], model=model)
 
     def errors(pred):
         return per_sample_mse(pred[0], target["w"]), per_sample_mse(pred[1], target["l"])
 
     def reference():
+        if lora is None:
+            with torch.no_grad():
+                return errors(pair(frozen_copy))
         with torch.no_grad(), lora.disabled():
             return errors(pair())
 
-    exclude = [*transformer.parameters(), *transformer.buffers(), *lora.parameters(), *noisy.values(),
-               *target.values(), text, t] + ([image] if image is not None else [])
+    weights = [*lora.parameters()] if lora is not None else [*frozen_copy.parameters(), *frozen_copy.buffers()]
+    exclude = [*transformer.parameters(), *transformer.buffers(), *weights, *noisy.values(), *target.values(), text,
+               t] + ([image] if image is not None else [])
     ref = reference()
     saved, _ = saved_tensor_bytes(lambda: regdpo_loss(*errors(pair()), *ref, beta=500.0)[0], exclude)
     out = {"saved": saved}
@@ -127,8 +135,27 @@ def wan_regdpo_step(transformer, lora, *, frames: int, height: int, width: int, 
         live.reset_peak()
         loss.backward()
         out["backward"] = live.peak
+        if lora is None:  # the weights' gradients (bf16, all of them at the end): not activations
+            out["gradients"] = sum(p.grad.untyped_storage().nbytes() for p in transformer.parameters()
+                                   if p.grad is not None)
     out["peak"] = max(out["graph"], out["reference"], out["backward"])
     return out
+
+
+def wan_full_transformer(config: dict, folder: str, *, gradient_checkpointing: bool = False, seed: int = 0):
+    """``(transformer, frozen_copy)``: a random ``WanTransformer3DModel`` of ``config`` saved and loaded back in
+    bfloat16 (as :func:`wan_lora_transformer`), every weight trainable — the bf16 weights FSDP gathers for a
+    full-parameter step — and a frozen copy of it (the reference)."""
+    import copy
+
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    WanTransformer3DModel(**config).save_pretrained(folder)
+    transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).requires_grad_(True)
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer, copy.deepcopy(transformer).requires_grad_(False)
 
 
 def wan_lora_transformer(config: dict, folder: str, *, lora_rank: int = 4, gradient_checkpointing: bool = False,

@@ -21,7 +21,8 @@ from magicmirror_video.training.config import load_config
 
 def tiny_config(name: str, tmp_path):
     """A trainer's tiny preset with its assets built under ``tmp_path``: (config, trainer class). ``regdpo_wan``: the
-    Reg-DPO preset on a tiny Wan 2.1 I2V (the CLIP branch, the mask channels) with synthetic GT-Pairs."""
+    Reg-DPO preset on a tiny Wan 2.1 I2V (the CLIP branch, the mask channels) with synthetic GT-Pairs;
+    ``regdpo_full``: the Reg-DPO preset with ``--train full`` (the transformer trained, the reference a frozen copy)."""
     from magicmirror_video.training import presets, train_dualreal, train_magicmirror, train_regdpo, train_subject_replay
 
     if name == "regdpo_wan":
@@ -32,6 +33,10 @@ def tiny_config(name: str, tmp_path):
                 "--data", tiny.write_gt_pairs(str(tmp_path / "pairs")), "--num_frames", "5"]
         return load_config(train_regdpo.RegDPOTrainConfig, argv, train_regdpo.PRESETS), train_regdpo.RegDPOTrainer
 
+    if name == "regdpo_full":
+        config = presets.build_tiny_regdpo(load_config(train_regdpo.RegDPOTrainConfig, [
+            "--preset", "tiny", "--output_dir", str(tmp_path), "--train", "full"], train_regdpo.PRESETS))
+        return config, train_regdpo.RegDPOTrainer
     module_of, trainer_class, build = {
         "magicmirror": (train_magicmirror, train_magicmirror.MagicMirrorTrainer, presets.build_tiny_magicmirror),
         "subject_replay": (train_subject_replay, train_subject_replay.SubjectReplayTrainer, presets.build_tiny_subject),
@@ -52,7 +57,7 @@ def process_group(tmp_path_factory):
     dist.destroy_process_group()
 
 
-TRAINERS = ["magicmirror", "subject_replay", "dualreal", "regdpo", "regdpo_wan"]
+TRAINERS = ["magicmirror", "subject_replay", "dualreal", "regdpo", "regdpo_wan", "regdpo_full"]
 
 
 @pytest.mark.parametrize("name", TRAINERS)
@@ -77,15 +82,18 @@ def test_fsdp_wrapped_module_with_the_frozen_transformer_matches_the_plain_one(n
 
     plain_loss, plain_grads = loss_and_grads(module)
     module.transformers = torch.nn.ModuleList(trainer.spec.transformers)  # what Trainer.shard_frozen_model does
+    copies = module.frozen.get("reference", [])  # --train full: the reference copies (RegDPOTrainer's override)
+    if copies:
+        module.reference_copies = torch.nn.ModuleList(copies)
     block = trainer.spec.block_class
     wrapped = FSDP(module, auto_wrap_policy=ModuleWrapPolicy({block}), use_orig_params=True,
                    device_id=torch.device("cpu"))
     units = [m for m in wrapped.modules() if isinstance(m, FSDP)]
-    blocks = sum(isinstance(m, block) for t in trainer.spec.transformers for m in t.modules())
+    blocks = sum(isinstance(m, block) for t in [*trainer.spec.transformers, *copies] for m in t.modules())
     assert blocks >= 2 and len(units) == 1 + blocks  # the root + one per block
     frozen = [p for p in wrapped.parameters() if not p.requires_grad]
     assert frozen and sum(p.numel() for p in frozen) == sum(p.numel() for t in trainer.spec.transformers
-                                                           for p in t.parameters())
+                                                           for p in t.parameters())  # the copies, or the base
     loss, grads = loss_and_grads(wrapped)
     torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=1e-5)
     clean = {n.replace("_fsdp_wrapped_module.", ""): g for n, g in grads.items()}
@@ -107,6 +115,7 @@ name, out = sys.argv[1], sys.argv[2]
 module_of, trainer_class = {"dualreal": (train_dualreal, train_dualreal.DualRealTrainer),
                             "regdpo": (train_regdpo, train_regdpo.RegDPOTrainer),
                             "regdpo_wan": (train_regdpo, train_regdpo.RegDPOTrainer),
+                            "regdpo_full": (train_regdpo, train_regdpo.RegDPOTrainer),
                             "magicmirror": (train_magicmirror, train_magicmirror.MagicMirrorTrainer),
                             "subject_replay": (train_subject_replay, train_subject_replay.SubjectReplayTrainer)}[name]
 config = load_config(trainer_class.config_class, ["--preset", "tiny", "--output_dir", out, "--tiny_demo", "false",
@@ -131,6 +140,8 @@ for g in grads.values():  # data parallelism written out: every rank's gradients
     g /= dist.get_world_size()
 after = {n: p.detach() - grads[n] for n, p in module.named_parameters() if n in grads}  # one SGD step, lr 1
 module.transformers = torch.nn.ModuleList(trainer.spec.transformers)  # what Trainer.shard_frozen_model does
+if module.frozen.get("reference"):  # --train full: the reference copies are sharded too (RegDPOTrainer's override)
+    module.reference_copies = torch.nn.ModuleList(module.frozen["reference"])
 wrapped = FSDP(module, auto_wrap_policy=ModuleWrapPolicy({trainer.spec.block_class}), use_orig_params=True,
                device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.FULL_SHARD)
 local = sum(p.numel() for p in wrapped.parameters())
@@ -161,7 +172,7 @@ def test_fsdp_full_shard_over_two_cpu_processes(name, tmp_path):
     import yaml
 
     config, _ = tiny_config(name, tmp_path)  # the tiny assets, built once, then read by both ranks
-    fields = ("model_path", "data", "identity_data", "clip_vision", "pairs", "arcface_path", "num_frames")
+    fields = ("model_path", "data", "identity_data", "clip_vision", "pairs", "arcface_path", "num_frames", "train")
     resolved = {k: v for k, v in dataclasses.asdict(config).items() if k in fields}
     (tmp_path / "resolved.yaml").write_text(yaml.safe_dump(resolved))
     script = tmp_path / "sharded.py"

@@ -17,6 +17,7 @@ from magicmirror_video.testing import reference_json, tiny_wan
 from magicmirror_video.testing.memory_probe import (
     LiveTensorBytes,
     saved_tensor_bytes,
+    wan_full_transformer,
     wan_lora_transformer,
     wan_regdpo_step,
 )
@@ -61,42 +62,68 @@ def tiny_config(variant: str) -> dict:
     return tiny_wan.transformer_config(variant, heads=2, head_dim=32, num_layers=2, text_dim=32)
 
 
-def formula(cfg: dict, tokens: int, text_tokens: int, *, pair=True, checkpointing=False):
+def formula(cfg: dict, tokens: int, text_tokens: int, *, pair=True, checkpointing=False, full=False):
     return wan_training_activation_bytes(cfg, tokens, batch=2 if pair else 1, forwards=1 if pair else 2,
                                          gradient_checkpointing=checkpointing, text_tokens=text_tokens, lora_rank=4,
-                                         fused_rms_norm=False)  # the CPU's RMSNorm keeps an fp32 upcast
+                                         fused_rms_norm=False, full=full)  # the CPU's RMSNorm keeps an fp32 upcast
+
+
+def regdpo_step(cfg: dict, folder: str, *, full: bool, checkpointing=False, **kw) -> dict:
+    """One measured Reg-DPO step: a LoRA on the frozen transformer, or (``full``) every weight trainable and the
+    reference a frozen copy (``--train full``)."""
+    if full:
+        transformer, frozen_copy = wan_full_transformer(cfg, folder, gradient_checkpointing=checkpointing)
+        return wan_regdpo_step(transformer, None, frozen_copy=frozen_copy, **kw)
+    transformer, lora = wan_lora_transformer(cfg, folder, gradient_checkpointing=checkpointing)
+    return wan_regdpo_step(transformer, lora, **kw)
 
 
 # (variant, text tokens, frames x size in latent units): video tokens = frames * size^2 / 4; the I2V attention needs
 # the 512 text tokens of the real pipeline (and 257 image tokens)
 CASES = [("wan2.1-t2v", 16, 3, 16), ("wan2.1-i2v", 512, 3, 16)]
+TRAIN = pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
 
 
 @pytest.mark.parametrize("variant,text,frames,size", CASES)
 @pytest.mark.parametrize("pair", [True, False], ids=["pair-parallel", "sequential"])
-def test_saved_tensors_of_a_regdpo_step_match_the_formula(tmp_path, variant, text, frames, size, pair):
-    """Without checkpointing, what autograd keeps (a saved-tensors hook) is the formula's graph within 3%."""
+@TRAIN
+def test_saved_tensors_of_a_regdpo_step_match_the_formula(tmp_path, variant, text, frames, size, pair, full):
+    """Without checkpointing, what autograd keeps (a saved-tensors hook) is the formula's graph within 3%: LoRA
+    training, and full-parameter training (every weight trainable, the reference a frozen copy: WAN_FULL)."""
     cfg = tiny_config(variant)
-    transformer, lora = wan_lora_transformer(cfg, str(tmp_path))
-    got = wan_regdpo_step(transformer, lora, frames=frames, height=size, width=size, text_tokens=text,
-                          pair_parallel=pair)
-    est = formula(cfg, frames * size * size // 4, text, pair=pair)
+    got = regdpo_step(cfg, str(tmp_path), full=full, frames=frames, height=size, width=size, text_tokens=text,
+                      pair_parallel=pair)
+    est = formula(cfg, frames * size * size // 4, text, pair=pair, full=full)
     assert got["saved"] == pytest.approx(est.graph, rel=0.03)
+
+
+def test_full_parameter_saved_tensors_grow_with_the_video_tokens_as_the_formula_says(tmp_path):
+    """Full-parameter training: what the hook sees added by two more latent frames (the per-video-token terms alone,
+    the context and per-sample terms cancel) is the formula's difference within 3%."""
+    cfg = tiny_config("wan2.1-t2v")
+    kw = dict(height=16, width=16, text_tokens=16)
+    saved = {frames: regdpo_step(cfg, str(tmp_path / str(frames)), full=True, frames=frames, **kw)["saved"]
+             for frames in (3, 5)}
+    est = {frames: formula(cfg, frames * 16 * 16 // 4, 16, full=True).graph for frames in (3, 5)}
+    assert saved[5] - saved[3] == pytest.approx(est[5] - est[3], rel=0.03)
 
 
 @pytest.mark.parametrize("variant,text,frames,size", CASES)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["graph", "checkpointing"])
-def test_peak_of_a_regdpo_step_matches_the_formula(tmp_path, variant, text, frames, size, checkpointing):
+@TRAIN
+def test_peak_of_a_regdpo_step_matches_the_formula(tmp_path, variant, text, frames, size, checkpointing, full):
     """The peak of live tensor bytes over the whole step (policy forward, no-grad reference forward, backward) is the
-    formula's peak within 10%, with and without gradient checkpointing; checkpointing keeps far less."""
+    formula's peak within 10%, with and without gradient checkpointing; checkpointing keeps far less. Full-parameter
+    training: the measured peak includes the weights' gradients (bf16, a few % here), which the formula leaves to the
+    caller (bench/memory.py counts them sharded under FSDP)."""
     cfg = tiny_config(variant)
-    transformer, lora = wan_lora_transformer(cfg, str(tmp_path), gradient_checkpointing=checkpointing)
-    got = wan_regdpo_step(transformer, lora, frames=frames, height=size, width=size, text_tokens=text)
-    est = formula(cfg, frames * size * size // 4, text, checkpointing=checkpointing)
+    got = regdpo_step(cfg, str(tmp_path), full=full, checkpointing=checkpointing, frames=frames, height=size,
+                      width=size, text_tokens=text)
+    est = formula(cfg, frames * size * size // 4, text, checkpointing=checkpointing, full=full)
     assert got["peak"] == pytest.approx(est.peak, rel=0.10)
     assert got["graph"] == pytest.approx(est.graph, rel=0.10)
     if checkpointing:
-        assert got["graph"] < formula(cfg, frames * size * size // 4, text).graph / 4
+        assert got["graph"] < formula(cfg, frames * size * size // 4, text, full=full).graph / 4
 
 
 def test_block_saved_bytes_by_hand():

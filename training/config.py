@@ -55,6 +55,13 @@ class TrainConfig:
     num_frames: int = doc(49, "Frames per video sample (4k+1). Images always use 1.")
     frame_sampling: str = doc("uniform", "How frames are picked from longer videos: uniform | start | random.",
                               choices=("uniform", "start", "random"))
+    buckets: list = doc([], "Training shapes FRAMESxHEIGHTxWIDTH, e.g. 49x480x720 49x720x480 17x480x720, or auto "
+                            "(derived from the data: each sample's aspect ratio at about height x width pixels and "
+                            "its frames up to num_frames). Each sample trains at its nearest bucket (the most frames "
+                            "it has enough for, then the nearest aspect ratio; resized with the aspect kept and "
+                            "centre-cropped) and a batch holds one bucket; samples shorter than every bucket are left "
+                            "out. Empty: every sample at num_frames x height x width (height and width also size the "
+                            "validation videos).")
     # --- optimisation
     seed: int = doc(42, "Seed for data order, noise and timesteps (every step is reproducible).")
     max_steps: int = doc(1000, "Optimizer steps to train for.")

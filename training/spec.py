@@ -10,7 +10,8 @@ A trainer asks its :class:`ModelSpec` and never branches on the base. A spec own
   (:meth:`~ModelSpec.predict`), the training target (:meth:`~ModelSpec.target`) and the per-sample error the
   losses use (:meth:`~ModelSpec.error`);
 * the LoRA target modules and the LoRA export key map (:attr:`~ModelSpec.default_lora_targets`,
-  :meth:`~ModelSpec.export_lora`).
+  :meth:`~ModelSpec.export_lora`), and for full-parameter training the transformers' dtype and single-file format
+  (:func:`transformer_dtype`, :meth:`~ModelSpec.export_transformer_file`).
 
 Two implementations: :class:`CogVideoXSpec` below (DDPM, v-prediction) and :class:`~.spec_wan.WanSpec` (Wan 2.1/2.2,
 flow matching). :func:`load_spec` picks the one a folder needs (``models/bases.py`` reads it from the folder).
@@ -54,6 +55,13 @@ class NoiseDraw:
     timesteps: torch.Tensor
     sigmas: torch.Tensor | None = None
     experts: torch.Tensor | None = None
+
+
+def transformer_dtype(config, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the transformers load in: the mixed-precision ``dtype`` when they stay frozen (LoRA, adapters),
+    float32 when every weight trains (``--train full``: fp32 master weights; accelerate's autocast computes in
+    ``dtype``)."""
+    return torch.float32 if getattr(config, "train", "lora") == "full" else dtype
 
 
 def repeat_condition(condition: dict, times: int) -> dict:
@@ -183,6 +191,17 @@ class ModelSpec(abc.ABC):
         """File names of an exported LoRA, one per transformer."""
         return [f"{stem}.safetensors"]
 
+    # ------------------------------------------------------------------ full-parameter export
+    @property
+    def transformer_folders(self) -> list[str]:
+        """The diffusers sub-folder of each of :attr:`transformers` (``transformer``; Wan 2.2 A14B's low-noise expert:
+        ``transformer_2``)."""
+        return ["transformer"]
+
+    @abc.abstractmethod
+    def export_transformer_file(self, path: str, state_dict: dict, metadata: dict) -> None:
+        """Write one transformer's whole state dict as the single file the base's loader reads."""
+
 
 @dataclasses.dataclass
 class CogVideoXSpec(ModelSpec):
@@ -208,11 +227,13 @@ class CogVideoXSpec(ModelSpec):
 
     @classmethod
     def load(cls, path: str, *, dtype: torch.dtype, device: torch.device, config) -> "CogVideoXSpec":
-        """The frozen CogVideoX of ``path`` (the VAE in fp32 when ``dtype`` is fp16)."""
+        """The frozen CogVideoX of ``path`` (the VAE in fp32 when ``dtype`` is fp16; the transformer in fp32 for
+        ``--train full``, :func:`transformer_dtype`)."""
         from ..models.cogvideox import load_cogvideox
 
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        bundle = load_cogvideox(path, dtype=dtype, device=device, vae_dtype=vae_dtype)
+        bundle = load_cogvideox(path, dtype=transformer_dtype(config, dtype), device=device, vae_dtype=vae_dtype,
+                                text_encoder_dtype=dtype)
         if config.gradient_checkpointing:
             bundle.transformer.enable_gradient_checkpointing()
         return cls.from_bundle(bundle, device)
@@ -399,6 +420,13 @@ class CogVideoXSpec(ModelSpec):
         from ..models.lora import save_lora
 
         save_lora(path, layers, {**metadata, BASE_MODEL_KEY: base_model_of(self.transformer)})
+
+    def export_transformer_file(self, path: str, state_dict: dict, metadata: dict) -> None:
+        """diffusers' key names, no prefix: the single-file transformer the CogVideoX Model Loader's
+        ``transformer_file`` (``models/cogvideox.load_transformer_file``) reads from ``diffusion_models/``."""
+        from ..models.cogvideox import write_safetensors
+
+        write_safetensors(path, state_dict, {"format": "diffusers", **metadata})
 
 
 def spec_class(base: str) -> type[ModelSpec]:

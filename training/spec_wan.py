@@ -27,7 +27,7 @@ import dataclasses
 import torch
 
 from .config import InputError
-from .spec import ModelSpec, NoiseDraw, cached_key
+from .spec import ModelSpec, NoiseDraw, cached_key, transformer_dtype
 
 EXPERTS = ("high_noise", "low_noise")  # Wan 2.2 A14B: transformer, transformer_2
 
@@ -64,14 +64,16 @@ class WanSpec(ModelSpec):
 
         variant = folder_variant(path)
         experts = cls.trained_experts(variant, getattr(config, "experts", "all"))
-        model = load_wan(path, dtype=dtype, device=device, experts=experts if variant.experts == 2 else None)
+        model = load_wan(path, dtype=transformer_dtype(config, dtype), device=device, text_encoder_dtype=dtype,
+                         experts=experts if variant.experts == 2 else None)
         for transformer in model.transformers:
             if config.gradient_checkpointing:
                 transformer.enable_gradient_checkpointing()
         shift = getattr(config, "flow_shift", 0.0) or model.scheduler_config.get(
             "flow_shift", model.scheduler_config.get("shift", 1.0))
-        return cls(model, torch.device(device), dtype, float(shift), getattr(config, "flow_sigma_density", "uniform"),
-                   getattr(config, "flow_logit_mean", 0.0), getattr(config, "flow_logit_std", 1.0), experts)
+        return cls(model, torch.device(device), transformer_dtype(config, dtype), float(shift),
+                   getattr(config, "flow_sigma_density", "uniform"), getattr(config, "flow_logit_mean", 0.0),
+                   getattr(config, "flow_logit_std", 1.0), experts)
 
     @staticmethod
     def trained_experts(variant, option: str) -> tuple:
@@ -349,3 +351,15 @@ class WanSpec(ModelSpec):
 
     def lora_file_names(self, stem: str) -> list[str]:
         return [f"{stem}{'_' + e if e else ''}.safetensors" for e in self.experts]
+
+    # ------------------------------------------------------------------ full-parameter export
+    @property
+    def transformer_folders(self) -> list[str]:
+        return ["transformer_2" if e == "low_noise" else "transformer" for e in self.experts]
+
+    def export_transformer_file(self, path: str, state_dict: dict, metadata: dict) -> None:
+        """The original Wan names (``models/wan_single_file.py``), which ComfyUI's Load Diffusion Model detects as Wan
+        and diffusers' ``from_single_file`` converts back."""
+        from ..models.wan_single_file import save_wan_transformer_file
+
+        save_wan_transformer_file(path, state_dict, {**metadata, "base_model": str(self.variant)})

@@ -126,7 +126,9 @@ class DualRealTrainer(TaskSwitchingTrainer):
         identity = check_manifest(c.identity_data, "--identity_data", expected="subject images with prompts")
         check_media(identity, "--identity_data", num_frames=1)
         motion = check_manifest(c.data, "--data", expected="motion clips with prompts")
-        check_media(motion, "--data", num_frames=c.num_frames, videos_only=True)
+        check_media(motion, "--data", num_frames=self.checked_frames, videos_only=True)
+        identity, identity_buckets = self.assign_buckets(identity, "--identity_data", images=True)
+        motion, motion_buckets = self.assign_buckets(motion, "--data")
         check_path(c.clip_vision, "--clip_vision", "CLIP vision model", folder=None)
         if c.reference_image:
             check_path(c.reference_image, "--reference_image", "reference image")
@@ -137,7 +139,8 @@ class DualRealTrainer(TaskSwitchingTrainer):
                 check_groups(inputs["transformer_config"]["num_layers"], c.n_groups)
             except ValueError as e:
                 raise InputError(f"--n_groups: {e}") from None
-        return {**inputs, "identity": identity, "motion": motion}
+        return {**inputs, "identity": identity, "motion": motion,
+                "buckets": {IDENTITY: identity_buckets, MOTION: motion_buckets}}
 
     def reference_condition(self, clip) -> torch.Tensor:
         """The CLIP image embedding [1, 1, C] of the reference image (validation videos), preprocessed by the same
@@ -168,8 +171,9 @@ class DualRealTrainer(TaskSwitchingTrainer):
         return DualRealTrainingModule(adapters, spec, c, clip=clip)
 
     def dataset(self):
-        return {IDENTITY: FramesDataset(self, self.identity, 1), MOTION: FramesDataset(self, self.motion,
-                                                                                       self.config.num_frames)}
+        buckets = self.inputs["buckets"]
+        return {IDENTITY: FramesDataset(self, self.identity, buckets[IDENTITY]),
+                MOTION: FramesDataset(self, self.motion, buckets[MOTION])}
 
     def collate(self, items: list, kind: str = IDENTITY) -> dict:
         return {"kind": kind, **{k: torch.stack([it[k] for it in items]) for k in items[0]}}
@@ -206,28 +210,28 @@ class DualRealTrainer(TaskSwitchingTrainer):
 
 
 class FramesDataset(TrainingDataset):
-    """Identity images (1 frame) or motion clips (``num_frames``), the caption, and for clips one of their frames
-    (an IMAGE [H, W, 3] in 0..1) whose CLIP embedding conditions the motion adapters."""
+    """Identity images (1 frame) or motion clips (their bucket's frames), the caption, and for clips one of their
+    frames (an IMAGE [H, W, 3] in 0..1) whose CLIP embedding conditions the motion adapters."""
 
-    def __init__(self, trainer, samples, num_frames: int):
-        super().__init__(trainer, samples)
-        self.num_frames, self.tokenizer = num_frames, trainer.bundle.tokenizer
+    def __init__(self, trainer, samples, buckets):
+        super().__init__(trainer, samples, buckets)
+        self.tokenizer = trainer.bundle.tokenizer
 
-    def pick(self) -> dict:
-        c = self.config
-        return dict(num_frames=self.num_frames, height=c.height, width=c.width, sampling=c.frame_sampling)
+    def pick(self, index: int) -> dict:
+        return dict(self.shape(index), sampling=self.config.frame_sampling)
 
     def cache_specs(self, index: int):
         s = self.samples[index]
-        return [dict(path=s.media, **self.pick())], [s.caption]
+        return [dict(path=s.media, **self.pick(index))], [s.caption]
 
     def __getitem__(self, index):
-        s, g = self.samples[index], self.generator(index)
-        item = {**self.trainer.media("pixels", s.media, generator=g, **self.pick()),
+        s, g, frames = self.samples[index], self.generator(index), self.buckets[index].frames
+        item = {**self.trainer.media("pixels", s.media, generator=g, **self.pick(index)),
                 **self.trainer.caption(s.caption, self.tokenizer)}
-        if self.num_frames > 1:  # a motion clip: one of its frames for the condition
-            frame = int(torch.randint(0, self.num_frames, (1,), generator=g))
-            pixels = item["pixels"][frame] if "pixels" in item else load_frame(s.media, position=frame, **self.pick())
+        if frames > 1:  # a motion clip: one of its frames for the condition
+            frame = int(torch.randint(0, frames, (1,), generator=g))
+            pixels = item["pixels"][frame] if "pixels" in item else load_frame(s.media, position=frame,
+                                                                               **self.pick(index))
             item["condition_image"] = pixels.permute(1, 2, 0) * 0.5 + 0.5
         return item
 

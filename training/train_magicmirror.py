@@ -136,7 +136,8 @@ class MagicMirrorTrainingModule(TrainingModule):
         x0_pred = spec.x0(noisy, v, t)
         b = latents.shape[0]
         in_face = torch.rand(b, generator=generator) < c.face_region_prob
-        mask = box_to_latent_mask(batch["face_box"], c.height, c.width, spec.vae_scale).to(noisy.device)
+        height, width = (n * spec.vae_scale for n in latents.shape[-2:])  # the batch's bucket
+        mask = box_to_latent_mask(batch["face_box"], height, width, spec.vae_scale).to(noisy.device)
         mask = torch.where(in_face.to(noisy.device)[:, None, None, None, None], mask, torch.ones_like(mask))
         noise_loss = v_prediction_loss(x0_pred, latents, spec.loss_weights(t), mask)
         logs = {"loss_noise": noise_loss.mean().detach(), "face_region_share": in_face.float().mean()}
@@ -188,7 +189,14 @@ class MagicMirrorTrainer(Trainer):
         if bad is not None:
             raise InputError(f"--data: {bad.where}: size={bad.extra['size']} must be [width, height] > 0; rebuild "
                              "the manifest with python -m training.prepare_magicmirror")
-        check_media(samples, "--data", num_frames=c.num_frames, videos_only=c.stage == "video")
+        check_media(samples, "--data", num_frames=self.checked_frames, videos_only=c.stage == "video")
+        if isinstance(self.bucket_list, list):
+            wrong = [b for b in self.bucket_list if (b.frames == 1) != (c.stage == "image")]
+            if wrong:
+                want = ("single frames: give 1xHEIGHTxWIDTH buckets" if c.stage == "image"
+                        else "clips: give buckets of more than 1 frame")
+                raise InputError(f"--buckets {wrong[0]}: stage={c.stage} trains {want}")
+        samples, buckets = self.assign_buckets(samples, "--data")
         if c.init_from:
             check_path(c.init_from, "--init_from", "MagicMirror adapter")
         if c.id_loss_weight > 0:
@@ -200,7 +208,7 @@ class MagicMirrorTrainer(Trainer):
             check_path(c.validation_faces, "--validation_faces", "faces .safetensors")
         if c.validation_insightface:
             check_path(c.validation_insightface, "--validation_insightface", "insightface root", folder=True)
-        return {**inputs, "samples": samples}
+        return {**inputs, "samples": samples, "buckets": buckets}
 
     def build(self) -> torch.nn.Module:
         c = self.config
@@ -282,21 +290,20 @@ class MagicMirrorDataset(TrainingDataset):
     mapped to the training resolution, and the references' frozen face-encoder outputs (+ crops for the loss)."""
 
     def __init__(self, trainer: MagicMirrorTrainer):
-        super().__init__(trainer, trainer.samples)
+        super().__init__(trainer, trainer.samples, trainer.inputs["buckets"])
         self.tokenizer = trainer.bundle.tokenizer
 
-    def pick(self) -> dict:
-        c = self.config
-        return dict(num_frames=c.num_frames, height=c.height, width=c.width, sampling=c.frame_sampling)
+    def pick(self, index: int) -> dict:
+        return dict(self.shape(index), sampling=self.config.frame_sampling)
 
     def cache_specs(self, index: int):
         s = self.samples[index]
-        return [dict(path=s.media, **self.pick())], [split_trigger(s.caption, self.config.trigger_word)[0]]
+        return [dict(path=s.media, **self.pick(index))], [split_trigger(s.caption, self.config.trigger_word)[0]]
 
     def __getitem__(self, index: int) -> dict:
-        c, sample = self.config, self.samples[index]
+        c, sample, bucket = self.config, self.samples[index], self.buckets[index]
         text, spans = split_trigger(sample.caption, c.trigger_word)
-        item = {**self.trainer.media("pixels", sample.media, generator=self.generator(index), **self.pick()),
+        item = {**self.trainer.media("pixels", sample.media, generator=self.generator(index), **self.pick(index)),
                 **self.trainer.caption(text, self.tokenizer)}
         faces_path = self.trainer._faces_path(sample)
         faces = read_safetensors(faces_path)[0]
@@ -304,9 +311,9 @@ class MagicMirrorDataset(TrainingDataset):
         box = torch.tensor(sample.extra["face_box"], dtype=torch.float32).view(2, 2)
         item.update({
             "identity_mask": identity_token_mask(self.tokenizer, text, spans)[0],
-            "face_box": fit_points(box, src_w, src_h, c.width, c.height).flatten(),
+            "face_box": fit_points(box, src_w, src_h, bucket.width, bucket.height).flatten(),
             "face_kps": fit_points(torch.tensor(sample.extra["face_kps"], dtype=torch.float32), src_w, src_h,
-                                   c.width, c.height),
+                                   bucket.width, bucket.height),
             "x_id": faces["x_id"].float(),
             "clip_penultimate": faces["clip_penultimate"].float(),
         })

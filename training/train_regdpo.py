@@ -8,7 +8,11 @@ Loss per pair (arXiv 2511.01450, Eq. 6): ``−log σ(−β·s) + r·err_θ(w)`` 
 prediction against the training target (CogVideoX: the v-prediction; Wan: the velocity ε − x0), ``DGR = β(1 −
 σ(−β·s))`` and by default ``r = DGR`` (detached). Winner and loser share noise and timestep (σ) and, by default,
 one forward (pair-parallel). The reference is the same transformer with the LoRA switched off under ``no_grad`` —
-no second copy. Logged every step: DGR, r, DGR+r, Win Gap, Lose Gap, s, L_DPO, implicit accuracy (share of pairs
+no second copy. ``--train full`` trains every weight of the transformer(s) instead of a LoRA (fp32 master weights,
+AdamW, gradient checkpointing as configured); its reference is a frozen copy of the transformer(s) at the start,
+which waits on the CPU and streams to the device block by block for its no-grad forward (the paper's frozen-module
+offload; diffusers' group offloading through ``models/placement.py``), or under FSDP is sharded like the trained
+weights. Logged every step: DGR, r, DGR+r, Win Gap, Lose Gap, s, L_DPO, implicit accuracy (share of pairs
 with s < 0). ``--mode sft`` is plain supervised fine-tuning: one forward over the winners, no loser and no
 reference forward.
 
@@ -22,7 +26,11 @@ model's video from the same first frame and prompt; rows {winner, loser, caption
 only winner/media and caption). Export: CogVideoX — a diffusers-format LoRA (alpha baked) for the CogVideoX
 LoRA Loader node and diffusers' ``load_lora_weights``; Wan — ComfyUI core's Wan LoRA layout for core's LoRA
 loaders (and diffusers' Wan loader); Wan 2.2 A14B — one file per expert, ``regdpo_high_noise.safetensors`` and
-``regdpo_low_noise.safetensors``.
+``regdpo_low_noise.safetensors``. ``--train full`` exports each trained transformer as a diffusers folder
+(``regdpo_transformer/transformer/``, Wan 2.2 A14B also ``transformer_2/``: ``from_pretrained`` loads it) and as one
+safetensors file for ComfyUI (``regdpo_transformer.safetensors``, A14B one per expert): on Wan in the original Wan
+names core's Load Diffusion Model detects, on CogVideoX in diffusers' names for the CogVideoX Model Loader's
+``transformer_file``.
 """
 
 from __future__ import annotations
@@ -30,12 +38,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 
 from ..models.lora import TrainableLora, find_lora_targets
-from .config import TrainConfig, doc
+from .config import InputError, TrainConfig, doc
 from .losses import regdpo_loss
 from .spec import concat_draws, repeat_condition
 from .trainer import Trainer, TrainingDataset, TrainingModule, cli_main
@@ -62,9 +71,17 @@ class RegDPOTrainConfig(TrainConfig):
                                  "to_q to_k to_v to_out.0; Wan to_q to_k to_v to_out.0 ffn.net.0.proj ffn.net.2 of "
                                  "both attentions (original names self_attn/cross_attn q k v o, ffn.0, ffn.2).")
     pair_parallel: bool = doc(True, "Winner and loser in one forward (batch 2B) instead of two.")
-    reference_model: str = doc("lora_disabled", "lora_disabled: the reference is the same transformer with the "
-                               "LoRA off (no copy); copy: a frozen copy (more memory, for comparison).",
-                               choices=("lora_disabled", "copy"))
+    train: str = doc("lora", "lora: train a LoRA per transformer (lora_rank, lora_alpha, lora_targets); full: every "
+                             "weight of the transformer(s) (Wan 2.2 A14B: each trained expert), fp32 master weights "
+                             "with AdamW, exported as a diffusers transformer folder and one safetensors file "
+                             "ComfyUI loads.", choices=("lora", "full"))
+    reference_model: str = doc("auto", "auto: lora_disabled with --train lora, copy with --train full; "
+                               "lora_disabled: the reference is the same transformer with the LoRA off (no copy); "
+                               "copy: a frozen copy of the transformer(s) at the start.",
+                               choices=("auto", "lora_disabled", "copy"))
+    reference_offload: bool = doc(True, "The frozen reference copy waits on the CPU and streams to the device block "
+                                        "by block for its no-grad forward (the paper's frozen-module offload); under "
+                                        "FSDP it is sharded instead. --no-reference_offload keeps it on the device.")
     tiny_demo: bool = doc(False, "Generate a tiny model and synthetic GT-Pairs under output_dir and train on "
                                  "them (set by --preset tiny). It fills model_path and data, so those cannot be "
                                  "set with it (--no-tiny_demo keeps the preset's other settings for your own "
@@ -78,13 +95,36 @@ PRESETS = {
 }
 
 
-class RegDPOModule(TrainingModule):
-    """One LoRA per trained transformer (``loras``, in the specification's ``transformers`` order);
-    ``frozen["reference"]`` holds frozen copies of those transformers when ``reference_model=copy``."""
+def reference_kind(config: RegDPOTrainConfig) -> str:
+    """``copy`` or ``lora_disabled``: ``reference_model`` with ``auto`` resolved (copy for ``--train full``)."""
+    if config.reference_model != "auto":
+        return config.reference_model
+    return "copy" if config.train == "full" else "lora_disabled"
 
-    def __init__(self, loras: list[TrainableLora], spec, config: RegDPOTrainConfig, **frozen):
+
+def frozen_copy(transformer: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A frozen copy of ``transformer``; with ``dtype``, in that dtype except the modules the class keeps in float32
+    (``_keep_in_fp32_modules``), as diffusers' ``from_pretrained(torch_dtype=dtype)`` loads it."""
+    copy_ = copy.deepcopy(transformer).requires_grad_(False)
+    if dtype is None:
+        return copy_
+    keep = set(getattr(copy_, "_keep_in_fp32_modules", None) or ())
+    for name, p in copy_.named_parameters():
+        if p.is_floating_point() and not keep & set(name.split(".")):
+            p.data = p.data.to(dtype)
+    return copy_
+
+
+class RegDPOModule(TrainingModule):
+    """One LoRA per trained transformer (``loras``, in the specification's ``transformers`` order), or with
+    ``--train full`` the transformers themselves (``transformers``: their weights are this module's parameters);
+    ``frozen["reference"]`` holds frozen copies of the transformers when the reference is a copy."""
+
+    def __init__(self, loras: list[TrainableLora], spec, config: RegDPOTrainConfig, trained=(), **frozen):
         super().__init__(spec, config, **frozen)
         self.loras = torch.nn.ModuleList(loras)
+        if trained:
+            self.transformers = torch.nn.ModuleList(trained)
 
     @contextlib.contextmanager
     def reference(self):
@@ -129,7 +169,7 @@ class RegDPOModule(TrainingModule):
         if sft:
             return out
         with torch.no_grad():
-            if c.reference_model == "copy":
+            if reference_kind(c) == "copy":
                 ref = self.predictions(noisy, condition, draw, self.frozen["reference"])
             else:
                 with self.reference():
@@ -150,24 +190,31 @@ class RegDPOTrainer(Trainer):
         from .inputs import check_manifest, check_media
 
         inputs, c = super().validate_inputs(), self.config
+        if c.train == "full" and c.reference_model == "lora_disabled":
+            raise InputError("--train full --reference_model lora_disabled: a full-parameter run has no LoRA to switch "
+                             "off; use --reference_model copy (or auto)")
+        clips = ("media",) if c.mode == "sft" else ("media", "loser")
         if c.mode == "sft":
             pairs = check_manifest(c.data, "--data", expected="videos with captions (a GT-Pair manifest's winners)")
-            check_media(pairs, "--data", num_frames=c.num_frames, videos_only=True)
         else:
             pairs = check_manifest(c.data, "--data", columns=("loser",),
                                    expected="the GT-Pair manifest of python -m training.build_gt_pairs (rows {winner, "
                                             "loser, caption[, first_frame]}); --mode sft trains on winners alone")
-            check_media(pairs, "--data", num_frames=c.num_frames, keys=("media", "loser"), videos_only=True)
+        check_media(pairs, "--data", num_frames=self.checked_frames, keys=clips, videos_only=True)
         check_media(pairs, "--data", num_frames=1, keys=("first_frame",))
-        return {**inputs, "pairs": pairs}
+        pairs, buckets = self.assign_buckets(pairs, "--data", keys=clips)  # winner and loser: one bucket
+        return {**inputs, "pairs": pairs, "buckets": buckets}
 
     def build(self) -> torch.nn.Module:
         c = self.config
         self.pairs = self.inputs["pairs"]
         spec = self.load_base()
         frozen = {}
-        if c.reference_model == "copy" and c.mode != "sft":
-            frozen["reference"] = [copy.deepcopy(t).requires_grad_(False) for t in spec.transformers]
+        if reference_kind(c) == "copy" and c.mode != "sft":
+            frozen["reference"] = [frozen_copy(t, self.weight_dtype if c.train == "full" else None)
+                                   for t in spec.transformers]
+        if c.train == "full":
+            return RegDPOModule([], spec, c, [t.requires_grad_(True).train() for t in spec.transformers], **frozen)
         torch.manual_seed(c.seed)
         targets = c.lora_targets or list(spec.default_lora_targets)
         loras = [TrainableLora(t, find_lora_targets(t, targets), c.lora_rank, c.lora_alpha).to(self.device)
@@ -175,11 +222,43 @@ class RegDPOTrainer(Trainer):
         self.undo_lora = [lora.apply(t) for lora, t in zip(loras, spec.transformers)]
         return RegDPOModule(loras, spec, c, **frozen)
 
+    def shard_frozen_model(self, module: torch.nn.Module) -> None:
+        """Under FSDP the reference copies join the wrapped module (sharded, one unit per block, like the trained
+        transformers); otherwise, with ``reference_offload``, they wait on the CPU and stream to the device block by
+        block for their forward (``models/placement.py``'s ``block`` streaming: diffusers' group offloading)."""
+        from accelerate.utils import DistributedType
+
+        from ..models.placement import Placement
+
+        super().shard_frozen_model(module)
+        copies = module.frozen.get("reference")
+        if not copies:
+            return
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            module.reference_copies = torch.nn.ModuleList(copies)
+        elif self.config.reference_offload:
+            self.reference_placement = Placement(self.device, "cpu", "block")
+            for transformer in copies:
+                self.reference_placement.add(transformer, stream="block")
+
+    def before_export(self) -> None:
+        """``--train full`` under FSDP: every rank takes part in gathering the full weights for the export."""
+        from accelerate.utils import DistributedType
+
+        if self.config.train == "full" and self.accelerator.distributed_type == DistributedType.FSDP:
+            self.full_state_dict = self.accelerator.get_state_dict(self.module)
+
     def dataset(self):
         return PairDataset(self)
 
+    def export_name(self) -> str:
+        return f"{self.method}_transformer.safetensors" if self.config.train == "full" else super().export_name()
+
     def export(self, path: str) -> list[str]:
-        """One file per trained transformer (``path``, or ``<stem>_high_noise`` / ``_low_noise`` for Wan 2.2 A14B)."""
+        """One file per trained transformer (``path``, or ``<stem>_high_noise`` / ``_low_noise`` for Wan 2.2 A14B);
+        ``--train full``: :meth:`export_full`."""
+        if self.config.train == "full":
+            return self.export_full(path)
         module, c = self.accelerator.unwrap_model(self.module), self.config
         folder, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
         written = []
@@ -190,13 +269,54 @@ class RegDPOTrainer(Trainer):
             self.spec.export_lora(written[-1], lora.layers(), meta)
         return written
 
+    def export_full(self, path: str) -> list[str]:
+        """Each trained transformer in the mixed-precision dtype (its float32 modules kept so, as ``from_pretrained``
+        keeps them): a diffusers folder ``<stem>/<transformer|transformer_2>`` (``save_pretrained``) and one
+        safetensors file per transformer (``path``; Wan 2.2 A14B ``<stem>_high_noise`` / ``_low_noise``) in the
+        format the base's single-file loader reads (:meth:`~.spec.ModelSpec.export_transformer_file`)."""
+        from accelerate import init_empty_weights
+
+        c, spec = self.config, self.spec
+        folder, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+        module = self.accelerator.unwrap_model(self.module)
+        gathered = getattr(self, "full_state_dict", None)  # under FSDP (before_export)
+        written = []
+        for i, (transformer, expert, sub, name) in enumerate(zip(module.transformers, spec.expert_names,
+                                                                 spec.transformer_folders, spec.lora_file_names(stem))):
+            if gathered is not None:
+                prefix = f"transformers.{i}."
+                state = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}
+            else:
+                state = transformer.state_dict()
+            keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or ())
+            state = {k: v.detach().to("cpu", v.dtype if keep & set(k.split(".")) or not v.is_floating_point()
+                                      else self.weight_dtype).contiguous() for k, v in state.items()}
+            with init_empty_weights():
+                saved = type(transformer).from_config(transformer.config)
+            saved.load_state_dict(state, strict=True, assign=True)
+            target = os.path.join(folder, stem, sub)
+            tmp = f"{target}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            saved.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            meta = {"method": "regdpo", "train": "full", "mode": c.mode, "beta": c.beta, "steps": self.step,
+                    **({"expert": expert} if expert else {})}
+            spec.export_transformer_file(os.path.join(folder, name), state, meta)
+            written += [os.path.join(folder, name), target]
+        self.use_hint = ("copy the .safetensors file(s) to ComfyUI/models/diffusion_models/ and load "
+                         + ("each with core's 'Load Diffusion Model'" if spec.base == "wan" else
+                            "it as the 'CogVideoX Model Loader (MMV)' transformer_file") +
+                         "; the folder loads with diffusers' from_pretrained (or replaces the model folder's)")
+        return written
 
 class PairDataset(TrainingDataset):
-    """Winner and loser clips (their first ``num_frames``; sft: the winner only), the caption, and for
-    image-conditioned models the first frame (the row's ``first_frame`` image, else the winner's first frame)."""
+    """Winner and loser clips (their first frames, as many as the pair's bucket has; sft: the winner only), the caption,
+    and for image-conditioned models the first frame (the row's ``first_frame`` image, else the winner's first
+    frame), all at the bucket's size."""
 
     def __init__(self, trainer):
-        super().__init__(trainer, trainer.pairs)
+        super().__init__(trainer, trainer.pairs, trainer.inputs["buckets"])
         self.image = trainer.spec.image_conditioned
         self.sft = trainer.config.mode == "sft"
 
@@ -210,23 +330,20 @@ class PairDataset(TrainingDataset):
         return s.extra.get("first_frame") or s.media
 
     def cache_specs(self, index: int):
-        c = self.config
-        media = [dict(path=path, num_frames=c.num_frames, height=c.height, width=c.width, sampling="start")
-                 for _, path in self.clips(index)]
+        b = self.buckets[index]
+        media = [dict(path=path, **b.pick, sampling="start") for _, path in self.clips(index)]
         if self.image:
-            media.append(dict(path=self.first_frame(index), height=c.height, width=c.width,
-                              image_condition=c.num_frames))
+            media.append(dict(path=self.first_frame(index), height=b.height, width=b.width, image_condition=b.frames))
         return media, [self.samples[index].caption]
 
     def __getitem__(self, index):
-        c, s, g = self.config, self.samples[index], self.generator(index)
+        s, g, b = self.samples[index], self.generator(index), self.buckets[index]
         item = self.trainer.caption(s.caption)
         for key, path in self.clips(index):
-            item.update(self.trainer.media(key, path, num_frames=c.num_frames, height=c.height, width=c.width,
-                                           sampling="start", generator=g))
+            item.update(self.trainer.media(key, path, **b.pick, sampling="start", generator=g))
         if self.image:
-            item.update(self.trainer.image_condition(self.first_frame(index), clip_frames=c.num_frames,
-                                                     height=c.height, width=c.width, generator=g))
+            item.update(self.trainer.image_condition(self.first_frame(index), clip_frames=b.frames, height=b.height,
+                                                     width=b.width, generator=g))
         return item
 
 

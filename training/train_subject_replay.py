@@ -32,6 +32,7 @@ from ..models.cogvideox import BASE_MODEL_KEY, base_model_of
 from ..models.lora import TrainableLora, find_lora_targets, save_lora
 from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, inject_reference
 from ..models.text import with_extra_tokens
+from .buckets import Bucket
 from .config import TrainConfig, doc
 from .losses import v_prediction_loss
 from .trainer import TaskSwitchingTrainer, TrainingDataset, TrainingModule, cli_main
@@ -48,6 +49,10 @@ class SubjectReplayTrainConfig(TrainConfig):
                                       "probability (value not given in the paper).")
     pair_height: int = doc(512, "Height of S2I pair images (multiple of 16).")
     pair_width: int = doc(512, "Width of S2I pair images (multiple of 16).")
+    pair_buckets: list = doc([], "Sizes HEIGHTxWIDTH of the S2I pairs, e.g. 512x512 384x640 640x384: each pair (source "
+                                 "and target) trains at the size nearest its target's aspect ratio, a batch holds one "
+                                 "size. Empty: every pair at pair_height x pair_width. (--buckets sizes the replay "
+                                 "videos.)")
     pair_batch_size: int = doc(1, "S2I pairs per device per micro-step of a pair step (the paper: 256 per step "
                                   "in all, see --preset paper).")
     video_batch_size: int = doc(1, "Videos per device per micro-step of a video-replay step (the paper: 32 per "
@@ -138,16 +143,21 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
 
         inputs, c = super().validate_inputs(), self.config
         check_size(1, c.pair_height, c.pair_width, ("", "--pair_height", "--pair_width"))
+        pair_buckets = self.check_buckets(c.pair_buckets, "--pair_buckets", spatial=True)
+        self.check_bucket_sides(pair_buckets, "--pair_buckets")
         pairs = check_manifest(c.pairs, "--pairs", columns=("src", "tgt"),
                                expected="S2I pairs (metadata.jsonl rows {src, tgt, caption})")
         check_media(pairs, "--pairs", num_frames=1, keys=("src", "media"))
         videos = check_manifest(c.data, "--data", expected="unpaired videos with captions")
-        check_media(videos, "--data", num_frames=c.num_frames, videos_only=True)
+        check_media(videos, "--data", num_frames=self.checked_frames, videos_only=True)
+        pairs, pair_sizes = self.assign_buckets(pairs, "--pairs", images=True, buckets=pair_buckets,
+                                                default=Bucket(1, c.pair_height, c.pair_width))
+        videos, video_buckets = self.assign_buckets(videos, "--data")
         if c.validation_reference:
             check_path(c.validation_reference, "--validation_reference", "validation subject image")
         if c.validation_clip_vision:
             check_path(c.validation_clip_vision, "--validation_clip_vision", "CLIP vision model", folder=None)
-        return {**inputs, "pairs": pairs, "videos": videos}
+        return {**inputs, "pairs": pairs, "videos": videos, "buckets": {IMAGE: pair_sizes, VIDEO: video_buckets}}
 
     def build(self) -> torch.nn.Module:
         c = self.config
@@ -266,26 +276,25 @@ class PairDataset(TrainingDataset):
     """S2I pairs: reference = source image, target = one-frame 'video', caption with <cls> first."""
 
     def __init__(self, trainer):
-        super().__init__(trainer, trainer.pairs)
+        super().__init__(trainer, trainer.pairs, trainer.inputs["buckets"][IMAGE])
         self.tokenizer = trainer.tokenizer
 
-    def pick(self) -> dict:
-        c = self.config
-        return dict(num_frames=1, height=c.pair_height, width=c.pair_width, sampling="uniform")
+    def pick(self, index: int) -> dict:
+        return dict(self.shape(index), sampling="uniform")
 
     def caption_of(self, index: int) -> str:
         caption = self.samples[index].caption
         return caption if caption.startswith(CLS_TOKEN) else f"{CLS_TOKEN} {caption}"
 
     def cache_specs(self, index: int):
-        s = self.samples[index]
-        return [dict(path=s.media, **self.pick()), dict(path=s.extra["src"], **self.pick())], [self.caption_of(index)]
+        s, pick = self.samples[index], self.pick(index)
+        return [dict(path=s.media, **pick), dict(path=s.extra["src"], **pick)], [self.caption_of(index)]
 
     def __getitem__(self, index):
-        s, g = self.samples[index], self.generator(index)
-        ref = self.trainer.media("reference", s.extra["src"], generator=g, mode=True, **self.pick())
+        s, g, pick = self.samples[index], self.generator(index), self.pick(index)
+        ref = self.trainer.media("reference", s.extra["src"], generator=g, mode=True, **pick)
         ref = {k: v[0] if k == "reference" else v[:, 0] for k, v in ref.items()}  # one frame: [3, H, W] | [C, h, w]
-        return {**self.trainer.media("target", s.media, generator=g, **self.pick()), **ref,
+        return {**self.trainer.media("target", s.media, generator=g, **pick), **ref,
                 **self.trainer.caption(self.caption_of(index), self.tokenizer)}
 
 
@@ -293,28 +302,27 @@ class ReplayDataset(TrainingDataset):
     """Unpaired videos: a random frame (i ~ U(1, T)) of the clip is the reference."""
 
     def __init__(self, trainer):
-        super().__init__(trainer, trainer.videos)
+        super().__init__(trainer, trainer.videos, trainer.inputs["buckets"][VIDEO])
         self.tokenizer = trainer.tokenizer
 
-    def pick(self) -> dict:
-        c = self.config
-        return dict(num_frames=c.num_frames, height=c.height, width=c.width, sampling=c.frame_sampling)
+    def pick(self, index: int) -> dict:
+        return dict(self.shape(index), sampling=self.config.frame_sampling)
 
     def cache_specs(self, index: int):
-        s = self.samples[index]
-        return [dict(path=s.media, **self.pick()), dict(path=s.media, per_frame=True, **self.pick())], [s.caption]
+        s, pick = self.samples[index], self.pick(index)
+        return [dict(path=s.media, **pick), dict(path=s.media, per_frame=True, **pick)], [s.caption]
 
     def __getitem__(self, index):
-        s, g = self.samples[index], self.generator(index)
-        item = {**self.trainer.media("target", s.media, generator=g, **self.pick()),
+        s, g, pick = self.samples[index], self.generator(index), self.pick(index)
+        item = {**self.trainer.media("target", s.media, generator=g, **pick),
                 **self.trainer.caption(s.caption, self.tokenizer)}
-        frame = random_frame_index(self.config.num_frames, g) - 1
+        frame = random_frame_index(pick["num_frames"], g) - 1
         if "target" in item:
             item["reference"] = item["target"][frame]
         else:  # cached: the reference and the I2V first frame, each encoded alone as an image
             item["reference_latents"] = self.trainer.media("reference", s.media, generator=g, per_frame=True, mode=True,
-                                                           **self.pick())["reference_latents"][frame]
-            first = self.trainer.media("first", s.media, generator=g, per_frame=True, **self.pick())["first_latents"]
+                                                           **pick)["reference_latents"][frame]
+            first = self.trainer.media("first", s.media, generator=g, per_frame=True, **pick)["first_latents"]
             item["first_frame_latents"] = first[:1].transpose(0, 1)  # [C, 1, h, w]
         return item
 

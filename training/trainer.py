@@ -100,8 +100,13 @@ class TrainingDataset(torch.utils.data.Dataset):
     (:meth:`Trainer.media`, :meth:`Trainer.caption`), so with ``precompute_cache`` they come from the cache;
     :meth:`cache_specs` lists what an item reads (the trainer fills the cache with it first)."""
 
-    def __init__(self, trainer, samples):
+    def __init__(self, trainer, samples, buckets=None):
+        from .buckets import Bucket
+
         self.trainer, self.samples, self.config, self.epoch = trainer, samples, trainer.config, 0
+        c = self.config  # each item's shape (training/buckets.py); by default every item at the config's
+        default = [Bucket(c.num_frames, c.height, c.width)] * len(samples)
+        self.buckets = list(buckets) if buckets is not None else default
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,6 +118,10 @@ class TrainingDataset(torch.utils.data.Dataset):
         from .data import item_generator
 
         return item_generator(self.config.seed, self.epoch, index)
+
+    def shape(self, index: int) -> dict:
+        """Item ``index``'s bucket as ``num_frames``, ``height``, ``width``."""
+        return self.buckets[index].pick
 
     # Subclasses define ``cache_specs(index) -> (media, captions)``: what item ``index`` reads, the media as
     # dicts of path, num_frames, height, width, sampling (and per_frame), the captions as encoded.
@@ -142,6 +151,7 @@ class Trainer(abc.ABC):
         c = self.config
         check_required(c, self.required_inputs)
         check_size(c.num_frames, c.height, c.width)
+        self.bucket_list = self.check_buckets(c.buckets)
         if c.validation_prompts:
             check_size(c.validation_num_frames, c.height, c.width, ("--validation_num_frames", "--height", "--width"))
         for name in self.batch_size_fields():
@@ -170,7 +180,62 @@ class Trainer(abc.ABC):
                 raise InputError(f"{option} needs the {package} package: pip install {package} ({hint})")
         folder = check_model_folder(c.model_path, bases=self.supported_bases, method=self.title)
         spec_class(folder["base"]).check_config(c, folder)
+        self.spatial_multiple = folder["spatial_multiple"]
+        self.check_bucket_sides(self.bucket_list)
         return folder
+
+    # ---------------------------------------------------------------- buckets (training/buckets.py)
+    spatial_multiple = 16  # the model folder's (validate_inputs)
+    bucket_list: list | str = []  # --buckets as read (validate_inputs)
+
+    @staticmethod
+    def check_buckets(values, option: str = "--buckets", *, spatial: bool = False):
+        """``--buckets`` read and each shape checked (4k+1 frames, sides multiples of 16): a list of buckets, ``auto``
+        or ``[]``."""
+        from ..models.sampler import SamplingInputError, check_video_size
+        from .buckets import parse_buckets
+
+        buckets = parse_buckets(values, option, spatial=spatial)
+        for b in buckets if isinstance(buckets, list) else []:
+            try:
+                check_video_size(b.frames, b.height, b.width)
+            except SamplingInputError as e:
+                raise InputError(f"{option} {b}: {e}") from None
+        return buckets
+
+    def check_bucket_sides(self, buckets, option: str = "--buckets") -> None:
+        """Bucket sides the base's VAE and patch size divide (Wan 2.2 TI2V-5B: 32)."""
+        m = self.spatial_multiple
+        for b in buckets if isinstance(buckets, list) else []:
+            if b.height % m or b.width % m:
+                raise InputError(f"{option} {b}: this model needs sides that are multiples of {m} (VAE x patch); use "
+                                 f"e.g. {b.frames}x{max(m, b.height // m * m)}x{max(m, b.width // m * m)}")
+
+    @property
+    def checked_frames(self) -> int:
+        """The frames every clip must have (``check_media``): ``num_frames``, or 1 with buckets (a clip shorter than
+        every bucket is left out by :meth:`assign_buckets`)."""
+        return 1 if self.bucket_list else self.config.num_frames
+
+    def assign_buckets(self, samples, option: str, *, keys=("media",), images: bool = False, buckets=None,
+                       default=None) -> tuple[list, list]:
+        """``(samples, their buckets)`` for a dataset: with ``--buckets`` (or ``buckets``) each sample's nearest
+        (samples no bucket fits left out; none fitting is an :class:`InputError`), ``images``: the buckets' sizes at
+        one frame; without, every sample at ``default`` (the config's shape; images: 1 frame)."""
+        from .buckets import AUTO, Bucket, derive_buckets, media_shape
+        from .buckets import assign_buckets as assign
+
+        c = self.config
+        buckets = self.bucket_list if buckets is None else buckets
+        if not buckets:
+            default = default or Bucket(1 if images else c.num_frames, c.height, c.width)
+            return list(samples), [default] * len(samples)
+        if buckets == AUTO:
+            buckets = derive_buckets([media_shape(s.media) for s in samples], num_frames=1 if images else c.num_frames,
+                                     height=c.height, width=c.width, multiple=self.spatial_multiple)
+        if images:
+            buckets = list(dict.fromkeys(b.still() for b in buckets))
+        return assign(samples, buckets, option=option, keys=keys)
 
     @property
     def inputs(self) -> dict:
@@ -200,16 +265,32 @@ class Trainer(abc.ABC):
         return torch.utils.data.default_collate(items)
 
     def next_batch(self, data, step: int, micro: int) -> dict:
-        """The batch of (step, micro-step) for this rank: a deterministic slice of the shuffled stream."""
+        """The batch of (step, micro-step) for this rank: one bucket, a deterministic slice of its shuffled stream
+        (:class:`~.buckets.BucketSampler`)."""
         c, acc = self.config, self.accelerator
-        position = ((step * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * c.batch_size
-        return self.collate([fetch(data, e, i) for e, i in sample_indices(len(data), c.seed, position, c.batch_size)])
+        slot = step * c.gradient_accumulation_steps + micro
+        picks = self.sampler(data).indices(slot, acc.process_index, acc.num_processes, c.batch_size)
+        return self.collate([fetch(data, e, i) for e, i in picks])
+
+    def sampler(self, data, stream: int = 0):
+        """The :class:`~.buckets.BucketSampler` of ``data`` (its items' ``buckets``); ``stream`` keeps the draws of
+        several datasets apart."""
+        from .buckets import BucketSampler
+
+        buckets = list(getattr(data, "buckets", None) or [None] * len(data))
+        samplers = self.__dict__.setdefault("_samplers", {})
+        if stream not in samplers or samplers[stream][0] != buckets:
+            samplers[stream] = (buckets, BucketSampler(buckets, self.config.seed, stream))
+        return samplers[stream][1]
 
     def before_optimizer_step(self, step: int) -> None:
         """Optional: edit gradients after backward (all micro-steps), before the optimizer step."""
 
     def after_step(self, step: int, logs: dict) -> None:
         """Optional per-step work after the optimizer step (e.g. monitors); may add to ``logs``."""
+
+    def before_export(self) -> None:
+        """Optional work on every process before the main process exports (e.g. gathering sharded weights)."""
 
     def finish(self) -> None:
         """Optional work on the main process after export (plots, reports)."""
@@ -526,6 +607,7 @@ class Trainer(abc.ABC):
         bar.close()
         acc.wait_for_everyone()
         self.check_ranks_in_sync(params)
+        self.before_export()
         out = os.path.join(c.output_dir, self.export_name())
         self.exported = [out]
         if acc.is_main_process:
@@ -554,6 +636,7 @@ def cli_main(trainer_class, argv, presets: dict, *, description: str, build_tiny
     except InputError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    use_hint = getattr(trainer, "use_hint", None) or use_hint  # a trainer may say where its export goes
     print(f"exported {' and '.join(getattr(trainer, 'exported', exported))}{': ' + use_hint if use_hint else ''}")
     return 0
 
@@ -590,6 +673,7 @@ class TaskSwitchingTrainer(Trainer):
             s = len(self._task_counts) - 1
             self._task_counts.append(self._task_counts[-1] + (self.task_of(s) == self.tasks[1]))
         done = self._task_counts[step] if kind == self.tasks[1] else step - self._task_counts[step]
-        position = ((done * c.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index) * size
-        items = [fetch(data[kind], e, i) for e, i in sample_indices(len(data[kind]), c.seed, position, size)]
-        return self.collate(items, kind)
+        slot = done * c.gradient_accumulation_steps + micro
+        picks = self.sampler(data[kind], self.tasks.index(kind)).indices(slot, acc.process_index, acc.num_processes,
+                                                                          size)
+        return self.collate([fetch(data[kind], e, i) for e, i in picks], kind)

@@ -33,6 +33,12 @@ Streams ride inside ``hidden_states``: a forward hook on ``patch_embed`` puts th
 block receives and returns tensors of one shape. The per-forward state travels with the blocks' own
 ``attention_kwargs`` (key :data:`STATE_KEY`), so gradient checkpointing recomputes a block with the
 state of the forward that ran it.
+
+Under context parallelism (:mod:`.context_parallel`) the blocks see this rank's share of the sequence: the text and
+video shares diffusers' hooks split at the first block, and of each stream its share (a stream in the joint
+attention, padded to a multiple of the degree with tokens whose keys are masked) or all of it (a query-only stream,
+whose attention is merged over the group). ``hidden_states`` is then laid out as one group of ``[lead streams;
+video; trailing streams]`` shares per rank, so diffusers' equal split hands every rank its own group.
 """
 
 from __future__ import annotations
@@ -129,7 +135,8 @@ class ForwardState:
     extensions: list
     streams: list = dataclasses.field(default_factory=list)
     video_tokens: int = 0
-    rotary: tuple | None = None  # the video tokens' RoPE rows
+    rotary: tuple | None = None  # the video tokens' RoPE rows (this rank's share under context parallelism)
+    cp: object = None  # the context-parallel group (.context_parallel.ContextParallelGroup) or None
     _rotary_cache: dict = dataclasses.field(default_factory=dict)
 
     def add_stream(self, stream: TokenStream) -> None:
@@ -148,6 +155,51 @@ class ForwardState:
         """Streams in the order they sit in ``hidden_states``: lead streams, (video), trailing streams."""
         return [s for s in self.streams if s.lead] + [None] + [s for s in self.streams if not s.lead]
 
+    def padded(self, stream: TokenStream) -> int:
+        """A joint stream's length rounded up to a multiple of the CP degree (its own length without CP)."""
+        degree = self.cp.degree if self.cp is not None else 1
+        return -(-stream.count // degree) * degree if stream.joint else stream.count
+
+    def local_count(self, stream: TokenStream | None) -> int:
+        """Tokens of ``stream`` (None: the video) in this rank's ``hidden_states``: its share under context
+        parallelism (a query-only stream: all of it), else all of it."""
+        if self.cp is None:
+            return self.video_tokens if stream is None else stream.count
+        if stream is None:
+            return self.video_tokens // self.cp.degree
+        return self.padded(stream) // self.cp.degree if stream.joint else stream.count
+
+    def share(self, stream: TokenStream, x: torch.Tensor, dim: int = 1, pad: float = 0.0) -> torch.Tensor:
+        """This rank's share of a joint stream's ``x`` (length along ``dim``), padded with ``pad`` first."""
+        extra = self.padded(stream) - x.shape[dim]
+        if extra:
+            shape = list(x.shape)
+            shape[dim] = extra
+            x = torch.cat([x, x.new_full(shape, pad)], dim=dim)
+        return self.cp.chunk(x, dim)
+
+    def full_stream(self, stream: TokenStream, x: torch.Tensor) -> torch.Tensor:
+        """A stream's per-token values [B, n, ...] as a whole from this rank's share (a joint stream under context
+        parallelism: gathered over the group, pads dropped; otherwise ``x`` itself)."""
+        if self.cp is None or not stream.joint:
+            return x
+        gathered = self.cp.gather(x)  # [degree, B, n / degree, ...]
+        return torch.cat(list(gathered.unbind(0)), dim=1)[:, :stream.count]
+
+    def key_mask(self, text_len: int, joint: tuple, device) -> torch.Tensor | None:
+        """Under context parallelism with padded joint streams: bool [S] over this rank's attention sequence
+        ``[text; joint parts]`` (False: a pad, whose key nobody may see); None when no stream is padded (then no
+        rank passes a mask)."""
+        if self.cp is None or all(self.padded(s) == s.count for s in self.streams if s.joint):
+            return None
+        parts = [torch.ones(text_len, dtype=torch.bool)]
+        for s in [s for s in joint if s.lead] + [None] + [s for s in joint if not s.lead]:
+            if s is None:
+                parts.append(torch.ones(self.local_count(None), dtype=torch.bool))
+            else:
+                parts.append(self.share(s, torch.ones(1, s.count, dtype=torch.bool), pad=False)[0])
+        return torch.cat(parts).to(device)
+
     def rotary_for(self, joint: tuple) -> tuple | None:
         """RoPE rows of the attention's ``hidden_states`` = the video tokens and the ``joint`` streams."""
         if self.rotary is None or not joint:
@@ -160,10 +212,13 @@ class ForwardState:
                 if s is None:
                     parts_cos.append(cos), parts_sin.append(sin)
                 elif s.rotary is not None:
-                    parts_cos.append(s.rotary[0].to(cos)), parts_sin.append(s.rotary[1].to(sin))
+                    c, n = s.rotary[0].to(cos), s.rotary[1].to(sin)
+                    if self.cp is not None:  # this rank's rows (pads: identity rows)
+                        c, n = self.share(s, c, dim=0, pad=1.0), self.share(s, n, dim=0)
+                    parts_cos.append(c), parts_sin.append(n)
                 else:  # cos 1, sin 0: RoPE leaves these tokens exactly as they are
-                    parts_cos.append(cos.new_ones(s.count, cos.shape[1]))
-                    parts_sin.append(sin.new_zeros(s.count, sin.shape[1]))
+                    parts_cos.append(cos.new_ones(self.local_count(s), cos.shape[1]))
+                    parts_sin.append(sin.new_zeros(self.local_count(s), sin.shape[1]))
             self._rotary_cache[key] = (torch.cat(parts_cos), torch.cat(parts_sin))
         return self._rotary_cache[key]
 
@@ -324,14 +379,21 @@ class BlockRunner:
 
     # ------------------------------------------------------------------ transformer-level hooks
     def _begin(self, module, args, kwargs):
+        from .context_parallel import context_parallel_group
+
+        cp = context_parallel_group(module)
         if not self.extensions:
+            if cp is not None:
+                self._split_rotary(cp, kwargs)
             return args, kwargs
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         batch = hidden.shape[0]
         roles = self.call_roles if self.call_roles is not None and len(self.call_roles) == batch else ("positive",) * batch
-        state = ForwardState(roles=roles, extensions=list(self.extensions))
+        state = ForwardState(roles=roles, extensions=list(self.extensions), cp=cp)
         for ext in state.extensions:
             ext.begin(state, kwargs)
+        if cp is not None:  # after the extensions, which may set the RoPE rows (the subject reference does)
+            self._split_rotary(cp, kwargs)
         state.rotary = kwargs.get("image_rotary_emb")
         cfg = module.config
         p, p_t = cfg.patch_size, cfg.patch_size_t or 1
@@ -339,6 +401,13 @@ class BlockRunner:
         kwargs["attention_kwargs"] = {**(kwargs.get("attention_kwargs") or {}), STATE_KEY: state}
         self.current = state
         return args, kwargs
+
+    @staticmethod
+    def _split_rotary(cp, kwargs) -> None:
+        """Context parallelism: this rank's share of the video tokens' RoPE rows (as diffusers splits the video)."""
+        rotary = kwargs.get("image_rotary_emb")
+        if rotary is not None:
+            kwargs["image_rotary_emb"] = tuple(cp.chunk(r, 0) for r in rotary)
 
     def _end(self, module, args, output):
         self.current = None
@@ -350,8 +419,18 @@ class BlockRunner:
             return output
         text_len = output.shape[1] - state.video_tokens  # patch_embed returns [text; video]
         parts = [output[:, :text_len]]
-        for s in state.ordered:
-            parts.append(output[:, text_len:] if s is None else s.tokens.to(output.dtype))
+        for rank in range(state.cp.degree if state.cp is not None else 1):  # one group of shares per rank
+            for s in state.ordered:
+                if s is None:
+                    video = output[:, text_len:]
+                    parts.append(video if state.cp is None else video.chunk(state.cp.degree, dim=1)[rank])
+                elif state.cp is None or not s.joint:  # no CP, or a query-only stream: whole on every rank
+                    parts.append(s.tokens.to(output.dtype))
+                else:
+                    tokens = s.tokens.to(output.dtype)
+                    tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], state.padded(s) - s.count,
+                                                                 tokens.shape[2])], dim=1)
+                    parts.append(tokens.chunk(state.cp.degree, dim=1)[rank])
         return torch.cat(parts, dim=1)
 
     def _remove_streams(self, module, args):
@@ -359,8 +438,8 @@ class BlockRunner:
         if state is None or not state.streams:
             return None
         hidden = args[0]
-        lead = sum(s.count for s in state.streams if s.lead)
-        return (hidden[:, lead:lead + state.video_tokens],) + tuple(args[1:])
+        lead = sum(state.local_count(s) for s in state.streams if s.lead)
+        return (hidden[:, lead:lead + state.local_count(None)],) + tuple(args[1:])
 
     # ------------------------------------------------------------------ the block
     def run_block(self, block, index, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
@@ -377,7 +456,7 @@ class BlockRunner:
         if state is not None and state.streams:
             start = 0
             for s in state.ordered:
-                n = state.video_tokens if s is None else s.count
+                n = state.local_count(s)
                 parts.append([s, hidden_states[:, start:start + n], len(parts)])
                 start += n
         else:
@@ -398,6 +477,14 @@ class BlockRunner:
         bias = self._key_bias(joint, text_len, attn_in) if len(joint) > 1 else None
         if bias is not None:
             _check_takes_bias(block.attn1, index, [p[0] for p in joint if p[0] is not None and p[0].key_weight != 1])
+        key_mask = None if state is None else state.key_mask(text_len, tuple(p[0] for p in joint if p[0] is not None),
+                                                             text.device)
+        if key_mask is not None:  # pads of split streams (context parallelism) are no one's keys: -inf in the bias
+            bias = attn_in.new_zeros(key_mask.shape[0]) if bias is None else bias
+            bias = bias.masked_fill(~key_mask, -math.inf)
+            # [B, 1, 1, S]: 4-d, so the dispatcher processor passes it as is and Ulysses gathers it along the keys
+            attention_kwargs["attention_mask"] = bias.expand(attn_in.shape[0], -1)[:, None, None]
+        elif bias is not None:
             attention_kwargs["attention_mask"] = bias.expand(attn_in.shape[0], 1, -1)  # [B, 1, text + hidden]
         want_query = bool(exts) and any(ext.needs_query(index) for ext in exts)
         taps = None
@@ -437,7 +524,7 @@ class BlockRunner:
             if value is None:
                 value = block.attn1.to_v(torch.cat([norm_text, attn_in], dim=1))
             for p in query_only:
-                outs[p[2]] = self._query_only_attention(block.attn1, gates[p[2]][0], key, value, bias)
+                outs[p[2]] = self._query_only_attention(block.attn1, gates[p[2]][0], key, value, bias, state.cp)
         text = self._add_gated(state, index, exts, "attention_residual", active, gates, outs, video_part,
                                norm_text, norm_video, attn_text, text)
 
@@ -530,10 +617,13 @@ class BlockRunner:
         return bias
 
     @staticmethod
-    def _query_only_attention(attn, normed, key, value_lin, bias=None):
+    def _query_only_attention(attn, normed, key, value_lin, bias=None, cp=None):
         """A stream whose queries see every key of the joint attention and its own, while no other token
         sees its keys: softmax over the two key sets written out (few queries; no copy of the long K/V).
-        ``bias`` [S]: the joint keys' score bias (weighted joint streams)."""
+        ``bias`` [S]: the joint keys' score bias (weighted joint streams; -inf at the pads of split streams).
+        Under context parallelism (``cp``) ``key`` and ``value_lin`` are this rank's share of the joint sequence
+        and the stream is whole on every rank: the softmax's numerator and denominator are summed over the group
+        (with one shared maximum), its own keys added once."""
         value = _heads(value_lin, attn.heads)
         q, k, v = (_heads(proj(normed), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
@@ -541,9 +631,19 @@ class BlockRunner:
         scores = torch.cat([q @ key.transpose(-2, -1), q @ k.transpose(-2, -1)], dim=-1) * q.shape[-1] ** -0.5
         if bias is not None:
             scores = scores + F.pad(bias.to(scores.dtype), (0, k.shape[2]))
-        probs = scores.float().softmax(dim=-1).to(v.dtype)  # [B, H, n, S + n]
         seq = key.shape[2]
-        out = probs[..., :seq] @ value + probs[..., seq:] @ v
+        if cp is None:
+            probs = scores.float().softmax(dim=-1).to(v.dtype)  # [B, H, n, S + n]
+            out = probs[..., :seq] @ value + probs[..., seq:] @ v
+            return attn.to_out[1](attn.to_out[0](_merge(out)))
+        scores = scores.float()
+        top = cp.max(scores.detach().amax(dim=-1, keepdim=True))  # [B, H, n, 1], the same on every rank
+        weights = (scores - top).exp()
+        shares = cp.gather(torch.cat([weights[..., :seq] @ value.float(), weights[..., :seq].sum(-1, keepdim=True)],
+                                     dim=-1)).sum(0)  # [B, H, n, d + 1]: numerator and denominator over the group
+        own = torch.cat([weights[..., seq:] @ v.float(), weights[..., seq:].sum(-1, keepdim=True)], dim=-1)
+        total = shares + own
+        out = (total[..., :-1] / total[..., -1:]).to(v.dtype)
         return attn.to_out[1](attn.to_out[0](_merge(out)))
 
     @staticmethod

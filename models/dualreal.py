@@ -209,7 +209,10 @@ class DualRealExtension(BlockExtension):
         if index != 0:
             return
         if self.fixed_alpha is None:
-            self.alpha = self.adapters.controller(temb, torch.cat([text, video], dim=1))  # patch-embedded [text; video]
+            tokens = torch.cat([text, video], dim=1)  # patch-embedded [text; video]
+            if state.cp is not None:  # this rank's share: the controller's max over tokens is the max of the shares'
+                tokens = torch.cat(list(state.cp.gather(tokens.amax(dim=1, keepdim=True)).unbind(0)), dim=1)
+            self.alpha = self.adapters.controller(temb, tokens)
         else:
             self.alpha = temb.new_full((temb.shape[0], self.adapters.config.n_groups), self.fixed_alpha)
         if self._record_row is not None and not self.alpha.is_meta:  # (FLOP counting runs on the meta device)

@@ -257,9 +257,10 @@ class MagicMirrorExtension(BlockExtension):
         text = kwargs["encoder_hidden_states"]
         # two-way: every token's softmax term of the face keys is weighted by the strength, so the face tokens fade
         # out of the attention continuously as it goes to 0 (1: plain joint tokens)
-        state.add_stream(TokenStream("face", self.face_tokens.to(text.dtype), self._modulate_face,
-                                     active=self.layer_of.__contains__, joint=self.two_way,
-                                     key_weight=self.strength if self.two_way else 1.0))
+        self._stream = TokenStream("face", self.face_tokens.to(text.dtype), self._modulate_face,
+                                   active=self.layer_of.__contains__, joint=self.two_way,
+                                   key_weight=self.strength if self.two_way else 1.0)
+        state.add_stream(self._stream)
 
     def _fuse(self, text: torch.Tensor) -> torch.Tensor:
         """``x̂_txt = m·MLP_fuse(x_id, x_txt) + (1 − m)·x_txt`` on the identity tokens of the identity rows."""
@@ -312,7 +313,7 @@ class MagicMirrorExtension(BlockExtension):
         """Decoupled cross-attention ``T_CA(W_q x, Ŵ_kv x_face)`` of the identity rows' text and video."""
         ad = self.adapter.blocks[str(index)]
         rows = self.id_rows.to(query.device)
-        face = self._face_normed[rows]
+        face = state.full_stream(self._stream, self._face_normed)[rows]  # (context parallelism: every rank's share)
         key = ad.ca_norm_k(_heads(ad.ca_k(face), attn.heads))
         value = _heads(ad.ca_v(face), attn.heads)
         return rows, F.scaled_dot_product_attention(query[rows], key, value) * self.strength

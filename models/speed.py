@@ -545,7 +545,9 @@ class CogVideoXDispatchAttnProcessor:
     """diffusers' ``CogVideoXAttnProcessor2_0`` with its ``F.scaled_dot_product_attention`` call routed through
     diffusers' attention dispatcher (``_attention_backend`` as ``set_attention_backend`` sets it on dispatcher-based
     processors). Everything else is the original, op for op (RoPE applied to the key in place, which the block
-    runner's taps rely on); with the ``native`` backend the output is the original's bit for bit (tested)."""
+    runner's taps rely on); with the ``native`` backend the output is the original's bit for bit (tested). Under
+    diffusers' context parallelism (``_parallel_config``, :mod:`.context_parallel`) the dispatcher runs Ulysses
+    attention; a 4-D key mask ``[B, 1, 1, S]`` (the block runner's, masking pads) goes to it as it is."""
 
     _attention_backend = None
     _parallel_config = None
@@ -557,7 +559,7 @@ class CogVideoXDispatchAttnProcessor:
         text_seq_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size, sequence_length, _ = hidden_states.shape
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.ndim != 4:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
@@ -576,7 +578,7 @@ class CogVideoXDispatchAttnProcessor:
         # the dispatcher takes [B, S, H, d]
         hidden_states = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                               attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                              backend=self._attention_backend)
+                                              backend=self._attention_backend, parallel_config=self._parallel_config)
         hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -81,6 +81,9 @@ class TrainConfig:
     mixed_precision: str = doc("bf16", "no | bf16 | fp16. Frozen weights are stored in this dtype; trainable "
                                        "weights stay in fp32.", choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = doc(True, "Recompute transformer blocks in backward (much less memory).")
+    cp_degree: int = doc(1, "Context parallelism: split each sample's token sequence over this many processes "
+                            "(diffusers' Ulysses attention; processes = data-parallel groups x cp_degree; it must "
+                            "divide the process count, the attention heads and the token counts). 1 = off.")
     # --- flow-matching bases (Wan); CogVideoX refuses values other than the defaults
     flow_shift: float = doc(0.0, "Wan: shift of the sigma draw, sigma = s*u / (1 + (s-1)*u) (0 = the model's scheduler "
                                  "config: 3.0 for Wan 2.1 and 2.2 A14B, 5.0 for TI2V-5B).")

@@ -97,6 +97,12 @@ class ModelSpec(abc.ABC):
     def check_config(config, folder_info: dict) -> None:
         """Refuse config values this base cannot honour (one :class:`InputError` line); nothing is loaded."""
 
+    @staticmethod
+    @abc.abstractmethod
+    def split_lengths(folder_info: dict, num_frames: int, height: int, width: int) -> dict:
+        """The sequences context parallelism splits for a clip of that size, ``{what: tokens}`` (read from the folder's
+        configs, nothing loaded; see ``models/context_parallel.py``)."""
+
     @property
     @abc.abstractmethod
     def image_conditioned(self) -> bool:
@@ -246,6 +252,15 @@ class CogVideoXSpec(ModelSpec):
         if flow:
             raise InputError(f"{', '.join(flow)}: flow-matching options of Wan; CogVideoX draws DDPM timesteps "
                              "(t ~ U{0..999}) from one transformer — drop them for a CogVideoX --model_path")
+
+    @staticmethod
+    def split_lengths(folder_info: dict, num_frames: int, height: int, width: int) -> dict:
+        """Both halves of the joint sequence: the 226 text tokens and the video tokens."""
+        from ..models.memory import TEXT_TOKENS, video_tokens
+
+        n = video_tokens(folder_info["transformer_config"], num_frames, height, width)
+        return {"text tokens (CogVideoX's T5 prompt)": TEXT_TOKENS,
+                f"video tokens of a {num_frames}x{height}x{width} clip": n}
 
     # ------------------------------------------------------------------ what the configs say
     @property

@@ -76,6 +76,16 @@ class WanSpec(ModelSpec):
                    getattr(config, "flow_logit_std", 1.0), experts)
 
     @staticmethod
+    def split_lengths(folder_info: dict, num_frames: int, height: int, width: int) -> dict:
+        """The video tokens (diffusers' Wan plan keeps the text and image context whole)."""
+        from ..models.memory import wan_video_tokens
+
+        config = folder_info["transformer_config"]
+        vae = {"scale_factor_spatial": folder_info["spatial_multiple"] // config.get("patch_size", [1, 2, 2])[-1]}
+        return {f"video tokens of a {num_frames}x{height}x{width} clip": wan_video_tokens(
+            {"patch_size": [1, 2, 2], **config}, vae, num_frames, height, width)}
+
+    @staticmethod
     def trained_experts(variant, option: str) -> tuple:
         if variant.experts == 1:
             return ("",)

@@ -118,6 +118,10 @@ class DualRealTrainer(TaskSwitchingTrainer):
     def switch_prob(self) -> float:
         return self.config.motion_prob
 
+    def sequence_shapes(self) -> list:
+        c = self.config
+        return [(1, c.height, c.width), (c.num_frames, c.height, c.width)]  # identity images, motion clips
+
     def validate_inputs(self) -> dict:
         from .inputs import check_manifest, check_media, check_path, check_text_to_video
 

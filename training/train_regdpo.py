@@ -248,6 +248,11 @@ class RegDPOTrainer(Trainer):
         if self.config.train == "full" and self.accelerator.distributed_type == DistributedType.FSDP:
             self.full_state_dict = self.accelerator.get_state_dict(self.module)
 
+    def context_parallel_models(self, module) -> list:
+        """The trained transformers and, with ``--reference_model copy``, their frozen copies."""
+        frozen = self.accelerator.unwrap_model(module).frozen
+        return list(self.spec.transformers) + list(frozen.get("reference", []))
+
     def dataset(self):
         return PairDataset(self)
 

@@ -131,6 +131,10 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
     title = "subject replay"
     tasks = (IMAGE, VIDEO)
     task_batch_sizes = {IMAGE: "pair_batch_size", VIDEO: "video_batch_size"}
+
+    def sequence_shapes(self) -> list:
+        c = self.config
+        return [(1, c.pair_height, c.pair_width), (c.num_frames, c.height, c.width)]  # S2I pairs, replayed videos
     required_inputs = {"model_path": "a diffusers CogVideoX folder", "pairs": "S2I pair manifest",
                        "data": "unpaired videos"}
 

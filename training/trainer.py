@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -182,10 +183,16 @@ class Trainer(abc.ABC):
         spec_class(folder["base"]).check_config(c, folder)
         self.spatial_multiple = folder["spatial_multiple"]
         self.check_bucket_sides(self.bucket_list)
+        from .parallel import check_context_parallel
+
+        self.check_context_parallel = functools.partial(check_context_parallel, c.cp_degree,
+                                                        spec_class(folder["base"]), folder)
+        self.check_context_parallel(self.sequence_shapes())
         return folder
 
     # ---------------------------------------------------------------- buckets (training/buckets.py)
     spatial_multiple = 16  # the model folder's (validate_inputs)
+    check_context_parallel = None  # training/parallel.py's check for this model and --cp_degree (validate_inputs)
     bucket_list: list | str = []  # --buckets as read (validate_inputs)
 
     @staticmethod
@@ -235,7 +242,10 @@ class Trainer(abc.ABC):
                                      height=c.height, width=c.width, multiple=self.spatial_multiple)
         if images:
             buckets = list(dict.fromkeys(b.still() for b in buckets))
-        return assign(samples, buckets, option=option, keys=keys)
+        samples, assigned = assign(samples, buckets, option=option, keys=keys)
+        if self.check_context_parallel is not None:  # --cp_degree must split every bucket a sample trains at
+            self.check_context_parallel([(b.frames, b.height, b.width) for b in assigned])
+        return samples, assigned
 
     @property
     def inputs(self) -> dict:
@@ -248,8 +258,23 @@ class Trainer(abc.ABC):
         """Config fields holding batch sizes (samples per device per micro-step)."""
         return ("batch_size",)
 
+    def sequence_shapes(self) -> list[tuple[int, int, int]]:
+        """(frames, height, width) of every clip size the method trains on (context parallelism must split each)."""
+        c = self.config
+        return [(c.num_frames, c.height, c.width)]
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel groups: the processes over the context-parallel degree (each CP group shares its samples)."""
+        return self.accelerator.num_processes // self.config.cp_degree
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This process's data-parallel group (consecutive ranks form a CP group, ``training/parallel.py``)."""
+        return self.accelerator.process_index // self.config.cp_degree
+
     def effective_batch(self) -> str:
-        c, n = self.config, self.accelerator.num_processes if self.accelerator else 1
+        c, n = self.config, self.data_parallel_size if self.accelerator else 1
         return ", ".join(f"{name} {getattr(c, name) * c.gradient_accumulation_steps * n}"
                          for name in self.batch_size_fields())
 
@@ -266,10 +291,10 @@ class Trainer(abc.ABC):
 
     def next_batch(self, data, step: int, micro: int) -> dict:
         """The batch of (step, micro-step) for this rank: one bucket, a deterministic slice of its shuffled stream
-        (:class:`~.buckets.BucketSampler`)."""
-        c, acc = self.config, self.accelerator
+        (:class:`~.buckets.BucketSampler`; the ranks of a context-parallel group draw the same slice)."""
+        c = self.config
         slot = step * c.gradient_accumulation_steps + micro
-        picks = self.sampler(data).indices(slot, acc.process_index, acc.num_processes, c.batch_size)
+        picks = self.sampler(data).indices(slot, self.data_parallel_rank, self.data_parallel_size, c.batch_size)
         return self.collate([fetch(data, e, i) for e, i in picks])
 
     def sampler(self, data, stream: int = 0):
@@ -282,6 +307,13 @@ class Trainer(abc.ABC):
         if stream not in samplers or samplers[stream][0] != buckets:
             samplers[stream] = (buckets, BucketSampler(buckets, self.config.seed, stream))
         return samplers[stream][1]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``accelerator.backward`` of a micro-step's loss. With context parallelism each rank's gradients are its
+        sequence share's part of the gradient: the loss is multiplied by the CP degree, so DDP's / FSDP's mean over
+        all processes becomes the sum over each CP group averaged over the data-parallel groups."""
+        cp = self.config.cp_degree
+        self.accelerator.backward(loss * cp if cp > 1 else loss)
 
     def before_optimizer_step(self, step: int) -> None:
         """Optional: edit gradients after backward (all micro-steps), before the optimizer step."""
@@ -408,6 +440,19 @@ class Trainer(abc.ABC):
         self.bundle = getattr(self.spec, "bundle", None)
         return self.spec
 
+    def context_parallel_models(self, module: torch.nn.Module) -> list:
+        """The transformers context parallelism splits: the specification's (methods add frozen copies they run)."""
+        return list(self.spec.transformers)
+
+    def enable_context_parallel(self, module: torch.nn.Module) -> None:
+        """With ``--cp_degree N > 1``: diffusers' context parallelism on :meth:`context_parallel_models` (see
+        ``training/parallel.py``)."""
+        from .parallel import enable_context_parallel
+
+        if self.config.cp_degree > 1:
+            enable_context_parallel(self.context_parallel_models(module), self.config.cp_degree, self.device.type,
+                                    self.accelerator.num_processes)
+
     def shard_frozen_model(self, module: torch.nn.Module) -> None:
         """Under FSDP, make the frozen transformers part of the wrapped module, so they are sharded too (each block its
         own FSDP unit with the accelerate config's TRANSFORMER_BASED_WRAP on the spec's ``block_class``: fsdp.yaml
@@ -417,6 +462,16 @@ class Trainer(abc.ABC):
 
         if self.accelerator.distributed_type == DistributedType.FSDP:
             module.transformers = torch.nn.ModuleList(self.spec.transformers)
+
+    def single_process(self):
+        """A block that runs on one process (validation sampling): the transformers without context parallelism."""
+        import contextlib
+
+        from ..models.context_parallel import context_parallel_suspended
+
+        if self.config.cp_degree == 1:
+            return contextlib.nullcontext()
+        return context_parallel_suspended(self.context_parallel_models(self.module))
 
     # ---------------------------------------------------------------- media and captions (precompute cache)
     cache = None
@@ -548,6 +603,7 @@ class Trainer(abc.ABC):
                 yaml.safe_dump(dataclasses.asdict(c), f, sort_keys=False)
         torch.manual_seed(c.seed)  # parameter init of new modules is reproducible too
         module = self.build()
+        self.enable_context_parallel(module)
         if c.precompute_cache:
             self.fill_cache()
         self.shard_frozen_model(module)
@@ -569,7 +625,7 @@ class Trainer(abc.ABC):
                     n_samples, c.max_steps, self.effective_batch())
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_main_process, desc=self.method)
         module.train()
-        rank = acc.process_index
+        rank, ranks = self.data_parallel_rank, self.data_parallel_size  # a CP group's ranks share samples and noise
         started = time.perf_counter()
         while self.step < c.max_steps:
             logs_sum: dict = {}
@@ -577,10 +633,10 @@ class Trainer(abc.ABC):
                 batch = self.next_batch(data, self.step, micro)
                 # keyed by the sample's place in the global batch: N processes x 1 micro-step draw what 1 process
                 # x N micro-steps draws, so data-parallel runs reproduce single-process runs
-                generator = step_generator(c.seed, self.step, micro * acc.num_processes + rank)
+                generator = step_generator(c.seed, self.step, micro * ranks + rank)
                 with acc.accumulate(module):
                     loss, logs = self.loss(module, batch, generator)
-                    acc.backward(loss)
+                    self.backward(loss)
                     if acc.sync_gradients:
                         self.before_optimizer_step(self.step)
                     if acc.sync_gradients and c.max_grad_norm > 0:
@@ -603,7 +659,8 @@ class Trainer(abc.ABC):
             if c.checkpointing_steps and self.step % c.checkpointing_steps == 0:
                 self.save_checkpoint()
             if c.validation_steps and self.step % c.validation_steps == 0 and acc.is_main_process:
-                self.validate(self.step)
+                with self.single_process():
+                    self.validate(self.step)
         bar.close()
         acc.wait_for_everyone()
         self.check_ranks_in_sync(params)
@@ -613,7 +670,8 @@ class Trainer(abc.ABC):
         if acc.is_main_process:
             self.exported = self.export(out) or [out]
             if c.validation_prompts and not c.validation_steps:
-                self.validate(self.step)
+                with self.single_process():
+                    self.validate(self.step)
             self.finish()
             logger.info("trained %d steps in %.1f s; exported %s", self.step, time.perf_counter() - started,
                         ", ".join(self.exported))
@@ -664,7 +722,7 @@ class TaskSwitchingTrainer(Trainer):
         return self.tasks[1] if u < self.switch_prob else self.tasks[0]
 
     def next_batch(self, data, step: int, micro: int) -> dict:
-        c, acc = self.config, self.accelerator
+        c = self.config
         kind = self.task_of(step)
         size = getattr(c, self.task_batch_sizes[kind])
         if not hasattr(self, "_task_counts"):
@@ -674,6 +732,6 @@ class TaskSwitchingTrainer(Trainer):
             self._task_counts.append(self._task_counts[-1] + (self.task_of(s) == self.tasks[1]))
         done = self._task_counts[step] if kind == self.tasks[1] else step - self._task_counts[step]
         slot = done * c.gradient_accumulation_steps + micro
-        picks = self.sampler(data[kind], self.tasks.index(kind)).indices(slot, acc.process_index, acc.num_processes,
-                                                                          size)
+        picks = self.sampler(data[kind], self.tasks.index(kind)).indices(slot, self.data_parallel_rank,
+                                                                          self.data_parallel_size, size)
         return self.collate([fetch(data[kind], e, i) for e, i in picks], kind)

@@ -110,14 +110,15 @@ def context_parallel_group(transformer) -> ContextParallelGroup | None:
     return ContextParallelGroup(cp.ring_degree * cp.ulysses_degree, dist.get_rank(group), group)
 
 
-def unsplittable(degree: int, heads: int, lengths: dict) -> str | None:
+def unsplittable(degree: int, heads: int, lengths: dict) -> tuple[str, int] | None:
     """Why Ulysses attention over ``degree`` ranks cannot split a model with ``heads`` attention heads and the split
-    sequences ``lengths`` ({what: tokens}), or None when it can."""
+    sequences ``lengths`` ({what: tokens}), and the count that ``degree`` must divide; None when it can."""
     if heads % degree:
-        return f"the model's {heads} attention heads do not divide into {degree} (Ulysses gives each rank a share)"
+        return (f"the model's {heads} attention heads do not divide into {degree} (each rank attends with a share)",
+                heads)
     for what, n in lengths.items():
         if n % degree:
-            return f"the {n} {what} do not divide into {degree} equal shares"
+            return f"the {n} {what} do not divide into {degree} equal shares", n
     return None
 
 

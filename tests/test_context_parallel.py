@@ -1,20 +1,22 @@
-"""Context parallelism (``--cp_degree``): two gloo CPU processes with diffusers' Ulysses attention, one CP group, compute
-the loss and every gradient of one process on the whole sequence, for each trainer and base: Reg-DPO on Wan (2.1 I2V:
-the CLIP image tokens and mask channels) and on CogVideoX, MagicMirror with its face-token stream (two-way: split
-with the video; one-way: replicated, its attention merged over the group), subject replay with its reference stream
-(image steps; a video-replay step whose dropped reference tokens leave an odd count, padded and masked) and DualReal
-(identity and motion steps; the StageBlender's max over the group).
+"""Context parallelism (``--cp_degree``): two gloo CPU processes with diffusers' Ulysses attention, one CP group,
+compute the loss and every gradient of one process on the whole sequence, for each trainer and base: Reg-DPO on Wan
+(2.1 I2V: the CLIP image tokens and mask channels) and on CogVideoX, MagicMirror with its face-token stream (two-way:
+split with the video; one-way: replicated, its attention merged over the group), subject replay with its reference
+stream (image steps; a video-replay step whose dropped reference tokens leave an odd count, padded and masked) and
+DualReal (identity and motion steps; the StageBlender's max over the group).
 
 The reference is the same trainer module with its context parallelism suspended, on the batch and generator a
-single-process run draws for that step; the CP run goes through the trainer's own code: ``enable_context_parallel``,
-its accelerator's DDP over both processes, ``next_batch`` and the step generator keyed by the data-parallel rank, and
-``Trainer.backward`` (loss x CP degree). Each rank's own gradients are only its share's part (checked: they differ
-from the reference and their sum equals it). The trainable weights are random (zero-initialised output layers would
-hide the streams) and everything runs in float64, so rounding cannot hide a wrong share: gradients agree to 1e-8 of
-the largest (measured: 1e-15 or less; MagicMirror's one-way stream 6e-10, its attention is computed in float32), the
-losses (which end in float32) to 1e-6. Ring attention needs a backend that returns the log-sum-exp (flash, cuDNN on
-GPUs), which the CPU's SDPA does not: only Ulysses runs here. LoRA dropout draws its masks per token from the global
-generator, which a rank holding half of the tokens cannot reproduce: the subject-replay run sets it to 0.
+single-process run draws for that step; the CP run goes through the trainer's own code: ``enable_context_parallel``, its
+accelerator's DDP over both processes (for Reg-DPO on both bases also torch's FSDP, FULL_SHARD over both processes with
+one unit per block, as ``shard_frozen_model`` lays it out: FSDP composes with CP), ``next_batch`` and the step generator
+keyed by the data-parallel rank, and ``Trainer.backward`` (loss x CP degree). Each rank's own gradients are only its
+share's part (checked: they differ from the reference and their sum equals it). The trainable weights are random
+(zero-initialised output layers would hide the streams) and everything runs in float64, so rounding cannot hide a wrong
+share: gradients agree to 1e-8 of the largest (measured: 1e-15 or less; MagicMirror's one-way stream 6e-11, its
+attention is computed in float32), the losses (which end in float32) to 1e-6. Ring attention needs a backend that
+returns the log-sum-exp (flash, cuDNN on GPUs), which the CPU's SDPA does not: only Ulysses runs here. LoRA dropout
+draws its masks per token from the global generator, which a rank holding half of the tokens cannot reproduce: the
+subject-replay run sets it to 0.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import subprocess
 import sys
 
 import pytest
-
 from test_training_fsdp import tiny_config
+from test_training_inputs import MODULES, TRAINERS, inputs, replace, valid_args  # noqa: F401 - the inputs fixture
+
+from magicmirror_video.training.config import load_config
 
 CP_RUN = r"""
 import dataclasses, sys, types, torch, torch.distributed as dist
@@ -33,7 +37,7 @@ from magicmirror_video.training import train_dualreal, train_magicmirror, train_
 from magicmirror_video.training.config import load_config
 from magicmirror_video.training.trainer import step_generator
 dist.init_process_group("gloo")
-name, out, cases = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+name, out, cases, wrap = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
 module_of, trainer_class = {"dualreal": (train_dualreal, train_dualreal.DualRealTrainer),
                             "regdpo": (train_regdpo, train_regdpo.RegDPOTrainer),
                             "regdpo_wan": (train_regdpo, train_regdpo.RegDPOTrainer),
@@ -54,8 +58,8 @@ trainer.module = module = trainer.build()
 torch.set_default_dtype(torch.float64)
 spec = trainer.spec
 spec.dtype = torch.float64
-owners = [module, *spec.transformers, spec.vae, spec.text_encoder, getattr(getattr(spec, "model", None), "image_encoder",
-                                                                           None)]
+image_encoder = getattr(getattr(spec, "model", None), "image_encoder", None)
+owners = [module, *spec.transformers, spec.vae, spec.text_encoder, image_encoder]
 for m in owners + [x for v in module.frozen.values() for x in (v if isinstance(v, list) else [v])]:
     if isinstance(m, torch.nn.Module):
         m.double()
@@ -110,11 +114,23 @@ for kind in cases:
     for g in summed.values():
         dist.all_reduce(g)
     results[kind] = (step, ref_loss, ref, own, summed)
-prepared = acc.prepare(module)  # DDP over both processes, as the trainer runs
+if wrap == "ddp":
+    prepared = acc.prepare(module)  # DDP over both processes, as the trainer runs
+else:  # torch's FSDP over both processes, one unit per block, the frozen transformers inside (shard_frozen_model)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    module.transformers = torch.nn.ModuleList(trainer.spec.transformers)
+    prepared = FSDP(module, auto_wrap_policy=ModuleWrapPolicy({trainer.spec.block_class}), use_orig_params=True,
+                    device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.FULL_SHARD)
+    full = lambda m, step, backward: gathered(run(m, step, backward)[0], m)
+    def gathered(loss, m):
+        with FSDP.summon_full_params(m, with_grads=True):
+            return loss, {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in m.named_parameters()
+                          if p.grad is not None and p.requires_grad}
 for kind, (step, ref_loss, ref, own, summed) in results.items():
     if name == "magicmirror":
         case(kind)
-    loss, grads = run(prepared, step, trainer.backward)
+    loss, grads = (run if wrap == "ddp" else full)(prepared, step, trainer.backward)
     assert set(grads) == set(ref), sorted(set(grads) ^ set(ref))
     d_loss = (loss - ref_loss).abs().item()
     d_grad = max((grads[n] - g).abs().max().item() for n, g in ref.items())
@@ -124,14 +140,15 @@ for kind, (step, ref_loss, ref, own, summed) in results.items():
     assert d_loss <= 1e-6 * max(1.0, abs(ref_loss.item())), (kind, d_loss, ref_loss)  # (losses end in float32)
     assert d_grad <= 1e-8 * scale and d_sum <= 1e-8 * scale, (kind, d_grad, d_sum, scale)
     assert d_own > 1e-4 * scale, (kind, d_own)  # a rank's own gradients are a part only
-    print(f"rank {dist.get_rank()} {name} {kind} (step {step}) equal: loss {ref_loss.item():.6f} |dloss| {d_loss:.2e}, {len(ref)} "
-          f"gradients max |dgrad| {d_grad:.2e} (largest {scale:.2e}); one rank's own vs whole {d_own:.2e}, "
-          f"summed over ranks {d_sum:.2e}", flush=True)
+    print(f"rank {dist.get_rank()} {name} {kind} (step {step}, {wrap}) equal: loss {ref_loss.item():.6f} "
+          f"|dloss| {d_loss:.2e}, {len(ref)} gradients max |dgrad| {d_grad:.2e} (largest {scale:.2e}); "
+          f"one rank's own vs whole {d_own:.2e}, summed over ranks {d_sum:.2e}", flush=True)
 dist.destroy_process_group()
 """
 
 CASES = {"regdpo": ["-"], "regdpo_wan": ["-"], "magicmirror": ["two-way", "one-way"],
          "subject_replay": ["image", "video"], "dualreal": ["identity", "motion"]}
+FSDP = ("regdpo", "regdpo_wan")  # also under FSDP (FULL_SHARD over both processes): CogVideoX and Wan
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -144,9 +161,77 @@ def test_context_parallel_over_two_cpu_processes_equals_one_process(name, tmp_pa
     (tmp_path / "resolved.yaml").write_text(yaml.safe_dump(resolved))
     script = tmp_path / "cp_run.py"
     script.write_text(CP_RUN)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), name, str(tmp_path), ",".join(CASES[name])], capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert proc.stdout.count(" equal: ") == 2 * len(CASES[name]), proc.stdout
-    print(proc.stdout)
+    for wrap in ("ddp", "fsdp") if name in FSDP else ("ddp",):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), name, str(tmp_path), ",".join(CASES[name]), wrap], capture_output=True,
+                              text=True, timeout=400, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert proc.stdout.count(" equal: ") == 2 * len(CASES[name]), proc.stdout
+        print(proc.stdout)
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, nothing loaded
+
+
+def with_heads(model: str, heads: int, tmp_path) -> str:
+    """A copy of a config-only model folder whose transformer has ``heads`` attention heads."""
+    import json
+    import shutil
+
+    folder = tmp_path / f"model-{heads}-heads"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "num_attention_heads": heads}))
+    return str(folder)
+
+
+def test_cp_degree_checks_pass_on_splittable_inputs(inputs, tmp_path, monkeypatch, no_model_loads):
+    """The control: with 2 or 4 processes, --cp_degree 2 splits every trainer's sequences (226 text tokens, the
+    video tokens of 9 frames at 32x32: 3 x 2 x 2; the single frames: 2 x 2)."""
+    for processes in ("2", "4"):
+        monkeypatch.setenv("WORLD_SIZE", processes)
+        for trainer in MODULES:
+            config = load_config(TRAINERS[trainer].config_class,
+                                 [*valid_args(trainer, inputs, tmp_path / "out"), "--cp_degree", "2"])
+            TRAINERS[trainer](config).validate_inputs()
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_cp_degree_exits_2_with_one_line_before_any_model_loads(inputs, tmp_path, capsys, monkeypatch,
+                                                                    no_model_loads):
+    from magicmirror_video.testing import tiny_wan
+
+    wan = tiny_wan.build_model_folder(str(tmp_path / "wan"), "wan2.1-t2v")  # 2 heads
+    capsys.readouterr()
+    out = tmp_path / "out"
+    regdpo, subject = valid_args("regdpo", inputs, out), valid_args("subject_replay", inputs, out)
+    cases = [  # (processes, trainer, argv, what the line says)
+        ("2", "regdpo", [*regdpo, "--cp_degree", "3"], ["--cp_degree 3 does not divide the 2 training processes"]),
+        ("1", "magicmirror", [*valid_args("magicmirror", inputs, out), "--cp_degree", "2"],
+         ["does not divide the 1 training processes"]),
+        ("2", "dualreal", [*valid_args("dualreal", inputs, out), "--cp_degree", "0"], ["--cp_degree 0", "at least 1"]),
+        ("2", "regdpo", [*replace(regdpo, "--model_path", with_heads(inputs["model"], 3, tmp_path)),
+                         "--cp_degree", "2"], ["3 attention heads do not divide into 2",
+                                               "divides 3 and the 2 processes (1)"]),
+        ("4", "regdpo", [*replace(regdpo, "--model_path", with_heads(inputs["model"], 4, tmp_path)),
+                         "--cp_degree", "4"], ["226 text tokens (CogVideoX's T5 prompt) do not divide into 4",
+                                               "divides 226 and the 4 processes (1, 2)"]),
+        ("2", "regdpo", [*regdpo, "--height", "48", "--width", "48", "--cp_degree", "2"],
+         ["27 video tokens of a 9x48x48 clip do not divide into 2"]),
+        ("2", "subject_replay", [*subject, "--pair_height", "48", "--pair_width", "48", "--cp_degree", "2"],
+         ["9 video tokens of a 1x48x48 clip"]),
+        ("2", "regdpo", [*replace(regdpo, "--model_path", wan), "--height", "48", "--width", "48", "--cp_degree", "2"],
+         ["27 video tokens of a 9x48x48 clip do not divide into 2"]),
+    ]
+    printed = []
+    for processes, trainer, argv, expected in cases:
+        monkeypatch.setenv("WORLD_SIZE", processes)
+        assert MODULES[trainer].main(argv) == 2, argv
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+        for text in expected:
+            assert text in lines[0], (text, lines[0])
+        assert not out.exists() and captured.out == ""
+        printed.append(lines[0])
+    print("\n".join(printed))

@@ -46,16 +46,22 @@ def check_context_parallel(degree: int, spec_class, folder_info: dict, shapes, p
                          f"--num_processes) or pass a --cp_degree that divides {processes}")
     heads = folder_info["transformer_config"]["num_attention_heads"]
     for frames, height, width in dict.fromkeys(shapes):
-        why = unsplittable(degree, heads, spec_class.split_lengths(folder_info, frames, height, width))
-        if why:
-            raise InputError(f"--cp_degree {degree}: Ulysses context parallelism cannot split this sequence: {why}; "
-                             "pass a --cp_degree that divides it (and the process count), or another "
-                             "--num_frames/--height/--width")
+        lengths = spec_class.split_lengths(folder_info, frames, height, width)
+        found = unsplittable(degree, heads, lengths)
+        if found:
+            why, count = found
+            fits = [d for d in range(2, count + 1) if count % d == 0 and processes % d == 0
+                    and unsplittable(d, heads, lengths) is None][:4]
+            other = "" if count == heads or "text" in why else " or another --num_frames/--height/--width"
+            raise InputError(f"--cp_degree {degree}: Ulysses context parallelism cannot split this model's sequence: "
+                             f"{why}; pass a --cp_degree that divides {count} and the {processes} processes "
+                             f"({', '.join(map(str, [1] + fits))}){other}")
 
 
 def enable_context_parallel(transformers, degree: int, device_type: str, world_size: int) -> None:
     """diffusers' Ulysses context parallelism of ``degree`` on every transformer (one process mesh for all)."""
-    from ..models.context_parallel import device_mesh, enable_context_parallel as enable
+    from ..models.context_parallel import device_mesh
+    from ..models.context_parallel import enable_context_parallel as enable
 
     mesh = device_mesh(device_type, world_size, degree)
     for transformer in transformers:

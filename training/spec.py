@@ -258,7 +258,7 @@ class CogVideoXSpec(ModelSpec):
         """Both halves of the joint sequence: the 226 text tokens and the video tokens."""
         from ..models.memory import TEXT_TOKENS, video_tokens
 
-        n = video_tokens(folder_info["transformer_config"], num_frames, height, width)
+        n = video_tokens({"patch_size": 2, **folder_info["transformer_config"]}, num_frames, height, width)
         return {"text tokens (CogVideoX's T5 prompt)": TEXT_TOKENS,
                 f"video tokens of a {num_frames}x{height}x{width} clip": n}
 

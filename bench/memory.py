@@ -629,6 +629,58 @@ without FSDP), so its shard is in every full row.
 Not counted: what the LoRA table leaves out, and the fp32 gradients' own reduce-scatter buffers (one block's worth)."""
 
 
+CP_DEGREES = (1, 2, 4)
+# (what runs beside context parallelism, flags); "rows b-e": every technique of print_training's rows b to e
+CP_GROUPS = (("FSDP", {}), ("FSDP + gradient checkpointing", {"checkpointing": True}),
+             ("FSDP + rows b-e (ckpt, offload, ...)",
+              {k: v for label, _, add in TRAINING_ROWS if label in "bcde" for k, v in add.items()}))
+
+
+def print_context_parallel(m: dict) -> None:
+    """Context parallelism (``--cp_degree``, diffusers' Ulysses) beside FSDP alone: CP = 1, 2, 4 with FSDP over the
+    same 8 GPUs (8 / CP data-parallel groups, so 8 / CP GT-Pairs per step), per GPU at the peak."""
+    budget = GPU_GIB * GIB
+    for name in m["transformers"]:
+        print(f"\n{name} Reg-DPO with context parallelism (--cp_degree: diffusers' Ulysses) and FSDP on {GPUS} GPUs; "
+              f"GiB per GPU at the peak with a frozen copy / with the LoRA off")
+        sizes = TRAINING_SIZES
+        head = "".join(f"{f'{f}x{h}x{w}':>18}" for f, h, w in sizes)
+        print(f"{'':<38}{'CP':>3}{'pairs/step':>11}{head}{f'frames in {GPU_GIB} GiB':>18}{'capacity':>10}")
+        base = [max_frames(m, name, 720, 1280, budget, reference=ref, **CP_GROUPS[1][1])
+                for ref in ("copy", "lora_disabled")]  # FSDP + gradient checkpointing, CP = 1: the capacity unit
+        for group, flags in CP_GROUPS:
+            for cp in CP_DEGREES:
+                cells = ""
+                for size in sizes:
+                    peaks = [training_step(m, name, *size, reference=ref, cp=cp, **flags)["peak"]
+                             for ref in ("copy", "lora_disabled")]
+                    cells += f"{' / '.join(gib(p).strip() for p in peaks):>18}"
+                frames = [max_frames(m, name, 720, 1280, budget, reference=ref, cp=cp, **flags)
+                          for ref in ("copy", "lora_disabled")]
+                capacity = f"{frames[0] / base[0]:.1f}x"
+                label = group if cp == CP_DEGREES[0] else ""
+                print(f"{label:<38}{cp:>3}{GPUS // cp:>11}{cells}{' / '.join(map(str, frames)):>18}{capacity:>10}")
+        tokens = {size: training_step(m, name, *size, reference="copy")["tokens"] for size in sizes}
+        heads = m["transformers"][name].config.num_attention_heads
+        split = [cp for cp in CP_DEGREES if heads % cp == 0 and all(t % cp == 0 for t in tokens.values())]
+        print("  Ulysses splits " + ", ".join(f"{f}x{h}x{w}: {t} video tokens" for (f, h, w), t in tokens.items())
+              + f" and {heads} heads; CP = {', '.join(map(str, split))} divide them all")
+    print(CP_NOTE)
+
+
+CP_NOTE = f"""
+Context parallelism splits the video tokens over CP GPUs (Ulysses: each GPU attends over the whole sequence with 1/CP
+of the heads after an all-to-all; the text and image context stay whole on each, as diffusers' Wan plan has it) and
+leaves the weights as they are: FSDP still shards them over all {GPUS} GPUs, which form {GPUS}/CP data-parallel
+groups of CP (pairs/step = GT-Pairs per optimizer step at one pair per group). Activations are models/memory.py's
+per-token formulas at tokens/CP; Ulysses keeps the same tensors per token (query, key, value and output re-laid out
+by heads), its all-to-all staging copies (transient, a few tokens x width per attention) and NCCL buffers are not
+counted. Frames in {GPU_GIB} GiB: the most 1+4k frames at 720x1280 whose peak fits (frozen copy / LoRA off);
+capacity: those frames (frozen copy) over FSDP + gradient checkpointing at CP=1 (a 14B model does not train without
+checkpointing: FSDP alone fits no 720x1280 clip), the comparison behind the Reg-DPO paper's "nearly 3x the training
+capacity of FSDP alone" (A.2). 200 frames is the paper's count (the trainers take 1+4k frames: 197 or 201)."""
+
+
 def calibrate() -> None:
     """Tiny Wan Reg-DPO steps on the CPU, measured (``testing/memory_probe.py``) beside ``models/memory.py``'s
     formulas with the CPU's composite RMSNorm (``fused_rms_norm=False``); the transients per video token in units
@@ -749,6 +801,7 @@ def main() -> None:
         models = build_wan_models()
         print_training(models)
         print_full_training(models)
+        print_context_parallel(models)
     elif args.calibrate:
         calibrate()
     elif args.measure:

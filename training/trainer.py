@@ -244,7 +244,10 @@ class Trainer(abc.ABC):
             buckets = list(dict.fromkeys(b.still() for b in buckets))
         samples, assigned = assign(samples, buckets, option=option, keys=keys)
         if self.check_context_parallel is not None:  # --cp_degree must split every bucket a sample trains at
-            self.check_context_parallel([(b.frames, b.height, b.width) for b in assigned])
+            try:
+                self.check_context_parallel([(b.frames, b.height, b.width) for b in assigned])
+            except InputError as e:
+                raise InputError(f"--buckets (the samples of {option}): {e}") from None
         return samples, assigned
 
     @property

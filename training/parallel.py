@@ -30,9 +30,11 @@ def process_count() -> int:
     return get_int_from_env(WORLD_SIZE_VARIABLES, 1)
 
 
-def check_context_parallel(degree: int, spec_class, folder_info: dict, shapes, processes: int | None = None) -> None:
+def check_context_parallel(degree: int, spec_class, folder_info: dict, shapes, processes: int | None = None, *,
+                           sizes_from: str = "--num_frames/--height/--width") -> None:
     """``--cp_degree`` must divide the process count and every sequence it splits (one :class:`InputError` line).
-    ``shapes``: the (frames, height, width) of the clips the trainer trains on."""
+    ``shapes``: the (frames, height, width) of the clips the trainer trains on; ``sizes_from``: the options that set
+    them (the line's other fix)."""
     from ..models.context_parallel import unsplittable
 
     processes = process_count() if processes is None else processes
@@ -52,7 +54,7 @@ def check_context_parallel(degree: int, spec_class, folder_info: dict, shapes, p
             why, count = found
             fits = [d for d in range(2, count + 1) if count % d == 0 and processes % d == 0
                     and unsplittable(d, heads, lengths) is None][:4]
-            other = "" if count == heads or "text" in why else " or another --num_frames/--height/--width"
+            other = "" if count == heads or "text" in why else f" or another {sizes_from}"
             raise InputError(f"--cp_degree {degree}: Ulysses context parallelism cannot split this model's sequence: "
                              f"{why}; pass a --cp_degree that divides {count} and the {processes} processes "
                              f"({', '.join(map(str, [1] + fits))}){other}")

@@ -155,6 +155,7 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
         videos = check_manifest(c.data, "--data", expected="unpaired videos with captions")
         check_media(videos, "--data", num_frames=self.checked_frames, videos_only=True)
         pairs, pair_sizes = self.assign_buckets(pairs, "--pairs", images=True, buckets=pair_buckets,
+                                                bucket_option="--pair_buckets",
                                                 default=Bucket(1, c.pair_height, c.pair_width))
         videos, video_buckets = self.assign_buckets(videos, "--data")
         if c.validation_reference:

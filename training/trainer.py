@@ -225,10 +225,11 @@ class Trainer(abc.ABC):
         return 1 if self.bucket_list else self.config.num_frames
 
     def assign_buckets(self, samples, option: str, *, keys=("media",), images: bool = False, buckets=None,
-                       default=None) -> tuple[list, list]:
-        """``(samples, their buckets)`` for a dataset: with ``--buckets`` (or ``buckets``) each sample's nearest
-        (samples no bucket fits left out; none fitting is an :class:`InputError`), ``images``: the buckets' sizes at
-        one frame; without, every sample at ``default`` (the config's shape; images: 1 frame)."""
+                       bucket_option: str = "--buckets", default=None) -> tuple[list, list]:
+        """``(samples, their buckets)`` for a dataset: with ``--buckets`` (or ``buckets``, given as
+        ``bucket_option``) each sample's nearest (samples no bucket fits left out; none fitting is an
+        :class:`InputError`), ``images``: the buckets' sizes at one frame; without, every sample at ``default`` (the
+        config's shape; images: 1 frame)."""
         from .buckets import AUTO, Bucket, derive_buckets, media_shape
         from .buckets import assign_buckets as assign
 
@@ -245,9 +246,10 @@ class Trainer(abc.ABC):
         samples, assigned = assign(samples, buckets, option=option, keys=keys)
         if self.check_context_parallel is not None:  # --cp_degree must split every bucket a sample trains at
             try:
-                self.check_context_parallel([(b.frames, b.height, b.width) for b in assigned])
+                self.check_context_parallel([(b.frames, b.height, b.width) for b in assigned],
+                                            sizes_from=f"{bucket_option} entry")
             except InputError as e:
-                raise InputError(f"--buckets (the samples of {option}): {e}") from None
+                raise InputError(f"{bucket_option} (the samples of {option}): {e}") from None
         return samples, assigned
 
     @property

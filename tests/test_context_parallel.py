@@ -1,13 +1,14 @@
 """Context parallelism (``--cp_degree``): two gloo CPU processes with diffusers' Ulysses attention, one CP group,
 compute the loss and every gradient of one process on the whole sequence, for each trainer and base: Reg-DPO on Wan
-(2.1 I2V: the CLIP image tokens and mask channels) and on CogVideoX, MagicMirror with its face-token stream (two-way:
+(2.1 I2V: the CLIP image tokens and mask channels) and on CogVideoX (also ``--train full``: the whole transformer
+trained, its frozen reference copy split too), MagicMirror with its face-token stream (two-way:
 split with the video; one-way: replicated, its attention merged over the group), subject replay with its reference
 stream (image steps; a video-replay step whose dropped reference tokens leave an odd count, padded and masked) and
 DualReal (identity and motion steps; the StageBlender's max over the group).
 
 The reference is the same trainer module with its context parallelism suspended, on the batch and generator a
 single-process run draws for that step; the CP run goes through the trainer's own code: ``enable_context_parallel``, its
-accelerator's DDP over both processes (for Reg-DPO on both bases also torch's FSDP, FULL_SHARD over both processes with
+accelerator's DDP over both processes (for Reg-DPO on both bases and with ``--train full`` also torch's FSDP, FULL_SHARD over both processes with
 one unit per block, as ``shard_frozen_model`` lays it out: FSDP composes with CP), ``next_batch`` and the step generator
 keyed by the data-parallel rank, and ``Trainer.backward`` (loss x CP degree). Each rank's own gradients are only its
 share's part (checked: they differ from the reference and their sum equals it). The trainable weights are random
@@ -41,12 +42,15 @@ name, out, cases, wrap = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.a
 module_of, trainer_class = {"dualreal": (train_dualreal, train_dualreal.DualRealTrainer),
                             "regdpo": (train_regdpo, train_regdpo.RegDPOTrainer),
                             "regdpo_wan": (train_regdpo, train_regdpo.RegDPOTrainer),
+                            "regdpo_full": (train_regdpo, train_regdpo.RegDPOTrainer),
                             "magicmirror": (train_magicmirror, train_magicmirror.MagicMirrorTrainer),
                             "subject_replay": (train_subject_replay, train_subject_replay.SubjectReplayTrainer)}[name]
 argv = ["--preset", "tiny", "--output_dir", out, "--tiny_demo", "false", "--mixed_precision", "no",
         "--config", out + "/resolved.yaml", "--cp_degree", "2"]
 if name == "subject_replay":
     argv += ["--lora_dropout", "0"]
+if name == "regdpo_full":  # the transformer trained, the reference its frozen copy (context-parallel too)
+    argv += ["--train", "full"]
 config = load_config(trainer_class.config_class, argv, module_of.PRESETS)
 trainer = trainer_class(config)
 trainer.inputs  # the input checks with --cp_degree 2 over the two processes pass
@@ -146,9 +150,9 @@ for kind, (step, ref_loss, ref, own, summed) in results.items():
 dist.destroy_process_group()
 """
 
-CASES = {"regdpo": ["-"], "regdpo_wan": ["-"], "magicmirror": ["two-way", "one-way"],
+CASES = {"regdpo": ["-"], "regdpo_wan": ["-"], "regdpo_full": ["-"], "magicmirror": ["two-way", "one-way"],
          "subject_replay": ["image", "video"], "dualreal": ["identity", "motion"]}
-FSDP = ("regdpo", "regdpo_wan")  # also under FSDP (FULL_SHARD over both processes): CogVideoX and Wan
+FSDP = ("regdpo", "regdpo_wan", "regdpo_full")  # also under FSDP (FULL_SHARD over both processes)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -57,9 +57,10 @@ def adamw_step(params: dict, grads: dict) -> dict:
     return out
 
 
-def wan_sft_loss(folder, batch, generator, transformer):
-    """Flow matching written out: x0 = (posterior draw − mean) / std, σ = s·u / (1 + (s − 1)·u), x_t = (1 − σ)·x0 +
-    σ·ε, the transformer at 1000·σ, loss = mean((v̂ − (ε − x0))²)."""
+def wan_loss(folder, batch, generator, transformer, reference=None):
+    """Flow matching written out on Wan: x0 = (posterior draw − mean) / std (the winner's, then with a ``reference``
+    the loser's), σ = s·u / (1 + (s − 1)·u), x_t = (1 − σ)·x0 + σ·ε, the transformer at 1000·σ, the error
+    mean((v̂ − (ε − x0))²). Without ``reference``: SFT, the winner's error; with it: Reg-DPO (:func:`regdpo`)."""
     import json
 
     from diffusers import AutoencoderKLWan
@@ -68,26 +69,32 @@ def wan_sft_loss(folder, batch, generator, transformer):
     vae = AutoencoderKLWan.from_pretrained(os.path.join(folder, "vae"))
     text_encoder = UMT5EncoderModel.from_pretrained(os.path.join(folder, "text_encoder"))
     shift = json.load(open(os.path.join(folder, "scheduler", "scheduler_config.json")))["flow_shift"]
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     with torch.no_grad():
-        post = vae.encode(batch["winner"].permute(0, 2, 1, 3, 4)).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator)
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-        x0 = (z - mean) / std
+        def latents(pixels):
+            post = vae.encode(pixels.permute(0, 2, 1, 3, 4)).latent_dist
+            return (post.mean + post.std * torch.randn(post.mean.shape, generator=generator) - mean) / std
+
+        clean = {k: latents(batch[name]) for k, name in (("w", "winner"), ("l", "loser"))[:2 if reference else 1]}
         text = text_encoder(batch["input_ids"], batch["attention_mask"]).last_hidden_state
         text = text * batch["attention_mask"][..., None]
-    eps = torch.randn(x0.shape, generator=generator)
-    u = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
+    eps = torch.randn(clean["w"].shape, generator=generator)
+    u = torch.rand(clean["w"].shape[0], generator=generator, dtype=torch.float64)
     sigma = (shift * u / (1 + (shift - 1) * u)).float().view(-1, 1, 1, 1, 1)
-    pred = transformer(hidden_states=(1 - sigma) * x0 + sigma * eps, timestep=sigma.flatten() * 1000,
-                       encoder_hidden_states=text, return_dict=False)[0]
-    return ((pred - (eps - x0)) ** 2).mean()
+
+    def error(model, k):
+        pred = model(hidden_states=(1 - sigma) * clean[k] + sigma * eps, timestep=sigma.flatten() * 1000,
+                     encoder_hidden_states=text, return_dict=False)[0]
+        return ((pred - (eps - clean[k])) ** 2).mean()
+
+    return regdpo(error, transformer, reference)
 
 
-def cogvideox_regdpo_loss(folder, batch, generator, transformer, reference):
-    """Reg-DPO written out on CogVideoX: winner and loser latents (posterior draws × scaling factor), one noise and
-    timestep, the v-prediction errors of the model and of the frozen reference, s, −log σ(−β·s) + DGR·err_θ(w) with
-    DGR = β(1 − σ(−β·s)) detached; RoPE from diffusers' pipeline."""
+def cogvideox_loss(folder, batch, generator, transformer, reference=None):
+    """v-prediction written out on CogVideoX: latents = posterior draws × scaling factor (the winner's, then with a
+    ``reference`` the loser's), one noise and timestep, the error mean((v̂ − v)²) with diffusers' ``add_noise`` /
+    ``get_velocity``, RoPE from diffusers' pipeline. Without ``reference``: SFT; with it: Reg-DPO (:func:`regdpo`)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
     from transformers import T5EncoderModel
 
@@ -100,7 +107,7 @@ def cogvideox_regdpo_loss(folder, batch, generator, transformer, reference):
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator)
             return (z * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
 
-        clean = {"w": latents(batch["winner"]), "l": latents(batch["loser"])}
+        clean = {k: latents(batch[name]) for k, name in (("w", "winner"), ("l", "loser"))[:2 if reference else 1]}
         text = text_encoder(batch["input_ids"])[0]
     noise = torch.randn(clean["w"].shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
@@ -113,6 +120,15 @@ def cogvideox_regdpo_loss(folder, batch, generator, transformer, reference):
                   return_dict=False)[0]
         return ((v - scheduler.get_velocity(clean[k], noise, t)) ** 2).mean()
 
+    return regdpo(error, transformer, reference)
+
+
+def regdpo(error, transformer, reference):
+    """SFT (no ``reference``): the winner's error. Reg-DPO: the errors of the model and of the frozen reference,
+    s = (err_θ(w) − err_ref(w)) − (err_θ(l) − err_ref(l)), −log σ(−β·s) + DGR·err_θ(w) with DGR = β(1 − σ(−β·s))
+    detached."""
+    if reference is None:
+        return error(transformer, "w")
     err = {k: error(transformer, k) for k in ("w", "l")}
     with torch.no_grad():
         ref = {k: error(reference, k) for k in ("w", "l")}
@@ -125,7 +141,8 @@ def state(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("base,mode", [("wan2.1-t2v", "sft"), ("cogvideox", "regdpo")])
+@pytest.mark.parametrize("base,mode", [("wan2.1-t2v", "sft"), ("wan2.1-t2v", "regdpo"), ("cogvideox", "sft"),
+                                       ("cogvideox", "regdpo")])
 def test_one_full_step_equals_a_hand_written_adamw_step_and_the_exports_reload(folders, tmp_path, monkeypatch, base,
                                                                                 mode):
     from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
@@ -159,10 +176,11 @@ def test_one_full_step_equals_a_hand_written_adamw_step_and_the_exports_reload(f
     transformer = cls.from_pretrained(os.path.join(folder, "transformer"))
     if base.startswith("wan"):
         transformer.enable_gradient_checkpointing()
-        loss = wan_sft_loss(folder, batch, step_generator(config.seed, 0, 0), transformer)
-    else:
+    reference = None  # SFT: no reference forward; Reg-DPO: the untrained weights, frozen
+    if mode != "sft":
         reference = cls.from_pretrained(os.path.join(folder, "transformer")).requires_grad_(False)
-        loss = cogvideox_regdpo_loss(folder, batch, step_generator(config.seed, 0, 0), transformer, reference)
+    written_out = wan_loss if base.startswith("wan") else cogvideox_loss
+    loss = written_out(folder, batch, step_generator(config.seed, 0, 0), transformer, reference)
     names = [n for n, _ in transformer.named_parameters()]
     grads = torch.autograd.grad(loss, [p for _, p in transformer.named_parameters()], allow_unused=True)
     grads = {n: g for n, g in zip(names, grads) if g is not None}

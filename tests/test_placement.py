@@ -404,7 +404,7 @@ def test_no_code_reads_a_device_from_the_weights():
     root = os.path.join(os.path.dirname(__file__), "..")
     pattern = re.compile(r"next\([^)]*parameters\(\)\)\.device|param(eter)?\.device")
     offenders = []
-    for folder in ("models", "nodes"):
+    for folder in ("models", "nodes", "training"):
         for name in sorted(os.listdir(os.path.join(root, folder))):
             if name.endswith(".py"):
                 text = open(os.path.join(root, folder, name), encoding="utf-8").read()

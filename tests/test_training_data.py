@@ -398,7 +398,8 @@ def test_precompute_matches_direct_encode(tmp_path, components, clip):
     samples = [Sample(clip, "a man img is walking on the beach"), Sample(img, "a cat sits on a red sofa")]
     cache = PrecomputeCache(str(tmp_path / "cache"))
     kw = dict(height=H, width=W, num_frames=9, sampling="uniform", model_id="tiny")
-    keys = precompute(samples, vae=vae, text_encoder=te, tokenizer=tok, cache=cache, progress=False, **kw)
+    keys = precompute(samples, vae=vae, text_encoder=te, tokenizer=tok, cache=cache, device="cpu",
+                      progress=False, **kw)
     assert cache.misses == 4 and [set(k) for k in keys] == [{"latents", "text"}] * 2
 
     # independent reference: decode with read_video, take every 2nd frame, encode directly
@@ -427,7 +428,8 @@ def test_precompute_matches_direct_encode(tmp_path, components, clip):
         assert got.shape == (226, te.config.d_model) and torch.allclose(got, ref, atol=1e-6)
 
     # second run: everything cached, nothing recomputed
-    assert precompute(samples, vae=vae, text_encoder=te, tokenizer=tok, cache=cache, progress=False, **kw) == keys
+    assert precompute(samples, vae=vae, text_encoder=te, tokenizer=tok, cache=cache, device="cpu",
+                      progress=False, **kw) == keys
     assert cache.misses == 4 and cache.hits == 4
 
     ds = CachedDataset(samples, cache, keys, seed=1)
@@ -443,4 +445,4 @@ def test_precompute_matches_direct_encode(tmp_path, components, clip):
 def test_precompute_rejects_random_sampling(tmp_path, clip):
     with pytest.raises(ValueError, match="random"):
         precompute([Sample(clip, "x")], vae=torch.nn.Linear(1, 1), cache=PrecomputeCache(str(tmp_path)),
-                   height=16, width=16, num_frames=5, sampling="random", model_id="m", progress=False)
+                   device="cpu", height=16, width=16, num_frames=5, sampling="random", model_id="m", progress=False)

@@ -191,20 +191,20 @@ class PrecomputeCache:
 
 
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``pixels`` [F, 3, H, W] in [-1, 1] -> ``{"mean", "logvar"}`` [C, T, h, w] (VAE posterior, unscaled)."""
-    param = next(vae.parameters())
-    x = pixels.permute(1, 0, 2, 3).unsqueeze(0).to(param.device, param.dtype)  # [1, 3, F, H, W]
+def encode_latents(vae, pixels: torch.Tensor, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """``pixels`` [F, 3, H, W] in [-1, 1] -> ``{"mean", "logvar"}`` [C, T, h, w] (VAE posterior, unscaled), the VAE
+    run on ``device`` (where the caller placed it)."""
+    x = pixels.permute(1, 0, 2, 3).unsqueeze(0).to(device, vae.dtype)  # [1, 3, F, H, W]
     dist = vae.encode(x).latent_dist
     return {"mean": dist.mean[0], "logvar": dist.logvar[0]}
 
 
-def encode_frames(vae, pixels: torch.Tensor, chunk: int = 8) -> dict[str, torch.Tensor]:
-    """``pixels`` [F, 3, H, W] -> ``{"mean", "logvar"}`` [F, C, h, w]: each frame encoded alone, as an image."""
-    param = next(vae.parameters())
+def encode_frames(vae, pixels: torch.Tensor, device: torch.device | str, chunk: int = 8) -> dict[str, torch.Tensor]:
+    """``pixels`` [F, 3, H, W] -> ``{"mean", "logvar"}`` [F, C, h, w]: each frame encoded alone, as an image, the VAE
+    run on ``device``."""
     means, logvars = [], []
     for start in range(0, pixels.shape[0], chunk):
-        x = pixels[start:start + chunk, :, None].to(param.device, param.dtype)  # [n, 3, 1, H, W]
+        x = pixels[start:start + chunk, :, None].to(device, vae.dtype)  # [n, 3, 1, H, W]
         dist = vae.encode(x).latent_dist
         means.append(dist.mean[:, :, 0])
         logvars.append(dist.logvar[:, :, 0])
@@ -212,22 +212,26 @@ def encode_frames(vae, pixels: torch.Tensor, chunk: int = 8) -> dict[str, torch.
 
 
 @torch.no_grad()
-def encode_text(text_encoder, tokenizer, caption: str, max_length: int = 226) -> dict[str, torch.Tensor]:
+def encode_text(text_encoder, tokenizer, caption: str, max_length: int = 226, *,
+                device: torch.device | str) -> dict[str, torch.Tensor]:
     """``caption`` -> ``{"prompt_embeds"}`` [L, D], tokenized and encoded exactly as diffusers' CogVideoX (ids
-    past the table, as a tokenizer copy's extra tokens, embed as :func:`~..models.text.t5_encode` does)."""
+    past the table, as a tokenizer copy's extra tokens, embed as :func:`~..models.text.t5_encode` does), the text
+    encoder run on ``device``."""
     from ..models.text import t5_encode, tokenize
 
-    ids = tokenize(tokenizer, caption, max_length).input_ids.to(next(text_encoder.parameters()).device)
+    ids = tokenize(tokenizer, caption, max_length).input_ids.to(device)
     return {"prompt_embeds": t5_encode(text_encoder, ids)[0]}
 
 
 def precompute(samples: Sequence[Sample], *, vae=None, text_encoder=None, tokenizer=None, cache: PrecomputeCache,
-               height: int, width: int, num_frames: int, sampling: str = "uniform", model_id: str,
+               device: torch.device | str, height: int, width: int, num_frames: int, sampling: str = "uniform",
+               model_id: str,
                max_length: int = 226, caption_transform: Callable[[str], str] | None = None,
                progress: bool = True) -> list[dict[str, str]]:
     """Fill ``cache`` for ``samples`` (batch 1): VAE posteriors when ``vae`` is given, T5 embeddings when
     ``text_encoder`` and ``tokenizer`` are. Existing entries are kept. Returns the keys per sample,
-    ``[{"latents": key, "text": key}, ...]`` (only the kinds computed).
+    ``[{"latents": key, "text": key}, ...]`` (only the kinds computed). ``device``: where the given models run (the
+    caller placed them there).
 
     Latents are stored unscaled; multiply :func:`sample_latents` by ``vae.config.scaling_factor``.
     ``caption_transform`` rewrites a caption before encoding (e.g. removing a trigger word).
@@ -258,13 +262,14 @@ def precompute(samples: Sequence[Sample], *, vae=None, text_encoder=None, tokeni
                     "num_frames": num_frames, "sampling": sampling, "model_id": model_id,
                     "scaling_factor": getattr(getattr(vae, "config", None), "scaling_factor", None)}
             cache.get_or_compute(key, lambda s=sample: encode_latents(vae, load_media(
-                s.media, num_frames=num_frames, height=height, width=width, sampling=sampling)), meta)
+                s.media, num_frames=num_frames, height=height, width=width, sampling=sampling), device), meta)
             entry_keys["latents"] = key
         if text_encoder is not None:
             caption = caption_transform(sample.caption) if caption_transform else sample.caption
             key = key_for_text(caption, model_id=model_id, max_length=max_length)
             meta = {"kind": "text", "caption": caption, "model_id": model_id, "max_length": max_length}
-            cache.get_or_compute(key, lambda c=caption: encode_text(text_encoder, tokenizer, c, max_length), meta)
+            cache.get_or_compute(key, lambda c=caption: encode_text(text_encoder, tokenizer, c, max_length,
+                                                                device=device), meta)
             entry_keys["text"] = key
         keys.append(entry_keys)
     logger.info("precompute: %d samples, %d entries computed, %d already cached in %s", len(samples),
@@ -349,7 +354,7 @@ class TrainingCache:
                     {"kind": "image_condition", "media": item["path"], "clip_frames": frames, **size})
                 continue
             pick = dict(num_frames=item["num_frames"], sampling=item["sampling"], **size)
-            encode = (lambda x: encode_frames(spec.vae, x)) if item.get("per_frame") else spec.encode_media
+            encode = (lambda x: encode_frames(spec.vae, x, spec.device)) if item.get("per_frame") else spec.encode_media
             self.store.get_or_compute(self.media_key(item["path"], per_frame=item.get("per_frame", False), **pick),
                                       lambda i=item: _no_grad(encode)(load_media(i["path"], **pick)),
                                       {"kind": "latents", "media": item["path"], **pick})

@@ -153,7 +153,7 @@ class ModelSpec(abc.ABC):
         """What the cache stores of a clip [F, 3, H, W]: its VAE posterior ``{"mean", "logvar"}`` [C, T, h, w]."""
         from .cache import encode_latents
 
-        return encode_latents(self.vae, pixels)
+        return encode_latents(self.vae, pixels, self.device)
 
     @abc.abstractmethod
     def encode_image_condition(self, pixels: torch.Tensor, num_frames: int) -> dict:
@@ -304,7 +304,8 @@ class CogVideoXSpec(ModelSpec):
     def encode_text(self, caption: str, tokenizer=None) -> dict:
         from .cache import encode_text
 
-        return encode_text(self.text_encoder, tokenizer or self.tokenizer, caption, self.text_max_length)
+        return encode_text(self.text_encoder, tokenizer or self.tokenizer, caption, self.text_max_length,
+                           device=self.device)
 
     def text_embeds(self, batch: dict) -> torch.Tensor:
         """T5 embeddings [B, L, D]: cached (``prompt_embeds``) or encoded from ``input_ids``."""

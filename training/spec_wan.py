@@ -163,10 +163,11 @@ class WanSpec(ModelSpec):
 
     @torch.no_grad()
     def umt5(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """UMT5 embeddings [B, L, D] with the rows past each prompt's length zeroed (as the pipelines)."""
-        device = next(self.text_encoder.parameters()).device
-        embeds = self.text_encoder(input_ids.to(device), attention_mask.to(device)).last_hidden_state
-        return embeds * attention_mask.to(device)[..., None].to(embeds.dtype)
+        """UMT5 embeddings [B, L, D] with the rows past each prompt's length zeroed (as the pipelines); UMT5 runs on
+        the execution device, where :meth:`load` put it (:meth:`offload_encoders` ends its use)."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        embeds = self.text_encoder(input_ids, attention_mask).last_hidden_state
+        return embeds * attention_mask[..., None].to(embeds.dtype)
 
     def encode_text(self, caption: str, tokenizer=None) -> dict:
         tokens = self.tokenize(caption, tokenizer)
@@ -187,9 +188,9 @@ class WanSpec(ModelSpec):
 
     @torch.no_grad()
     def posterior(self, video: torch.Tensor):
-        """``video`` [B, 3, F, H, W] in [-1, 1] -> the VAE's latent distribution [B, C, T, h, w]."""
-        vae_device = next(self.vae.parameters()).device
-        return self.vae.encode(video.to(vae_device, self.vae.dtype)).latent_dist
+        """``video`` [B, 3, F, H, W] in [-1, 1] -> the VAE's latent distribution [B, C, T, h, w] (the VAE on the
+        execution device, where :meth:`load` put it)."""
+        return self.vae.encode(video.to(self.device, self.vae.dtype)).latent_dist
 
     def latents(self, batch: dict, generator: torch.Generator, key: str = "pixels") -> torch.Tensor:
         """Normalised latents [B, C, T, h, w] of ``batch[key]`` (pixels [B, F, 3, H, W]) or of a cached draw."""
@@ -218,7 +219,7 @@ class WanSpec(ModelSpec):
         pixels = ((first_frame.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
         inputs = self.model.image_processor(images=list(pixels.cpu().numpy()), return_tensors="pt")
         encoder = self.model.image_encoder
-        inputs = inputs.to(next(encoder.parameters()).device)
+        inputs = inputs.to(self.device)  # (the image encoder is where load put it)
         return encoder(**inputs, output_hidden_states=True).hidden_states[-2].to(self.device)
 
     def mask_channels(self, latents: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ import sys
 import torch
 from common import load_reference_config, load_wan_reference_config
 
+from magicmirror_video.models.context_parallel import unsplittable
 from magicmirror_video.models.memory import (
     t5_activation_bytes,
     transformer_activation_bytes,
@@ -418,6 +419,7 @@ def training_weights(m: dict, name: str) -> dict:
     lora = m["lora_params"][name]
     image = transformer.config.image_dim is not None
     return {"shard": module_bytes(transformer) / GPUS, "block": max(blocks),
+            "params": sum(p.numel() for p in transformer.parameters()),
             "root": module_bytes(transformer) - sum(blocks),  # the layers outside the blocks: FSDP's root unit
             "lora": 4 * lora, "lora_state": 16 * lora / GPUS,  # fp32 weights gathered; weights, grads, AdamW sharded
             "lora_grad": 4 * lora,  # the unsharded LoRA gradient during the backward
@@ -563,7 +565,7 @@ def full_training_step(m: dict, name: str, frames: int, height: int, width: int,
     tokens = wan_video_tokens(transformer.config, m["vae_config"], frames, height, width)
     act = wan_training_activation_bytes(transformer.config, tokens, batch=2 if pair else 1, forwards=1 if pair else 2,
                                         gradient_checkpointing=checkpointing, context_parallel=cp, full=True)
-    shard = sum(p.numel() for p in transformer.parameters()) / GPUS  # parameters per GPU
+    shard = w["params"] / GPUS  # parameters per GPU
     states, grads = 12 * shard, 4 * shard
     resident = states + w["shard"] + 2 * w["root"]
     resident += (0 if pre_encoded else w["umt5"]) + (0 if offload else w["vae"] + w["clip"])
@@ -662,7 +664,8 @@ def print_context_parallel(m: dict) -> None:
                 print(f"{label:<38}{cp:>3}{GPUS // cp:>11}{cells}{' / '.join(map(str, frames)):>18}{capacity:>10}")
         tokens = {size: training_step(m, name, *size, reference="copy")["tokens"] for size in sizes}
         heads = m["transformers"][name].config.num_attention_heads
-        split = [cp for cp in CP_DEGREES if heads % cp == 0 and all(t % cp == 0 for t in tokens.values())]
+        lengths = {f"{f}x{h}x{w}": t for (f, h, w), t in tokens.items()}
+        split = [cp for cp in CP_DEGREES if unsplittable(cp, heads, lengths) is None]  # (the trainers' rule)
         print("  Ulysses splits " + ", ".join(f"{f}x{h}x{w}: {t} video tokens" for (f, h, w), t in tokens.items())
               + f" and {heads} heads; CP = {', '.join(map(str, split))} divide them all")
     print(CP_NOTE)

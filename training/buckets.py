@@ -128,15 +128,15 @@ def derive_buckets(shapes: Sequence[tuple[int, int, int]], *, num_frames: int, h
 
 
 def assign_buckets(samples: Sequence, buckets: Sequence[Bucket], *, option: str, keys: Sequence[str] = ("media",),
-                   listing: str = "--buckets") -> tuple[list, list[Bucket]]:
-    """Each sample's bucket, from its files' headers: the aspect ratio of the first of ``keys`` (``"media"``: the
-    sample's media, else an extra column), the frame count the shortest of them has. Samples no bucket fits (shorter
-    than every bucket) are left out with a warning; when that is every sample, one :class:`InputError` line. Returns
-    ``(kept samples, their buckets)``."""
+                   listing: str = "--buckets", shape_of=media_shape) -> tuple[list, list[Bucket]]:
+    """Each sample's bucket, from its files' headers (``shape_of``: :func:`media_shape`, or a caller's memo of it):
+    the aspect ratio of the first of ``keys`` (``"media"``: the sample's media, else an extra column), the frame count
+    the shortest of them has. Samples no bucket fits (shorter than every bucket) are left out with a warning; when
+    that is every sample, one :class:`InputError` line. Returns ``(kept samples, their buckets)``."""
     kept, assigned, left_out, lengths = [], [], [], []
     for s in samples:
         paths = [s.media if k == "media" else s.extra.get(k) for k in keys]
-        shapes = [media_shape(p) for p in paths if p]
+        shapes = [shape_of(p) for p in paths if p]
         frames = min(f for f, _, _ in shapes)
         lengths.append(frames)
         bucket = nearest_bucket(frames, shapes[0][1], shapes[0][2], buckets)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..models.metric_models import FOLDER_KINDS, NEEDS_TORCHVISION
 from ..models.metrics import METRICS, NO_FACE, PROTOCOLS, evaluate_video, get_protocol, reference_faces, summarise
 from ..models.motion import FLOW_SHORT_SIDE
 from .data import CAPTION_KEYS, IMAGE_EXTS, MEDIA_KEYS, first_frame, is_image, resolve_path
@@ -135,7 +136,7 @@ def metric_model_folders(args, kind: str) -> list[str]:
     folders = [args.metric_models or os.path.join(os.path.dirname(os.path.abspath(args.insightface)), "metrics")]
     if kind == "curricularface":
         folders += [args.insightface, os.path.join(args.insightface, "models")]
-    if kind in ("inception", "raft"):
+    if kind in NEEDS_TORCHVISION:  # (torchvision's own download folder)
         folders.append(os.path.join(torch.hub.get_dir(), "checkpoints"))
     return folders
 
@@ -151,17 +152,18 @@ def find_optional_models(args) -> tuple[dict, dict]:
         if kind == "inception" and not p.fid:
             continue
         given = getattr(args, kind)
+        no_torchvision = kind in NEEDS_TORCHVISION and not torchvision_available()
         if given:
             path = os.path.abspath(os.path.expanduser(given))
-            is_folder = kind in ("clip_text", "dino")
+            is_folder = kind in FOLDER_KINDS
             if not (os.path.isdir(path) if is_folder else os.path.isfile(path)):
                 raise UsageError(f"--{kind} not found: {path} (expected {'a folder' if is_folder else 'a file'})")
-            if kind in ("inception", "raft") and not torchvision_available():
+            if no_torchvision:
                 raise UsageError(f"--{kind} needs torchvision (pip install torchvision, as ComfyUI has it)")
             found[kind] = path
             continue
         path, searched = find_metric_model(kind, metric_model_folders(args, kind))
-        if path is not None and not (kind in ("inception", "raft") and not torchvision_available()):
+        if path is not None and not no_torchvision:
             found[kind] = path
         else:
             missing[kind] = missing_reason(kind, searched)
@@ -305,8 +307,8 @@ class Scorer:
                                  references=refs["faces"], face_models=self.face_models, clip_model=self.clip_model,
                                  clip_references=refs["clip"], text_clip=self.text_clip, prompt=prompt,
                                  dino=self.dino, dino_references=refs["dino"], flow=self.flow)
-        for kind, key in (("clip_text", "clip_t"), ("dino", "dino_i"), ("raft", None)):
-            if kind in self.missing and key is not None and getattr(metrics, key) is None:
+        for kind, key in (("clip_text", "clip_t"), ("dino", "dino_i")):
+            if kind in self.missing and getattr(metrics, key) is None:
                 metrics.unavailable.setdefault(key, self.missing[kind])
         if "raft" in self.missing and metrics.flow:
             metrics.notes.append(f"RAFT not used ({self.missing['raft']}): flow is Farneback")

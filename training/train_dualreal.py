@@ -221,9 +221,6 @@ class FramesDataset(TrainingDataset):
         super().__init__(trainer, samples, buckets)
         self.tokenizer = trainer.bundle.tokenizer
 
-    def pick(self, index: int) -> dict:
-        return dict(self.shape(index), sampling=self.config.frame_sampling)
-
     def cache_specs(self, index: int):
         s = self.samples[index]
         return [dict(path=s.media, **self.pick(index))], [s.caption]

@@ -293,9 +293,6 @@ class MagicMirrorDataset(TrainingDataset):
         super().__init__(trainer, trainer.samples, trainer.inputs["buckets"])
         self.tokenizer = trainer.bundle.tokenizer
 
-    def pick(self, index: int) -> dict:
-        return dict(self.shape(index), sampling=self.config.frame_sampling)
-
     def cache_specs(self, index: int):
         s = self.samples[index]
         return [dict(path=s.media, **self.pick(index))], [split_trigger(s.caption, self.config.trigger_word)[0]]

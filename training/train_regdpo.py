@@ -102,16 +102,21 @@ def reference_kind(config: RegDPOTrainConfig) -> str:
     return "copy" if config.train == "full" else "lora_disabled"
 
 
+def loaded_dtype(module: torch.nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype diffusers' ``from_pretrained(torch_dtype=dtype)`` gives ``module``'s tensor ``name``: ``dtype``,
+    except for non-floating tensors and those of the modules the class keeps in float32 (``_keep_in_fp32_modules``)."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    return dtype if tensor.is_floating_point() and not keep & set(name.split(".")) else tensor.dtype
+
+
 def frozen_copy(transformer: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A frozen copy of ``transformer``; with ``dtype``, in that dtype except the modules the class keeps in float32
-    (``_keep_in_fp32_modules``), as diffusers' ``from_pretrained(torch_dtype=dtype)`` loads it."""
+    """A frozen copy of ``transformer``; with ``dtype``, in that dtype as diffusers' ``from_pretrained(torch_dtype=
+    dtype)`` loads it (:func:`loaded_dtype`)."""
     copy_ = copy.deepcopy(transformer).requires_grad_(False)
     if dtype is None:
         return copy_
-    keep = set(getattr(copy_, "_keep_in_fp32_modules", None) or ())
     for name, p in copy_.named_parameters():
-        if p.is_floating_point() and not keep & set(name.split(".")):
-            p.data = p.data.to(dtype)
+        p.data = p.data.to(loaded_dtype(copy_, name, p, dtype))
     return copy_
 
 
@@ -293,9 +298,8 @@ class RegDPOTrainer(Trainer):
                 state = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}
             else:
                 state = transformer.state_dict()
-            keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or ())
-            state = {k: v.detach().to("cpu", v.dtype if keep & set(k.split(".")) or not v.is_floating_point()
-                                      else self.weight_dtype).contiguous() for k, v in state.items()}
+            state = {k: v.detach().to("cpu", loaded_dtype(transformer, k, v, self.weight_dtype)).contiguous()
+                     for k, v in state.items()}
             with init_empty_weights():
                 saved = type(transformer).from_config(transformer.config)
             saved.load_state_dict(state, strict=True, assign=True)

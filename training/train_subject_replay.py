@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.cogvideox import BASE_MODEL_KEY, base_model_of
-from ..models.lora import TrainableLora, find_lora_targets, save_lora
+from ..models.lora import TrainableLora, find_lora_targets
 from ..models.subject import CLS_TOKEN, LORA_TARGETS, NORM_LORA_MODULES, inject_reference
 from ..models.text import with_extra_tokens
 from .buckets import Bucket
@@ -256,9 +255,8 @@ class SubjectReplayTrainer(TaskSwitchingTrainer):
 
     def export(self, path: str) -> None:
         lora = self.accelerator.unwrap_model(self.module).lora
-        save_lora(path, lora.layers(), {"method": "subject_replay", "subject_lora_scope": "reference",
-                                        "rank": lora.rank, "alpha": lora.alpha, "steps": self.step,
-                                        BASE_MODEL_KEY: base_model_of(self.spec.transformer)})
+        self.spec.export_lora(path, lora.layers(), {"method": "subject_replay", "subject_lora_scope": "reference",
+                                                    "rank": lora.rank, "alpha": lora.alpha, "steps": self.step})
 
     def finish(self) -> None:
         if self.conflicts:
@@ -284,8 +282,8 @@ class PairDataset(TrainingDataset):
         super().__init__(trainer, trainer.pairs, trainer.inputs["buckets"][IMAGE])
         self.tokenizer = trainer.tokenizer
 
-    def pick(self, index: int) -> dict:
-        return dict(self.shape(index), sampling="uniform")
+    def pick(self, index: int, sampling: str | None = None) -> dict:
+        return super().pick(index, "uniform")
 
     def caption_of(self, index: int) -> str:
         caption = self.samples[index].caption
@@ -309,9 +307,6 @@ class ReplayDataset(TrainingDataset):
     def __init__(self, trainer):
         super().__init__(trainer, trainer.videos, trainer.inputs["buckets"][VIDEO])
         self.tokenizer = trainer.tokenizer
-
-    def pick(self, index: int) -> dict:
-        return dict(self.shape(index), sampling=self.config.frame_sampling)
 
     def cache_specs(self, index: int):
         s, pick = self.samples[index], self.pick(index)

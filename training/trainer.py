@@ -101,13 +101,9 @@ class TrainingDataset(torch.utils.data.Dataset):
     (:meth:`Trainer.media`, :meth:`Trainer.caption`), so with ``precompute_cache`` they come from the cache;
     :meth:`cache_specs` lists what an item reads (the trainer fills the cache with it first)."""
 
-    def __init__(self, trainer, samples, buckets=None):
-        from .buckets import Bucket
-
+    def __init__(self, trainer, samples, buckets):
         self.trainer, self.samples, self.config, self.epoch = trainer, samples, trainer.config, 0
-        c = self.config  # each item's shape (training/buckets.py); by default every item at the config's
-        default = [Bucket(c.num_frames, c.height, c.width)] * len(samples)
-        self.buckets = list(buckets) if buckets is not None else default
+        self.buckets = list(buckets)  # each item's shape (training/buckets.py; Trainer.assign_buckets)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -120,9 +116,10 @@ class TrainingDataset(torch.utils.data.Dataset):
 
         return item_generator(self.config.seed, self.epoch, index)
 
-    def shape(self, index: int) -> dict:
-        """Item ``index``'s bucket as ``num_frames``, ``height``, ``width``."""
-        return self.buckets[index].pick
+    def pick(self, index: int, sampling: str | None = None) -> dict:
+        """How item ``index``'s clip is read: its bucket's ``num_frames``, ``height``, ``width`` and ``sampling`` (by
+        default the config's ``frame_sampling``)."""
+        return dict(self.buckets[index].pick, sampling=sampling or self.config.frame_sampling)
 
     # Subclasses define ``cache_specs(index) -> (media, captions)``: what item ``index`` reads, the media as
     # dicts of path, num_frames, height, width, sampling (and per_frame), the captions as encoded.
@@ -180,13 +177,13 @@ class Trainer(abc.ABC):
             if wanted and importlib.util.find_spec(package) is None:
                 raise InputError(f"{option} needs the {package} package: pip install {package} ({hint})")
         folder = check_model_folder(c.model_path, bases=self.supported_bases, method=self.title)
-        spec_class(folder["base"]).check_config(c, folder)
+        spec = spec_class(folder["base"])
+        spec.check_config(c, folder)
         self.spatial_multiple = folder["spatial_multiple"]
         self.check_bucket_sides(self.bucket_list)
         from .parallel import check_context_parallel
 
-        self.check_context_parallel = functools.partial(check_context_parallel, c.cp_degree,
-                                                        spec_class(folder["base"]), folder)
+        self.check_context_parallel = functools.partial(check_context_parallel, c.cp_degree, spec, folder)
         self.check_context_parallel(self.sequence_shapes())
         return folder
 
@@ -199,15 +196,12 @@ class Trainer(abc.ABC):
     def check_buckets(values, option: str = "--buckets", *, spatial: bool = False):
         """``--buckets`` read and each shape checked (4k+1 frames, sides multiples of 16): a list of buckets, ``auto``
         or ``[]``."""
-        from ..models.sampler import SamplingInputError, check_video_size
         from .buckets import parse_buckets
+        from .inputs import check_size
 
         buckets = parse_buckets(values, option, spatial=spatial)
         for b in buckets if isinstance(buckets, list) else []:
-            try:
-                check_video_size(b.frames, b.height, b.width)
-            except SamplingInputError as e:
-                raise InputError(f"{option} {b}: {e}") from None
+            check_size(b.frames, b.height, b.width, (f"{option} {b}",) * 3)
         return buckets
 
     def check_bucket_sides(self, buckets, option: str = "--buckets") -> None:
@@ -238,12 +232,13 @@ class Trainer(abc.ABC):
         if not buckets:
             default = default or Bucket(1 if images else c.num_frames, c.height, c.width)
             return list(samples), [default] * len(samples)
+        shape_of = functools.cache(media_shape)  # each file's header read once (auto buckets, then assignment)
         if buckets == AUTO:
-            buckets = derive_buckets([media_shape(s.media) for s in samples], num_frames=1 if images else c.num_frames,
+            buckets = derive_buckets([shape_of(s.media) for s in samples], num_frames=1 if images else c.num_frames,
                                      height=c.height, width=c.width, multiple=self.spatial_multiple)
         if images:
             buckets = list(dict.fromkeys(b.still() for b in buckets))
-        samples, assigned = assign(samples, buckets, option=option, keys=keys)
+        samples, assigned = assign(samples, buckets, option=option, keys=keys, shape_of=shape_of)
         if self.check_context_parallel is not None:  # --cp_degree must split every bucket a sample trains at
             try:
                 self.check_context_parallel([(b.frames, b.height, b.width) for b in assigned],
@@ -307,10 +302,10 @@ class Trainer(abc.ABC):
         several datasets apart."""
         from .buckets import BucketSampler
 
-        buckets = list(getattr(data, "buckets", None) or [None] * len(data))
         samplers = self.__dict__.setdefault("_samplers", {})
-        if stream not in samplers or samplers[stream][0] != buckets:
-            samplers[stream] = (buckets, BucketSampler(buckets, self.config.seed, stream))
+        if stream not in samplers or samplers[stream][0] is not data:  # (a dataset's buckets are fixed when built)
+            buckets = list(getattr(data, "buckets", None) or [None] * len(data))
+            samplers[stream] = (data, BucketSampler(buckets, self.config.seed, stream))
         return samplers[stream][1]
 
     def backward(self, loss: torch.Tensor) -> None:

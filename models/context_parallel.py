@@ -49,7 +49,6 @@ COGVIDEOX_PLAN_SPEC = {
     "transformer_blocks.0": {"hidden_states": (1, 3), "encoder_hidden_states": (1, 3)},
     "proj_out": (1, 3),
 }
-TEXT_TOKENS = {"cogvideox": 226}  # split text tokens per base (Wan keeps its text whole: cross-attention keys)
 
 
 def cogvideox_plan() -> dict:

@@ -159,19 +159,17 @@ def wan_block_saved_bytes(config, tokens: int, *, text_tokens: int = WAN_TEXT_TO
     ``first``: the first block, whose input needs no gradient (its norm1 keeps nothing). ``batch``: the forward's
     batch; with I2V and more than one sample the text context is a strided slice of ``[image; text]``, which the
     to_k / to_v LoRAs each copy (and keep) per block. ``full``: full-parameter training (see :data:`WAN_FULL`)."""
+    d = _wan_dims(config)
+    image_tokens = (WAN_IMAGE_TOKENS if d["image"] else 0) if image_tokens is None else image_tokens
     if full:
         no_lora = dict(text_tokens=text_tokens, image_tokens=image_tokens, lora_rank=0, fused_rms_norm=fused_rms_norm,
                        batch=batch, ffn_lora=True)
-        d = _wan_dims(config)
-        image_tokens = (WAN_IMAGE_TOKENS if d["image"] else 0) if image_tokens is None else image_tokens
         normed = 0 if fused_rms_norm else 4  # the composite RMSNorm's fp32 normalised input, for its weight's gradient
         per_image = (2 if fused_rms_norm else 4) + normed + (4 if batch > 1 else 0)
         return (wan_block_saved_bytes(config, tokens, **no_lora)
                 + d["D"] * (tokens * (WAN_FULL["modulation"] + 3 * normed) + text_tokens * normed
                             + (image_tokens * per_image if d["image"] else 0)))
-    d = _wan_dims(config)
     D, F, H, r = d["D"], d["F"], d["H"], lora_rank
-    image_tokens = (WAN_IMAGE_TOKENS if d["image"] else 0) if image_tokens is None else image_tokens
     rms = 2 if fused_rms_norm else 4
     per_token = (D * (4 + 2 + 2 * rms + 8  # norm1 input (fp32), attn1: LoRA input, norm_q/norm_k inputs, SDPA q k v out
                       + 4 + 2 + rms + 4  # norm2 input (fp32), attn2: LoRA input, norm_q input, SDPA q out

@@ -519,7 +519,7 @@ def evaluate_video(frames, *, protocol="magicmirror", fps: float | None = None, 
         if progress is not None:
             progress(min(steps[0], steps[1]), steps[1])
 
-    scored = frames[indices]
+    scored = frames if p.num_frames is None else frames[indices]  # (every frame: no copy)
     if analyzer is not None:
         _score_faces(out, p, analyzer, frames, indices, references, face_models or FaceModels(), step)
     if dynamics:

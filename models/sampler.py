@@ -132,12 +132,18 @@ def rotary_embeddings(transformer, height: int, width: int, latent_frames: int, 
                                    max_size=(base_h, base_w), device=device)
 
 
+def cfg_batch(bundle, cfg: float) -> int:
+    """The transformer forward's batch: 2 with CFG (negative and positive prompt together), 1 without or when a patch
+    runs the negative prompt as a forward of its own."""
+    return 2 if cfg > 1.0 and not conditional_only(bundle.patches) else 1
+
+
 def sampling_memory(bundle, num_frames: int, height: int, width: int, cfg: float) -> int:
     """The sampling stage's activation estimate (:mod:`.memory`): one transformer forward of the CFG batch (1 when
     a patch runs the negative prompt as a forward of its own), with the tokens the patches add (face tokens,
     reference tokens)."""
     cfg_t = bundle.transformer.config
-    batch = 2 if cfg > 1.0 and not conditional_only(bundle.patches) else 1
+    batch = cfg_batch(bundle, cfg)
     extra = sum(p.extra_tokens(cfg_t) for p in bundle.patches if hasattr(p, "extra_tokens"))
     return transformer_activation_bytes(cfg_t, num_frames, height, width, batch=batch, extra_tokens=extra,
                                         element_size=bundle.dtype.itemsize)
@@ -341,7 +347,7 @@ def check_sampling_memory(bundle, num_frames: int, height: int, width: int, *, c
     (:func:`sampling_memory`: the CFG batch, the patches' extra tokens) or, with a first-frame ``image``, whose image
     encoding cannot fit on the device each runs on."""
     transformer, vae = bundle.transformer, bundle.vae
-    batch = 2 if cfg > 1.0 and not conditional_only(bundle.patches) else 1
+    batch = cfg_batch(bundle, cfg)
     placement = bundle.placement
     stages = [("the transformer" + (" (CFG batch of 2)" if batch == 2 else ""),
                placement.memory_for(transformer, *patch_models(bundle.patches)),

@@ -289,12 +289,9 @@ class ComfyModelManager:
 
     def available(self, device):
         mm = _model_management()
-        if mm.is_device_cpu(device):
-            return None
-        if mm.vram_state == mm.VRAMState.NO_VRAM:
+        if mm.vram_state == mm.VRAMState.NO_VRAM and not mm.is_device_cpu(device):
             return 0
-        evictable = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
-        return mm.get_free_memory(device) + evictable
+        return self.capacity(device)
 
     def loads_whole(self, device) -> bool:
         """Whether core brings a model onto ``device`` only whole (``--highvram`` / ``--gpu-only``); otherwise it

@@ -53,10 +53,10 @@ def list_metric_folders(kind: str) -> list[str]:
 
 
 def _find(kind: str):
-    from ..models.metric_models import find_metric_model, missing_reason, torchvision_available
+    from ..models.metric_models import NEEDS_TORCHVISION, find_metric_model, missing_reason, torchvision_available
 
     path, searched = find_metric_model(kind, metric_folders(kind))
-    if path is None or (kind in ("inception", "raft") and not torchvision_available()):
+    if path is None or (kind in NEEDS_TORCHVISION and not torchvision_available()):
         return None, missing_reason(kind, searched)
     return path, None
 
@@ -211,10 +211,10 @@ class VideoMetrics:
         analyzer = references = models = None
         if face_encoder is not None:
             analyzer = protocol_analyzer(face_encoder, p)
-            models = face_models(p)
-            if reference is not None:
+            if reference is not None:  # (CurricularFace / Inception score against references only)
+                models = face_models(p)
                 references = reference_faces(analyzer, reference, p, models)
-        flow, raft_missing = None, None
+        flow = None
         path, raft_missing = _find("raft")
         if path:
             from ..models.motion import load_raft

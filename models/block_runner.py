@@ -138,6 +138,7 @@ class ForwardState:
     rotary: tuple | None = None  # the video tokens' RoPE rows (this rank's share under context parallelism)
     cp: object = None  # the context-parallel group (.context_parallel.ContextParallelGroup) or None
     _rotary_cache: dict = dataclasses.field(default_factory=dict)
+    _key_mask_cache: dict = dataclasses.field(default_factory=dict)
 
     def add_stream(self, stream: TokenStream) -> None:
         if stream.tokens.shape[0] not in (1, len(self.roles)):
@@ -189,16 +190,19 @@ class ForwardState:
     def key_mask(self, text_len: int, joint: tuple, device) -> torch.Tensor | None:
         """Under context parallelism with padded joint streams: bool [S] over this rank's attention sequence
         ``[text; joint parts]`` (False: a pad, whose key nobody may see); None when no stream is padded (then no
-        rank passes a mask)."""
+        rank passes a mask). Built once per forward and joint set (every block asks)."""
         if self.cp is None or all(self.padded(s) == s.count for s in self.streams if s.joint):
             return None
-        parts = [torch.ones(text_len, dtype=torch.bool)]
-        for s in [s for s in joint if s.lead] + [None] + [s for s in joint if not s.lead]:
-            if s is None:
-                parts.append(torch.ones(self.local_count(None), dtype=torch.bool))
-            else:
-                parts.append(self.share(s, torch.ones(1, s.count, dtype=torch.bool), pad=False)[0])
-        return torch.cat(parts).to(device)
+        key = (text_len, tuple(id(s) for s in joint), str(device))
+        if key not in self._key_mask_cache:
+            parts = [torch.ones(text_len, dtype=torch.bool)]
+            for s in [s for s in joint if s.lead] + [None] + [s for s in joint if not s.lead]:
+                if s is None:
+                    parts.append(torch.ones(self.local_count(None), dtype=torch.bool))
+                else:
+                    parts.append(self.share(s, torch.ones(1, s.count, dtype=torch.bool), pad=False)[0])
+            self._key_mask_cache[key] = torch.cat(parts).to(device)
+        return self._key_mask_cache[key]
 
     def rotary_for(self, joint: tuple) -> tuple | None:
         """RoPE rows of the attention's ``hidden_states`` = the video tokens and the ``joint`` streams."""

@@ -37,7 +37,6 @@ FLAGS = ("novram", "lowvram", "normal", "highvram", "gpu-only")  # ComfyUI's --n
 MODES = ("auto", "none", "model", "sequential", "block")
 STACKS = ("base", "magicmirror", "all")  # all: MagicMirror + subject reference + DualReal + LoRA
 STACK_METHODS = {"base": (), "magicmirror": ("magicmirror",), "all": ("magicmirror", "subject", "dualreal", "lora")}
-PATCHER_KEY = "_mmv_model_patcher"  # nodes/host.py's key of a module's ModelPatcher
 
 
 def boot(flag: str, card_bytes: int):
@@ -123,6 +122,8 @@ class Observer:
                                                    "on_card": []})
 
     def _enter(self, placement, modules) -> None:
+        from ..nodes.host import _PATCHER_KEY
+
         row = self._row()
         row["card"] = max(row["card"], self.card.used())
         for m in modules:
@@ -134,7 +135,7 @@ class Observer:
             if placement.home(m) == "streamed":
                 held = "streamed"
             else:
-                patcher = m.__dict__.get(PATCHER_KEY)
+                patcher = m.__dict__.get(_PATCHER_KEY)
                 if patcher is None:  # moved by the placement itself (no manager)
                     held = "moved"
                 else:
@@ -149,7 +150,7 @@ class Observer:
         the weights core left on the card runs out of memory as it would on a GPU."""
         if not self.simulate_activations or not any(placement.device_of(m).type == "cuda" for m in modules):
             return None
-        streamed = placement.streamed_bytes(list(modules)) if hasattr(placement, "streamed_bytes") else 0
+        streamed = placement.streamed_bytes(list(modules))
         block = torch.empty(int(memory_required) + streamed, dtype=torch.uint8, device="meta")
         self.card._mark(block)
         self.card._allocated()
@@ -339,6 +340,7 @@ def _unplace(module: torch.nn.Module) -> None:
     from diffusers.hooks import HookRegistry
 
     from ..models.placement import PLACEMENT_KEY
+    from ..nodes.host import _PATCHER_KEY
 
     for m in module.modules():
         registry = getattr(m, "_diffusers_hook", None)
@@ -347,7 +349,7 @@ def _unplace(module: torch.nn.Module) -> None:
                 if registry.get_hook(name) is not None:
                     registry.remove_hook(name, recurse=False)
         m.__dict__.pop(PLACEMENT_KEY, None)
-        m.__dict__.pop(PATCHER_KEY, None)
+        m.__dict__.pop(_PATCHER_KEY, None)
     module.to("cpu")  # off the card (the tensors stay on the meta device)
 
 

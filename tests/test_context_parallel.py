@@ -1,6 +1,7 @@
 """Context parallelism (``--cp_degree``): two gloo CPU processes with diffusers' Ulysses attention, one CP group,
 compute the loss and every gradient of one process on the whole sequence, for each trainer and base: Reg-DPO on Wan
-(2.1 I2V: the CLIP image tokens and mask channels) and on CogVideoX (also ``--train full``: the whole transformer
+(2.1 I2V: the CLIP image tokens and mask channels; 2.2 TI2V: per-token timesteps; 2.2 I2V A14B: two experts) and on
+CogVideoX (1.0 T2V; 1.5 I2V: two frames a token) (also ``--train full``: the whole transformer
 trained, its frozen reference copy split too), MagicMirror with its face-token stream (two-way:
 split with the video; one-way: replicated, its attention merged over the group), subject replay with its reference
 stream (image steps; a video-replay step whose dropped reference tokens leave an odd count, padded and masked) and
@@ -42,6 +43,9 @@ name, out, cases, wrap = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.a
 module_of, trainer_class = {"dualreal": (train_dualreal, train_dualreal.DualRealTrainer),
                             "regdpo": (train_regdpo, train_regdpo.RegDPOTrainer),
                             "regdpo_wan": (train_regdpo, train_regdpo.RegDPOTrainer),
+                            "regdpo_wan_ti2v": (train_regdpo, train_regdpo.RegDPOTrainer),
+                            "regdpo_wan_a14b": (train_regdpo, train_regdpo.RegDPOTrainer),
+                            "regdpo_cogvideox15_i2v": (train_regdpo, train_regdpo.RegDPOTrainer),
                             "regdpo_full": (train_regdpo, train_regdpo.RegDPOTrainer),
                             "magicmirror": (train_magicmirror, train_magicmirror.MagicMirrorTrainer),
                             "subject_replay": (train_subject_replay, train_subject_replay.SubjectReplayTrainer)}[name]
@@ -153,7 +157,8 @@ for kind, (step, ref_loss, ref, own, summed) in results.items():
 dist.destroy_process_group()
 """
 
-CASES = {"regdpo": ["-"], "regdpo_wan": ["-"], "regdpo_full": ["-"], "magicmirror": ["two-way", "one-way"],
+CASES = {"regdpo": ["-"], "regdpo_wan": ["-"], "regdpo_wan_ti2v": ["-"], "regdpo_wan_a14b": ["-"],
+         "regdpo_cogvideox15_i2v": ["-"], "regdpo_full": ["-"], "magicmirror": ["two-way", "one-way"],
          "subject_replay": ["image", "video"], "dualreal": ["identity", "motion"]}
 FSDP = tuple(CASES)  # every case also under FSDP (FULL_SHARD over both processes)
 

@@ -19,18 +19,30 @@ import torch.distributed as dist
 from magicmirror_video.training.config import load_config
 
 
+WAN_VARIANTS = {"regdpo_wan": "wan2.1-i2v", "regdpo_wan_ti2v": "wan2.2-ti2v", "regdpo_wan_a14b": "wan2.2-i2v-a14b"}
+
+
 def tiny_config(name: str, tmp_path):
     """A trainer's tiny preset with its assets built under ``tmp_path``: (config, trainer class). ``regdpo_wan``: the
-    Reg-DPO preset on a tiny Wan 2.1 I2V (the CLIP branch, the mask channels) with synthetic GT-Pairs;
+    Reg-DPO preset on a tiny Wan 2.1 I2V (the CLIP branch, the mask channels) with synthetic GT-Pairs (``_ti2v``,
+    ``_a14b``: Wan 2.2 TI2V-5B, I2V A14B); ``regdpo_cogvideox15_i2v``: the same on a tiny CogVideoX 1.5 I2V;
     ``regdpo_full``: the Reg-DPO preset with ``--train full`` (the transformer trained, the reference a frozen copy)."""
     from magicmirror_video.training import presets, train_dualreal, train_magicmirror, train_regdpo, train_subject_replay
 
-    if name == "regdpo_wan":
+    if name in WAN_VARIANTS:
         from magicmirror_video.testing import tiny, tiny_wan
 
-        folder = tiny_wan.build_model_folder(str(tmp_path / "wan"), "wan2.1-i2v")
+        folder = tiny_wan.build_model_folder(str(tmp_path / "wan"), WAN_VARIANTS[name])
         argv = ["--preset", "tiny", "--output_dir", str(tmp_path), "--tiny_demo", "false", "--model_path", folder,
                 "--data", tiny.write_gt_pairs(str(tmp_path / "pairs")), "--num_frames", "5"]
+        return load_config(train_regdpo.RegDPOTrainConfig, argv, train_regdpo.PRESETS), train_regdpo.RegDPOTrainer
+
+    if name == "regdpo_cogvideox15_i2v":  # CogVideoX 1.5 I2V: two frames a token, the first frame in the channels
+        from magicmirror_video.testing import tiny
+
+        folder = tiny.build_model_folder(str(tmp_path / "cog15"), i2v=True, version="1.5")
+        argv = ["--preset", "tiny", "--output_dir", str(tmp_path), "--tiny_demo", "false", "--model_path", folder,
+                "--data", tiny.write_gt_pairs(str(tmp_path / "pairs"), frames=9), "--num_frames", "9"]
         return load_config(train_regdpo.RegDPOTrainConfig, argv, train_regdpo.PRESETS), train_regdpo.RegDPOTrainer
 
     if name == "regdpo_full":
